@@ -1,0 +1,166 @@
+//! [`ServerClient`]: typed requests to the targets of one server.
+//!
+//! This is the lowest client layer: it addresses a server and a target
+//! explicitly. The cluster layer (placement, object classes, pools) builds
+//! on it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use shoal_common::msg::{
+    FetchIod, FetchReq, Fetched, ListReq, PingReply, PingReq, PunchReq, TargetQueryReply, TargetQueryReq, UpdateIod,
+    UpdateReq,
+};
+use shoal_common::{ContId, Epoch, Hlc, Oid, Result};
+
+use crate::transport::{call, TcpTransport, Transport};
+
+/// Wall-clock nanoseconds since the Unix epoch, for the HLC.
+pub fn wall_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// A client of one server, over any [`Transport`].
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use bytes::Bytes;
+/// use shoal_client::ServerClient;
+/// use shoal_common::{msg::{UpdateIod, ValueKind}, ContId, Oid};
+///
+/// let c = ServerClient::tcp("127.0.0.1:10001");
+/// let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+/// c.update(0, ContId(1), Oid::new(0, 1), b"dkey", iods, vec![Bytes::from_static(b"hello")]).await?;
+/// # Ok(()) }
+/// ```
+pub struct ServerClient<T: Transport = TcpTransport> {
+    transport: Arc<T>,
+    addr: String,
+    hlc: Arc<Hlc>,
+    map_version: u32,
+    token: u128,
+    timeout: Duration,
+}
+
+impl ServerClient<TcpTransport> {
+    /// A client of the server at `addr` over its own TCP transport.
+    pub fn tcp(addr: impl Into<String>) -> Self {
+        ServerClient::new(Arc::new(TcpTransport::default()), addr, Arc::new(Hlc::new()))
+    }
+}
+
+impl<T: Transport> ServerClient<T> {
+    /// A client of `addr` sharing `transport` and `hlc` with other clients.
+    pub fn new(transport: Arc<T>, addr: impl Into<String>, hlc: Arc<Hlc>) -> Self {
+        ServerClient { transport, addr: addr.into(), hlc, map_version: 0, token: 0, timeout: Duration::from_secs(30) }
+    }
+
+    /// Sets the per-request timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Issues a fresh epoch from this client's clock.
+    pub fn next_epoch(&self) -> Epoch {
+        self.hlc.now(wall_ns())
+    }
+
+    async fn rpc<R: shoal_common::msg::Rpc>(&self, req: &R, segs: Vec<Bytes>) -> Result<(R::Reply, Vec<Bytes>)> {
+        call(&*self.transport, &self.addr, req, segs, self.map_version, self.token, self.timeout).await
+    }
+
+    /// Asks the server who it is. Cancel safe.
+    pub async fn ping(&self) -> Result<PingReply> {
+        let (r, _) = self.rpc(&PingReq {}, vec![]).await?;
+        self.hlc.observe(r.epoch);
+        Ok(r)
+    }
+
+    /// Writes values under one dkey at a fresh epoch and returns it once
+    /// the server has made them durable. Not cancel safe: a dropped call
+    /// may still have been applied.
+    pub async fn update(
+        &self,
+        target: u32,
+        cont: ContId,
+        oid: Oid,
+        dkey: &[u8],
+        iods: Vec<UpdateIod>,
+        data: Vec<Bytes>,
+    ) -> Result<Epoch> {
+        let epoch = self.next_epoch();
+        let req = UpdateReq { target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
+        let (r, _) = self.rpc(&req, data).await?;
+        Ok(r.epoch)
+    }
+
+    /// Reads values under one dkey as of `epoch` (`EPOCH_MAX` for the
+    /// latest). Cancel safe.
+    pub async fn fetch(
+        &self,
+        target: u32,
+        cont: ContId,
+        oid: Oid,
+        dkey: &[u8],
+        epoch: Epoch,
+        iods: Vec<FetchIod>,
+    ) -> Result<Vec<(Fetched, Bytes)>> {
+        let req = FetchReq { target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
+        let (r, segs) = self.rpc(&req, vec![]).await?;
+        if r.values.len() != segs.len() || r.values.len() != req.iods.len() {
+            return Err(shoal_common::ShoalError::protocol("fetch reply does not match the request"));
+        }
+        Ok(r.values.into_iter().zip(segs).collect())
+    }
+
+    /// Punches an object, a dkey or an akey at a fresh epoch. Not cancel
+    /// safe.
+    pub async fn punch(
+        &self,
+        target: u32,
+        cont: ContId,
+        oid: Oid,
+        dkey: Option<&[u8]>,
+        akey: Option<&[u8]>,
+    ) -> Result<Epoch> {
+        let epoch = self.next_epoch();
+        let req = PunchReq { target, cont, oid, epoch, dkey: dkey.map(<[u8]>::to_vec), akey: akey.map(<[u8]>::to_vec) };
+        let (r, _) = self.rpc(&req, vec![]).await?;
+        Ok(r.epoch)
+    }
+
+    /// Lists every dkey of an object (`dkey` = None) or every akey of a
+    /// dkey, following anchors. Cancel safe.
+    pub async fn list_all(
+        &self,
+        target: u32,
+        cont: ContId,
+        oid: Oid,
+        epoch: Epoch,
+        dkey: Option<&[u8]>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        let mut anchor = None;
+        loop {
+            let req = ListReq { target, cont, oid, epoch, dkey: dkey.map(<[u8]>::to_vec), anchor, limit: 1024 };
+            let (r, _) = self.rpc(&req, vec![]).await?;
+            out.extend(r.keys);
+            match r.anchor {
+                Some(a) => anchor = Some(a),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// A target's usage. Cancel safe.
+    pub async fn target_query(&self, target: u32) -> Result<TargetQueryReply> {
+        Ok(self.rpc(&TargetQueryReq { target }, vec![]).await?.0)
+    }
+}

@@ -1,0 +1,24 @@
+//! Shoal's shared vocabulary: identifiers, epochs, errors and the wire
+//! protocol.
+//!
+//! Layering rule: `shoal-common` knows no sockets, no RocksDB, no tokio and
+//! does no I/O. Everything here is pure logic that client and server compute
+//! identically, so it is tested fast and exhaustively.
+//!
+//! Key types:
+//! - [`ids::Oid`], [`ids::ContId`]: 128-bit object and container identities.
+//! - [`hlc::Hlc`]: the hybrid logical clock that stamps every update.
+//! - [`error::ShoalError`]: every error that crosses the wire, with a stable
+//!   code.
+//! - [`wire`]: framed, versioned binary frames and the typed messages in them.
+
+pub mod error;
+pub mod hlc;
+pub mod ids;
+pub mod limits;
+pub mod msg;
+pub mod wire;
+
+pub use error::{Result, ShoalError};
+pub use hlc::{Epoch, Hlc, EPOCH_MAX};
+pub use ids::{ContId, Oid};

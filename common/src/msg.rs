@@ -1,0 +1,458 @@
+//! Typed messages carried in frames.
+//!
+//! Each request type implements [`Rpc`], which names its [`Opcode`] and its
+//! reply type. A request's metadata body is the postcard encoding of the
+//! request struct; its bulk data travels in frame segments. A reply's body is
+//! the postcard encoding of `Result<Reply, WireError>`.
+//!
+//! Every request type has a `validate()` that enforces the caps of
+//! [`crate::limits`]; servers call it before doing any work.
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, ShoalError, WireError};
+use crate::hlc::Epoch;
+use crate::ids::{ContId, Oid};
+use crate::limits::{MAX_IODS, MAX_KEY_LEN, MAX_LIST, MAX_REC_SIZE};
+use crate::wire::{Frame, Header, FLAG_REPLY};
+
+/// Operation codes. Values are stable: a new operation gets a new number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+#[non_exhaustive]
+pub enum Opcode {
+    Ping = 1,
+    Update = 2,
+    Fetch = 3,
+    Punch = 4,
+    List = 5,
+    TargetQuery = 6,
+}
+
+impl Opcode {
+    /// Maps a wire value to an opcode.
+    pub fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Opcode::Ping,
+            2 => Opcode::Update,
+            3 => Opcode::Fetch,
+            4 => Opcode::Punch,
+            5 => Opcode::List,
+            6 => Opcode::TargetQuery,
+            _ => return None,
+        })
+    }
+}
+
+/// A request type: its opcode, reply type and validity check.
+pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
+    const OP: Opcode;
+    type Reply: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Checks the request (and its bulk segments) against the caps.
+    fn validate(&self, segments: &[Bytes]) -> Result<()>;
+}
+
+/// Encodes a request into a frame.
+pub fn request_frame<R: Rpc>(req: &R, segments: Vec<Bytes>, map_version: u32, token: u128) -> Result<Frame> {
+    let body = postcard::to_stdvec(req).map_err(|e| ShoalError::Internal(format!("encode request: {e}")))?;
+    Ok(Frame {
+        header: Header { flags: 0, opcode: R::OP as u16, request_id: 0, map_version, token },
+        body: Bytes::from(body),
+        segments,
+    })
+}
+
+/// Decodes a postcard body that must hold exactly one value.
+fn decode_exact<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T> {
+    let (v, rest) =
+        postcard::take_from_bytes(body).map_err(|e| ShoalError::protocol(format!("malformed {what}: {e}")))?;
+    if !rest.is_empty() {
+        return Err(ShoalError::protocol(format!("{} stray bytes after the {what}", rest.len())));
+    }
+    Ok(v)
+}
+
+/// Decodes and validates a request body.
+pub fn decode_request<R: Rpc>(frame: &Frame) -> Result<R> {
+    let req: R = decode_exact(&frame.body, &format!("{:?} request", R::OP))?;
+    req.validate(&frame.segments)?;
+    Ok(req)
+}
+
+/// Encodes a reply to the request whose header is `req`.
+pub fn reply_frame<T: Serialize>(req: &Header, map_version: u32, reply: Result<T>, segments: Vec<Bytes>) -> Frame {
+    let wire: std::result::Result<T, WireError> = reply.map_err(|e| e.to_wire());
+    let (body, segments) = match postcard::to_stdvec(&wire) {
+        Ok(b) => (b, segments),
+        Err(e) => {
+            let err: std::result::Result<(), WireError> =
+                Err(ShoalError::Internal(format!("encode reply: {e}")).to_wire());
+            (postcard::to_stdvec(&err).unwrap_or_default(), Vec::new())
+        }
+    };
+    Frame {
+        header: Header { flags: FLAG_REPLY, opcode: req.opcode, request_id: req.request_id, map_version, token: 0 },
+        body: Bytes::from(body),
+        segments,
+    }
+}
+
+/// Decodes a reply body into the reply type or the error it carries.
+pub fn decode_reply<T: DeserializeOwned>(frame: &Frame) -> Result<T> {
+    let wire: std::result::Result<T, WireError> = decode_exact(&frame.body, "reply")?;
+    wire.map_err(ShoalError::from_wire)
+}
+
+fn check_key(what: &str, k: &[u8]) -> Result<()> {
+    if k.is_empty() {
+        return Err(ShoalError::invalid(format!("{what} must not be empty")));
+    }
+    if k.len() > MAX_KEY_LEN {
+        return Err(ShoalError::invalid(format!("{what} of {} bytes exceeds the cap of {MAX_KEY_LEN}", k.len())));
+    }
+    Ok(())
+}
+
+fn check_iods(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_IODS {
+        return Err(ShoalError::invalid(format!("{n} I/O descriptors; expected 1..={MAX_IODS}")));
+    }
+    Ok(())
+}
+
+/// Asks a server who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReq {}
+
+/// What a server says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    pub version: String,
+    pub targets: u32,
+    pub epoch: Epoch,
+}
+
+impl Rpc for PingReq {
+    const OP: Opcode = Opcode::Ping;
+    type Reply = PingReply;
+
+    fn validate(&self, _segments: &[Bytes]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The shape of a value under an akey.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValueKind {
+    /// A single value, replaced whole by each update.
+    Single,
+    /// An array value: `nr` records of `rec_size` bytes from index `start`.
+    Array { rec_size: u32, start: u64, nr: u64 },
+}
+
+impl ValueKind {
+    fn validate(&self) -> Result<()> {
+        if let ValueKind::Array { rec_size, start, nr } = *self {
+            if rec_size == 0 || rec_size > MAX_REC_SIZE {
+                return Err(ShoalError::invalid(format!("record size {rec_size} is outside 1..={MAX_REC_SIZE}")));
+            }
+            if nr == 0 {
+                return Err(ShoalError::invalid("array extent of zero records"));
+            }
+            if (start as u128 + nr as u128) * rec_size as u128 > u64::MAX as u128 {
+                return Err(ShoalError::invalid("array extent runs past the last byte of the array"));
+            }
+            if (nr as u128) * (rec_size as u128) > crate::limits::MAX_SEGMENT as u128 {
+                return Err(ShoalError::invalid(format!(
+                    "array extent of {nr} x {rec_size} bytes exceeds one segment"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes an array extent covers (`None` for single values).
+    pub fn array_bytes(&self) -> Option<u64> {
+        match *self {
+            ValueKind::Single => None,
+            ValueKind::Array { rec_size, nr, .. } => Some(rec_size as u64 * nr),
+        }
+    }
+}
+
+/// One akey's part of an update: its data is the segment at the same index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateIod {
+    pub akey: Vec<u8>,
+    pub kind: ValueKind,
+}
+
+/// Writes values under one dkey of one object, at one epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReq {
+    pub target: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Vec<u8>,
+    pub epoch: Epoch,
+    pub iods: Vec<UpdateIod>,
+}
+
+impl Rpc for UpdateReq {
+    const OP: Opcode = Opcode::Update;
+    type Reply = UpdateReply;
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        check_key("dkey", &self.dkey)?;
+        check_iods(self.iods.len())?;
+        if self.epoch == 0 || self.epoch == crate::EPOCH_MAX {
+            return Err(ShoalError::invalid("update epoch must be between 1 and EPOCH_MAX"));
+        }
+        if segments.len() != self.iods.len() {
+            return Err(ShoalError::invalid(format!(
+                "{} I/O descriptors but {} data segments",
+                self.iods.len(),
+                segments.len()
+            )));
+        }
+        for (iod, seg) in self.iods.iter().zip(segments) {
+            check_key("akey", &iod.akey)?;
+            iod.kind.validate()?;
+            if let Some(n) = iod.kind.array_bytes() {
+                if n != seg.len() as u64 {
+                    return Err(ShoalError::invalid(format!(
+                        "array extent covers {n} bytes but its segment has {}",
+                        seg.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The epoch an update was stored at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateReply {
+    pub epoch: Epoch,
+}
+
+/// One akey's part of a fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchIod {
+    pub akey: Vec<u8>,
+    pub kind: ValueKind,
+}
+
+/// Reads values under one dkey as of `epoch` (newest version <= epoch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchReq {
+    pub target: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Vec<u8>,
+    pub epoch: Epoch,
+    pub iods: Vec<FetchIod>,
+}
+
+impl Rpc for FetchReq {
+    const OP: Opcode = Opcode::Fetch;
+    type Reply = FetchReply;
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        check_key("dkey", &self.dkey)?;
+        check_iods(self.iods.len())?;
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a fetch request carries no data segments"));
+        }
+        let mut total = 0u64;
+        for iod in &self.iods {
+            check_key("akey", &iod.akey)?;
+            iod.kind.validate()?;
+            total += iod.kind.array_bytes().unwrap_or(0);
+        }
+        if total > crate::limits::MAX_SEGMENT as u64 {
+            return Err(ShoalError::invalid(format!("fetch of {total} bytes exceeds the per-request cap")));
+        }
+        Ok(())
+    }
+}
+
+/// What a fetch found for one akey; the data is the reply segment at the
+/// same index (empty when nothing is there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fetched {
+    /// No visible value.
+    Missing,
+    /// A single value written at `epoch`.
+    Single { epoch: Epoch },
+    /// Array records; holes read as zeros. `covered` counts the records of
+    /// the requested range that hold written data.
+    Array { covered: u64 },
+}
+
+/// The values found, one per requested akey.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchReply {
+    pub values: Vec<Fetched>,
+}
+
+/// Removes an object, a dkey or an akey as of `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PunchReq {
+    pub target: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub epoch: Epoch,
+    pub dkey: Option<Vec<u8>>,
+    pub akey: Option<Vec<u8>>,
+}
+
+impl Rpc for PunchReq {
+    const OP: Opcode = Opcode::Punch;
+    type Reply = UpdateReply;
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a punch request carries no data segments"));
+        }
+        if self.epoch == 0 || self.epoch == crate::EPOCH_MAX {
+            return Err(ShoalError::invalid("punch epoch must be between 1 and EPOCH_MAX"));
+        }
+        if let Some(d) = &self.dkey {
+            check_key("dkey", d)?;
+        }
+        match (&self.dkey, &self.akey) {
+            (None, Some(_)) => Err(ShoalError::invalid("an akey punch needs its dkey")),
+            (_, Some(a)) => check_key("akey", a),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Lists dkeys of an object (`dkey` is `None`) or akeys of one dkey, as of
+/// `epoch`, starting after `anchor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReq {
+    pub target: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub epoch: Epoch,
+    pub dkey: Option<Vec<u8>>,
+    pub anchor: Option<Vec<u8>>,
+    pub limit: u32,
+}
+
+impl Rpc for ListReq {
+    const OP: Opcode = Opcode::List;
+    type Reply = ListReply;
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a list request carries no data segments"));
+        }
+        if let Some(d) = &self.dkey {
+            check_key("dkey", d)?;
+        }
+        if let Some(a) = &self.anchor {
+            check_key("anchor", a)?;
+        }
+        if self.limit == 0 || self.limit > MAX_LIST {
+            return Err(ShoalError::invalid(format!("list limit {} is outside 1..={MAX_LIST}", self.limit)));
+        }
+        Ok(())
+    }
+}
+
+/// Keys in the store's order; `anchor` is where to continue, `None` at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListReply {
+    pub keys: Vec<Vec<u8>>,
+    pub anchor: Option<Vec<u8>>,
+}
+
+/// Asks a target for its usage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetQueryReq {
+    pub target: u32,
+}
+
+/// A target's usage and health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetQueryReply {
+    pub target: u32,
+    pub data_bytes: u64,
+    pub free_bytes: u64,
+    pub poisoned: bool,
+}
+
+impl Rpc for TargetQueryReq {
+    const OP: Opcode = Opcode::TargetQuery;
+    type Reply = TargetQueryReply;
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a query carries no data segments"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_round_trip() {
+        let req = UpdateReq {
+            target: 1,
+            cont: ContId(7),
+            oid: Oid::new(1, 2),
+            dkey: b"d".to_vec(),
+            epoch: 5,
+            iods: vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Array { rec_size: 1, start: 0, nr: 3 } }],
+        };
+        let f = request_frame(&req, vec![Bytes::from_static(b"abc")], 3, 9).unwrap();
+        assert_eq!(decode_request::<UpdateReq>(&f).unwrap(), req);
+
+        let r = reply_frame(&f.header, 3, Ok(UpdateReply { epoch: 5 }), vec![]);
+        assert_eq!(r.header.request_id, f.header.request_id);
+        assert_eq!(decode_reply::<UpdateReply>(&r).unwrap().epoch, 5);
+        let r = reply_frame::<UpdateReply>(&f.header, 3, Err(ShoalError::NotFound("x".into())), vec![]);
+        assert_eq!(decode_reply::<UpdateReply>(&r), Err(ShoalError::NotFound("x".into())));
+    }
+
+    #[test]
+    fn validation_enforces_the_caps() {
+        let mut req = UpdateReq {
+            target: 0,
+            cont: ContId(1),
+            oid: Oid::new(0, 1),
+            dkey: vec![0; MAX_KEY_LEN + 1],
+            epoch: 1,
+            iods: vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }],
+        };
+        let segs = [Bytes::from_static(b"x")];
+        assert!(req.validate(&segs).is_err());
+        req.dkey = b"d".to_vec();
+        assert!(req.validate(&segs).is_ok());
+        assert!(req.validate(&[]).is_err());
+        req.iods[0].kind = ValueKind::Array { rec_size: 4, start: 0, nr: 2 };
+        assert!(req.validate(&segs).is_err(), "segment length must match the extent");
+        req.iods[0].kind = ValueKind::Array { rec_size: 1, start: u64::MAX, nr: 2 };
+        assert!(req.validate(&segs).is_err());
+    }
+
+    #[test]
+    fn garbage_bodies_are_protocol_errors() {
+        let f = Frame { body: Bytes::from_static(&[0xff; 7]), ..Frame::default() };
+        assert!(matches!(decode_request::<UpdateReq>(&f), Err(ShoalError::Protocol(_))));
+        let mut f = request_frame(&TargetQueryReq { target: 1 }, vec![], 0, 0).unwrap();
+        assert!(decode_request::<TargetQueryReq>(&f).is_ok());
+        f.body = Bytes::from([&f.body[..], b"junk"].concat());
+        assert!(matches!(decode_request::<TargetQueryReq>(&f), Err(ShoalError::Protocol(_))));
+    }
+}

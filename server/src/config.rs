@@ -1,0 +1,97 @@
+//! Server configuration: a TOML file, overridden by command-line flags.
+//!
+//! ```toml
+//! listen = "0.0.0.0:10001"     # port 0 lets the OS choose
+//! data_dir = "/var/lib/shoal"
+//! targets = 2
+//! log_level = "info"
+//! inline_threshold = "4KiB"    # values up to this size live in RocksDB
+//! reserve = "64MiB"            # free space every target keeps back
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Most targets one server may run.
+pub const MAX_TARGETS: u32 = 64;
+
+/// Everything `shoal-server` needs to start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on (`host:port`).
+    pub listen: String,
+    /// Directory holding every target of this server.
+    pub data_dir: PathBuf,
+    /// Number of targets (independent storage slices).
+    pub targets: u32,
+    /// Log filter: a level (`info`) or a tracing directive list.
+    pub log_level: String,
+    /// Values up to this size are stored inline in RocksDB.
+    pub inline_threshold: ByteSize,
+    /// Free space each target keeps back; writes beyond it get `NoSpace`.
+    pub reserve: ByteSize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:10001".into(),
+            data_dir: PathBuf::from("/var/lib/shoal"),
+            targets: 2,
+            log_level: "info".into(),
+            inline_threshold: ByteSize::kib(4),
+            reserve: ByteSize::mib(64),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML config file.
+    pub fn load(path: &Path) -> anyhow::Result<ServerConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+    }
+
+    /// Checks every field and names the bad one.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.listen.parse::<SocketAddr>().is_err() {
+            bail!("config field `listen`: {:?} is not an IP:port address", self.listen);
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            bail!("config field `data_dir` is empty");
+        }
+        if self.targets == 0 || self.targets > MAX_TARGETS {
+            bail!("config field `targets`: {} is outside 1..={MAX_TARGETS}", self.targets);
+        }
+        if self.inline_threshold.as_u64() > 64 * 1024 {
+            bail!("config field `inline_threshold`: {} is above the 64KiB limit", self.inline_threshold);
+        }
+        if self.log_level.trim().is_empty() {
+            bail!("config field `log_level` is empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes_parse_and_bad_fields_are_named() {
+        let c: ServerConfig = toml::from_str("targets = 4\ninline_threshold = \"8KiB\"\n").unwrap();
+        assert_eq!(c.targets, 4);
+        assert_eq!(c.inline_threshold.as_u64(), 8192);
+        c.validate().unwrap();
+        let bad = ServerConfig { targets: 0, ..ServerConfig::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("targets"));
+        let bad = ServerConfig { listen: "nowhere".into(), ..ServerConfig::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("listen"));
+        assert!(toml::from_str::<ServerConfig>("bogus = 1").is_err());
+    }
+}

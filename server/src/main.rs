@@ -1,0 +1,73 @@
+//! `shoal-server`: one storage server process.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use shoal_server::config::ServerConfig;
+use shoal_server::server::Server;
+use tracing_subscriber::EnvFilter;
+
+/// Runs one Shoal storage server.
+#[derive(Debug, Parser)]
+#[command(name = "shoal-server", version, about)]
+struct Args {
+    /// TOML configuration file; flags override its fields.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0: the OS chooses; see <data-dir>/listen.addr).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory holding every target.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Number of targets.
+    #[arg(long)]
+    targets: Option<u32>,
+    /// Log level or tracing filter (RUST_LOG overrides it).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("shoal-server: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(p) => ServerConfig::load(p)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = args.targets {
+        cfg.targets = v;
+    }
+    if let Some(v) = args.log_level {
+        cfg.log_level = v;
+    }
+    cfg.validate()?;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .with_context(|| format!("bad log level {:?}", cfg.log_level))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("shoal-server").build()?;
+    rt.block_on(async {
+        let server = Server::start(cfg).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        server.shutdown().await
+    })
+}

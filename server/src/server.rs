@@ -1,0 +1,160 @@
+//! Server start-up and shutdown.
+//!
+//! Start-up order: check and lock the data directory, read or write its
+//! superblock, open (and so replay) every target store, bind, publish the
+//! bound address in `<data_dir>/listen.addr`, then serve. Nothing is served
+//! before every target has replayed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use shoal_client::transport::tcp;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::ServerConfig;
+use crate::service::Service;
+use crate::store::{target_dir, StoreOptions, TargetStore};
+
+/// Format version of the data directory layout.
+pub const DATA_DIR_FORMAT: u32 = 1;
+/// The file in the data directory where the server publishes its address.
+pub const ADDR_FILE: &str = "listen.addr";
+const SUPERBLOCK: &str = "superblock.json";
+const LOCK: &str = "server.lock";
+
+/// The persisted identity of a data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superblock {
+    pub format: u32,
+    pub targets: u32,
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    data_dir: std::path::PathBuf,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    service: Arc<Service>,
+    _lock: File,
+}
+
+/// Checks that `dir` is a usable data directory, locks it against a second
+/// server, and returns the lock.
+fn prepare_data_dir(cfg: &ServerConfig) -> anyhow::Result<File> {
+    let dir = &cfg.data_dir;
+    if dir.exists() && !dir.is_dir() {
+        bail!("data directory {} exists but is not a directory", dir.display());
+    }
+    fs::create_dir_all(dir).with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    let probe = dir.join(".write-probe");
+    fs::write(&probe, b"probe").with_context(|| format!("data directory {} is not writable", dir.display()))?;
+    fs::remove_file(&probe).ok();
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK))
+        .with_context(|| format!("open lock file in {}", dir.display()))?;
+    if lock.try_lock().is_err() {
+        bail!("data directory {} is in use by another shoal-server", dir.display());
+    }
+    let sb_path = dir.join(SUPERBLOCK);
+    if sb_path.exists() {
+        let text = fs::read_to_string(&sb_path).with_context(|| format!("read {}", sb_path.display()))?;
+        let sb: Superblock =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a Shoal superblock", sb_path.display()))?;
+        if sb.format != DATA_DIR_FORMAT {
+            bail!(
+                "data directory {} has format {}, this server reads format {DATA_DIR_FORMAT}",
+                dir.display(),
+                sb.format
+            );
+        }
+        if sb.targets != cfg.targets {
+            bail!(
+                "data directory {} was formatted with {} targets but the configuration asks for {}",
+                dir.display(),
+                sb.targets,
+                cfg.targets
+            );
+        }
+    } else {
+        // A crash while formatting leaves at most the temporary superblock.
+        fs::remove_file(sb_path.with_extension("tmp")).ok();
+        let non_empty = fs::read_dir(dir)?.filter_map(|e| e.ok()).any(|e| e.file_name() != LOCK);
+        if non_empty {
+            bail!("data directory {} is not empty and holds no Shoal superblock; refusing to format it", dir.display());
+        }
+        let sb = Superblock { format: DATA_DIR_FORMAT, targets: cfg.targets };
+        write_atomically(&sb_path, serde_json::to_string_pretty(&sb)?.as_bytes())?;
+    }
+    Ok(lock)
+}
+
+/// Writes a file so that readers see either nothing or all of it.
+fn write_atomically(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path).with_context(|| format!("rename {}", tmp.display()))?;
+    if let Some(parent) = path.parent() {
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Server {
+    /// Starts a server: opens and replays every target, binds and serves.
+    pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
+        cfg.validate()?;
+        let lock = prepare_data_dir(&cfg)?;
+        fs::remove_file(cfg.data_dir.join(ADDR_FILE)).ok();
+        let opts = StoreOptions {
+            inline_threshold: cfg.inline_threshold.as_u64() as usize,
+            reserve_bytes: cfg.reserve.as_u64(),
+            ..StoreOptions::default()
+        };
+        let mut stores = Vec::new();
+        for t in 0..cfg.targets {
+            let dir = target_dir(&cfg.data_dir, t);
+            let opts = opts.clone();
+            let store = tokio::task::spawn_blocking(move || TargetStore::open(&dir, t, opts))
+                .await?
+                .with_context(|| format!("open target {t}"))?;
+            stores.push(Arc::new(store));
+        }
+        let listener = tcp::bind(&cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let service = Arc::new(Service::new(stores));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(tcp::serve(listener, service.clone(), shutdown.clone()));
+        write_atomically(&cfg.data_dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
+        info!(%addr, targets = cfg.targets, data_dir = %cfg.data_dir.display(), "shoal-server ready");
+        Ok(Server { addr, data_dir: cfg.data_dir.clone(), shutdown, task, service, _lock: lock })
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, finishes in-flight requests, and closes every
+    /// target after its pending writes are durable.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("service task")?;
+        fs::remove_file(self.data_dir.join(ADDR_FILE)).ok();
+        let service = self.service;
+        tokio::task::spawn_blocking(move || drop(service)).await?;
+        info!("shoal-server stopped");
+        Ok(())
+    }
+}

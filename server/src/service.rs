@@ -1,0 +1,205 @@
+//! The RPC service: decodes request frames, checks them, and runs them on
+//! the right target store.
+//!
+//! Every request runs in a tracing span with its opcode and request id;
+//! data operations add a span with container, OID and target.
+//! Reads run on tokio's blocking pool; writes are awaited on the target's
+//! group-commit writer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use shoal_client::server::wall_ns;
+use shoal_client::transport::Handler;
+use shoal_common::hlc::epoch_to_ns;
+use shoal_common::limits::MAX_SEGMENT;
+use shoal_common::msg::{
+    decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
+    TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
+};
+use shoal_common::wire::Frame;
+use shoal_common::{Epoch, Hlc, Result, ShoalError};
+use tokio::sync::Semaphore;
+use tracing::{debug, Instrument};
+
+use crate::store::{Mutation, TargetStore};
+
+/// Updates stamped further than this into the future are refused: the
+/// sender's clock is wrong.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
+
+/// Writes queued or in progress per target; later ones wait for a slot, so
+/// a flood of writes queues in the transport rather than in memory here.
+pub const MAX_QUEUED_WRITES: usize = 512;
+
+/// The state every request handler shares.
+pub struct Service {
+    stores: Vec<Arc<TargetStore>>,
+    admission: Vec<Arc<Semaphore>>,
+    hlc: Hlc,
+    map_version: u32,
+}
+
+impl Service {
+    /// A service over the given target stores.
+    pub fn new(stores: Vec<Arc<TargetStore>>) -> Service {
+        let admission = stores.iter().map(|_| Arc::new(Semaphore::new(MAX_QUEUED_WRITES))).collect();
+        Service { stores, admission, hlc: Hlc::new(), map_version: 0 }
+    }
+
+    /// Submits a mutation to a target once it has a queue slot and waits
+    /// until it is durable.
+    async fn write(&self, target: u32, m: Mutation) -> Result<Epoch> {
+        let store = self.store(target)?;
+        let _slot = self.admission[target as usize]
+            .acquire()
+            .await
+            .map_err(|_| ShoalError::Busy("server is shutting down".into()))?;
+        store.submit(m).await.map_err(|_| ShoalError::Internal("writer dropped a job".into()))?
+    }
+
+    fn store(&self, target: u32) -> Result<Arc<TargetStore>> {
+        self.stores
+            .get(target as usize)
+            .cloned()
+            .ok_or_else(|| ShoalError::NotFound(format!("target {target} (this server has {})", self.stores.len())))
+    }
+
+    fn check_epoch(&self, epoch: Epoch) -> Result<()> {
+        let limit = wall_ns() + MAX_CLOCK_SKEW.as_nanos() as u64;
+        if epoch_to_ns(epoch) > limit {
+            return Err(ShoalError::invalid(format!(
+                "epoch {epoch} is more than {MAX_CLOCK_SKEW:?} ahead of this server's clock; check the sender's clock"
+            )));
+        }
+        self.hlc.observe(epoch);
+        Ok(())
+    }
+
+    async fn dispatch(self: Arc<Self>, frame: Frame) -> Frame {
+        let h = frame.header;
+        let mv = self.map_version;
+        let Some(op) = Opcode::from_u16(h.opcode) else {
+            let e = ShoalError::protocol(format!("unknown opcode {}", h.opcode));
+            return reply_frame::<()>(&h, mv, Err(e), vec![]);
+        };
+        let span = tracing::debug_span!("rpc", ?op, request_id = h.request_id);
+        self.dispatch_op(op, frame).instrument(span).await
+    }
+
+    async fn dispatch_op(self: Arc<Self>, op: Opcode, frame: Frame) -> Frame {
+        let (h, mv) = (frame.header, self.map_version);
+        match op {
+            Opcode::Ping => self.run::<PingReq, _>(&frame, |s, _, _| async move { s.ping() }).await,
+            Opcode::Update => self.run::<UpdateReq, _>(&frame, |s, r, segs| s.update(r, segs)).await,
+            Opcode::Punch => self.run::<PunchReq, _>(&frame, |s, r, _| s.punch(r)).await,
+            Opcode::Fetch => self.fetch(&frame).await,
+            Opcode::List => self.run::<ListReq, _>(&frame, |s, r, _| s.list(r)).await,
+            Opcode::TargetQuery => self.run::<TargetQueryReq, _>(&frame, |s, r, _| s.target_query(r)).await,
+            #[allow(unreachable_patterns)]
+            _ => reply_frame::<()>(&h, mv, Err(ShoalError::protocol(format!("unsupported opcode {op:?}"))), vec![]),
+        }
+    }
+
+    async fn run<R, F>(self: &Arc<Self>, frame: &Frame, f: impl FnOnce(Arc<Self>, R, Vec<Bytes>) -> F) -> Frame
+    where
+        R: Rpc,
+        F: std::future::Future<Output = Result<R::Reply>>,
+    {
+        let reply = match decode_request::<R>(frame) {
+            Ok(req) => f(self.clone(), req, frame.segments.clone()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &reply {
+            debug!(op = ?R::OP, "request failed: {e}");
+        }
+        reply_frame(&frame.header, self.map_version, reply, vec![])
+    }
+
+    fn ping(&self) -> Result<PingReply> {
+        Ok(PingReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            targets: self.stores.len() as u32,
+            epoch: self.hlc.now(wall_ns()),
+        })
+    }
+
+    async fn update(self: Arc<Self>, req: UpdateReq, data: Vec<Bytes>) -> Result<UpdateReply> {
+        self.check_epoch(req.epoch)?;
+        let span = tracing::debug_span!("update", cont = %req.cont, oid = %req.oid, target = req.target);
+        let m =
+            Mutation::Update { cont: req.cont, oid: req.oid, dkey: req.dkey, epoch: req.epoch, iods: req.iods, data };
+        let epoch = self.write(req.target, m).instrument(span).await?;
+        Ok(UpdateReply { epoch })
+    }
+
+    async fn punch(self: Arc<Self>, req: PunchReq) -> Result<UpdateReply> {
+        self.check_epoch(req.epoch)?;
+        let span = tracing::debug_span!("punch", cont = %req.cont, oid = %req.oid, target = req.target);
+        let m = Mutation::Punch { cont: req.cont, oid: req.oid, epoch: req.epoch, dkey: req.dkey, akey: req.akey };
+        let epoch = self.write(req.target, m).instrument(span).await?;
+        Ok(UpdateReply { epoch })
+    }
+
+    async fn fetch(self: &Arc<Self>, frame: &Frame) -> Frame {
+        let result = async {
+            let req = decode_request::<FetchReq>(frame)?;
+            let store = self.store(req.target)?;
+            let span = tracing::debug_span!("fetch", cont = %req.cont, oid = %req.oid, target = req.target);
+            tokio::task::spawn_blocking(move || {
+                let _g = span.enter();
+                store.fetch(req.cont, req.oid, &req.dkey, req.epoch, &req.iods)
+            })
+            .await
+            .map_err(|e| ShoalError::Internal(format!("fetch task: {e}")))?
+        }
+        .await;
+        let result = result.and_then(|(values, segs)| {
+            let total: usize = segs.iter().map(Bytes::len).sum();
+            if total > MAX_SEGMENT as usize {
+                return Err(ShoalError::invalid(format!(
+                    "the values fetched add up to {total} bytes, above the per-reply cap of {MAX_SEGMENT}; fetch fewer akeys at once"
+                )));
+            }
+            Ok((values, segs))
+        });
+        match result {
+            Ok((values, segs)) => reply_frame(&frame.header, self.map_version, Ok(FetchReply { values }), segs),
+            Err(e) => reply_frame::<FetchReply>(&frame.header, self.map_version, Err(e), vec![]),
+        }
+    }
+
+    async fn list(self: Arc<Self>, req: ListReq) -> Result<ListReply> {
+        let store = self.store(req.target)?;
+        tokio::task::spawn_blocking(move || {
+            store
+                .list(req.cont, req.oid, req.epoch, req.dkey.as_deref(), req.anchor.as_deref(), req.limit as usize)
+                .map(|(keys, anchor)| ListReply { keys, anchor })
+        })
+        .await
+        .map_err(|e| ShoalError::Internal(format!("list task: {e}")))?
+    }
+
+    async fn target_query(self: Arc<Self>, req: TargetQueryReq) -> Result<TargetQueryReply> {
+        let store = self.store(req.target)?;
+        tokio::task::spawn_blocking(move || {
+            let u = store.usage();
+            TargetQueryReply {
+                target: store.id(),
+                data_bytes: u.data_bytes,
+                free_bytes: u.free_bytes,
+                poisoned: store.is_poisoned(),
+            }
+        })
+        .await
+        .map_err(|e| ShoalError::Internal(format!("query task: {e}")))
+    }
+}
+
+impl Handler for Service {
+    fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame> {
+        Box::pin(self.dispatch(frame))
+    }
+}

@@ -1,0 +1,335 @@
+//! Store tests: a proptest conformance run against a `BTreeMap` model, and
+//! checksum, space and poison behaviour.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+type Key = Vec<u8>;
+/// Versions of an array value: (epoch, first byte, bytes).
+type Extents = Vec<(Epoch, u64, Vec<u8>)>;
+
+const CONT: ContId = ContId(0x5eed);
+
+fn open(dir: &Path, inline: usize) -> TargetStore {
+    TargetStore::open(dir, 0, StoreOptions { inline_threshold: inline, reserve_bytes: 0, max_group: 8 }).unwrap()
+}
+
+/// The reference model: every version of every value, and every punch.
+#[derive(Default)]
+struct Model {
+    singles: BTreeMap<(Oid, Key, Key), BTreeMap<Epoch, Vec<u8>>>,
+    extents: BTreeMap<(Oid, Key, Key), Extents>,
+    punches: Vec<(Oid, Epoch, Option<Key>, Option<Key>)>,
+}
+
+impl Model {
+    fn floor(&self, oid: Oid, d: &[u8], a: &[u8], e: Epoch) -> Epoch {
+        self.punches
+            .iter()
+            .filter(|(o, pe, pd, pa)| {
+                *o == oid && *pe <= e && pd.as_deref().is_none_or(|x| x == d) && pa.as_deref().is_none_or(|x| x == a)
+            })
+            .map(|p| p.1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn single(&self, oid: Oid, d: &[u8], a: &[u8], e: Epoch) -> Option<Vec<u8>> {
+        let f = self.floor(oid, d, a, e);
+        let versions = self.singles.get(&(oid, d.to_vec(), a.to_vec()))?;
+        let (ve, v) = versions.range(..=e).next_back()?;
+        (*ve > f).then(|| v.clone())
+    }
+
+    fn array(&self, oid: Oid, d: &[u8], a: &[u8], e: Epoch, s: u64, len: u64) -> Option<Vec<u8>> {
+        let f = self.floor(oid, d, a, e);
+        let mut out = vec![0u8; len as usize];
+        let mut best = vec![0u64; len as usize];
+        for (ve, start, data) in self.extents.get(&(oid, d.to_vec(), a.to_vec()))? {
+            if *ve > e || *ve <= f {
+                continue;
+            }
+            for (i, b) in data.iter().enumerate() {
+                let pos = start + i as u64;
+                if pos >= s && pos < s + len && *ve > best[(pos - s) as usize] {
+                    best[(pos - s) as usize] = *ve;
+                    out[(pos - s) as usize] = *b;
+                }
+            }
+        }
+        best.iter().any(|b| *b > 0).then_some(out)
+    }
+
+    fn akey_visible(&self, oid: Oid, d: &[u8], a: &[u8], e: Epoch) -> bool {
+        let f = self.floor(oid, d, a, e);
+        let k = (oid, d.to_vec(), a.to_vec());
+        let single = self.singles.get(&k).and_then(|v| v.range(..=e).next_back()).is_some_and(|(ve, _)| *ve > f);
+        let ext = self.extents.get(&k).is_some_and(|v| v.iter().any(|(ve, _, _)| *ve <= e && *ve > f));
+        single || ext
+    }
+
+    fn all_keys(&self, oid: Oid) -> Vec<(Key, Key)> {
+        let mut keys: Vec<(Key, Key)> = self
+            .singles
+            .keys()
+            .chain(self.extents.keys())
+            .filter(|k| k.0 == oid)
+            .map(|k| (k.1.clone(), k.2.clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    fn list(&self, oid: Oid, e: Epoch, dkey: Option<&[u8]>) -> Vec<Key> {
+        let mut out: Vec<Key> = self
+            .all_keys(oid)
+            .into_iter()
+            .filter(|(d, a)| dkey.is_none_or(|x| x == d.as_slice()) && self.akey_visible(oid, d, a, e))
+            .map(|(d, a)| if dkey.is_some() { a } else { d })
+            .collect();
+        out.sort_by(|x, y| (x.len(), x).cmp(&(y.len(), y)));
+        out.dedup();
+        out
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Single { oid: u64, d: Key, a: Key, epoch: Epoch, val: Vec<u8> },
+    Array { oid: u64, d: Key, a: Key, epoch: Epoch, start: u64, val: Vec<u8> },
+    Punch { oid: u64, epoch: Epoch, d: Option<Key>, a: Option<Key> },
+    ReadSingle { oid: u64, d: Key, a: Key, epoch: Epoch },
+    ReadArray { oid: u64, d: Key, a: Key, epoch: Epoch, start: u64, len: u64 },
+    List { oid: u64, epoch: Epoch, d: Option<Key>, page: usize },
+    Reopen,
+}
+
+fn key(pool: &'static [&'static str]) -> impl Strategy<Value = Key> {
+    prop::sample::select(pool).prop_map(|s| s.as_bytes().to_vec())
+}
+
+fn offset() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..64, (BUCKET_BYTES - 40)..(BUCKET_BYTES + 40)]
+}
+
+fn read_epoch() -> impl Strategy<Value = Epoch> {
+    prop_oneof![1u64..300, Just(EPOCH_MAX_)]
+}
+
+const EPOCH_MAX_: Epoch = shoal_common::EPOCH_MAX;
+const DKEYS: &[&str] = &["a", "b", "cc", "d"];
+const AKEYS: &[&str] = &["x", "yy", "z"];
+
+fn op() -> impl Strategy<Value = Op> {
+    let val = prop::collection::vec(any::<u8>(), 0..40);
+    let arr = prop::collection::vec(any::<u8>(), 1..60);
+    prop_oneof![
+        4 => (0u64..2, key(DKEYS), key(AKEYS), 1u64..300, val)
+            .prop_map(|(oid, d, a, epoch, val)| Op::Single { oid, d, a, epoch, val }),
+        4 => (0u64..2, key(DKEYS), key(AKEYS), 1u64..300, offset(), arr)
+            .prop_map(|(oid, d, a, epoch, start, val)| Op::Array { oid, d, a, epoch, start, val }),
+        1 => (0u64..2, 1u64..300, prop::option::of(key(DKEYS)), prop::option::of(key(AKEYS)))
+            .prop_map(|(oid, epoch, d, a)| Op::Punch { oid, epoch, a: if d.is_some() { a } else { None }, d }),
+        3 => (0u64..2, key(DKEYS), key(AKEYS), read_epoch())
+            .prop_map(|(oid, d, a, epoch)| Op::ReadSingle { oid, d, a, epoch }),
+        3 => (0u64..2, key(DKEYS), key(AKEYS), read_epoch(), offset(), 1u64..80)
+            .prop_map(|(oid, d, a, epoch, start, len)| Op::ReadArray { oid, d, a, epoch, start, len }),
+        2 => (0u64..2, read_epoch(), prop::option::of(key(DKEYS)), 1usize..4)
+            .prop_map(|(oid, epoch, d, page)| Op::List { oid, epoch, d, page }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn list_all(s: &TargetStore, oid: Oid, e: Epoch, d: Option<&[u8]>, page: usize) -> Vec<Key> {
+    let mut out = Vec::new();
+    let mut anchor: Option<Key> = None;
+    loop {
+        let (keys, next) = s.list(CONT, oid, e, d, anchor.as_deref(), page).unwrap();
+        out.extend(keys);
+        match next {
+            Some(a) => anchor = Some(a),
+            None => return out,
+        }
+    }
+}
+
+fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Some(open(dir.path(), 16));
+    let mut model = Model::default();
+    let mut used = std::collections::HashSet::new();
+    for op in ops {
+        let s = store.as_ref().unwrap();
+        match op {
+            Op::Single { oid, d, a, epoch, val } => {
+                if !used.insert(epoch) {
+                    continue;
+                }
+                let iods = vec![UpdateIod { akey: a.clone(), kind: ValueKind::Single }];
+                let oid = Oid::new(0, oid);
+                s.apply(Mutation::Update {
+                    cont: CONT,
+                    oid,
+                    dkey: d.clone(),
+                    epoch,
+                    iods,
+                    data: vec![Bytes::from(val.clone())],
+                })
+                .unwrap();
+                model.singles.entry((oid, d, a)).or_default().insert(epoch, val);
+            }
+            Op::Array { oid, d, a, epoch, start, val } => {
+                if !used.insert(epoch) {
+                    continue;
+                }
+                let kind = ValueKind::Array { rec_size: 1, start, nr: val.len() as u64 };
+                let iods = vec![UpdateIod { akey: a.clone(), kind }];
+                let oid = Oid::new(0, oid);
+                s.apply(Mutation::Update {
+                    cont: CONT,
+                    oid,
+                    dkey: d.clone(),
+                    epoch,
+                    iods,
+                    data: vec![Bytes::from(val.clone())],
+                })
+                .unwrap();
+                model.extents.entry((oid, d, a)).or_default().push((epoch, start, val));
+            }
+            Op::Punch { oid, epoch, d, a } => {
+                if !used.insert(epoch) {
+                    continue;
+                }
+                let oid = Oid::new(0, oid);
+                s.apply(Mutation::Punch { cont: CONT, oid, epoch, dkey: d.clone(), akey: a.clone() }).unwrap();
+                model.punches.push((oid, epoch, d, a));
+            }
+            Op::ReadSingle { oid, d, a, epoch } => {
+                let oid = Oid::new(0, oid);
+                let (f, data) =
+                    s.fetch(CONT, oid, &d, epoch, &[FetchIod { akey: a.clone(), kind: ValueKind::Single }]).unwrap();
+                let got = match f[0] {
+                    Fetched::Missing => None,
+                    _ => Some(data[0].to_vec()),
+                };
+                assert_eq!(got, model.single(oid, &d, &a, epoch), "single {d:?}/{a:?} at {epoch}");
+            }
+            Op::ReadArray { oid, d, a, epoch, start, len } => {
+                let oid = Oid::new(0, oid);
+                let kind = ValueKind::Array { rec_size: 1, start, nr: len };
+                let (f, data) = s.fetch(CONT, oid, &d, epoch, &[FetchIod { akey: a.clone(), kind }]).unwrap();
+                let got = match f[0] {
+                    Fetched::Missing => None,
+                    _ => Some(data[0].to_vec()),
+                };
+                assert_eq!(got, model.array(oid, &d, &a, epoch, start, len), "array {d:?}/{a:?} at {epoch}");
+            }
+            Op::List { oid, epoch, d, page } => {
+                let oid = Oid::new(0, oid);
+                assert_eq!(list_all(s, oid, epoch, d.as_deref(), page), model.list(oid, epoch, d.as_deref()));
+            }
+            Op::Reopen => {
+                store.take().unwrap().close();
+                store = Some(open(dir.path(), 16));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_matches_the_model(ops in prop::collection::vec(op(), 1..120)) {
+        run(ops);
+    }
+}
+
+#[test]
+fn a_corrupted_data_file_gives_a_checksum_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 16);
+    let val = Bytes::from(vec![7u8; 4096]);
+    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    s.apply(Mutation::Update { cont: CONT, oid: Oid::new(0, 1), dkey: b"d".to_vec(), epoch: 5, iods, data: vec![val] })
+        .unwrap();
+    let file = dir.path().join("data/00000000.dat");
+    let mut raw = std::fs::read(&file).unwrap();
+    raw[100] ^= 0xff;
+    std::fs::write(&file, raw).unwrap();
+    let r =
+        s.fetch(CONT, Oid::new(0, 1), b"d", EPOCH_MAX_, &[FetchIod { akey: b"a".to_vec(), kind: ValueKind::Single }]);
+    assert!(matches!(r, Err(ShoalError::Checksum(_))), "{r:?}");
+}
+
+#[test]
+fn a_write_that_does_not_fit_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TargetStore::open(dir.path(), 0, StoreOptions { reserve_bytes: u64::MAX / 2, ..StoreOptions::default() })
+        .unwrap();
+    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    let r = s.apply(Mutation::Update {
+        cont: CONT,
+        oid: Oid::new(0, 1),
+        dkey: b"d".to_vec(),
+        epoch: 5,
+        iods,
+        data: vec![Bytes::from_static(b"v")],
+    });
+    assert!(matches!(r, Err(ShoalError::NoSpace(_))), "{r:?}");
+    let (f, _) = s
+        .fetch(CONT, Oid::new(0, 1), b"d", EPOCH_MAX_, &[FetchIod { akey: b"a".to_vec(), kind: ValueKind::Single }])
+        .unwrap();
+    assert_eq!(f[0], Fetched::Missing);
+    assert!(!s.is_poisoned());
+}
+
+#[test]
+fn overlapping_extents_in_one_update_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 16);
+    let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 4 };
+    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind }, UpdateIod { akey: b"a".to_vec(), kind }];
+    let data = vec![Bytes::from_static(b"abcd"), Bytes::from_static(b"efgh")];
+    let r = s.apply(Mutation::Update { cont: CONT, oid: Oid::new(0, 1), dkey: b"d".to_vec(), epoch: 5, iods, data });
+    assert!(matches!(r, Err(ShoalError::InvalidArgument(_))), "{r:?}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_failed_fdatasync_poisons_the_target() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 16);
+    let write = |epoch: Epoch| {
+        let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+        s.apply(Mutation::Update {
+            cont: CONT,
+            oid: Oid::new(0, 1),
+            dkey: b"d".to_vec(),
+            epoch,
+            iods,
+            data: vec![Bytes::from(vec![1u8; 100])],
+        })
+    };
+    write(1).unwrap();
+    fail::cfg("store::data_sync", "return").unwrap();
+    assert_eq!(write(2), Err(ShoalError::Poisoned(0)));
+    fail::remove("store::data_sync");
+    assert_eq!(write(3), Err(ShoalError::Poisoned(0)), "poison must stick");
+    let r =
+        s.fetch(CONT, Oid::new(0, 1), b"d", EPOCH_MAX_, &[FetchIod { akey: b"a".to_vec(), kind: ValueKind::Single }]);
+    assert_eq!(r, Err(ShoalError::Poisoned(0)));
+    drop(s);
+    // A restart replays and serves what was acknowledged.
+    let s = open(dir.path(), 16);
+    let (f, _) = s
+        .fetch(CONT, Oid::new(0, 1), b"d", EPOCH_MAX_, &[FetchIod { akey: b"a".to_vec(), kind: ValueKind::Single }])
+        .unwrap();
+    assert_eq!(f[0], Fetched::Single { epoch: 1 });
+    scenario.teardown();
+}

@@ -1,0 +1,188 @@
+//! `shoal bench`: benchmark programs that print numbers (never tests).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{ensure, Context};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use shoal_common::msg::{FetchIod, UpdateIod, ValueKind};
+use shoal_common::{ContId, Oid, EPOCH_MAX};
+use shoal_tools::local::LocalServer;
+use tokio::task::JoinSet;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCmd {
+    /// One local server: 4 KiB put/get rates and 1 MiB extent bandwidth,
+    /// with dd's figures for the same disk.
+    Store(StoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Directory on the disk to measure (default: a temporary one under /var/tmp).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Targets of the server.
+    #[arg(long, default_value_t = 2)]
+    targets: u32,
+    /// Number of 4 KiB puts (and gets).
+    #[arg(long, default_value_t = 20000)]
+    puts: u64,
+    /// MiB written (and read) as 1 MiB extents.
+    #[arg(long, default_value_t = 512)]
+    mib: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+}
+
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+    match cmd {
+        BenchCmd::Store(a) => store(a).await,
+    }
+}
+
+const CONT: ContId = ContId(0xbe7c);
+
+/// Runs `n` operations with `conc` in flight and returns the seconds taken.
+async fn drive<F, Fut>(n: u64, conc: usize, f: F) -> anyhow::Result<f64>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let t = Instant::now();
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        set.spawn(f(i));
+        if set.len() >= conc {
+            set.join_next().await.context("join")???;
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+async fn store(a: StoreArgs) -> anyhow::Result<()> {
+    let tmp;
+    let base = match a.dir {
+        Some(d) => d,
+        None => {
+            tmp = tempfile::Builder::new().prefix("shoal-bench-").tempdir_in("/var/tmp")?;
+            tmp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&base)?;
+    let mut srv = LocalServer::start(&base.join("server0"), a.targets).await?;
+    let c = Arc::new(srv.client());
+    let t = a.targets as u64;
+    let val = Bytes::from(vec![0xabu8; 4096]);
+
+    let put = {
+        let (c, val) = (c.clone(), val.clone());
+        drive(a.puts, a.concurrency, move |i| {
+            let (c, val) = (c.clone(), val.clone());
+            async move {
+                let iods = vec![UpdateIod { akey: b"v".to_vec(), kind: ValueKind::Single }];
+                c.update((i % t) as u32, CONT, Oid::new(0, 1), &i.to_be_bytes(), iods, vec![val]).await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let get = {
+        let c = c.clone();
+        drive(a.puts, a.concurrency, move |i| {
+            let c = c.clone();
+            async move {
+                let iods = vec![FetchIod { akey: b"v".to_vec(), kind: ValueKind::Single }];
+                let r = c.fetch((i % t) as u32, CONT, Oid::new(0, 1), &i.to_be_bytes(), EPOCH_MAX, iods).await?;
+                ensure!(r[0].1.len() == 4096, "short read");
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let mib = Bytes::from(vec![0x5au8; 1 << 20]);
+    let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 1 << 20 };
+    let conc = a.concurrency.min(8);
+    let write = {
+        let (c, mib) = (c.clone(), mib.clone());
+        drive(a.mib, conc, move |i| {
+            let (c, mib) = (c.clone(), mib.clone());
+            async move {
+                let iods = vec![UpdateIod { akey: b"d".to_vec(), kind }];
+                c.update((i % t) as u32, CONT, Oid::new(0, 2), &i.to_be_bytes(), iods, vec![mib]).await?;
+                Ok(())
+            }
+        })
+        .await?
+    };
+    let read = {
+        let c = c.clone();
+        drive(a.mib, conc, move |i| {
+            let c = c.clone();
+            async move {
+                let iods = vec![FetchIod { akey: b"d".to_vec(), kind }];
+                let r = c.fetch((i % t) as u32, CONT, Oid::new(0, 2), &i.to_be_bytes(), EPOCH_MAX, iods).await?;
+                ensure!(r[0].1.len() == 1 << 20, "short read");
+                Ok(())
+            }
+        })
+        .await?
+    };
+    srv.terminate()?;
+
+    let disk = dd_figures(&base, a.mib.min(1024), 2000)?;
+    println!("shoal bench store: 1 server, {} targets, {} in flight, dir {}", a.targets, a.concurrency, base.display());
+    println!("{:<34} {:>14} {:>22}", "operation", "shoal", "raw disk (dd)");
+    println!("{:<34} {:>12.0}/s {:>20.0}/s", "4 KiB put (durable)", a.puts as f64 / put, disk.sync_4k_iops);
+    println!("{:<34} {:>12.0}/s {:>22}", "4 KiB get", a.puts as f64 / get, "-");
+    println!(
+        "{:<34} {:>10.0} MiB/s {:>16.0} MiB/s",
+        "1 MiB extent write (durable)",
+        a.mib as f64 / write,
+        disk.write_mib_s
+    );
+    println!("{:<34} {:>10.0} MiB/s {:>16.0} MiB/s", "1 MiB extent read", a.mib as f64 / read, disk.read_mib_s);
+    println!(
+        "ratios: put {:.2}x of dd 4k dsync writes, write {:.2}x and read {:.2}x of dd bandwidth",
+        (a.puts as f64 / put) / disk.sync_4k_iops,
+        (a.mib as f64 / write) / disk.write_mib_s,
+        (a.mib as f64 / read) / disk.read_mib_s
+    );
+    Ok(())
+}
+
+struct Disk {
+    sync_4k_iops: f64,
+    write_mib_s: f64,
+    read_mib_s: f64,
+}
+
+/// Runs dd on the same file system: synced 4 KiB writes, and 1 MiB
+/// sequential write (fdatasync at the end) and direct read.
+fn dd_figures(dir: &Path, mib: u64, small: u64) -> anyhow::Result<Disk> {
+    let f = dir.join("dd.tmp");
+    let of = format!("of={}", f.display());
+    let iff = format!("if={}", f.display());
+    let time = |args: &[&str]| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let out = Command::new("dd").args(args).output().context("run dd")?;
+        ensure!(out.status.success(), "dd failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let small_s = time(&["if=/dev/zero", &of, "bs=4k", &format!("count={small}"), "oflag=dsync"])?;
+    let write_s = time(&["if=/dev/zero", &of, "bs=1M", &format!("count={mib}"), "conv=fdatasync"])?;
+    let read_s = time(&[&iff, "of=/dev/null", "bs=1M", "iflag=direct"])?;
+    std::fs::remove_file(&f).ok();
+    Ok(Disk {
+        sync_4k_iops: small as f64 / small_s,
+        write_mib_s: mib as f64 / write_s,
+        read_mib_s: mib as f64 / read_s,
+    })
+}

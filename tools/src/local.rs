@@ -1,0 +1,128 @@
+//! Local `shoal-server` processes, for `shoal demo`, `shoal bench` and the
+//! multi-process tests.
+//!
+//! Each server gets its own directory, listens on a port chosen by the OS
+//! and writes its log to `<dir>.log`. Readiness is awaited by polling for
+//! the published address and pinging it, never by sleeping a fixed time.
+//! Servers can be SIGKILLed, SIGTERMed and restarted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use shoal_client::ServerClient;
+
+/// Where the `shoal-server` binary is: `$SHOAL_SERVER_BIN`, or beside the
+/// running executable (or its parent, for cargo's test executables in
+/// `deps/`).
+pub fn server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("target dir") } else { dir };
+    dir.join("shoal-server")
+}
+
+/// One `shoal-server` child process.
+pub struct LocalServer {
+    pub dir: PathBuf,
+    pub targets: u32,
+    pub addr: String,
+    child: Option<Child>,
+}
+
+impl LocalServer {
+    /// Starts a server on `dir` with `targets` targets and waits until it
+    /// answers.
+    pub async fn start(dir: &Path, targets: u32) -> anyhow::Result<LocalServer> {
+        let mut s = LocalServer { dir: dir.to_path_buf(), targets, addr: String::new(), child: None };
+        s.spawn().await?;
+        Ok(s)
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.with_extension("log")
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let addr_file = self.dir.join("listen.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut child = Command::new(server_bin())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .arg("--targets")
+            .arg(self.targets.to_string())
+            .arg("--log-level")
+            .arg("info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", server_bin().display()))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                bail!("shoal-server exited with {status} before it was ready; log:\n{log}");
+            }
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                let c = ServerClient::tcp(a.trim()).with_timeout(Duration::from_secs(2));
+                if c.ping().await.is_ok() {
+                    self.addr = a.trim().to_string();
+                    self.child = Some(child);
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("shoal-server in {} not ready within 120s", self.dir.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A fresh client of this server.
+    pub fn client(&self) -> ServerClient {
+        ServerClient::tcp(self.addr.clone())
+    }
+
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("server not running")?;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        Ok(c.wait()?)
+    }
+
+    /// Starts the server again on the same directory (after a kill).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.spawn().await
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
