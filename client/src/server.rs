@@ -12,7 +12,7 @@ use shoal_common::msg::{
     FetchIod, FetchReq, Fetched, ListReq, PingReply, PingReq, PunchReq, TargetQueryReply, TargetQueryReq, UpdateIod,
     UpdateReq,
 };
-use shoal_common::{ContId, Epoch, Hlc, Oid, Result};
+use shoal_common::{ContId, Epoch, Hlc, Oid, PoolId, Result};
 
 use crate::transport::{call, TcpTransport, Transport};
 
@@ -37,6 +37,7 @@ pub fn wall_ns() -> u64 {
 pub struct ServerClient<T: Transport = TcpTransport> {
     transport: Arc<T>,
     addr: String,
+    pool: PoolId,
     hlc: Arc<Hlc>,
     map_version: u32,
     token: u128,
@@ -53,7 +54,22 @@ impl ServerClient<TcpTransport> {
 impl<T: Transport> ServerClient<T> {
     /// A client of `addr` sharing `transport` and `hlc` with other clients.
     pub fn new(transport: Arc<T>, addr: impl Into<String>, hlc: Arc<Hlc>) -> Self {
-        ServerClient { transport, addr: addr.into(), hlc, map_version: 0, token: 0, timeout: Duration::from_secs(30) }
+        ServerClient {
+            transport,
+            addr: addr.into(),
+            pool: PoolId(0),
+            hlc,
+            map_version: 0,
+            token: 0,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Addresses requests to `pool`, stamped with its map version.
+    pub fn with_pool(mut self, pool: PoolId, map_version: u32) -> Self {
+        self.pool = pool;
+        self.map_version = map_version;
+        self
     }
 
     /// Sets the per-request timeout.
@@ -96,7 +112,7 @@ impl<T: Transport> ServerClient<T> {
         data: Vec<Bytes>,
     ) -> Result<Epoch> {
         let epoch = self.next_epoch();
-        let req = UpdateReq { target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
+        let req = UpdateReq { pool: self.pool, target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
         let (r, _) = self.rpc(&req, data).await?;
         Ok(r.epoch)
     }
@@ -112,7 +128,7 @@ impl<T: Transport> ServerClient<T> {
         epoch: Epoch,
         iods: Vec<FetchIod>,
     ) -> Result<Vec<(Fetched, Bytes)>> {
-        let req = FetchReq { target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
+        let req = FetchReq { pool: self.pool, target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
         let (r, segs) = self.rpc(&req, vec![]).await?;
         if r.values.len() != segs.len() || r.values.len() != req.iods.len() {
             return Err(shoal_common::ShoalError::protocol("fetch reply does not match the request"));
@@ -131,7 +147,15 @@ impl<T: Transport> ServerClient<T> {
         akey: Option<&[u8]>,
     ) -> Result<Epoch> {
         let epoch = self.next_epoch();
-        let req = PunchReq { target, cont, oid, epoch, dkey: dkey.map(<[u8]>::to_vec), akey: akey.map(<[u8]>::to_vec) };
+        let req = PunchReq {
+            pool: self.pool,
+            target,
+            cont,
+            oid,
+            epoch,
+            dkey: dkey.map(<[u8]>::to_vec),
+            akey: akey.map(<[u8]>::to_vec),
+        };
         let (r, _) = self.rpc(&req, vec![]).await?;
         Ok(r.epoch)
     }
@@ -149,7 +173,16 @@ impl<T: Transport> ServerClient<T> {
         let mut out = Vec::new();
         let mut anchor = None;
         loop {
-            let req = ListReq { target, cont, oid, epoch, dkey: dkey.map(<[u8]>::to_vec), anchor, limit: 1024 };
+            let req = ListReq {
+                pool: self.pool,
+                target,
+                cont,
+                oid,
+                epoch,
+                dkey: dkey.map(<[u8]>::to_vec),
+                anchor,
+                limit: 1024,
+            };
             let (r, _) = self.rpc(&req, vec![]).await?;
             out.extend(r.keys);
             match r.anchor {

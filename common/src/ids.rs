@@ -63,36 +63,54 @@ impl FromStr for Oid {
     }
 }
 
-/// A container identity (UUID as 128 bits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ContId(pub u128);
+/// Declares a 128-bit UUID-like identity type that prints and parses in
+/// the canonical 8-4-4-4-12 form.
+macro_rules! uuid_id {
+    ($(#[$m:meta])* $name:ident, $what:literal) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+        pub struct $name(pub u128);
 
-impl ContId {
-    /// The 16 big-endian bytes of this id.
-    pub fn to_bytes(self) -> [u8; 16] {
-        self.0.to_be_bytes()
-    }
-}
-
-impl fmt::Display for ContId {
-    /// Prints the canonical 8-4-4-4-12 UUID form.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let h = format!("{:032x}", self.0);
-        write!(f, "{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
-    }
-}
-
-impl FromStr for ContId {
-    type Err = ShoalError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let hex: String = s.chars().filter(|c| *c != '-').collect();
-        if hex.len() != 32 {
-            return Err(ShoalError::invalid(format!("bad container uuid {s:?}")));
+        impl $name {
+            /// The 16 big-endian bytes of this id.
+            pub fn to_bytes(self) -> [u8; 16] {
+                self.0.to_be_bytes()
+            }
         }
-        u128::from_str_radix(&hex, 16).map(ContId).map_err(|_| ShoalError::invalid(format!("bad container uuid {s:?}")))
-    }
+
+        impl fmt::Display for $name {
+            /// Prints the canonical 8-4-4-4-12 UUID form.
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let h = format!("{:032x}", self.0);
+                write!(f, "{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ShoalError;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let hex: String = s.chars().filter(|c| *c != '-').collect();
+                let bad = || ShoalError::invalid(format!(concat!("bad ", $what, " uuid {:?}"), s));
+                if hex.len() != 32 || s.len() != 36 {
+                    return Err(bad());
+                }
+                u128::from_str_radix(&hex, 16).map($name).map_err(|_| bad())
+            }
+        }
+    };
 }
+
+uuid_id!(
+    /// A container identity (UUID as 128 bits).
+    ContId,
+    "container"
+);
+uuid_id!(
+    /// A pool identity (UUID as 128 bits).
+    PoolId,
+    "pool"
+);
 
 #[cfg(test)]
 mod tests {

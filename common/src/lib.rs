@@ -10,15 +10,22 @@
 //! - [`hlc::Hlc`]: the hybrid logical clock that stamps every update.
 //! - [`error::ShoalError`]: every error that crosses the wire, with a stable
 //!   code.
+//! - [`oclass::ObjectClass`]: object classes (`S1`, `RP_3GX`, `EC_4P2G1`)
+//!   and the OID bits that carry them.
+//! - [`placement::Placement`]: where an object's shards live, computed from
+//!   the pool map.
 //! - [`wire`]: framed, versioned binary frames and the typed messages in them.
 
 pub mod error;
 pub mod hlc;
 pub mod ids;
 pub mod limits;
+pub mod mgmt;
 pub mod msg;
+pub mod oclass;
+pub mod placement;
 pub mod wire;
 
 pub use error::{Result, ShoalError};
 pub use hlc::{Epoch, Hlc, EPOCH_MAX};
-pub use ids::{ContId, Oid};
+pub use ids::{ContId, Oid, PoolId};

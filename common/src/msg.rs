@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, ShoalError, WireError};
 use crate::hlc::Epoch;
-use crate::ids::{ContId, Oid};
+use crate::ids::{ContId, Oid, PoolId};
 use crate::limits::{MAX_IODS, MAX_KEY_LEN, MAX_LIST, MAX_REC_SIZE};
 use crate::wire::{Frame, Header, FLAG_REPLY};
 
@@ -29,6 +29,18 @@ pub enum Opcode {
     Punch = 4,
     List = 5,
     TargetQuery = 6,
+    SysJoin = 20,
+    SysHeartbeat = 21,
+    SysQuery = 22,
+    PoolCreate = 30,
+    PoolDestroy = 31,
+    PoolList = 32,
+    PoolQuery = 33,
+    ContCreate = 40,
+    ContDestroy = 41,
+    ContList = 42,
+    ContQuery = 43,
+    OidAlloc = 44,
 }
 
 impl Opcode {
@@ -41,6 +53,18 @@ impl Opcode {
             4 => Opcode::Punch,
             5 => Opcode::List,
             6 => Opcode::TargetQuery,
+            20 => Opcode::SysJoin,
+            21 => Opcode::SysHeartbeat,
+            22 => Opcode::SysQuery,
+            30 => Opcode::PoolCreate,
+            31 => Opcode::PoolDestroy,
+            32 => Opcode::PoolList,
+            33 => Opcode::PoolQuery,
+            40 => Opcode::ContCreate,
+            41 => Opcode::ContDestroy,
+            42 => Opcode::ContList,
+            43 => Opcode::ContQuery,
+            44 => Opcode::OidAlloc,
             _ => return None,
         })
     }
@@ -53,6 +77,11 @@ pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
 
     /// Checks the request (and its bulk segments) against the caps.
     fn validate(&self, segments: &[Bytes]) -> Result<()>;
+
+    /// The pool whose map version the receiver checks, if any.
+    fn pool(&self) -> Option<PoolId> {
+        None
+    }
 }
 
 /// Encodes a request into a frame.
@@ -151,6 +180,10 @@ pub enum ValueKind {
     Single,
     /// An array value: `nr` records of `rec_size` bytes from index `start`.
     Array { rec_size: u32, start: u64, nr: u64 },
+    /// A single value holding a little-endian u64 that an update only
+    /// raises: the stored value becomes max(current, given). The target
+    /// applies it atomically (array sizes use it).
+    MaxU64,
 }
 
 impl ValueKind {
@@ -177,7 +210,7 @@ impl ValueKind {
     /// Bytes an array extent covers (`None` for single values).
     pub fn array_bytes(&self) -> Option<u64> {
         match *self {
-            ValueKind::Single => None,
+            ValueKind::Single | ValueKind::MaxU64 => None,
             ValueKind::Array { rec_size, nr, .. } => Some(rec_size as u64 * nr),
         }
     }
@@ -193,6 +226,9 @@ pub struct UpdateIod {
 /// Writes values under one dkey of one object, at one epoch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateReq {
+    /// The pool the container lives in; its map version is checked
+    /// (`PoolId(0)`: no pool, no check).
+    pub pool: PoolId,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -204,6 +240,10 @@ pub struct UpdateReq {
 impl Rpc for UpdateReq {
     const OP: Opcode = Opcode::Update;
     type Reply = UpdateReply;
+
+    fn pool(&self) -> Option<PoolId> {
+        (self.pool != PoolId(0)).then_some(self.pool)
+    }
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_key("dkey", &self.dkey)?;
@@ -221,6 +261,9 @@ impl Rpc for UpdateReq {
         for (iod, seg) in self.iods.iter().zip(segments) {
             check_key("akey", &iod.akey)?;
             iod.kind.validate()?;
+            if iod.kind == ValueKind::MaxU64 && seg.len() != 8 {
+                return Err(ShoalError::invalid("a max-u64 value is exactly 8 bytes"));
+            }
             if let Some(n) = iod.kind.array_bytes() {
                 if n != seg.len() as u64 {
                     return Err(ShoalError::invalid(format!(
@@ -250,6 +293,9 @@ pub struct FetchIod {
 /// Reads values under one dkey as of `epoch` (newest version <= epoch).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchReq {
+    /// The pool the container lives in; its map version is checked
+    /// (`PoolId(0)`: no pool, no check).
+    pub pool: PoolId,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -261,6 +307,10 @@ pub struct FetchReq {
 impl Rpc for FetchReq {
     const OP: Opcode = Opcode::Fetch;
     type Reply = FetchReply;
+
+    fn pool(&self) -> Option<PoolId> {
+        (self.pool != PoolId(0)).then_some(self.pool)
+    }
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_key("dkey", &self.dkey)?;
@@ -290,8 +340,9 @@ pub enum Fetched {
     /// A single value written at `epoch`.
     Single { epoch: Epoch },
     /// Array records; holes read as zeros. `covered` counts the records of
-    /// the requested range that hold written data.
-    Array { covered: u64 },
+    /// the requested range that hold written data; `epoch` is the newest
+    /// epoch among the extents that supplied them.
+    Array { covered: u64, epoch: Epoch },
 }
 
 /// The values found, one per requested akey.
@@ -303,6 +354,9 @@ pub struct FetchReply {
 /// Removes an object, a dkey or an akey as of `epoch`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PunchReq {
+    /// The pool the container lives in; its map version is checked
+    /// (`PoolId(0)`: no pool, no check).
+    pub pool: PoolId,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -314,6 +368,10 @@ pub struct PunchReq {
 impl Rpc for PunchReq {
     const OP: Opcode = Opcode::Punch;
     type Reply = UpdateReply;
+
+    fn pool(&self) -> Option<PoolId> {
+        (self.pool != PoolId(0)).then_some(self.pool)
+    }
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         if !segments.is_empty() {
@@ -337,6 +395,9 @@ impl Rpc for PunchReq {
 /// `epoch`, starting after `anchor`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListReq {
+    /// The pool the container lives in; its map version is checked
+    /// (`PoolId(0)`: no pool, no check).
+    pub pool: PoolId,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -349,6 +410,10 @@ pub struct ListReq {
 impl Rpc for ListReq {
     const OP: Opcode = Opcode::List;
     type Reply = ListReply;
+
+    fn pool(&self) -> Option<PoolId> {
+        (self.pool != PoolId(0)).then_some(self.pool)
+    }
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         if !segments.is_empty() {
@@ -408,6 +473,7 @@ mod tests {
     #[test]
     fn requests_and_replies_round_trip() {
         let req = UpdateReq {
+            pool: PoolId(0),
             target: 1,
             cont: ContId(7),
             oid: Oid::new(1, 2),
@@ -428,6 +494,7 @@ mod tests {
     #[test]
     fn validation_enforces_the_caps() {
         let mut req = UpdateReq {
+            pool: PoolId(0),
             target: 0,
             cont: ContId(1),
             oid: Oid::new(0, 1),

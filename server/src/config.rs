@@ -7,6 +7,11 @@
 //! log_level = "info"
 //! inline_threshold = "4KiB"    # values up to this size live in RocksDB
 //! reserve = "64MiB"            # free space every target keeps back
+//! ms = false                   # host the management service here
+//! ms_addrs = ["10.0.0.1:10001"] # where the management service is
+//! advertise = "10.0.0.2:10001" # address others use (default: the bound one)
+//! fault_domain = "rack1/node2" # default: the advertised address
+//! heartbeat = "1s"
 //! ```
 
 use std::net::SocketAddr;
@@ -35,6 +40,18 @@ pub struct ServerConfig {
     pub inline_threshold: ByteSize,
     /// Free space each target keeps back; writes beyond it get `NoSpace`.
     pub reserve: ByteSize,
+    /// Whether this server hosts the management service.
+    pub ms: bool,
+    /// Addresses of the management service (empty with `ms = true`: this
+    /// server itself). Empty and `ms = false`: the server runs alone.
+    pub ms_addrs: Vec<String>,
+    /// The address other servers and clients use to reach this one.
+    pub advertise: Option<String>,
+    /// The server's fault domain (default: its advertised address).
+    pub fault_domain: Option<String>,
+    /// How often the server tells the MS it is alive.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +63,11 @@ impl Default for ServerConfig {
             log_level: "info".into(),
             inline_threshold: ByteSize::kib(4),
             reserve: ByteSize::mib(64),
+            ms: false,
+            ms_addrs: Vec::new(),
+            advertise: None,
+            fault_domain: None,
+            heartbeat: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -71,6 +93,19 @@ impl ServerConfig {
         if self.inline_threshold.as_u64() > 64 * 1024 {
             bail!("config field `inline_threshold`: {} is above the 64KiB limit", self.inline_threshold);
         }
+        for a in &self.ms_addrs {
+            if a.parse::<SocketAddr>().is_err() {
+                bail!("config field `ms_addrs`: {a:?} is not an IP:port address");
+            }
+        }
+        if let Some(a) = &self.advertise {
+            if a.parse::<SocketAddr>().is_err() {
+                bail!("config field `advertise`: {a:?} is not an IP:port address");
+            }
+        }
+        if self.heartbeat.is_zero() || self.heartbeat > std::time::Duration::from_secs(60) {
+            bail!("config field `heartbeat`: {:?} is outside (0s, 60s]", self.heartbeat);
+        }
         if self.log_level.trim().is_empty() {
             bail!("config field `log_level` is empty");
         }
@@ -84,7 +119,9 @@ mod tests {
 
     #[test]
     fn human_sizes_parse_and_bad_fields_are_named() {
-        let c: ServerConfig = toml::from_str("targets = 4\ninline_threshold = \"8KiB\"\n").unwrap();
+        let c: ServerConfig =
+            toml::from_str("targets = 4\ninline_threshold = \"8KiB\"\nheartbeat = \"500ms\"\n").unwrap();
+        assert_eq!(c.heartbeat, std::time::Duration::from_millis(500));
         assert_eq!(c.targets, 4);
         assert_eq!(c.inline_threshold.as_u64(), 8192);
         c.validate().unwrap();

@@ -11,6 +11,8 @@
 //! [`store::TargetStore`] (one target's versioned store).
 
 pub mod config;
+pub mod member;
+pub mod ms;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -27,6 +27,15 @@ struct Args {
     /// Log level or tracing filter (RUST_LOG overrides it).
     #[arg(long)]
     log_level: Option<String>,
+    /// Host the management service on this server.
+    #[arg(long)]
+    ms: bool,
+    /// Address of the management service (repeatable).
+    #[arg(long = "ms-addr")]
+    ms_addrs: Vec<String>,
+    /// Fault domain of this server (default: its address).
+    #[arg(long)]
+    fault_domain: Option<String>,
 }
 
 fn main() {
@@ -53,6 +62,15 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = args.log_level {
         cfg.log_level = v;
+    }
+    if args.ms {
+        cfg.ms = true;
+    }
+    if !args.ms_addrs.is_empty() {
+        cfg.ms_addrs = args.ms_addrs;
+    }
+    if let Some(v) = args.fault_domain {
+        cfg.fault_domain = Some(v);
     }
     cfg.validate()?;
     let filter = EnvFilter::try_from_default_env()

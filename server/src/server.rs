@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::ServerConfig;
+use crate::member;
+use crate::ms::Ms;
 use crate::service::Service;
 use crate::store::{target_dir, StoreOptions, TargetStore};
 
@@ -33,6 +35,10 @@ const LOCK: &str = "server.lock";
 pub struct Superblock {
     pub format: u32,
     pub targets: u32,
+    /// This server's identity in the system; it keeps its rank across
+    /// restarts.
+    #[serde(default)]
+    pub uuid: u128,
 }
 
 /// A running server.
@@ -41,13 +47,14 @@ pub struct Server {
     data_dir: std::path::PathBuf,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    member: Option<tokio::task::JoinHandle<()>>,
     service: Arc<Service>,
     _lock: File,
 }
 
 /// Checks that `dir` is a usable data directory, locks it against a second
-/// server, and returns the lock.
-fn prepare_data_dir(cfg: &ServerConfig) -> anyhow::Result<File> {
+/// server, and returns the lock and the superblock.
+fn prepare_data_dir(cfg: &ServerConfig) -> anyhow::Result<(File, Superblock)> {
     let dir = &cfg.data_dir;
     if dir.exists() && !dir.is_dir() {
         bail!("data directory {} exists but is not a directory", dir.display());
@@ -68,7 +75,7 @@ fn prepare_data_dir(cfg: &ServerConfig) -> anyhow::Result<File> {
     let sb_path = dir.join(SUPERBLOCK);
     if sb_path.exists() {
         let text = fs::read_to_string(&sb_path).with_context(|| format!("read {}", sb_path.display()))?;
-        let sb: Superblock =
+        let mut sb: Superblock =
             serde_json::from_str(&text).with_context(|| format!("{} is not a Shoal superblock", sb_path.display()))?;
         if sb.format != DATA_DIR_FORMAT {
             bail!(
@@ -85,6 +92,11 @@ fn prepare_data_dir(cfg: &ServerConfig) -> anyhow::Result<File> {
                 cfg.targets
             );
         }
+        if sb.uuid == 0 {
+            sb.uuid = rand::random();
+            write_atomically(&sb_path, serde_json::to_string_pretty(&sb)?.as_bytes())?;
+        }
+        Ok((lock, sb))
     } else {
         // A crash while formatting leaves at most the temporary superblock.
         fs::remove_file(sb_path.with_extension("tmp")).ok();
@@ -92,10 +104,10 @@ fn prepare_data_dir(cfg: &ServerConfig) -> anyhow::Result<File> {
         if non_empty {
             bail!("data directory {} is not empty and holds no Shoal superblock; refusing to format it", dir.display());
         }
-        let sb = Superblock { format: DATA_DIR_FORMAT, targets: cfg.targets };
+        let sb = Superblock { format: DATA_DIR_FORMAT, targets: cfg.targets, uuid: rand::random() };
         write_atomically(&sb_path, serde_json::to_string_pretty(&sb)?.as_bytes())?;
+        Ok((lock, sb))
     }
-    Ok(lock)
 }
 
 /// Writes a file so that readers see either nothing or all of it.
@@ -115,7 +127,7 @@ impl Server {
     /// Starts a server: opens and replays every target, binds and serves.
     pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         cfg.validate()?;
-        let lock = prepare_data_dir(&cfg)?;
+        let (lock, sb) = prepare_data_dir(&cfg)?;
         fs::remove_file(cfg.data_dir.join(ADDR_FILE)).ok();
         let opts = StoreOptions {
             inline_threshold: cfg.inline_threshold.as_u64() as usize,
@@ -131,14 +143,35 @@ impl Server {
                 .with_context(|| format!("open target {t}"))?;
             stores.push(Arc::new(store));
         }
+        let ms = if cfg.ms {
+            let dir = cfg.data_dir.join("ms");
+            let ms =
+                tokio::task::spawn_blocking(move || Ms::open(&dir)).await?.context("open the management service")?;
+            Some(Arc::new(ms))
+        } else {
+            None
+        };
         let listener = tcp::bind(&cfg.listen).await?;
         let addr = listener.local_addr()?;
-        let service = Arc::new(Service::new(stores));
+        let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let service = Arc::new(Service::new(stores, ms));
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tcp::serve(listener, service.clone(), shutdown.clone()));
+        let ms_addrs = if cfg.ms_addrs.is_empty() && cfg.ms { vec![advertise.clone()] } else { cfg.ms_addrs.clone() };
+        let member = if ms_addrs.is_empty() {
+            None
+        } else {
+            let id = member::Identity {
+                uuid: sb.uuid,
+                addr: advertise.clone(),
+                fault_domain: cfg.fault_domain.clone().unwrap_or_else(|| advertise.clone()),
+                targets: cfg.targets,
+            };
+            Some(tokio::spawn(member::run(id, ms_addrs, cfg.heartbeat, service.clone(), shutdown.clone())))
+        };
         write_atomically(&cfg.data_dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
         info!(%addr, targets = cfg.targets, data_dir = %cfg.data_dir.display(), "shoal-server ready");
-        Ok(Server { addr, data_dir: cfg.data_dir.clone(), shutdown, task, service, _lock: lock })
+        Ok(Server { addr, data_dir: cfg.data_dir.clone(), shutdown, task, member, service, _lock: lock })
     }
 
     /// The address the server listens on.
@@ -151,6 +184,9 @@ impl Server {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await.context("service task")?;
+        if let Some(m) = self.member {
+            m.await.context("membership task")?;
+        }
         fs::remove_file(self.data_dir.join(ADDR_FILE)).ok();
         let service = self.service;
         tokio::task::spawn_blocking(move || drop(service)).await?;

@@ -6,7 +6,8 @@
 //! Reads run on tokio's blocking pool; writes are awaited on the target's
 //! group-commit writer.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,15 +16,20 @@ use shoal_client::server::wall_ns;
 use shoal_client::transport::Handler;
 use shoal_common::hlc::epoch_to_ns;
 use shoal_common::limits::MAX_SEGMENT;
+use shoal_common::mgmt::{
+    ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq, PoolCreateReq,
+    PoolDestroyReq, PoolListReq, PoolQueryReq, SystemQueryReq,
+};
 use shoal_common::msg::{
     decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
     TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
 };
 use shoal_common::wire::Frame;
-use shoal_common::{Epoch, Hlc, Result, ShoalError};
+use shoal_common::{Epoch, Hlc, PoolId, Result, ShoalError};
 use tokio::sync::Semaphore;
 use tracing::{debug, Instrument};
 
+use crate::ms::Ms;
 use crate::store::{Mutation, TargetStore};
 
 /// Updates stamped further than this into the future are refused: the
@@ -40,13 +46,71 @@ pub struct Service {
     admission: Vec<Arc<Semaphore>>,
     hlc: Hlc,
     map_version: u32,
+    ms: Option<Arc<Ms>>,
+    /// Pool-map versions as last heard from the MS.
+    pool_versions: RwLock<HashMap<PoolId, u32>>,
+    /// This server's rank once it has joined.
+    rank: RwLock<Option<u32>>,
 }
 
 impl Service {
-    /// A service over the given target stores.
-    pub fn new(stores: Vec<Arc<TargetStore>>) -> Service {
+    /// A service over the given target stores, hosting the MS if given.
+    pub fn new(stores: Vec<Arc<TargetStore>>, ms: Option<Arc<Ms>>) -> Service {
         let admission = stores.iter().map(|_| Arc::new(Semaphore::new(MAX_QUEUED_WRITES))).collect();
-        Service { stores, admission, hlc: Hlc::new(), map_version: 0 }
+        Service {
+            stores,
+            admission,
+            hlc: Hlc::new(),
+            map_version: 0,
+            ms,
+            pool_versions: RwLock::new(HashMap::new()),
+            rank: RwLock::new(None),
+        }
+    }
+
+    /// Records the pool-map versions the MS reported.
+    pub fn set_pool_versions(&self, pools: &[(PoolId, u32)]) {
+        *self.pool_versions.write().expect("lock") = pools.iter().copied().collect();
+    }
+
+    /// Records this server's rank.
+    pub fn set_rank(&self, rank: u32) {
+        *self.rank.write().expect("lock") = Some(rank);
+    }
+
+    /// Refuses a request stamped with an older map of `pool` than the one
+    /// this server knows.
+    fn check_map(&self, pool: PoolId, sent: u32) -> Result<()> {
+        match self.pool_versions.read().expect("lock").get(&pool) {
+            Some(&current) if current > sent => Err(ShoalError::StaleMap { sent, current }),
+            _ => Ok(()),
+        }
+    }
+
+    fn ms(&self) -> Result<Arc<Ms>> {
+        self.ms.clone().ok_or_else(|| {
+            ShoalError::NotFound("this server does not host the management service; ask the MS address".into())
+        })
+    }
+
+    /// Runs a management request on a blocking thread.
+    async fn run_ms<R: Rpc>(
+        self: &Arc<Self>,
+        frame: &Frame,
+        f: impl FnOnce(&Ms, R) -> Result<R::Reply> + Send + 'static,
+    ) -> Frame {
+        let reply = async {
+            let req = decode_request::<R>(frame)?;
+            let ms = self.ms()?;
+            tokio::task::spawn_blocking(move || f(&ms, req))
+                .await
+                .map_err(|e| ShoalError::Internal(format!("MS task: {e}")))?
+        }
+        .await;
+        if let Err(e) = &reply {
+            debug!(op = ?R::OP, "management request failed: {e}");
+        }
+        reply_frame(&frame.header, self.map_version, reply, vec![])
     }
 
     /// Submits a mutation to a target once it has a queue slot and waits
@@ -98,6 +162,21 @@ impl Service {
             Opcode::Fetch => self.fetch(&frame).await,
             Opcode::List => self.run::<ListReq, _>(&frame, |s, r, _| s.list(r)).await,
             Opcode::TargetQuery => self.run::<TargetQueryReq, _>(&frame, |s, r, _| s.target_query(r)).await,
+            Opcode::SysJoin => self.run_ms::<JoinReq>(&frame, |ms, r| ms.join(r)).await,
+            Opcode::SysHeartbeat => self.run_ms::<HeartbeatReq>(&frame, |ms, r| ms.heartbeat(r)).await,
+            Opcode::SysQuery => {
+                let rank = *self.rank.read().expect("lock");
+                self.run_ms::<SystemQueryReq>(&frame, move |ms, _| ms.system_query(rank)).await
+            }
+            Opcode::PoolCreate => self.run_ms::<PoolCreateReq>(&frame, |ms, r| ms.pool_create(r)).await,
+            Opcode::PoolDestroy => self.run_ms::<PoolDestroyReq>(&frame, |ms, r| ms.pool_destroy(r)).await,
+            Opcode::PoolList => self.run_ms::<PoolListReq>(&frame, |ms, r| ms.pool_list(r)).await,
+            Opcode::PoolQuery => self.run_ms::<PoolQueryReq>(&frame, |ms, r| ms.pool_query(r)).await,
+            Opcode::ContCreate => self.run_ms::<ContCreateReq>(&frame, |ms, r| ms.cont_create(r)).await,
+            Opcode::ContDestroy => self.run_ms::<ContDestroyReq>(&frame, |ms, r| ms.cont_destroy(r)).await,
+            Opcode::ContList => self.run_ms::<ContListReq>(&frame, |ms, r| ms.cont_list(r)).await,
+            Opcode::ContQuery => self.run_ms::<ContQueryReq>(&frame, |ms, r| ms.cont_query(r)).await,
+            Opcode::OidAlloc => self.run_ms::<OidAllocReq>(&frame, |ms, r| ms.oid_alloc(r)).await,
             #[allow(unreachable_patterns)]
             _ => reply_frame::<()>(&h, mv, Err(ShoalError::protocol(format!("unsupported opcode {op:?}"))), vec![]),
         }
@@ -109,7 +188,10 @@ impl Service {
         F: std::future::Future<Output = Result<R::Reply>>,
     {
         let reply = match decode_request::<R>(frame) {
-            Ok(req) => f(self.clone(), req, frame.segments.clone()).await,
+            Ok(req) => match req.pool().map_or(Ok(()), |p| self.check_map(p, frame.header.map_version)) {
+                Ok(()) => f(self.clone(), req, frame.segments.clone()).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         if let Err(e) = &reply {
@@ -146,6 +228,9 @@ impl Service {
     async fn fetch(self: &Arc<Self>, frame: &Frame) -> Frame {
         let result = async {
             let req = decode_request::<FetchReq>(frame)?;
+            if let Some(p) = req.pool() {
+                self.check_map(p, frame.header.map_version)?;
+            }
             let store = self.store(req.target)?;
             let span = tracing::debug_span!("fetch", cont = %req.cont, oid = %req.oid, target = req.target);
             tokio::task::spawn_blocking(move || {

@@ -19,9 +19,11 @@
 
 mod data;
 pub mod keys;
+pub mod meta;
 mod read;
 mod record;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use bytes::Bytes;
 use crossbeam::channel::{self, Receiver, Sender};
 use rocksdb::{ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use shoal_common::msg::{FetchIod, Fetched, UpdateIod, ValueKind};
-use shoal_common::{ContId, Epoch, Oid, Result, ShoalError};
+use shoal_common::{ContId, Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
@@ -174,10 +176,6 @@ impl TargetStore {
         self.submit(m).blocking_recv().map_err(|_| ShoalError::Internal("writer thread dropped a job".into()))?
     }
 
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column family created at open")
-    }
-
     /// Reads values under one dkey as of `epoch`, from one consistent
     /// RocksDB snapshot. Returns one [`Fetched`] and one data buffer per iod.
     pub fn fetch(
@@ -189,7 +187,7 @@ impl TargetStore {
         iods: &[FetchIod],
     ) -> Result<(Vec<Fetched>, Vec<Bytes>)> {
         self.check_poison()?;
-        View::new(self).fetch(cont, oid, dkey, epoch, iods)
+        View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, epoch, iods)
     }
 
     /// Lists visible dkeys of an object (`dkey` = None) or akeys of one
@@ -206,7 +204,7 @@ impl TargetStore {
         limit: usize,
     ) -> Result<ListPage> {
         self.check_poison()?;
-        View::new(self).list(cont, oid, epoch, dkey, anchor, limit)
+        View::new(&self.db, &self.files, self.id).list(cont, oid, epoch, dkey, anchor, limit)
     }
 
     /// Space used by data files and free on the file system.
@@ -291,13 +289,18 @@ impl Writer {
         });
         let mut batch = WriteBatch::default();
         let mut accepted = Vec::with_capacity(group.len());
+        // Values of max-u64 akeys written earlier in this group, which the
+        // database does not show yet.
+        let mut maxes: HashMap<Vec<u8>, u64> = HashMap::new();
         for job in group {
             let mut staged = Vec::new();
-            match self.prepare(&job.m, &mut staged, &mut free) {
+            let mut new_maxes = Vec::new();
+            match self.prepare(&job.m, &mut staged, &mut free, &maxes, &mut new_maxes) {
                 Ok(epoch) => {
                     for (cf, k, v) in staged {
                         batch.put_cf(self.db.cf_handle(cf).expect("cf"), k, v);
                     }
+                    maxes.extend(new_maxes);
                     accepted.push((job.reply, epoch));
                 }
                 Err(e) => {
@@ -323,7 +326,14 @@ impl Writer {
     /// Checks one mutation, appends its large values to the data file and
     /// stages its records. An error here fails only this mutation: its staged
     /// records are dropped and bytes it appended stay unreferenced.
-    fn prepare(&mut self, m: &Mutation, staged: &mut Vec<Staged>, free: &mut u64) -> Result<Epoch> {
+    fn prepare(
+        &mut self,
+        m: &Mutation,
+        staged: &mut Vec<Staged>,
+        free: &mut u64,
+        maxes: &HashMap<Vec<u8>, u64>,
+        new_maxes: &mut Vec<(Vec<u8>, u64)>,
+    ) -> Result<Epoch> {
         match m {
             Mutation::Punch { cont, oid, epoch, dkey, akey } => {
                 let p = keys::punch_prefix(*cont, *oid, dkey.as_deref(), akey.as_deref());
@@ -347,6 +357,21 @@ impl Writer {
                             let rec = self.store_bytes(seg, 0)?;
                             staged.push((CF_VALUES, keys::single_key(&akp, *epoch), rec.encode()));
                         }
+                        ValueKind::MaxU64 => {
+                            let given = u64::from_le_bytes(
+                                seg[..]
+                                    .try_into()
+                                    .map_err(|_| ShoalError::invalid("a max-u64 value is exactly 8 bytes"))?,
+                            );
+                            let current = match maxes.get(&akp) {
+                                Some(v) => *v,
+                                None => self.stored_u64(*cont, *oid, dkey, &iod.akey)?,
+                            };
+                            let v = current.max(given);
+                            let rec = self.store_bytes(&Bytes::copy_from_slice(&v.to_le_bytes()), 0)?;
+                            staged.push((CF_VALUES, keys::single_key(&akp, *epoch), rec.encode()));
+                            new_maxes.push((akp, v));
+                        }
                         ValueKind::Array { rec_size, start, .. } => {
                             let mut s = start * rec_size as u64;
                             let mut rest = seg.clone();
@@ -363,6 +388,17 @@ impl Writer {
                 staged.push((CF_OBJECTS, keys::obj_prefix(*cont, *oid), epoch.to_be_bytes().to_vec()));
                 Ok(*epoch)
             }
+        }
+    }
+
+    /// The newest visible value of a max-u64 akey (0 when none).
+    fn stored_u64(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8]) -> Result<u64> {
+        let iod = FetchIod { akey: akey.to_vec(), kind: ValueKind::Single };
+        let (f, data) = View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, EPOCH_MAX, &[iod])?;
+        match (&f[0], data[0].len()) {
+            (Fetched::Missing, _) => Ok(0),
+            (_, 8) => Ok(u64::from_le_bytes(data[0][..].try_into().expect("8 bytes"))),
+            (_, n) => Err(ShoalError::invalid(format!("akey holds a {n}-byte value, not a max-u64"))),
         }
     }
 
@@ -389,7 +425,7 @@ fn check_update_overlap(iods: &[UpdateIod]) -> Result<()> {
     let mut seen: Vec<Seen<'_>> = Vec::new();
     for iod in iods {
         let range = match iod.kind {
-            ValueKind::Single => None,
+            ValueKind::Single | ValueKind::MaxU64 => None,
             ValueKind::Array { rec_size, start, nr } => Some((start * rec_size as u64, (start + nr) * rec_size as u64)),
         };
         for (k, r) in &seen {

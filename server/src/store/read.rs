@@ -2,30 +2,33 @@
 //! fetch or a listing never sees half of a concurrent group commit.
 
 use bytes::Bytes;
-use rocksdb::{DBRawIterator, ReadOptions, Snapshot};
+use rocksdb::{DBRawIterator, ReadOptions, Snapshot, DB};
 use shoal_common::msg::{FetchIod, Fetched, ValueKind};
 use shoal_common::{ContId, Epoch, Oid, Result, ShoalError};
 use tracing::error;
 
+use super::data::DataFiles;
 use super::keys::{self, BUCKET_BYTES};
 use super::record::{Location, Record};
-use super::{io_err, ListPage, TargetStore, CF_PUNCHES, CF_VALUES};
+use super::{io_err, ListPage, CF_PUNCHES, CF_VALUES};
 
 /// A consistent read view of one target.
 pub(super) struct View<'a> {
-    store: &'a TargetStore,
+    db: &'a DB,
+    files: &'a DataFiles,
+    id: u32,
     snap: Snapshot<'a>,
 }
 
 impl<'a> View<'a> {
-    pub fn new(store: &'a TargetStore) -> View<'a> {
-        View { store, snap: store.db.snapshot() }
+    pub fn new(db: &'a DB, files: &'a DataFiles, id: u32) -> View<'a> {
+        View { db, files, id, snap: db.snapshot() }
     }
 
     fn iter(&self, cf: &str) -> DBRawIterator<'a> {
         let mut ro = ReadOptions::default();
         ro.set_snapshot(&self.snap);
-        self.store.db.raw_iterator_cf_opt(self.store.cf(cf), ro)
+        self.db.raw_iterator_cf_opt(self.db.cf_handle(cf).expect("column family created at open"), ro)
     }
 
     /// The newest punch at or below `epoch` among the given punch prefixes
@@ -49,15 +52,14 @@ impl<'a> View<'a> {
         let bytes = match &rec.loc {
             Location::Inline(b) => b.clone(),
             Location::External { file, offset } => Bytes::from(
-                self.store
-                    .files
+                self.files
                     .read(*file, *offset, rec.len)
-                    .map_err(|e| io_err(&format!("target {} read data file {file} at {offset}", self.store.id), e))?,
+                    .map_err(|e| io_err(&format!("target {} read data file {file} at {offset}", self.id), e))?,
             ),
         };
         if bytes.len() as u64 != rec.len || crc32c::crc32c(&bytes) != rec.crc {
-            error!(target_id = self.store.id, what, "checksum mismatch");
-            return Err(ShoalError::Checksum(format!("target {}: {what} does not match its crc32c", self.store.id)));
+            error!(target_id = self.id, what, "checksum mismatch");
+            return Err(ShoalError::Checksum(format!("target {}: {what} does not match its crc32c", self.id)));
         }
         Ok(bytes)
     }
@@ -81,7 +83,7 @@ impl<'a> View<'a> {
                 dfloor.max(self.punch_floor(&[keys::punch_prefix(cont, oid, Some(dkey), Some(&iod.akey))], epoch)?);
             let akp = keys::akey_prefix(cont, oid, dkey, &iod.akey);
             let (f, b) = match iod.kind {
-                ValueKind::Single => self.fetch_single(&akp, epoch, floor)?,
+                ValueKind::Single | ValueKind::MaxU64 => self.fetch_single(&akp, epoch, floor)?,
                 ValueKind::Array { rec_size, start, nr } => {
                     let s = start * rec_size as u64;
                     self.fetch_array(&akp, epoch, floor, s, s + nr * rec_size as u64, rec_size)?
@@ -93,7 +95,7 @@ impl<'a> View<'a> {
         Ok((out, segs))
     }
 
-    fn fetch_single(&self, akp: &[u8], epoch: Epoch, floor: Epoch) -> Result<(Fetched, Bytes)> {
+    pub fn fetch_single(&self, akp: &[u8], epoch: Epoch, floor: Epoch) -> Result<(Fetched, Bytes)> {
         let mut it = self.iter(CF_VALUES);
         it.seek(keys::single_key(akp, epoch));
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -145,7 +147,8 @@ impl<'a> View<'a> {
         cands.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut buf = vec![0u8; (e - s) as usize];
         let mut holes = vec![(s, e)];
-        for (_, start, rec) in cands {
+        let mut newest = 0;
+        for (ep, start, rec) in cands {
             if holes.is_empty() {
                 break;
             }
@@ -154,6 +157,7 @@ impl<'a> View<'a> {
                 continue;
             }
             let data = self.read_value(&rec, "array extent")?;
+            newest = newest.max(ep);
             let mut next = Vec::with_capacity(holes.len() + 1);
             for (hs, he) in holes {
                 let (os, oe) = (hs.max(start), he.min(end));
@@ -177,7 +181,7 @@ impl<'a> View<'a> {
         if covered == 0 && hole_bytes == e - s {
             return Ok((Fetched::Missing, Bytes::new()));
         }
-        Ok((Fetched::Array { covered }, Bytes::from(buf)))
+        Ok((Fetched::Array { covered, epoch: newest }, Bytes::from(buf)))
     }
 
     fn akey_visible(&self, it: &mut DBRawIterator<'a>, akp: &[u8], epoch: Epoch, floor: Epoch) -> Result<bool> {

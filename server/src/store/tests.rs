@@ -299,6 +299,50 @@ fn overlapping_extents_in_one_update_are_refused() {
     assert!(matches!(r, Err(ShoalError::InvalidArgument(_))), "{r:?}");
 }
 
+#[test]
+fn max_u64_values_only_grow_even_within_one_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 16);
+    let put = |epoch: Epoch, v: u64| {
+        let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::MaxU64 }];
+        let data = vec![Bytes::copy_from_slice(&v.to_le_bytes())];
+        s.submit(Mutation::Update { cont: CONT, oid: Oid::new(0, 1), dkey: b"m".to_vec(), epoch, iods, data })
+    };
+    // Submitted together so that they likely share a group commit.
+    let rx: Vec<_> = [(1, 50), (2, 70), (3, 60)].into_iter().map(|(e, v)| put(e, v)).collect();
+    for r in rx {
+        r.blocking_recv().unwrap().unwrap();
+    }
+    let get = || {
+        let (f, d) = s
+            .fetch(
+                CONT,
+                Oid::new(0, 1),
+                b"m",
+                EPOCH_MAX_,
+                &[FetchIod { akey: b"size".to_vec(), kind: ValueKind::MaxU64 }],
+            )
+            .unwrap();
+        assert_ne!(f[0], Fetched::Missing);
+        u64::from_le_bytes(d[0][..].try_into().unwrap())
+    };
+    assert_eq!(get(), 70);
+    // A plain single value may lower it (truncation); max applies from there.
+    let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::Single }];
+    s.apply(Mutation::Update {
+        cont: CONT,
+        oid: Oid::new(0, 1),
+        dkey: b"m".to_vec(),
+        epoch: 4,
+        iods,
+        data: vec![Bytes::copy_from_slice(&10u64.to_le_bytes())],
+    })
+    .unwrap();
+    assert_eq!(get(), 10);
+    put(5, 5).blocking_recv().unwrap().unwrap();
+    assert_eq!(get(), 10);
+}
+
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_failed_fdatasync_poisons_the_target() {

@@ -1,0 +1,176 @@
+//! The array API: a byte array of any size, cut into chunks.
+//!
+//! Chunk `c` is dkey `c` (8 bytes, big-endian), so chunks spread over the
+//! object's groups; its bytes are the extent under akey `data`. For EC
+//! classes the chunk size is rounded up to a whole number of stripes
+//! (k x cell), so a chunk-aligned write never pays for read-modify-write.
+//! The array's metadata lives under dkey `meta` (4 bytes, so it never
+//! collides with a chunk): akey `chunk` holds the chunk size, akey `size`
+//! the size, raised atomically by every write (max), lowered only by
+//! `set_size`.
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
+
+use crate::object::Object;
+
+const META: &[u8] = b"meta";
+const CHUNK: &[u8] = b"chunk";
+const SIZE: &[u8] = b"size";
+const DATA: &[u8] = b"data";
+/// Chunks written or read at once by one call.
+const PARALLEL_CHUNKS: usize = 8;
+
+/// An array object.
+#[derive(Clone)]
+pub struct Array {
+    obj: Object,
+    chunk: u64,
+}
+
+fn u64_of(v: &Bytes, what: &str) -> Result<u64> {
+    let b: [u8; 8] = v[..].try_into().map_err(|_| ShoalError::Io(format!("corrupt array {what}")))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+impl Array {
+    /// Creates the array's metadata: the chunk size, aligned to whole
+    /// stripes for EC classes. Not cancel safe.
+    pub(crate) async fn create(obj: Object, chunk: u64) -> Result<Array> {
+        if chunk == 0 {
+            return Err(ShoalError::invalid("chunk size must be at least one byte"));
+        }
+        let chunk = match obj.ec_geometry() {
+            Some((k, _, cell)) => chunk.div_ceil(k as u64 * cell) * (k as u64 * cell),
+            None => chunk,
+        };
+        obj.update_single(META, CHUNK, Bytes::copy_from_slice(&chunk.to_le_bytes())).await?;
+        Ok(Array { obj, chunk })
+    }
+
+    /// Opens an existing array. Cancel safe.
+    pub(crate) async fn open(obj: Object) -> Result<Array> {
+        let chunk = match obj.fetch_single(META, CHUNK, EPOCH_MAX).await? {
+            Some(v) => u64_of(&v, "chunk size")?,
+            None => return Err(ShoalError::NotFound(format!("object {} is not an array", obj.oid()))),
+        };
+        if chunk == 0 {
+            return Err(ShoalError::Io(format!("array {} has a zero chunk size", obj.oid())));
+        }
+        Ok(Array { obj, chunk })
+    }
+
+    /// The object's id.
+    pub fn oid(&self) -> Oid {
+        self.obj.oid()
+    }
+
+    /// The underlying object.
+    pub fn object(&self) -> &Object {
+        &self.obj
+    }
+
+    /// The chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk
+    }
+
+    /// The pieces of `[offset, offset + len)`: (chunk, offset in chunk,
+    /// offset in the caller's buffer, length).
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < offset + len {
+            let c = at / self.chunk;
+            let in_chunk = at % self.chunk;
+            let n = (self.chunk - in_chunk).min(offset + len - at);
+            out.push((c, in_chunk, at - offset, n));
+            at += n;
+        }
+        out
+    }
+
+    /// Writes `data` at `offset`. Chunks go out in parallel; the size grows
+    /// to cover the write once the data is durable. Not cancel safe.
+    pub async fn write(&self, offset: u64, data: Bytes) -> Result<Epoch> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset.checked_add(data.len() as u64).ok_or_else(|| ShoalError::invalid("write past 2^64"))?;
+        stream::iter(self.pieces(offset, data.len() as u64))
+            .map(|(c, in_chunk, at, n)| {
+                let piece = data.slice(at as usize..(at + n) as usize);
+                async move { self.obj.write_extent(&c.to_be_bytes(), DATA, in_chunk, piece).await }
+            })
+            .buffer_unordered(PARALLEL_CHUNKS)
+            .try_collect::<Vec<_>>()
+            .await?;
+        self.obj.update_max(META, SIZE, end).await
+    }
+
+    /// Reads up to `len` bytes at `offset`, stopping at the array's size;
+    /// holes read as zeros. Cancel safe.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let size = self.size().await?;
+        if offset >= size {
+            return Ok(Bytes::new());
+        }
+        let len = len.min(size - offset);
+        let parts: Vec<(u64, Bytes)> = stream::iter(self.pieces(offset, len))
+            .map(|(c, in_chunk, at, n)| async move {
+                Ok::<_, ShoalError>((at, self.obj.read_extent(&c.to_be_bytes(), DATA, in_chunk, n, EPOCH_MAX).await?))
+            })
+            .buffered(PARALLEL_CHUNKS)
+            .try_collect()
+            .await?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part").1);
+        }
+        let mut out = BytesMut::with_capacity(len as usize);
+        for (_, b) in parts {
+            out.extend_from_slice(&b);
+        }
+        Ok(out.freeze())
+    }
+
+    /// The array's size in bytes. Cancel safe.
+    pub async fn size(&self) -> Result<u64> {
+        match self.obj.fetch_single(META, SIZE, EPOCH_MAX).await? {
+            Some(v) => u64_of(&v, "size"),
+            None => Ok(0),
+        }
+    }
+
+    /// Zeroes `[offset, offset + len)`: whole chunks are punched, partial
+    /// ones overwritten with zeros. The size does not change. Not cancel
+    /// safe.
+    pub async fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        for (c, in_chunk, _, n) in self.pieces(offset, len) {
+            if in_chunk == 0 && n == self.chunk {
+                self.obj.punch_dkey(&c.to_be_bytes()).await?;
+            } else {
+                self.obj.write_extent(&c.to_be_bytes(), DATA, in_chunk, Bytes::from(vec![0u8; n as usize])).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Truncates or extends the array to `size` bytes. Bytes past a
+    /// shrunken end read as zeros if the array grows again. Not cancel safe.
+    pub async fn set_size(&self, size: u64) -> Result<()> {
+        let cur = self.size().await?;
+        if size < cur {
+            self.punch(size, cur - size).await?;
+            self.obj.update_single(META, SIZE, Bytes::copy_from_slice(&size.to_le_bytes())).await?;
+        } else if size > cur {
+            self.obj.update_max(META, SIZE, size).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the whole array. Not cancel safe.
+    pub async fn destroy(&self) -> Result<()> {
+        self.obj.punch().await.map(|_| ())
+    }
+}

@@ -1,0 +1,101 @@
+//! Erasure coding behind a small codec trait.
+//!
+//! A stripe is `k` data cells and `p` parity cells of equal size. The
+//! client encodes full stripes before it writes them and reconstructs data
+//! cells from any `k` surviving cells when a shard is unreachable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use reed_solomon_erasure::galois_8::ReedSolomon;
+use shoal_common::{Result, ShoalError};
+
+/// An erasure codec for one (k, p) geometry.
+pub trait Codec: Send + Sync {
+    /// Data cells per stripe.
+    fn data_cells(&self) -> usize;
+    /// Parity cells per stripe.
+    fn parity_cells(&self) -> usize;
+    /// Computes the parity cells of one stripe; every cell has one length.
+    fn encode(&self, data: &[&[u8]]) -> Result<Vec<Vec<u8>>>;
+    /// Fills in the missing data cells of `cells` (k data then p parity,
+    /// `None` where missing) from any `k` present ones.
+    fn reconstruct(&self, cells: &mut [Option<Vec<u8>>]) -> Result<()>;
+}
+
+/// Reed-Solomon over GF(2^8), from the `reed-solomon-erasure` crate.
+pub struct RsCodec {
+    rs: ReedSolomon,
+}
+
+impl RsCodec {
+    /// A codec for `k` data and `p` parity cells.
+    pub fn new(k: usize, p: usize) -> Result<RsCodec> {
+        let rs = ReedSolomon::new(k, p).map_err(|e| ShoalError::invalid(format!("EC {k}+{p}: {e:?}")))?;
+        Ok(RsCodec { rs })
+    }
+}
+
+impl Codec for RsCodec {
+    fn data_cells(&self) -> usize {
+        self.rs.data_shard_count()
+    }
+
+    fn parity_cells(&self) -> usize {
+        self.rs.parity_shard_count()
+    }
+
+    fn encode(&self, data: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+        let len = data.first().map_or(0, |d| d.len());
+        let mut parity = vec![vec![0u8; len]; self.parity_cells()];
+        self.rs.encode_sep(data, &mut parity).map_err(|e| ShoalError::Internal(format!("EC encode: {e:?}")))?;
+        Ok(parity)
+    }
+
+    fn reconstruct(&self, cells: &mut [Option<Vec<u8>>]) -> Result<()> {
+        let present = cells.iter().filter(|c| c.is_some()).count();
+        if present < self.data_cells() {
+            return Err(ShoalError::Unreachable(format!(
+                "only {present} of the {} cells needed to rebuild the stripe are reachable",
+                self.data_cells()
+            )));
+        }
+        self.rs.reconstruct_data(cells).map_err(|e| ShoalError::Internal(format!("EC decode: {e:?}")))
+    }
+}
+
+/// The shared codec for a geometry, built once per process.
+pub fn codec(k: u32, p: u32) -> Result<Arc<dyn Codec>> {
+    static CODECS: OnceLock<Mutex<HashMap<(u32, u32), Arc<dyn Codec>>>> = OnceLock::new();
+    let mut map = CODECS.get_or_init(Default::default).lock().expect("codec cache");
+    if let Some(c) = map.get(&(k, p)) {
+        return Ok(c.clone());
+    }
+    let c: Arc<dyn Codec> = Arc::new(RsCodec::new(k as usize, p as usize)?);
+    map.insert((k, p), c.clone());
+    Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_k_cells_rebuild_the_stripe() {
+        let c = codec(4, 2).unwrap();
+        let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i * 17 + 1; 64]).collect();
+        let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        let parity = c.encode(&refs).unwrap();
+        for lost in [(0, 1), (2, 5), (3, 4)] {
+            let mut cells: Vec<Option<Vec<u8>>> = data.iter().chain(&parity).cloned().map(Some).collect();
+            cells[lost.0] = None;
+            cells[lost.1] = None;
+            c.reconstruct(&mut cells).unwrap();
+            for (i, d) in data.iter().enumerate() {
+                assert_eq!(cells[i].as_ref().unwrap(), d);
+            }
+        }
+        let mut cells: Vec<Option<Vec<u8>>> = vec![None, None, None, Some(data[3].clone()), None, None];
+        assert!(c.reconstruct(&mut cells).is_err());
+    }
+}

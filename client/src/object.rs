@@ -1,0 +1,633 @@
+//! The object API: single values and byte extents under dkeys and akeys,
+//! spread and protected by the object's class.
+//!
+//! Every operation computes the object's layout from the pool map (no
+//! lookup), sends each shard's part in parallel, and retries on a "stale
+//! map" answer after refreshing the map.
+//!
+//! - `S*` classes: one shard per group holds everything.
+//! - `RP_n*`: every replica gets every write, with one epoch, before the
+//!   write is acknowledged; a read takes the first replica that answers.
+//! - `EC_kPp*`: extents are striped in cells of the container's cell size.
+//!   Cell `j` of stripe `s` lives on shard `j` at bytes `[s*cell, (s+1)*cell)`
+//!   of that shard's extent; parity cells on shards `k..k+p`. Full stripes
+//!   are encoded and written directly; a partial stripe is read, merged and
+//!   rewritten whole (read-modify-write), so every stripe on disk is always
+//!   a whole encoded stripe written at one epoch. Reads check that the cells
+//!   of a stripe carry one epoch (otherwise a write is in flight: retry, and
+//!   fail rather than return a torn stripe) and decode from any `k` cells
+//!   when a shard is unreachable. Single values of EC objects are
+//!   replicated on shards `0..=p`.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use shoal_common::msg::{FetchIod, FetchReq, Fetched, ListReq, PunchReq, Rpc, UpdateIod, UpdateReq, ValueKind};
+use shoal_common::oclass::{oid_class, ObjectClass, Redundancy};
+use shoal_common::placement::{Layout, Shard};
+use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
+use std::sync::Arc;
+
+use crate::ec::codec;
+use crate::system::{ContInner, PoolState, STALE_RETRIES};
+use crate::transport::call;
+
+/// Most bytes one request sends to one shard; larger writes are split.
+const MAX_SHARD_REQUEST: u64 = 16 << 20;
+/// Attempts to read a stripe whose cells disagree on their epoch.
+const TORN_RETRIES: u32 = 20;
+
+/// Whether an error means the shard's server is out of reach, so another
+/// copy or a decode should be tried.
+fn shard_down(e: &ShoalError) -> bool {
+    matches!(e, ShoalError::Unreachable(_) | ShoalError::Timeout(_) | ShoalError::Poisoned(_) | ShoalError::Busy(_))
+}
+
+fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
+    let at = format!("rank {} target {}", s.rank, s.target);
+    match e {
+        ShoalError::Unreachable(m) => ShoalError::Unreachable(format!("{at}: {m}")),
+        ShoalError::Timeout(m) => ShoalError::Timeout(format!("{at}: {m}")),
+        ShoalError::Io(m) => ShoalError::Io(format!("{at}: {m}")),
+        ShoalError::Checksum(m) => ShoalError::Checksum(format!("{at}: {m}")),
+        other => other,
+    }
+}
+
+/// One object of an open container.
+#[derive(Clone)]
+pub struct Object {
+    cont: Arc<ContInner>,
+    oid: Oid,
+    class: ObjectClass,
+}
+
+impl Object {
+    pub(crate) fn new(cont: Arc<ContInner>, oid: Oid) -> Result<Object> {
+        let class =
+            oid_class(oid).ok_or_else(|| ShoalError::invalid(format!("object id {oid} names no object class")))?;
+        Ok(Object { cont, oid, class })
+    }
+
+    /// The object's id.
+    pub fn oid(&self) -> Oid {
+        self.oid
+    }
+
+    /// The object's class.
+    pub fn class(&self) -> ObjectClass {
+        self.class
+    }
+
+    /// The EC geometry (k, p, cell bytes), for EC classes.
+    pub fn ec_geometry(&self) -> Option<(u32, u32, u64)> {
+        match self.class.redundancy {
+            Redundancy::Ec { k, p } => Some((k as u32, p as u32, self.cont.info.props.cell_size as u64)),
+            _ => None,
+        }
+    }
+
+    /// The object's current layout (for tools and tests).
+    pub fn layout(&self) -> Result<Layout> {
+        self.cont.pool.state().placement.layout(self.cont.info.uuid, self.oid, self.class)
+    }
+
+    /// Runs `op` on the current layout; after a "stale map" answer it
+    /// refreshes the pool map and runs it again.
+    async fn with_layout<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(PoolState, Layout) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let st = self.cont.pool.state();
+            let layout = st.placement.layout(self.cont.info.uuid, self.oid, self.class)?;
+            match op(st, layout).await {
+                Err(ShoalError::StaleMap { .. }) if attempt < STALE_RETRIES => {
+                    attempt += 1;
+                    self.cont.pool.refresh().await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn rpc<R: Rpc>(
+        &self,
+        st: &PoolState,
+        shard: &Shard,
+        req: &R,
+        segs: Vec<Bytes>,
+    ) -> Result<(R::Reply, Vec<Bytes>)> {
+        if !shard.available {
+            return Err(ShoalError::Unreachable(format!("rank {} target {} is down", shard.rank, shard.target)));
+        }
+        let addr = st.addr(shard)?;
+        let c = &self.cont.pool.client.inner;
+        call(&c.transport, addr, req, segs, st.info.map.version, 0, c.timeout).await.map_err(|e| with_shard(e, shard))
+    }
+
+    /// The shards of a group that hold single values (and, for S and RP,
+    /// extents).
+    fn value_shards<'a>(&self, group: &'a [Shard]) -> &'a [Shard] {
+        let n = match self.class.redundancy {
+            Redundancy::None => 1,
+            Redundancy::Replicas(_) => group.len(),
+            Redundancy::Ec { p, .. } => p as usize + 1,
+        };
+        &group[..n.min(group.len())]
+    }
+
+    fn update_req(&self, st: &PoolState, shard: &Shard, dkey: &[u8], epoch: Epoch, iods: Vec<UpdateIod>) -> UpdateReq {
+        UpdateReq {
+            pool: st.info.uuid,
+            target: shard.target,
+            cont: self.cont.info.uuid,
+            oid: self.oid,
+            dkey: dkey.to_vec(),
+            epoch,
+            iods,
+        }
+    }
+
+    fn fetch_req(&self, st: &PoolState, shard: &Shard, dkey: &[u8], epoch: Epoch, iods: Vec<FetchIod>) -> FetchReq {
+        FetchReq {
+            pool: st.info.uuid,
+            target: shard.target,
+            cont: self.cont.info.uuid,
+            oid: self.oid,
+            dkey: dkey.to_vec(),
+            epoch,
+            iods,
+        }
+    }
+
+    /// Sends one update to each of `shards` in parallel; all must succeed.
+    async fn update_all(
+        &self,
+        st: &PoolState,
+        shards: &[Shard],
+        dkey: &[u8],
+        epoch: Epoch,
+        iods: Vec<UpdateIod>,
+        data: Vec<Bytes>,
+    ) -> Result<Epoch> {
+        let futs = shards.iter().map(|s| {
+            let req = self.update_req(st, s, dkey, epoch, iods.clone());
+            let data = data.clone();
+            async move { self.rpc(st, s, &req, data).await }
+        });
+        for r in join_all(futs).await {
+            r?;
+        }
+        Ok(epoch)
+    }
+
+    async fn update_value(&self, dkey: &[u8], akey: &[u8], kind: ValueKind, value: Bytes) -> Result<Epoch> {
+        self.with_layout(|st, layout| {
+            let value = value.clone();
+            async move {
+                let shards = self.value_shards(layout.dkey_shards(dkey));
+                let iods = vec![UpdateIod { akey: akey.to_vec(), kind }];
+                self.update_all(&st, shards, dkey, self.cont_now(), iods, vec![value]).await
+            }
+        })
+        .await
+    }
+
+    fn cont_now(&self) -> Epoch {
+        crate::system::Container { inner: self.cont.clone() }.now()
+    }
+
+    /// Writes a single value (replaced whole). Returns the epoch. Not
+    /// cancel safe: an interrupted write may have reached some shards.
+    pub async fn update_single(&self, dkey: &[u8], akey: &[u8], value: Bytes) -> Result<Epoch> {
+        self.update_value(dkey, akey, ValueKind::Single, value).await
+    }
+
+    /// Raises a u64 single value to at least `v` (atomically per shard).
+    /// Not cancel safe.
+    pub async fn update_max(&self, dkey: &[u8], akey: &[u8], v: u64) -> Result<Epoch> {
+        self.update_value(dkey, akey, ValueKind::MaxU64, Bytes::copy_from_slice(&v.to_le_bytes())).await
+    }
+
+    /// Reads a single value as of `epoch` (`EPOCH_MAX`: latest), from the
+    /// first copy that answers. Cancel safe.
+    pub async fn fetch_single(&self, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Option<Bytes>> {
+        self.with_layout(|st, layout| async move {
+            let shards = self.value_shards(layout.dkey_shards(dkey));
+            let mut errors = Vec::new();
+            for s in shards {
+                let req = self.fetch_req(
+                    &st,
+                    s,
+                    dkey,
+                    epoch,
+                    vec![FetchIod { akey: akey.to_vec(), kind: ValueKind::Single }],
+                );
+                match self.rpc(&st, s, &req, vec![]).await {
+                    Ok((r, mut segs)) => {
+                        return Ok(match r.values.first() {
+                            Some(Fetched::Single { .. }) => segs.pop(),
+                            _ => None,
+                        })
+                    }
+                    Err(e) if shard_down(&e) || matches!(e, ShoalError::Checksum(_)) => errors.push(e.to_string()),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(ShoalError::Unreachable(format!(
+                "object {}: no copy of dkey {:?} is readable: {}",
+                self.oid,
+                String::from_utf8_lossy(dkey),
+                errors.join("; ")
+            )))
+        })
+        .await
+    }
+
+    /// Punches the whole object on every shard. Not cancel safe.
+    pub async fn punch(&self) -> Result<Epoch> {
+        self.punch_scope(None, None).await
+    }
+
+    /// Punches one dkey. Not cancel safe.
+    pub async fn punch_dkey(&self, dkey: &[u8]) -> Result<Epoch> {
+        self.punch_scope(Some(dkey), None).await
+    }
+
+    /// Punches one akey of a dkey. Not cancel safe.
+    pub async fn punch_akey(&self, dkey: &[u8], akey: &[u8]) -> Result<Epoch> {
+        self.punch_scope(Some(dkey), Some(akey)).await
+    }
+
+    async fn punch_scope(&self, dkey: Option<&[u8]>, akey: Option<&[u8]>) -> Result<Epoch> {
+        self.with_layout(|st, layout| async move {
+            let shards: Vec<Shard> = match dkey {
+                Some(d) => layout.dkey_shards(d).to_vec(),
+                None => layout.groups.iter().flatten().copied().collect(),
+            };
+            let epoch = self.cont_now();
+            let futs = shards.iter().map(|s| {
+                let req = PunchReq {
+                    pool: st.info.uuid,
+                    target: s.target,
+                    cont: self.cont.info.uuid,
+                    oid: self.oid,
+                    epoch,
+                    dkey: dkey.map(<[u8]>::to_vec),
+                    akey: akey.map(<[u8]>::to_vec),
+                };
+                let st = &st;
+                async move { self.rpc(st, s, &req, vec![]).await }
+            });
+            for r in join_all(futs).await {
+                r?;
+            }
+            Ok(epoch)
+        })
+        .await
+    }
+
+    async fn list_on(&self, st: &PoolState, shards: &[Shard], dkey: Option<&[u8]>) -> Result<Vec<Vec<u8>>> {
+        let mut errors = Vec::new();
+        for s in shards {
+            let mut out = Vec::new();
+            let mut anchor = None;
+            let r: Result<()> = async {
+                loop {
+                    let req = ListReq {
+                        pool: st.info.uuid,
+                        target: s.target,
+                        cont: self.cont.info.uuid,
+                        oid: self.oid,
+                        epoch: EPOCH_MAX,
+                        dkey: dkey.map(<[u8]>::to_vec),
+                        anchor: anchor.take(),
+                        limit: 1024,
+                    };
+                    let (r, _) = self.rpc(st, s, &req, vec![]).await?;
+                    out.extend(r.keys);
+                    match r.anchor {
+                        Some(a) => anchor = Some(a),
+                        None => return Ok(()),
+                    }
+                }
+            }
+            .await;
+            match r {
+                Ok(()) => return Ok(out),
+                Err(e) if shard_down(&e) => errors.push(e.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ShoalError::Unreachable(format!("object {}: no shard could list keys: {}", self.oid, errors.join("; "))))
+    }
+
+    /// Every dkey of the object, in (length, bytes) order. Cancel safe.
+    pub async fn list_dkeys(&self) -> Result<Vec<Vec<u8>>> {
+        self.with_layout(|st, layout| async move {
+            let futs = layout.groups.iter().map(|g| self.list_on(&st, self.value_shards(g), None));
+            let mut all = Vec::new();
+            for r in join_all(futs).await {
+                all.extend(r?);
+            }
+            all.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+            all.dedup();
+            Ok(all)
+        })
+        .await
+    }
+
+    /// Every akey of one dkey. Cancel safe.
+    pub async fn list_akeys(&self, dkey: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.with_layout(|st, layout| async move {
+            self.list_on(&st, self.value_shards(layout.dkey_shards(dkey)), Some(dkey)).await
+        })
+        .await
+    }
+
+    /// Writes `data` at byte `offset` of an array value. Not cancel safe.
+    pub async fn write_extent(&self, dkey: &[u8], akey: &[u8], offset: u64, data: Bytes) -> Result<Epoch> {
+        if data.is_empty() {
+            return Err(ShoalError::invalid("an extent write needs at least one byte"));
+        }
+        offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| ShoalError::invalid("the extent runs past the largest offset"))?;
+        self.with_layout(|st, layout| {
+            let data = data.clone();
+            async move {
+                let group = layout.dkey_shards(dkey);
+                let epoch = self.cont_now();
+                match self.ec_geometry() {
+                    Some(g) => self.ec_write(&st, group, g, dkey, akey, offset, data, epoch).await,
+                    None => {
+                        let shards = self.value_shards(group);
+                        let mut at = 0;
+                        while at < data.len() {
+                            let piece = data.slice(at..(at + MAX_SHARD_REQUEST as usize).min(data.len()));
+                            let kind =
+                                ValueKind::Array { rec_size: 1, start: offset + at as u64, nr: piece.len() as u64 };
+                            let iods = vec![UpdateIod { akey: akey.to_vec(), kind }];
+                            at += piece.len();
+                            self.update_all(&st, shards, dkey, epoch, iods, vec![piece]).await?;
+                        }
+                        Ok(epoch)
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads `len` bytes at `offset` of an array value as of `epoch`;
+    /// holes read as zeros. Cancel safe.
+    pub async fn read_extent(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<Bytes> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        offset.checked_add(len).ok_or_else(|| ShoalError::invalid("the extent runs past the largest offset"))?;
+        self.with_layout(|st, layout| async move {
+            let group = layout.dkey_shards(dkey);
+            match self.ec_geometry() {
+                Some(g) => {
+                    let (k, _, cell) = g;
+                    let stripe = k as u64 * cell;
+                    let (s0, s1) = (offset / stripe, (offset + len - 1) / stripe + 1);
+                    let mut out = BytesMut::with_capacity(((s1 - s0) * stripe) as usize);
+                    let mut s = s0;
+                    while s < s1 {
+                        let batch = (s1 - s).min((MAX_SHARD_REQUEST / cell).max(1));
+                        for data in self.ec_read_stripes(&st, group, g, dkey, akey, s, s + batch, epoch).await? {
+                            out.extend_from_slice(&data);
+                        }
+                        s += batch;
+                    }
+                    let from = (offset - s0 * stripe) as usize;
+                    Ok(out.freeze().slice(from..from + len as usize))
+                }
+                None => self.read_replicated(&st, self.value_shards(group), dkey, akey, offset, len, epoch).await,
+            }
+        })
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn read_replicated(
+        &self,
+        st: &PoolState,
+        shards: &[Shard],
+        dkey: &[u8],
+        akey: &[u8],
+        offset: u64,
+        len: u64,
+        epoch: Epoch,
+    ) -> Result<Bytes> {
+        let mut out = BytesMut::with_capacity(len as usize);
+        while (out.len() as u64) < len {
+            let at = offset + out.len() as u64;
+            let n = (len - out.len() as u64).min(MAX_SHARD_REQUEST);
+            let kind = ValueKind::Array { rec_size: 1, start: at, nr: n };
+            let mut errors = Vec::new();
+            let mut got = None;
+            for s in shards {
+                let req = self.fetch_req(st, s, dkey, epoch, vec![FetchIod { akey: akey.to_vec(), kind }]);
+                match self.rpc(st, s, &req, vec![]).await {
+                    Ok((r, mut segs)) => {
+                        got = Some(match r.values.first() {
+                            Some(Fetched::Array { .. }) => segs.pop().unwrap_or_default(),
+                            _ => Bytes::new(),
+                        });
+                        break;
+                    }
+                    Err(e) if shard_down(&e) || matches!(e, ShoalError::Checksum(_)) => errors.push(e.to_string()),
+                    Err(e) => return Err(e),
+                }
+            }
+            let Some(data) = got else {
+                return Err(ShoalError::Unreachable(format!(
+                    "object {}: no copy of dkey {:?} is readable: {}",
+                    self.oid,
+                    String::from_utf8_lossy(dkey),
+                    errors.join("; ")
+                )));
+            };
+            if data.is_empty() {
+                out.resize(out.len() + n as usize, 0);
+            } else if data.len() as u64 == n {
+                out.extend_from_slice(&data);
+            } else {
+                return Err(ShoalError::protocol(format!("a shard returned {} bytes for a {n}-byte read", data.len())));
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes stripes covering `[offset, offset + data.len())`: full stripes
+    /// directly, partial ones by read-modify-write. Every stripe is written
+    /// whole, at `epoch`, to all k + p shards.
+    #[allow(clippy::too_many_arguments)]
+    async fn ec_write(
+        &self,
+        st: &PoolState,
+        group: &[Shard],
+        geo: (u32, u32, u64),
+        dkey: &[u8],
+        akey: &[u8],
+        offset: u64,
+        data: Bytes,
+        epoch: Epoch,
+    ) -> Result<Epoch> {
+        let (k, p, cell) = geo;
+        let stripe = k as u64 * cell;
+        let end = offset + data.len() as u64;
+        let (s0, s1) = (offset / stripe, (end - 1) / stripe + 1);
+        let batch = (MAX_SHARD_REQUEST / cell).max(1);
+        let codec = codec(k, p)?;
+        let mut s = s0;
+        while s < s1 {
+            let last = (s + batch).min(s1);
+            let mut per_shard: Vec<(Vec<UpdateIod>, Vec<Bytes>)> = vec![(Vec::new(), Vec::new()); (k + p) as usize];
+            for st_no in s..last {
+                let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
+                let full = if offset <= a && end >= b {
+                    data.slice((a - offset) as usize..(b - offset) as usize)
+                } else {
+                    // Read-modify-write of a partial stripe.
+                    let old = self.ec_read_stripes(st, group, geo, dkey, akey, st_no, st_no + 1, EPOCH_MAX).await?;
+                    let mut buf = BytesMut::from(&old[0][..]);
+                    let (from, to) = (offset.max(a), end.min(b));
+                    buf[(from - a) as usize..(to - a) as usize]
+                        .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                    buf.freeze()
+                };
+                let cells: Vec<Bytes> =
+                    (0..k as usize).map(|j| full.slice(j * cell as usize..(j + 1) * cell as usize)).collect();
+                let refs: Vec<&[u8]> = cells.iter().map(|c| &c[..]).collect();
+                let parity = codec.encode(&refs)?;
+                let kind = ValueKind::Array { rec_size: 1, start: st_no * cell, nr: cell };
+                for (j, c) in cells.into_iter().chain(parity.into_iter().map(Bytes::from)).enumerate() {
+                    per_shard[j].0.push(UpdateIod { akey: akey.to_vec(), kind });
+                    per_shard[j].1.push(c);
+                }
+            }
+            let futs = group.iter().zip(per_shard).map(|(sh, (iods, segs))| {
+                let req = self.update_req(st, sh, dkey, epoch, iods);
+                async move { self.rpc(st, sh, &req, segs).await }
+            });
+            for r in join_all(futs).await {
+                r?;
+            }
+            s = last;
+        }
+        Ok(epoch)
+    }
+
+    /// Reads whole stripes `[s0, s1)`: each as `k * cell` data bytes.
+    /// Checks that the cells of each stripe carry one epoch and decodes from
+    /// parity where a data shard is out of reach.
+    #[allow(clippy::too_many_arguments)]
+    async fn ec_read_stripes(
+        &self,
+        st: &PoolState,
+        group: &[Shard],
+        geo: (u32, u32, u64),
+        dkey: &[u8],
+        akey: &[u8],
+        s0: u64,
+        s1: u64,
+        epoch: Epoch,
+    ) -> Result<Vec<Vec<u8>>> {
+        let (k, p, cell) = geo;
+        let (k, n) = (k as usize, (k + p) as usize);
+        let fetch_shard = |j: usize| {
+            let iods: Vec<FetchIod> = (s0..s1)
+                .map(|s| FetchIod {
+                    akey: akey.to_vec(),
+                    kind: ValueKind::Array { rec_size: 1, start: s * cell, nr: cell },
+                })
+                .collect();
+            let req = self.fetch_req(st, &group[j], dkey, epoch, iods);
+            async move {
+                let (r, segs) = self.rpc(st, &group[j], &req, vec![]).await?;
+                Ok::<_, ShoalError>(
+                    r.values
+                        .into_iter()
+                        .zip(segs)
+                        .map(|(f, b)| match f {
+                            Fetched::Array { epoch, .. } if b.len() as u64 == cell => (epoch, b.to_vec()),
+                            _ => (0, vec![0u8; cell as usize]),
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            }
+        };
+        let mut attempt = 0;
+        loop {
+            let data_cells = join_all((0..k).map(fetch_shard)).await;
+            let mut parity_cells: Option<Vec<Result<Vec<(Epoch, Vec<u8>)>>>> = None;
+            let mut out = Vec::with_capacity((s1 - s0) as usize);
+            let mut torn = false;
+            for (i, _) in (s0..s1).enumerate() {
+                let present: Vec<Option<&(Epoch, Vec<u8>)>> =
+                    data_cells.iter().map(|r| r.as_ref().ok().map(|v| &v[i])).collect();
+                if present.iter().all(Option::is_some) {
+                    let e0 = present[0].map(|c| c.0);
+                    if present.iter().all(|c| c.map(|c| c.0) == e0) {
+                        out.push(present.iter().flat_map(|c| c.map(|c| c.1.clone()).unwrap_or_default()).collect());
+                        continue;
+                    }
+                    torn = true;
+                    break;
+                }
+                // Degraded: decode from any k cells that agree on an epoch.
+                if parity_cells.is_none() {
+                    parity_cells = Some(join_all((k..n).map(fetch_shard)).await);
+                }
+                let parity = parity_cells.as_ref().expect("fetched above");
+                let cells: Vec<Option<(Epoch, Vec<u8>)>> =
+                    data_cells.iter().chain(parity.iter()).map(|r| r.as_ref().ok().map(|v| v[i].clone())).collect();
+                let mut epochs: Vec<Epoch> = cells.iter().flatten().map(|c| c.0).collect();
+                epochs.sort_unstable_by(|a, b| b.cmp(a));
+                let chosen = epochs.iter().copied().find(|e| epochs.iter().filter(|x| *x == e).count() >= k);
+                let Some(e) = chosen else {
+                    if cells.iter().flatten().count() >= k {
+                        torn = true;
+                        break;
+                    }
+                    let why: Vec<String> = data_cells
+                        .iter()
+                        .chain(parity.iter())
+                        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
+                        .collect();
+                    return Err(ShoalError::Unreachable(format!(
+                        "object {}: stripe {} of dkey {:?} has fewer than {k} reachable cells: {}",
+                        self.oid,
+                        s0 + i as u64,
+                        String::from_utf8_lossy(dkey),
+                        why.join("; ")
+                    )));
+                };
+                let mut shards: Vec<Option<Vec<u8>>> =
+                    cells.into_iter().map(|c| c.and_then(|(ce, d)| (ce == e).then_some(d))).collect();
+                codec(k as u32, p)?.reconstruct(&mut shards)?;
+                out.push(shards.into_iter().take(k).flat_map(|c| c.unwrap_or_default()).collect());
+            }
+            if !torn {
+                return Ok(out);
+            }
+            attempt += 1;
+            if attempt >= TORN_RETRIES {
+                return Err(ShoalError::Busy(format!(
+                    "object {}: a stripe of dkey {:?} is being rewritten (its cells disagree); try again",
+                    self.oid,
+                    String::from_utf8_lossy(dkey)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
+        }
+    }
+}

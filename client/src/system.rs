@@ -1,0 +1,384 @@
+//! Connecting to a Shoal system: the management service, pools and
+//! containers.
+//!
+//! [`Client`] talks to the management service (MS) by any of its
+//! addresses. [`Pool`] is a connected pool: its map and placement, which it
+//! refreshes when a server answers "stale map". [`Container`] is an open
+//! container: its properties, object-class choice and OID allocation.
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! use shoal_client::Client;
+//! use shoal_common::mgmt::ContProps;
+//!
+//! let client = Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+//! client.pool_create("tank", vec![], 0).await?;
+//! let pool = client.pool_connect("tank").await?;
+//! pool.cont_create("data", ContProps { rd_fac: 1, ..ContProps::default() }).await?;
+//! let cont = pool.cont_open("data").await?;
+//! let kv = cont.kv_create(None).await?;
+//! kv.put(b"hello", bytes::Bytes::from_static(b"world")).await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_common::mgmt::{
+    ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContProps, ContQueryReq, OidAllocReq, PoolCreateReq,
+    PoolDestroyReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply, SystemQueryReq,
+};
+use shoal_common::msg::{Rpc, TargetQueryReply, TargetQueryReq};
+use shoal_common::oclass::{auto_class, make_oid, oid_class, ObjType, ObjectClass};
+use shoal_common::placement::{Placement, Shard};
+use shoal_common::{Hlc, Oid, PoolId, Result, ShoalError};
+
+use crate::array::Array;
+use crate::kv::Kv;
+use crate::object::Object;
+use crate::server::wall_ns;
+use crate::transport::{call, TcpTransport};
+
+/// How many times an operation is retried after a "stale map" answer.
+pub const STALE_RETRIES: usize = 3;
+
+pub(crate) struct Inner {
+    pub transport: TcpTransport,
+    pub hlc: Hlc,
+    ms: Vec<String>,
+    pub timeout: Duration,
+}
+
+/// A connection to a Shoal system. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Connects to the management service at any of `ms_addrs` and checks
+    /// that it answers.
+    pub async fn connect(ms_addrs: Vec<String>) -> Result<Client> {
+        if ms_addrs.is_empty() {
+            return Err(ShoalError::invalid("no management service address given"));
+        }
+        let c = Client {
+            inner: Arc::new(Inner {
+                transport: TcpTransport::default(),
+                hlc: Hlc::new(),
+                ms: ms_addrs,
+                timeout: Duration::from_secs(30),
+            }),
+        };
+        c.system_query().await?;
+        Ok(c)
+    }
+
+    async fn ms_call<R: Rpc>(&self, req: &R) -> Result<R::Reply> {
+        let mut last = ShoalError::Unreachable("no management service address".into());
+        for addr in &self.inner.ms {
+            match call(&self.inner.transport, addr, req, vec![], 0, 0, self.inner.timeout).await {
+                Ok((r, _)) => return Ok(r),
+                Err(e @ (ShoalError::Unreachable(_) | ShoalError::Timeout(_))) => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    /// Every member of the system. Cancel safe.
+    pub async fn system_query(&self) -> Result<SystemQueryReply> {
+        self.ms_call(&SystemQueryReq {}).await
+    }
+
+    /// Creates a pool over `ranks` (all when empty) with `targets_per_server`
+    /// targets of each (all when 0). Not cancel safe.
+    pub async fn pool_create(&self, label: &str, ranks: Vec<u32>, targets_per_server: u32) -> Result<PoolInfo> {
+        self.ms_call(&PoolCreateReq { label: label.into(), ranks, targets_per_server }).await
+    }
+
+    /// Destroys a pool by label or UUID. Not cancel safe.
+    pub async fn pool_destroy(&self, name: &str, force: bool) -> Result<()> {
+        self.ms_call(&PoolDestroyReq { pool: name.into(), force }).await
+    }
+
+    /// Every pool. Cancel safe.
+    pub async fn pool_list(&self) -> Result<Vec<PoolInfo>> {
+        self.ms_call(&PoolListReq {}).await
+    }
+
+    /// One pool by label or UUID. Cancel safe.
+    pub async fn pool_query(&self, name: &str) -> Result<PoolInfo> {
+        self.ms_call(&PoolQueryReq { pool: name.into() }).await
+    }
+
+    /// Connects to a pool: fetches its map and builds its placement.
+    /// Cancel safe.
+    pub async fn pool_connect(&self, name: &str) -> Result<Pool> {
+        let info = self.pool_query(name).await?;
+        let placement = Arc::new(Placement::new(&info.map));
+        Ok(Pool {
+            inner: Arc::new(PoolInner { client: self.clone(), state: RwLock::new(PoolState { info, placement }) }),
+        })
+    }
+}
+
+/// A pool's map as last fetched, and the placement computed from it.
+#[derive(Clone)]
+pub(crate) struct PoolState {
+    pub info: PoolInfo,
+    pub placement: Arc<Placement>,
+}
+
+impl PoolState {
+    /// The address of the server holding `shard`.
+    pub fn addr(&self, shard: &Shard) -> Result<&str> {
+        self.info
+            .addrs
+            .iter()
+            .find(|(r, _)| *r == shard.rank)
+            .map(|(_, a)| a.as_str())
+            .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {}", shard.rank)))
+    }
+}
+
+pub(crate) struct PoolInner {
+    pub client: Client,
+    state: RwLock<PoolState>,
+}
+
+impl PoolInner {
+    pub fn state(&self) -> PoolState {
+        self.state.read().expect("pool lock").clone()
+    }
+
+    pub fn id(&self) -> PoolId {
+        self.state.read().expect("pool lock").info.uuid
+    }
+
+    /// Fetches the pool map again from the MS.
+    pub async fn refresh(&self) -> Result<()> {
+        let id = self.id();
+        let info = self.client.pool_query(&id.to_string()).await?;
+        let placement = Arc::new(Placement::new(&info.map));
+        *self.state.write().expect("pool lock") = PoolState { info, placement };
+        Ok(())
+    }
+}
+
+/// A connected pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    pub(crate) inner: Arc<PoolInner>,
+}
+
+impl Pool {
+    /// The pool's information as last fetched.
+    pub fn info(&self) -> PoolInfo {
+        self.inner.state().info
+    }
+
+    /// Fetches the pool map again. Cancel safe.
+    pub async fn refresh(&self) -> Result<()> {
+        self.inner.refresh().await
+    }
+
+    fn name(&self) -> String {
+        self.inner.id().to_string()
+    }
+
+    /// Creates a container. Not cancel safe.
+    pub async fn cont_create(&self, label: &str, props: ContProps) -> Result<ContInfo> {
+        self.inner.client.ms_call(&ContCreateReq { pool: self.name(), label: label.into(), props }).await
+    }
+
+    /// Destroys a container by label or UUID. Its objects' space is not yet
+    /// reclaimed on the targets. Not cancel safe.
+    pub async fn cont_destroy(&self, name: &str) -> Result<ContInfo> {
+        self.inner.client.ms_call(&ContDestroyReq { pool: self.name(), cont: name.into() }).await
+    }
+
+    /// Every container of the pool. Cancel safe.
+    pub async fn cont_list(&self) -> Result<Vec<ContInfo>> {
+        self.inner.client.ms_call(&ContListReq { pool: self.name() }).await
+    }
+
+    /// One container by label or UUID. Cancel safe.
+    pub async fn cont_query(&self, name: &str) -> Result<ContInfo> {
+        self.inner.client.ms_call(&ContQueryReq { pool: self.name(), cont: name.into() }).await
+    }
+
+    /// Opens a container by label or UUID. Cancel safe.
+    pub async fn cont_open(&self, name: &str) -> Result<Container> {
+        let info = self.cont_query(name).await?;
+        Ok(Container { inner: Arc::new(ContInner { pool: self.inner.clone(), info, oids: Mutex::new((0, 0)) }) })
+    }
+
+    /// Usage of every target of the pool: `(rank, target, usage or error)`.
+    /// Cancel safe.
+    pub async fn target_usage(&self) -> Vec<(u32, u32, Result<TargetQueryReply>)> {
+        let st = self.inner.state();
+        let client = &self.inner.client;
+        let futs = st.info.map.targets.iter().map(|t| {
+            let addr = st.info.addrs.iter().find(|(r, _)| *r == t.rank).map(|(_, a)| a.clone());
+            async move {
+                let r = match addr {
+                    Some(a) => call(
+                        &client.inner.transport,
+                        &a,
+                        &TargetQueryReq { target: t.index },
+                        vec![],
+                        st.info.map.version,
+                        0,
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    .map(|(r, _)| r),
+                    None => Err(ShoalError::NotFound(format!("no address for rank {}", t.rank))),
+                };
+                (t.rank, t.index, r)
+            }
+        });
+        futures::future::join_all(futs).await
+    }
+}
+
+pub(crate) struct ContInner {
+    pub pool: Arc<PoolInner>,
+    pub info: ContInfo,
+    /// Reserved object sequence numbers: next, end (exclusive).
+    oids: Mutex<(u128, u128)>,
+}
+
+/// The name index of a container is the KV object with this sequence
+/// number; the MS never hands it out.
+pub const NAME_INDEX_SEQ: u128 = 1;
+const OID_BATCH: u64 = 64;
+
+/// An open container. Cheap to clone.
+#[derive(Clone)]
+pub struct Container {
+    pub(crate) inner: Arc<ContInner>,
+}
+
+impl Container {
+    /// The container's information as opened.
+    pub fn info(&self) -> &ContInfo {
+        &self.inner.info
+    }
+
+    /// The class new objects of type `ty` get, and why: the container's
+    /// default class, or the automatic choice.
+    pub fn class_for(&self, ty: ObjType) -> Result<(ObjectClass, String)> {
+        let props = &self.inner.info.props;
+        let domains = self.inner.pool.state().info.map.domains();
+        match &props.oclass {
+            Some(name) => {
+                let class: ObjectClass = name.parse()?;
+                class.check(props.rd_fac, domains)?;
+                Ok((class, format!("the container's default class {class}")))
+            }
+            None => auto_class(props.rd_fac, domains, ty),
+        }
+    }
+
+    /// Allocates a new OID of type `ty` and class `class` (or the
+    /// container's choice). Not cancel safe: an interrupted call may waste
+    /// sequence numbers.
+    pub async fn alloc_oid(&self, ty: ObjType, class: Option<ObjectClass>) -> Result<Oid> {
+        let class = match class {
+            Some(c) => {
+                c.check(self.inner.info.props.rd_fac, self.inner.pool.state().info.map.domains())?;
+                c
+            }
+            None => self.class_for(ty)?.0,
+        };
+        let seq = {
+            let mut o = self.inner.oids.lock().expect("oid lock");
+            if o.0 < o.1 {
+                o.0 += 1;
+                Some(o.0 - 1)
+            } else {
+                None
+            }
+        };
+        let seq = match seq {
+            Some(s) => s,
+            None => {
+                let req = OidAllocReq { pool: self.inner.pool.id(), cont: self.inner.info.uuid, count: OID_BATCH };
+                let first = self.inner.pool.client.ms_call(&req).await?.first;
+                let mut o = self.inner.oids.lock().expect("oid lock");
+                *o = (first + 1, first + OID_BATCH as u128);
+                first
+            }
+        };
+        Ok(make_oid(seq, class, ty))
+    }
+
+    /// A handle on an existing object.
+    pub fn object(&self, oid: Oid) -> Result<Object> {
+        Object::new(self.inner.clone(), oid)
+    }
+
+    /// Creates a key-value object. Not cancel safe.
+    pub async fn kv_create(&self, class: Option<ObjectClass>) -> Result<Kv> {
+        Ok(Kv::new(self.object(self.alloc_oid(ObjType::Kv, class).await?)?))
+    }
+
+    /// Opens a key-value object.
+    pub fn kv_open(&self, oid: Oid) -> Result<Kv> {
+        Ok(Kv::new(self.object(oid)?))
+    }
+
+    /// Creates an array object with the given class, cell size (EC) and
+    /// chunk size, defaulting to the container's. Not cancel safe.
+    pub async fn array_create(&self, class: Option<ObjectClass>, chunk_size: Option<u64>) -> Result<Array> {
+        let oid = self.alloc_oid(ObjType::Array, class).await?;
+        Array::create(self.object(oid)?, chunk_size.unwrap_or(self.inner.info.props.chunk_size)).await
+    }
+
+    /// Opens an array object. Cancel safe.
+    pub async fn array_open(&self, oid: Oid) -> Result<Array> {
+        Array::open(self.object(oid)?).await
+    }
+
+    /// The container's name index: a KV object mapping names to OIDs.
+    pub fn names(&self) -> Result<Kv> {
+        let rd_fac = self.inner.info.props.rd_fac;
+        let class = if rd_fac == 0 { "S1".to_string() } else { format!("RP_{}G1", rd_fac + 1) };
+        let class: ObjectClass = class.parse()?;
+        self.kv_open(make_oid(NAME_INDEX_SEQ, class, ObjType::Kv))
+    }
+
+    /// Records `name` -> `oid` in the name index. Not cancel safe.
+    pub async fn name_put(&self, name: &str, oid: Oid) -> Result<()> {
+        self.names()?.put(name.as_bytes(), Bytes::from(oid.to_string())).await.map(|_| ())
+    }
+
+    /// Looks a name up in the name index. Cancel safe.
+    pub async fn name_get(&self, name: &str) -> Result<Option<Oid>> {
+        match self.names()?.get(name.as_bytes()).await? {
+            Some(v) => {
+                let s = std::str::from_utf8(&v).map_err(|_| ShoalError::Io("corrupt name index entry".into()))?;
+                Ok(Some(s.parse()?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Resolves an object argument: an OID (`HI.LO`) or a name from the
+    /// name index. Cancel safe.
+    pub async fn resolve(&self, obj: &str) -> Result<Option<Oid>> {
+        if let Ok(oid) = obj.parse::<Oid>() {
+            if oid_class(oid).is_some() {
+                return Ok(Some(oid));
+            }
+        }
+        self.name_get(obj).await
+    }
+
+    pub(crate) fn now(&self) -> shoal_common::Epoch {
+        self.inner.pool.client.inner.hlc.now(wall_ns())
+    }
+}

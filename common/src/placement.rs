@@ -1,0 +1,744 @@
+//! Placement: which targets hold the shards of an object, computed from the
+//! pool map and the OID alone, so client and server agree without asking
+//! anybody.
+//!
+//! The algorithm:
+//! 1. The **ring** lists every target of the map except `New` ones, round
+//!    robin over servers: round `i` takes target `i` of each rank in
+//!    ascending rank order (ranks without such a target are skipped), so
+//!    neighbouring positions sit on different servers. `Down` and `DownOut`
+//!    targets keep their positions, so a failure never shifts the ring.
+//! 2. An object has `G` groups of `n` shards ([`ObjectClass::groups_in`] and
+//!    [`ObjectClass::group_size`]) and starts at ring position
+//!    `(h(container, oid type and class) + seq * G * n) mod L`. Sequential
+//!    OIDs of one container therefore tile the ring exactly.
+//! 3. Shard 0 of group `g` sits at `start + g * n`; each next shard of the
+//!    group sits at the first position after the previous shard whose rank
+//!    the group does not use yet.
+//! 4. A shard whose home is `DownOut` takes a spare: scanning from just after
+//!    the object's last home position, the first target that is neither
+//!    `DownOut` nor `New`, whose rank no other shard of the group uses (home
+//!    or spare) and that this object does not use as a spare already. If no
+//!    target qualifies, the shard stays home, unavailable.
+//!
+//! Invariants:
+//! - Pure and deterministic: the same map, container, OID and class give the
+//!   same [`Layout`] everywhere, forever. Changing a hash or a rule here
+//!   moves every object in every pool.
+//! - No two shards of one group share a rank (a server is a fault domain).
+//! - Only shards whose home target is `DownOut` move: excluding a target
+//!   moves exactly the shards it held. Shards on `Down` targets stay home
+//!   and are marked unavailable; the client degrades, rebuild moves them
+//!   after exclusion.
+//!
+//! Key types: [`PoolMap`] (versioned target states), [`Placement`] (the ring
+//! of one map, built once and shared by every lookup), [`Layout`] and
+//! [`Shard`], and [`dkey_group`] (which group holds a dkey).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ShoalError;
+use crate::ids::{ContId, Oid};
+use crate::oclass::{oid_seq, ObjectClass};
+
+/// The state of one target in the pool map (DAOS words).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TargetState {
+    /// Serving.
+    Up,
+    /// Serving after reintegration.
+    UpIn,
+    /// Not answering; still holds its shards, which are unavailable.
+    Down,
+    /// Excluded; its shards live on spares once rebuilt.
+    DownOut,
+    /// Being added; not part of the layout yet.
+    New,
+}
+
+impl TargetState {
+    /// Whether a shard on a target in this state can serve I/O.
+    pub fn is_available(self) -> bool {
+        matches!(self, TargetState::Up | TargetState::UpIn)
+    }
+}
+
+impl fmt::Display for TargetState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TargetState::Up => "UP",
+            TargetState::UpIn => "UPIN",
+            TargetState::Down => "DOWN",
+            TargetState::DownOut => "DOWNOUT",
+            TargetState::New => "NEW",
+        })
+    }
+}
+
+/// One target of a pool: `index` is the target number on server `rank`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PoolTarget {
+    pub rank: u32,
+    pub index: u32,
+    pub state: TargetState,
+}
+
+/// A pool's targets and their states. Every change bumps `version`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PoolMap {
+    pub version: u32,
+    pub targets: Vec<PoolTarget>,
+}
+
+impl PoolMap {
+    /// Fault domains in service: distinct ranks with a target that is
+    /// neither `DownOut` nor `New`.
+    pub fn domains(&self) -> u32 {
+        let mut ranks: Vec<u32> = self
+            .targets
+            .iter()
+            .filter(|t| !matches!(t.state, TargetState::DownOut | TargetState::New))
+            .map(|t| t.rank)
+            .collect();
+        count_distinct(&mut ranks)
+    }
+
+    /// Targets in the layout (every state but `New`).
+    pub fn layout_targets(&self) -> u32 {
+        let n = self.targets.iter().filter(|t| t.state != TargetState::New).count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Refuses a map that names one target twice. Placement stays
+    /// deterministic on such a map, but its layouts are meaningless.
+    pub fn validate(&self) -> Result<(), ShoalError> {
+        let mut ids: Vec<(u32, u32)> = self.targets.iter().map(|t| (t.rank, t.index)).collect();
+        ids.sort_unstable();
+        match ids.windows(2).find(|w| w[0] == w[1]) {
+            Some(w) => Err(ShoalError::invalid(format!(
+                "pool map version {} lists target {} of rank {} twice",
+                self.version, w[0].1, w[0].0
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Sorts, dedups and counts.
+fn count_distinct(v: &mut Vec<u32>) -> u32 {
+    v.sort_unstable();
+    v.dedup();
+    u32::try_from(v.len()).unwrap_or(u32::MAX)
+}
+
+/// Where one shard lives.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Shard {
+    /// The server.
+    pub rank: u32,
+    /// The target index on that server.
+    pub target: u32,
+    /// The target is `Up` or `UpIn`.
+    pub available: bool,
+    /// The shard was remapped from a `DownOut` home.
+    pub spare: bool,
+}
+
+/// The shards of one object: `groups[g][i]` is shard `i` of group `g`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub groups: Vec<Vec<Shard>>,
+}
+
+impl Layout {
+    /// The group that holds `dkey` (see [`dkey_group`]).
+    pub fn dkey_shards(&self, dkey: &[u8]) -> &[Shard] {
+        let ngroups = u32::try_from(self.groups.len()).unwrap_or(u32::MAX);
+        self.groups.get(dkey_group(dkey, ngroups) as usize).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// One ring position.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    rank: u32,
+    target: u32,
+    state: TargetState,
+}
+
+impl Slot {
+    fn shard(self, spare: bool) -> Shard {
+        Shard { rank: self.rank, target: self.target, available: self.state.is_available(), spare }
+    }
+}
+
+/// The placement ring of one pool map, built once and shared by every
+/// layout computed against that map. A layout costs O(shards) plus the
+/// short walks that skip repeated ranks and `DownOut` targets.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    version: u32,
+    ring: Vec<Slot>,
+    ring_ranks: usize,
+}
+
+impl Placement {
+    /// Builds the ring of `map`.
+    pub fn new(map: &PoolMap) -> Self {
+        let mut ring: Vec<Slot> = map
+            .targets
+            .iter()
+            .filter(|t| t.state != TargetState::New)
+            .map(|t| Slot { rank: t.rank, target: t.index, state: t.state })
+            .collect();
+        // Round `index`, then ranks in ascending order; the sort is stable so
+        // even a map with duplicate targets orders deterministically.
+        ring.sort_by_key(|s| (s.target, s.rank));
+        let mut ranks: Vec<u32> = ring.iter().map(|s| s.rank).collect();
+        let ring_ranks = count_distinct(&mut ranks) as usize;
+        Placement { version: map.version, ring, ring_ranks }
+    }
+
+    /// The version of the map this ring was built from.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// Where the shards of object `oid` of container `cont` live.
+    ///
+    /// Errors when the class is invalid, the map has no targets in its
+    /// layout, or a group needs more servers than the map has.
+    pub fn layout(&self, cont: ContId, oid: Oid, class: ObjectClass) -> Result<Layout, ShoalError> {
+        class.validate()?;
+        let len = self.ring.len();
+        if len == 0 {
+            return Err(ShoalError::invalid(format!("pool map version {} has no targets in its layout", self.version)));
+        }
+        let n = class.group_size() as usize;
+        if n > self.ring_ranks {
+            return Err(ShoalError::invalid(format!(
+                "class {class} needs {n} fault domains (servers) but pool map version {} has {}",
+                self.version, self.ring_ranks
+            )));
+        }
+        let ngroups = class.groups_in(u32::try_from(len).unwrap_or(u32::MAX)) as usize;
+        let start = self.start(cont, oid, ngroups * n);
+
+        // Home positions, group after group.
+        let mut homes: Vec<usize> = Vec::with_capacity(ngroups * n);
+        for g in 0..ngroups {
+            let mut pos = (start + (g * n) % len) % len;
+            homes.push(pos);
+            for _ in 1..n {
+                let group = &homes[g * n..];
+                pos = self
+                    .next_position(pos, |slot| group.iter().all(|&h| self.ring[h].rank != slot.rank))
+                    .ok_or_else(|| ShoalError::Internal(format!("class {class}: no free rank in the ring")))?;
+                homes.push(pos);
+            }
+        }
+
+        // Spares for shards whose home is excluded.
+        // The spare scan starts just after the object's last home.
+        let last_home = homes.last().map_or(0, |&last| last);
+        let mut spares: Vec<usize> = Vec::new();
+        let mut groups = Vec::with_capacity(ngroups);
+        for group in homes.chunks(n) {
+            let mut spare_ranks: Vec<u32> = Vec::new();
+            let mut shards = Vec::with_capacity(n);
+            for (i, &home) in group.iter().enumerate() {
+                let slot = self.ring[home];
+                if slot.state != TargetState::DownOut {
+                    shards.push(slot.shard(false));
+                    continue;
+                }
+                let spare = self.next_position_index(last_home, |pos, cand| {
+                    cand.state != TargetState::DownOut
+                        && !spare_ranks.contains(&cand.rank)
+                        && !group.iter().enumerate().any(|(j, &h)| j != i && self.ring[h].rank == cand.rank)
+                        && !spares.contains(&pos)
+                });
+                match spare {
+                    Some(pos) => {
+                        spares.push(pos);
+                        spare_ranks.push(self.ring[pos].rank);
+                        shards.push(self.ring[pos].shard(true));
+                    }
+                    // Nowhere to go: the shard stays home and unavailable.
+                    None => shards.push(slot.shard(false)),
+                }
+            }
+            groups.push(shards);
+        }
+        Ok(Layout { groups })
+    }
+
+    /// The object's first ring position: `(h + seq * span) mod L`.
+    fn start(&self, cont: ContId, oid: Oid, span: usize) -> usize {
+        let len = self.ring.len() as u128;
+        let h = u128::from(object_hash(cont, oid)) % len;
+        let step = (oid_seq(oid) % len) * (span as u128 % len) % len;
+        ((h + step) % len) as usize
+    }
+
+    /// The first position after `from` (wrapping, at most one lap) whose
+    /// slot satisfies `ok`.
+    fn next_position(&self, from: usize, ok: impl Fn(Slot) -> bool) -> Option<usize> {
+        self.next_position_index(from, |_, slot| ok(slot))
+    }
+
+    /// Like [`Placement::next_position`], with the position passed to `ok`.
+    fn next_position_index(&self, from: usize, ok: impl Fn(usize, Slot) -> bool) -> Option<usize> {
+        let len = self.ring.len();
+        (1..=len).map(|k| (from + k) % len).find(|&pos| ok(pos, self.ring[pos]))
+    }
+}
+
+/// Where the shards of object `oid` of container `cont` live in `map`.
+/// Builds the ring on every call; use [`Placement`] for many lookups.
+pub fn layout(map: &PoolMap, cont: ContId, oid: Oid, class: ObjectClass) -> Result<Layout, ShoalError> {
+    Placement::new(map).layout(cont, oid, class)
+}
+
+/// The group of an object with `ngroups` groups that holds `dkey`: a stable
+/// hash, so all of one dkey lives in one group. `0` when there is at most
+/// one group.
+pub fn dkey_group(dkey: &[u8], ngroups: u32) -> u32 {
+    if ngroups <= 1 {
+        return 0;
+    }
+    (mix64(fnv1a(dkey)) % u64::from(ngroups)) as u32
+}
+
+/// The placement hash of an object: the container mixed with the OID's type
+/// and class bits. Stable forever.
+fn object_hash(cont: ContId, oid: Oid) -> u64 {
+    let c = mix64((cont.0 as u64) ^ mix64((cont.0 >> 64) as u64));
+    mix64(c ^ (oid.hi >> 24))
+}
+
+/// The splitmix64 finalizer: a cheap, well-spread 64-bit mix.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::oclass::{make_oid, Groups, ObjType, Redundancy, EC_CODES};
+
+    /// A small deterministic generator for seeded test loops.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            mix64(self.0)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn class(name: &str) -> ObjectClass {
+        name.parse().unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+
+    fn uniform_map(ranks: u32, per_rank: u32) -> PoolMap {
+        let targets = (0..ranks)
+            .flat_map(|rank| (0..per_rank).map(move |index| PoolTarget { rank, index, state: TargetState::Up }))
+            .collect();
+        PoolMap { version: 1, targets }
+    }
+
+    fn set_state(map: &mut PoolMap, rank: u32, index: u32, state: TargetState) {
+        for t in &mut map.targets {
+            if t.rank == rank && t.index == index {
+                t.state = state;
+            }
+        }
+    }
+
+    /// The rules of the module doc, written as plainly as possible and
+    /// independently of [`Placement`].
+    fn oracle(map: &PoolMap, cont: ContId, oid: Oid, class: ObjectClass) -> Option<Layout> {
+        // 1. The ring, round by round.
+        let mut ranks: Vec<u32> = map.targets.iter().map(|t| t.rank).collect();
+        ranks.sort();
+        ranks.dedup();
+        let rounds = map.targets.iter().map(|t| t.index).max()?;
+        let mut ring: Vec<PoolTarget> = Vec::new();
+        for round in 0..=rounds {
+            for &rank in &ranks {
+                for t in &map.targets {
+                    if t.rank == rank && t.index == round && t.state != TargetState::New {
+                        ring.push(*t);
+                    }
+                }
+            }
+        }
+        let ring_ranks: HashSet<u32> = ring.iter().map(|t| t.rank).collect();
+        let n = class.group_size() as usize;
+        if ring.is_empty() || n > ring_ranks.len() {
+            return None;
+        }
+        let len = ring.len();
+
+        // 2. The start, without modular shortcuts.
+        let ngroups = class.groups_in(len as u32) as usize;
+        let start = (u128::from(object_hash(cont, oid)) + oid_seq(oid) * (ngroups * n) as u128) % len as u128;
+        let start = start as usize;
+
+        // 3. Homes as unwrapped positions.
+        let mut homes: Vec<Vec<usize>> = Vec::new();
+        for g in 0..ngroups {
+            let mut group: Vec<usize> = vec![start + g * n];
+            while group.len() < n {
+                let mut p = group[group.len() - 1] + 1;
+                while group.iter().any(|&h| ring[h % len].rank == ring[p % len].rank) {
+                    p += 1;
+                }
+                group.push(p);
+            }
+            homes.push(group);
+        }
+
+        // 4. Spares.
+        let last = homes[ngroups - 1][n - 1] % len;
+        let mut used_spares: HashSet<usize> = HashSet::new();
+        let mut layout = Layout { groups: Vec::new() };
+        for group in &homes {
+            let mut shards: Vec<Shard> = Vec::new();
+            let mut spare_ranks: Vec<u32> = Vec::new();
+            for i in 0..n {
+                let home = ring[group[i] % len];
+                let mut shard =
+                    Shard { rank: home.rank, target: home.index, available: home.state.is_available(), spare: false };
+                if home.state == TargetState::DownOut {
+                    for k in 1..=len {
+                        let q = (last + k) % len;
+                        let t = ring[q];
+                        let rank_taken = (0..n).any(|j| j != i && ring[group[j] % len].rank == t.rank)
+                            || spare_ranks.contains(&t.rank);
+                        if t.state == TargetState::DownOut || rank_taken || used_spares.contains(&q) {
+                            continue;
+                        }
+                        used_spares.insert(q);
+                        spare_ranks.push(t.rank);
+                        shard = Shard { rank: t.rank, target: t.index, available: t.state.is_available(), spare: true };
+                        break;
+                    }
+                }
+                shards.push(shard);
+            }
+            layout.groups.push(shards);
+        }
+        Some(layout)
+    }
+
+    /// A random map: a few ranks with sparse ids, 1..4 targets each with
+    /// possibly sparse indices, random states.
+    fn random_map(rng: &mut Rng) -> PoolMap {
+        let nranks = 1 + rng.below(10) as usize;
+        let mut ranks: Vec<u32> = Vec::new();
+        while ranks.len() < nranks {
+            let r = rng.below(30) as u32;
+            if !ranks.contains(&r) {
+                ranks.push(r);
+            }
+        }
+        let mut targets = Vec::new();
+        for rank in ranks {
+            let count = 1 + rng.below(4) as usize;
+            let mut indices: Vec<u32> = Vec::new();
+            while indices.len() < count {
+                let i = if rng.below(3) == 0 { rng.below(6) as u32 } else { indices.len() as u32 };
+                if !indices.contains(&i) {
+                    indices.push(i);
+                }
+            }
+            for index in indices {
+                let state = match rng.below(20) {
+                    0..=9 => TargetState::Up,
+                    10..=12 => TargetState::UpIn,
+                    13..=14 => TargetState::Down,
+                    15..=17 => TargetState::DownOut,
+                    _ => TargetState::New,
+                };
+                targets.push(PoolTarget { rank, index, state });
+            }
+        }
+        PoolMap { version: rng.below(100) as u32, targets }
+    }
+
+    fn random_class(rng: &mut Rng) -> ObjectClass {
+        let groups = match rng.below(5) {
+            0 => Groups::Max,
+            g => Groups::Fixed(g as u32),
+        };
+        let redundancy = match rng.below(3) {
+            0 => Redundancy::None,
+            1 => Redundancy::Replicas(2 + rng.below(5) as u8),
+            _ => {
+                let (k, p) = EC_CODES[rng.below(EC_CODES.len() as u64) as usize];
+                Redundancy::Ec { k, p }
+            }
+        };
+        ObjectClass { redundancy, groups }
+    }
+
+    fn random_oid(rng: &mut Rng, class: ObjectClass) -> Oid {
+        let seq = if rng.below(2) == 0 { u128::from(rng.below(1000)) } else { u128::from(rng.next()) << 24 };
+        let ty = [ObjType::Multi, ObjType::Kv, ObjType::Array][rng.below(3) as usize];
+        make_oid(seq, class, ty)
+    }
+
+    /// Checks the invariants every layout holds against its map.
+    fn check_layout(map: &PoolMap, class: ObjectClass, layout: &Layout) {
+        let n = class.group_size() as usize;
+        assert_eq!(layout.groups.len(), class.groups_in(map.layout_targets()) as usize);
+        let mut spares = HashSet::new();
+        for group in &layout.groups {
+            assert_eq!(group.len(), n);
+            let ranks: HashSet<u32> = group.iter().map(|s| s.rank).collect();
+            assert_eq!(ranks.len(), n, "a group repeats a rank: {group:?}");
+            for s in group {
+                let t = map
+                    .targets
+                    .iter()
+                    .find(|t| t.rank == s.rank && t.index == s.target)
+                    .expect("shard on a known target");
+                assert_ne!(t.state, TargetState::New);
+                assert_eq!(s.available, t.state.is_available());
+                if s.spare {
+                    assert_ne!(t.state, TargetState::DownOut);
+                    assert!(spares.insert((s.rank, s.target)), "one spare target used twice by one object");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_naive_oracle_on_random_maps() {
+        let mut rng = Rng(7);
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..300 {
+            let map = random_map(&mut rng);
+            let placement = Placement::new(&map);
+            for _ in 0..30 {
+                let class = random_class(&mut rng);
+                let cont = ContId(u128::from(rng.next()) << 64 | u128::from(rng.next()));
+                let oid = random_oid(&mut rng, class);
+                let got = placement.layout(cont, oid, class);
+                let want = oracle(&map, cont, oid, class);
+                match (&got, want) {
+                    (Ok(got), Some(want)) => {
+                        assert_eq!(got, &want, "map {map:?} class {class} oid {oid}");
+                        check_layout(&map, class, got);
+                        ok += 1;
+                    }
+                    (Err(_), None) => refused += 1,
+                    (got, want) => panic!("map {map:?} class {class} oid {oid}: {got:?} vs oracle {want:?}"),
+                }
+            }
+        }
+        // Both outcomes are exercised.
+        assert!(ok > 3000 && refused > 300, "ok {ok} refused {refused}");
+    }
+
+    #[test]
+    fn layouts_are_deterministic() {
+        let mut rng = Rng(11);
+        for _ in 0..100 {
+            let map = random_map(&mut rng);
+            let class = random_class(&mut rng);
+            let oid = random_oid(&mut rng, class);
+            let cont = ContId(u128::from(rng.next()));
+            let a = layout(&map, cont, oid, class);
+            let b = Placement::new(&map.clone()).layout(cont, oid, class);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn placement_never_changes() {
+        // Golden values: placement is computed, never stored, so a change
+        // here moves every object of every existing pool.
+        let map = uniform_map(4, 2);
+        let oid = make_oid(5, class("RP_3G2"), ObjType::Kv);
+        let got = layout(&map, ContId(42), oid, class("RP_3G2")).expect("fits");
+        let ranks: Vec<Vec<(u32, u32)>> =
+            got.groups.iter().map(|g| g.iter().map(|s| (s.rank, s.target)).collect()).collect();
+        assert_eq!(ranks, [[(2, 1), (3, 1), (0, 0)], [(1, 0), (2, 0), (3, 0)]]);
+        assert_eq!(dkey_group(b"hello", 1000), 544);
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_placed() {
+        let map = uniform_map(3, 4);
+        let oid = make_oid(1, class("EC_2P2G1"), ObjType::Array);
+        let err = layout(&map, ContId(1), oid, class("EC_2P2G1")).expect_err("4 shards on 3 servers");
+        assert!(err.to_string().contains("needs 4 fault domains"), "{err}");
+
+        let empty = PoolMap { version: 3, targets: Vec::new() };
+        assert!(layout(&empty, ContId(1), oid, class("S1")).is_err());
+        let mut all_new = uniform_map(2, 2);
+        all_new.targets.iter_mut().for_each(|t| t.state = TargetState::New);
+        assert!(layout(&all_new, ContId(1), oid, class("S1")).is_err());
+
+        let invalid = ObjectClass { redundancy: Redundancy::Replicas(9), groups: Groups::Max };
+        assert!(layout(&uniform_map(10, 1), ContId(1), oid, invalid).is_err());
+    }
+
+    #[test]
+    fn down_shards_stay_home_and_downout_shards_move() {
+        let mut map = uniform_map(8, 2);
+        let c = class("EC_4P2GX");
+        let oid = make_oid(3, c, ObjType::Array);
+        let before = layout(&map, ContId(9), oid, c).expect("fits");
+        let victim = before.groups[0][1];
+
+        set_state(&mut map, victim.rank, victim.target, TargetState::Down);
+        let down = layout(&map, ContId(9), oid, c).expect("fits");
+        assert_eq!(down.groups[0][1], Shard { available: false, ..victim });
+        check_layout(&map, c, &down);
+
+        set_state(&mut map, victim.rank, victim.target, TargetState::DownOut);
+        let out = layout(&map, ContId(9), oid, c).expect("fits");
+        let moved = out.groups[0][1];
+        assert!(moved.spare && moved.available);
+        assert_ne!((moved.rank, moved.target), (victim.rank, victim.target));
+        check_layout(&map, c, &out);
+        for (g, group) in before.groups.iter().enumerate() {
+            for (i, s) in group.iter().enumerate() {
+                if (s.rank, s.target) != (victim.rank, victim.target) {
+                    assert_eq!(out.groups[g][i], *s);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_shard_without_any_spare_stays_home_unavailable() {
+        // RP_3 on exactly three single-target servers: no spare can exist.
+        let mut map = uniform_map(3, 1);
+        set_state(&mut map, 1, 0, TargetState::DownOut);
+        let c = class("RP_3G1");
+        let got = layout(&map, ContId(5), make_oid(0, c, ObjType::Kv), c).expect("fits");
+        let lost = got.groups[0].iter().find(|s| s.rank == 1).expect("rank 1 keeps its shard");
+        assert!(!lost.available && !lost.spare);
+    }
+
+    #[test]
+    fn pool_map_counts() {
+        let mut map = uniform_map(4, 3);
+        assert_eq!((map.domains(), map.layout_targets()), (4, 12));
+        for i in 0..3 {
+            set_state(&mut map, 0, i, TargetState::DownOut);
+        }
+        set_state(&mut map, 1, 0, TargetState::New);
+        set_state(&mut map, 2, 0, TargetState::Down);
+        assert_eq!((map.domains(), map.layout_targets()), (3, 11));
+        assert!(map.validate().is_ok());
+        map.targets.push(PoolTarget { rank: 3, index: 2, state: TargetState::Up });
+        assert!(map.validate().is_err());
+    }
+
+    #[test]
+    fn dkeys_spread_evenly_and_stay_put() {
+        let mut counts = [0u32; 8];
+        for i in 0..10_000u64 {
+            counts[dkey_group(format!("key-{i}").as_bytes(), 8) as usize] += 1;
+        }
+        for c in counts {
+            assert!(c.abs_diff(1250) <= 125, "{counts:?}");
+        }
+        let mut counts = [0u32; 8];
+        for chunk in 0..10_000u64 {
+            counts[dkey_group(&chunk.to_le_bytes(), 8) as usize] += 1;
+        }
+        for c in counts {
+            assert!(c.abs_diff(1250) <= 125, "{counts:?}");
+        }
+        assert_eq!(dkey_group(b"anything", 0), 0);
+        assert_eq!(dkey_group(b"anything", 1), 0);
+        let l = Layout { groups: vec![Vec::new(), Vec::new()] };
+        assert!(std::ptr::eq(l.dkey_shards(b"k"), l.groups[dkey_group(b"k", 2) as usize].as_slice()));
+    }
+
+    /// Lays out `objects` (container, seq) of `class` on a 100-server,
+    /// 1,000-target pool, checks the balance, excludes one target, and
+    /// checks that exactly the shards it held moved.
+    fn simulate(objects: &[(ContId, u128)], class: ObjectClass) {
+        const RANKS: u32 = 100;
+        const PER_RANK: u32 = 10;
+        let slot = |s: &Shard| (s.rank * PER_RANK + s.target) as usize;
+        let run = |map: &PoolMap| -> Vec<Vec<usize>> {
+            let placement = Placement::new(map);
+            objects
+                .iter()
+                .map(|&(cont, seq)| {
+                    let layout = placement.layout(cont, make_oid(seq, class, ObjType::Array), class).expect("fits");
+                    for group in &layout.groups {
+                        let mut ranks: Vec<u32> = group.iter().map(|s| s.rank).collect();
+                        assert_eq!(count_distinct(&mut ranks) as usize, group.len());
+                    }
+                    layout.groups.iter().flatten().map(slot).collect()
+                })
+                .collect()
+        };
+
+        let mut map = uniform_map(RANKS, PER_RANK);
+        let before = run(&map);
+        let mut counts = vec![0u64; (RANKS * PER_RANK) as usize];
+        before.iter().flatten().for_each(|&t| counts[t] += 1);
+        let total: u64 = counts.iter().sum();
+        let mean = total as f64 / counts.len() as f64;
+        for (t, &c) in counts.iter().enumerate() {
+            assert!((c as f64 - mean).abs() <= 0.05 * mean, "{class}: target {t} holds {c}, mean {mean}");
+        }
+
+        let (rank, index) = (37, 4);
+        let victim = (rank * PER_RANK + index) as usize;
+        set_state(&mut map, rank, index, TargetState::DownOut);
+        let after = run(&map);
+        let mut moved = 0u64;
+        for (old, new) in before.iter().zip(&after) {
+            for (&o, &n) in old.iter().zip(new) {
+                assert_ne!(n, victim, "{class}: a shard stays on the excluded target");
+                if o == victim {
+                    moved += 1;
+                } else {
+                    assert_eq!(o, n, "{class}: a shard moved off a healthy target");
+                }
+            }
+        }
+        let share = counts[victim] as f64 / total as f64;
+        assert!(moved as f64 / total as f64 <= 1.1 * share, "{class}: moved {moved} of {total}");
+        assert_eq!(moved, counts[victim]);
+    }
+
+    #[test]
+    fn simulated_pool_is_balanced_and_moves_little() {
+        let one: Vec<(ContId, u128)> = (0..100_000).map(|seq| (ContId(0xfeed), seq)).collect();
+        let many: Vec<(ContId, u128)> =
+            (0..5u128).flat_map(|c| (0..20_000).map(move |seq| (ContId(mix64(c as u64).into()), seq))).collect();
+        for name in ["S1", "RP_3G1", "EC_4P2G1"] {
+            simulate(&one, class(name));
+            simulate(&many, class(name));
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Membership: a server joins the management service and heartbeats it.
+//!
+//! The loop joins (retrying until the MS answers), then sends a heartbeat
+//! every period. Heartbeat replies carry the current pool-map versions,
+//! which the service uses to refuse requests from stale clients. A
+//! heartbeat refused because the MS does not know the rank leads to a new
+//! join. The loop ends when the shutdown token fires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::transport::{call, TcpTransport};
+use shoal_common::mgmt::{HeartbeatReq, JoinReq};
+use shoal_common::{Result, ShoalError};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::service::Service;
+
+/// What a server tells the MS about itself.
+pub struct Identity {
+    pub uuid: u128,
+    pub addr: String,
+    pub fault_domain: String,
+    pub targets: u32,
+}
+
+async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
+    let mut last = ShoalError::Unreachable("no MS address configured".into());
+    for addr in ms {
+        match call(t, addr, req, vec![], 0, 0, Duration::from_secs(5)).await {
+            Ok((r, _)) => return Ok(r),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Joins and heartbeats until `stop` fires.
+pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<Service>, stop: CancellationToken) {
+    let t = TcpTransport::default();
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let join = JoinReq {
+        uuid: id.uuid,
+        addr: id.addr.clone(),
+        fault_domain: id.fault_domain.clone(),
+        targets: id.targets,
+        host,
+        pid: std::process::id(),
+    };
+    'outer: loop {
+        let rank = loop {
+            match ask(&t, &ms, &join).await {
+                Ok(r) => break r.rank,
+                Err(e @ ShoalError::InvalidArgument(_)) => {
+                    warn!("the management service refuses this server: {e}");
+                }
+                Err(e) => warn!("cannot join the management service yet: {e}"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+        };
+        service.set_rank(rank);
+        info!(rank, "joined the system");
+        loop {
+            match ask(&t, &ms, &HeartbeatReq { rank, uuid: id.uuid }).await {
+                Ok(r) => service.set_pool_versions(&r.pools),
+                Err(ShoalError::NotFound(_)) => continue 'outer,
+                Err(e) => warn!("heartbeat failed: {e}"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+        }
+    }
+}

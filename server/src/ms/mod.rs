@@ -1,0 +1,231 @@
+//! The management service (MS): system membership, pools, containers and
+//! OID allocation.
+//!
+//! One server hosts it (`ms = true` in its config). Every change is a
+//! [`state::Command`] applied to the deterministic [`state::MsState`] and
+//! committed to the durable log ([`crate::store::meta::MetaLog`]) before
+//! its caller hears of it. Heartbeats are volatile: they only decide
+//! whether `system query` calls a member unresponsive.
+//!
+//! All methods block on RocksDB; call them from a blocking thread.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use shoal_common::mgmt::{
+    ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq, HeartbeatReply, HeartbeatReq, JoinReply,
+    JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq, PoolDestroyReq, PoolInfo, PoolListReq,
+    PoolQueryReq, SystemQueryReply,
+};
+use shoal_common::{ContId, PoolId, Result, ShoalError};
+use tracing::info;
+
+use crate::store::meta::MetaLog;
+use state::{Command, MsState, Outcome};
+
+/// A member silent for longer than this is reported unresponsive.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const FORMAT_V1: u8 = 1;
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    let mut out = vec![FORMAT_V1];
+    out.extend(postcard::to_stdvec(v).map_err(|e| ShoalError::Internal(format!("encode MS record: {e}")))?);
+    Ok(out)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T> {
+    match raw.split_first() {
+        Some((&FORMAT_V1, rest)) => {
+            postcard::from_bytes(rest).map_err(|e| ShoalError::Io(format!("corrupt MS record: {e}")))
+        }
+        Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
+        None => Err(ShoalError::Io("empty MS record".into())),
+    }
+}
+
+fn random_u128() -> u128 {
+    rand::random()
+}
+
+/// The management service.
+pub struct Ms {
+    state: Mutex<MsState>,
+    log: MetaLog,
+    heartbeats: Mutex<HashMap<u32, Instant>>,
+}
+
+impl Ms {
+    /// Opens the MS log in `dir` and loads the last committed state.
+    pub fn open(dir: &Path) -> Result<Ms> {
+        let log = MetaLog::open(dir)?;
+        let state = match log.load_state()? {
+            Some(raw) => decode(&raw)?,
+            None => MsState::default(),
+        };
+        info!(members = state.members.len(), pools = state.pools.len(), applied = state.applied, "MS state loaded");
+        Ok(Ms { state: Mutex::new(state), log, heartbeats: Mutex::new(HashMap::new()) })
+    }
+
+    /// Applies a command and commits it before returning.
+    fn propose(&self, cmd: Command) -> Result<Outcome> {
+        let mut st = self.state.lock().expect("MS lock");
+        let mut next = st.clone();
+        let out = next.apply(&cmd)?;
+        self.log.commit(next.applied, &encode(&cmd)?, &encode(&next)?)?;
+        *st = next;
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&MsState) -> Result<T>) -> Result<T> {
+        f(&self.state.lock().expect("MS lock"))
+    }
+
+    pub fn join(&self, req: JoinReq) -> Result<JoinReply> {
+        let addr = req.addr.clone();
+        match self.propose(Command::Join(req))? {
+            Outcome::Rank(rank) => {
+                self.heartbeats.lock().expect("lock").insert(rank, Instant::now());
+                info!(rank, %addr, "server joined");
+                Ok(JoinReply { rank })
+            }
+            o => Err(ShoalError::Internal(format!("join produced {o:?}"))),
+        }
+    }
+
+    pub fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply> {
+        self.read(|s| match s.members.get(&req.rank) {
+            Some(m) if m.uuid == req.uuid => Ok(()),
+            _ => Err(ShoalError::NotFound(format!("rank {} is not a member; join first", req.rank))),
+        })?;
+        self.heartbeats.lock().expect("lock").insert(req.rank, Instant::now());
+        self.read(|s| Ok(HeartbeatReply { pools: s.pools.values().map(|p| (p.uuid, p.map.version)).collect() }))
+    }
+
+    pub fn system_query(&self, ms_rank: Option<u32>) -> Result<SystemQueryReply> {
+        let hb = self.heartbeats.lock().expect("lock").clone();
+        self.read(|s| {
+            let members = s
+                .members
+                .values()
+                .map(|m| {
+                    let silent = hb.get(&m.rank).map(|t| t.elapsed());
+                    let state = match silent {
+                        Some(d) if d <= HEARTBEAT_TIMEOUT => MemberState::Joined,
+                        _ => MemberState::Unresponsive,
+                    };
+                    Member {
+                        rank: m.rank,
+                        uuid: m.uuid,
+                        addr: m.addr.clone(),
+                        fault_domain: m.fault_domain.clone(),
+                        targets: m.targets,
+                        host: m.host.clone(),
+                        pid: m.pid,
+                        state,
+                        silent_ms: silent.map_or(u64::MAX, |d| d.as_millis() as u64),
+                    }
+                })
+                .collect();
+            Ok(SystemQueryReply { members, ms_rank })
+        })
+    }
+
+    pub fn pool_create(&self, req: PoolCreateReq) -> Result<PoolInfo> {
+        let cmd = Command::PoolCreate {
+            uuid: PoolId(random_u128()),
+            label: req.label,
+            ranks: req.ranks,
+            targets_per_server: req.targets_per_server,
+        };
+        match self.propose(cmd)? {
+            Outcome::Pool(p) => Ok(p),
+            o => Err(ShoalError::Internal(format!("pool create produced {o:?}"))),
+        }
+    }
+
+    pub fn pool_destroy(&self, req: PoolDestroyReq) -> Result<()> {
+        let pool = self.read(|s| s.find_pool(&req.pool))?;
+        self.propose(Command::PoolDestroy { pool, force: req.force }).map(|_| ())
+    }
+
+    pub fn pool_list(&self, _req: PoolListReq) -> Result<Vec<PoolInfo>> {
+        self.read(|s| s.pools.keys().map(|p| s.pool_info(*p)).collect())
+    }
+
+    pub fn pool_query(&self, req: PoolQueryReq) -> Result<PoolInfo> {
+        self.read(|s| s.pool_info(s.find_pool(&req.pool)?))
+    }
+
+    pub fn cont_create(&self, req: ContCreateReq) -> Result<ContInfo> {
+        let pool = self.read(|s| s.find_pool(&req.pool))?;
+        let cmd = Command::ContCreate { pool, uuid: ContId(random_u128()), label: req.label, props: req.props };
+        match self.propose(cmd)? {
+            Outcome::Cont(c) => Ok(c),
+            o => Err(ShoalError::Internal(format!("container create produced {o:?}"))),
+        }
+    }
+
+    pub fn cont_destroy(&self, req: ContDestroyReq) -> Result<ContInfo> {
+        let (pool, cont) = self.read(|s| {
+            let p = s.find_pool(&req.pool)?;
+            Ok((p, s.find_cont(p, &req.cont)?))
+        })?;
+        match self.propose(Command::ContDestroy { pool, cont })? {
+            Outcome::Cont(c) => Ok(c),
+            o => Err(ShoalError::Internal(format!("container destroy produced {o:?}"))),
+        }
+    }
+
+    pub fn cont_list(&self, req: ContListReq) -> Result<Vec<ContInfo>> {
+        self.read(|s| {
+            let p = s.find_pool(&req.pool)?;
+            s.pool(p)?.containers.keys().map(|c| s.cont_info(p, *c)).collect()
+        })
+    }
+
+    pub fn cont_query(&self, req: ContQueryReq) -> Result<ContInfo> {
+        self.read(|s| {
+            let p = s.find_pool(&req.pool)?;
+            s.cont_info(p, s.find_cont(p, &req.cont)?)
+        })
+    }
+
+    pub fn oid_alloc(&self, req: OidAllocReq) -> Result<OidAllocReply> {
+        match self.propose(Command::OidAlloc { pool: req.pool, cont: req.cont, count: req.count })? {
+            Outcome::FirstOid(first) => Ok(OidAllocReply { first }),
+            o => Err(ShoalError::Internal(format!("OID allocation produced {o:?}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ms_state_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let ms = Ms::open(dir.path()).unwrap();
+            let j = JoinReq {
+                uuid: 5,
+                addr: "127.0.0.1:1".into(),
+                fault_domain: "a".into(),
+                targets: 1,
+                host: "h".into(),
+                pid: 1,
+            };
+            assert_eq!(ms.join(j).unwrap().rank, 0);
+            ms.pool_create(PoolCreateReq { label: "p".into(), ranks: vec![], targets_per_server: 0 }).unwrap();
+        }
+        let ms = Ms::open(dir.path()).unwrap();
+        let p = ms.pool_query(PoolQueryReq { pool: "p".into() }).unwrap();
+        assert_eq!(p.map.targets.len(), 1);
+        assert_eq!(ms.system_query(None).unwrap().members.len(), 1);
+    }
+}

@@ -1,0 +1,382 @@
+//! The management service's state machine.
+//!
+//! Deterministic: [`MsState::apply`] depends only on the state and the
+//! command (identities and clocks travel inside commands), so the same log
+//! gives the same state on every replica. That is what lets a later issue
+//! replicate the MS with Raft without a redesign. No I/O here.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shoal_common::mgmt::{ContInfo, ContProps, Health, JoinReq, PoolInfo};
+use shoal_common::oclass::ObjectClass;
+use shoal_common::placement::{PoolMap, PoolTarget, TargetState};
+use shoal_common::{ContId, PoolId, Result, ShoalError};
+
+/// One command of the MS log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Join(JoinReq),
+    PoolCreate { uuid: PoolId, label: String, ranks: Vec<u32>, targets_per_server: u32 },
+    PoolDestroy { pool: PoolId, force: bool },
+    ContCreate { pool: PoolId, uuid: ContId, label: String, props: ContProps },
+    ContDestroy { pool: PoolId, cont: ContId },
+    OidAlloc { pool: PoolId, cont: ContId, count: u64 },
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Rank(u32),
+    Pool(PoolInfo),
+    Cont(ContInfo),
+    FirstOid(u128),
+    Done,
+}
+
+/// A server known to the system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRec {
+    pub rank: u32,
+    pub uuid: u128,
+    pub addr: String,
+    pub fault_domain: String,
+    pub targets: u32,
+    pub host: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContRec {
+    pub uuid: ContId,
+    pub label: String,
+    pub props: ContProps,
+    pub health: Health,
+    /// Next free object sequence number; 0..16 are reserved for
+    /// well-known objects (the name index is sequence 1).
+    pub next_seq: u128,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRec {
+    pub uuid: PoolId,
+    pub label: String,
+    pub map: PoolMap,
+    pub containers: BTreeMap<ContId, ContRec>,
+}
+
+/// Object sequence numbers below this are reserved for well-known objects.
+pub const FIRST_USER_SEQ: u128 = 16;
+
+/// The whole MS state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsState {
+    pub members: BTreeMap<u32, MemberRec>,
+    pub pools: BTreeMap<PoolId, PoolRec>,
+    /// Index of the last applied log entry.
+    pub applied: u64,
+}
+
+impl MsState {
+    /// Applies one command. On error the state is unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Outcome> {
+        let mut next = self.clone();
+        let out = next.apply_inner(cmd)?;
+        next.applied += 1;
+        *self = next;
+        Ok(out)
+    }
+
+    fn apply_inner(&mut self, cmd: &Command) -> Result<Outcome> {
+        match cmd {
+            Command::Join(j) => Ok(Outcome::Rank(self.join(j)?)),
+            Command::PoolCreate { uuid, label, ranks, targets_per_server } => {
+                self.pool_create(*uuid, label, ranks, *targets_per_server).map(Outcome::Pool)
+            }
+            Command::PoolDestroy { pool, force } => {
+                let p = self.pool(*pool)?;
+                if !p.containers.is_empty() && !force {
+                    return Err(ShoalError::invalid(format!(
+                        "pool {} holds {} containers; destroy them first or force",
+                        p.label,
+                        p.containers.len()
+                    )));
+                }
+                self.pools.remove(pool);
+                Ok(Outcome::Done)
+            }
+            Command::ContCreate { pool, uuid, label, props } => {
+                self.cont_create(*pool, *uuid, label, props).map(Outcome::Cont)
+            }
+            Command::ContDestroy { pool, cont } => {
+                let info = self.cont_info(*pool, *cont)?;
+                self.pool_mut(*pool)?.containers.remove(cont);
+                Ok(Outcome::Cont(info))
+            }
+            Command::OidAlloc { pool, cont, count } => {
+                let c = self
+                    .pool_mut(*pool)?
+                    .containers
+                    .get_mut(cont)
+                    .ok_or_else(|| ShoalError::NotFound(format!("container {cont}")))?;
+                let first = c.next_seq;
+                if first + *count as u128 >= 1 << 88 {
+                    return Err(ShoalError::NoSpace(format!("container {cont} has used up its object ids")));
+                }
+                c.next_seq += *count as u128;
+                Ok(Outcome::FirstOid(first))
+            }
+        }
+    }
+
+    fn join(&mut self, j: &JoinReq) -> Result<u32> {
+        let rec = |rank| MemberRec {
+            rank,
+            uuid: j.uuid,
+            addr: j.addr.clone(),
+            fault_domain: j.fault_domain.clone(),
+            targets: j.targets,
+            host: j.host.clone(),
+            pid: j.pid,
+        };
+        if let Some(m) = self.members.values_mut().find(|m| m.uuid == j.uuid) {
+            if m.targets != j.targets {
+                return Err(ShoalError::invalid(format!(
+                    "rank {} joined with {} targets before and now claims {}",
+                    m.rank, m.targets, j.targets
+                )));
+            }
+            let rank = m.rank;
+            *m = rec(rank);
+            return Ok(rank);
+        }
+        if let Some(m) = self.members.values().find(|m| m.addr == j.addr) {
+            return Err(ShoalError::invalid(format!(
+                "address {} already belongs to rank {}; a new server must use another address",
+                j.addr, m.rank
+            )));
+        }
+        let rank = self.members.keys().next_back().map_or(0, |r| r + 1);
+        self.members.insert(rank, rec(rank));
+        Ok(rank)
+    }
+
+    fn pool_create(&mut self, uuid: PoolId, label: &str, ranks: &[u32], per_server: u32) -> Result<PoolInfo> {
+        if self.pools.values().any(|p| p.label == label) {
+            return Err(ShoalError::invalid(format!("a pool labelled {label:?} exists already")));
+        }
+        if self.pools.contains_key(&uuid) {
+            return Err(ShoalError::invalid(format!("pool {uuid} exists already")));
+        }
+        let ranks: Vec<u32> = if ranks.is_empty() { self.members.keys().copied().collect() } else { ranks.to_vec() };
+        if ranks.is_empty() {
+            return Err(ShoalError::invalid("no server has joined the system yet"));
+        }
+        let mut targets = Vec::new();
+        for r in &ranks {
+            let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?;
+            let n = if per_server == 0 { m.targets } else { per_server };
+            if n > m.targets {
+                return Err(ShoalError::invalid(format!("rank {r} has {} targets, {n} were asked for", m.targets)));
+            }
+            targets.extend((0..n).map(|index| PoolTarget { rank: *r, index, state: TargetState::UpIn }));
+        }
+        let rec = PoolRec {
+            uuid,
+            label: label.to_string(),
+            map: PoolMap { version: 1, targets },
+            containers: BTreeMap::new(),
+        };
+        self.pools.insert(uuid, rec);
+        self.pool_info(uuid)
+    }
+
+    fn cont_create(&mut self, pool: PoolId, uuid: ContId, label: &str, props: &ContProps) -> Result<ContInfo> {
+        let domains = self.pool(pool)?.map.domains();
+        check_props(props, domains)?;
+        let p = self.pool_mut(pool)?;
+        if p.containers.values().any(|c| c.label == label) {
+            return Err(ShoalError::invalid(format!("pool {} already has a container labelled {label:?}", p.label)));
+        }
+        if p.containers.contains_key(&uuid) {
+            return Err(ShoalError::invalid(format!("container {uuid} exists already")));
+        }
+        p.containers.insert(
+            uuid,
+            ContRec {
+                uuid,
+                label: label.to_string(),
+                props: props.clone(),
+                health: Health::Healthy,
+                next_seq: FIRST_USER_SEQ,
+            },
+        );
+        self.cont_info(pool, uuid)
+    }
+
+    pub fn pool(&self, pool: PoolId) -> Result<&PoolRec> {
+        self.pools.get(&pool).ok_or_else(|| ShoalError::NotFound(format!("pool {pool}")))
+    }
+
+    fn pool_mut(&mut self, pool: PoolId) -> Result<&mut PoolRec> {
+        self.pools.get_mut(&pool).ok_or_else(|| ShoalError::NotFound(format!("pool {pool}")))
+    }
+
+    /// Resolves a pool label or UUID.
+    pub fn find_pool(&self, name: &str) -> Result<PoolId> {
+        if let Ok(id) = name.parse::<PoolId>() {
+            if self.pools.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        self.pools
+            .values()
+            .find(|p| p.label == name)
+            .map(|p| p.uuid)
+            .ok_or_else(|| ShoalError::NotFound(format!("no pool is labelled or identified {name:?}")))
+    }
+
+    /// Resolves a container label or UUID within a pool.
+    pub fn find_cont(&self, pool: PoolId, name: &str) -> Result<ContId> {
+        let p = self.pool(pool)?;
+        if let Ok(id) = name.parse::<ContId>() {
+            if p.containers.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        p.containers.values().find(|c| c.label == name).map(|c| c.uuid).ok_or_else(|| {
+            ShoalError::NotFound(format!("pool {} has no container labelled or identified {name:?}", p.label))
+        })
+    }
+
+    pub fn pool_info(&self, pool: PoolId) -> Result<PoolInfo> {
+        let p = self.pool(pool)?;
+        let mut ranks: Vec<u32> = p.map.targets.iter().map(|t| t.rank).collect();
+        ranks.dedup();
+        let addrs = ranks.iter().filter_map(|r| self.members.get(r).map(|m| (*r, m.addr.clone()))).collect::<Vec<_>>();
+        Ok(PoolInfo {
+            uuid: p.uuid,
+            label: p.label.clone(),
+            map: p.map.clone(),
+            addrs,
+            containers: p.containers.len() as u32,
+        })
+    }
+
+    pub fn cont_info(&self, pool: PoolId, cont: ContId) -> Result<ContInfo> {
+        let c =
+            self.pool(pool)?.containers.get(&cont).ok_or_else(|| ShoalError::NotFound(format!("container {cont}")))?;
+        Ok(ContInfo {
+            uuid: c.uuid,
+            label: c.label.clone(),
+            pool,
+            props: c.props.clone(),
+            health: c.health,
+            oids_allocated: c.next_seq - FIRST_USER_SEQ,
+        })
+    }
+}
+
+/// Checks container properties against the pool: rd_fac range, class name
+/// and fit, cell and chunk sizes.
+pub fn check_props(props: &ContProps, domains: u32) -> Result<()> {
+    if props.rd_fac > 4 {
+        return Err(ShoalError::invalid(format!("rd_fac {} is outside 0..=4", props.rd_fac)));
+    }
+    if props.rd_fac as u32 >= domains.max(1) && props.rd_fac > 0 {
+        return Err(ShoalError::invalid(format!(
+            "rd_fac {} needs at least {} servers; the pool has {domains}",
+            props.rd_fac,
+            props.rd_fac + 1
+        )));
+    }
+    if !(4096..=(16 << 20)).contains(&props.cell_size) || !props.cell_size.is_power_of_two() {
+        return Err(ShoalError::invalid(format!(
+            "cell size {} must be a power of two between 4KiB and 16MiB",
+            props.cell_size
+        )));
+    }
+    if props.chunk_size == 0 || props.chunk_size > 1 << 30 {
+        return Err(ShoalError::invalid(format!("chunk size {} must be between 1 byte and 1GiB", props.chunk_size)));
+    }
+    if let Some(name) = &props.oclass {
+        let class: ObjectClass = name.parse()?;
+        class.check(props.rd_fac, domains)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(s: &mut MsState, uuid: u128) -> u32 {
+        let j = JoinReq {
+            uuid,
+            addr: format!("127.0.0.1:{}", 1000 + uuid),
+            fault_domain: format!("host{uuid}"),
+            targets: 2,
+            host: "h".into(),
+            pid: 1,
+        };
+        match s.apply(&Command::Join(j)).unwrap() {
+            Outcome::Rank(r) => r,
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn ranks_are_stable_across_rejoins() {
+        let mut s = MsState::default();
+        assert_eq!(join(&mut s, 10), 0);
+        assert_eq!(join(&mut s, 11), 1);
+        assert_eq!(join(&mut s, 10), 0);
+        assert_eq!(s.applied, 3);
+    }
+
+    #[test]
+    fn pools_and_containers_by_label_or_uuid_and_errors_leave_state_alone() {
+        let mut s = MsState::default();
+        for u in 0..3 {
+            join(&mut s, u);
+        }
+        let cmd = Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        let Outcome::Pool(p) = s.apply(&cmd).unwrap() else { panic!() };
+        assert_eq!(p.map.targets.len(), 6);
+        assert_eq!(s.find_pool("tank").unwrap(), PoolId(7));
+        assert_eq!(s.find_pool(&PoolId(7).to_string()).unwrap(), PoolId(7));
+        assert!(s.find_pool("nope").is_err());
+
+        let before = s.clone();
+        let bad = ContProps { oclass: Some("EC_4P2G1".into()), ..ContProps::default() };
+        let cmd = Command::ContCreate { pool: PoolId(7), uuid: ContId(1), label: "c".into(), props: bad };
+        let e = s.apply(&cmd).unwrap_err().to_string();
+        assert!(e.contains("EC_4P2"), "{e}");
+        assert_eq!(s, before, "a refused command changes nothing");
+
+        let props = ContProps { rd_fac: 1, oclass: Some("RP_2G1".into()), ..ContProps::default() };
+        let cmd = Command::ContCreate { pool: PoolId(7), uuid: ContId(1), label: "c".into(), props };
+        s.apply(&cmd).unwrap();
+        assert_eq!(s.find_cont(PoolId(7), "c").unwrap(), ContId(1));
+        let Outcome::FirstOid(a) = s.apply(&Command::OidAlloc { pool: PoolId(7), cont: ContId(1), count: 10 }).unwrap()
+        else {
+            panic!()
+        };
+        let Outcome::FirstOid(b) = s.apply(&Command::OidAlloc { pool: PoolId(7), cont: ContId(1), count: 1 }).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((a, b), (FIRST_USER_SEQ, FIRST_USER_SEQ + 10));
+        assert!(s.apply(&Command::PoolDestroy { pool: PoolId(7), force: false }).is_err());
+        s.apply(&Command::ContDestroy { pool: PoolId(7), cont: ContId(1) }).unwrap();
+        s.apply(&Command::PoolDestroy { pool: PoolId(7), force: false }).unwrap();
+        assert!(s.pools.is_empty());
+    }
+
+    #[test]
+    fn rd_fac_beyond_the_servers_is_refused() {
+        let props = ContProps { rd_fac: 2, ..ContProps::default() };
+        assert!(check_props(&props, 2).is_err());
+        assert!(check_props(&props, 3).is_ok());
+    }
+}
