@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: builds Shoal and runs `shoal demo`, a real shoal-server
-# taking writes and reads through the client, a SIGKILL and a replay.
+# The main job: builds Shoal and runs `shoal demo`: six real shoal-server
+# processes take KV pairs and an EC array, lose a server, and read it all back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

@@ -1,8 +1,9 @@
-//! Object and container identities.
+//! Object, container and pool identities.
 //!
-//! An [`Oid`] is 128 bits. The high 32 bits carry the object type and class
-//! (filled in by the cluster layer); the low 96 bits are unique within a
-//! container. A [`ContId`] is a container's UUID.
+//! An [`Oid`] is 128 bits: the object type (8 bits) and object class id
+//! (32 bits) at the top, then an 88-bit sequence number unique within its
+//! container (see [`crate::oclass::make_oid`]). [`ContId`] and [`PoolId`]
+//! are UUIDs.
 
 use std::fmt;
 use std::str::FromStr;
@@ -68,8 +69,32 @@ impl FromStr for Oid {
 macro_rules! uuid_id {
     ($(#[$m:meta])* $name:ident, $what:literal) => {
         $(#[$m])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+        ///
+        /// Serialized as a UUID string in human-readable formats (JSON) and
+        /// as a u128 in binary ones (the wire, the MS log).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
         pub struct $name(pub u128);
+
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.collect_str(self)
+                } else {
+                    s.serialize_u128(self.0)
+                }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                if d.is_human_readable() {
+                    let s = String::deserialize(d)?;
+                    s.parse().map_err(serde::de::Error::custom)
+                } else {
+                    u128::deserialize(d).map($name)
+                }
+            }
+        }
 
         impl $name {
             /// The 16 big-endian bytes of this id.

@@ -4,7 +4,7 @@
 //! [`shoal_tools::local::LocalServer`]: own directory, OS-chosen port, log
 //! beside the directory, readiness by polling, never fixed sleeps.
 
-pub use shoal_tools::local::{server_bin, LocalServer as TestServer};
+pub use shoal_tools::local::{server_bin, LocalCluster as TestCluster, LocalServer as TestServer};
 
 /// Deterministic pseudo-random bytes for a given seed, so a test can check
 /// every byte it wrote without keeping it.

@@ -1,43 +1,42 @@
-//! `shoal demo`: the README's main job until the cluster exists.
+//! `shoal demo`: the README's main job. A 6-server local cluster takes KV
+//! pairs and a large EC array, loses a server, and reads everything back.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use clap::Args;
-use shoal_client::ServerClient;
-use shoal_common::msg::{FetchIod, Fetched, UpdateIod, ValueKind};
-use shoal_common::{ContId, Epoch, Oid, EPOCH_MAX};
-use shoal_tools::local::LocalServer;
-use tokio::task::JoinSet;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use shoal_common::mgmt::ContProps;
+use shoal_common::oclass::ObjType;
+use shoal_tools::local::LocalCluster;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Directory for the server's data (default: a new temporary one).
+    /// Directory for the servers' data (default: a new temporary one).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Number of targets.
+    /// Number of servers.
+    #[arg(long, default_value_t = 6)]
+    servers: usize,
+    /// Targets per server.
     #[arg(long, default_value_t = 2)]
     targets: u32,
     /// Number of key-value pairs to write.
     #[arg(long, default_value_t = 2000)]
     keys: u64,
     /// Size of the array to write, in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 256)]
     array_mib: u64,
 }
-
-const CONT: ContId = ContId(0xdead_beef);
-const KV: Oid = Oid::new(0, 1);
-const ARRAY: Oid = Oid::new(0, 2);
 
 fn value(i: u64) -> Bytes {
     Bytes::from(format!("value-{i}-").repeat(1 + (i % 40) as usize))
 }
 
-fn chunk(i: u64) -> Bytes {
+/// Deterministic bytes for MiB `i` of the array.
+fn mib(i: u64) -> Bytes {
     let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     Bytes::from_iter((0..1 << 20).map(|_| {
         x ^= x << 13;
@@ -47,129 +46,118 @@ fn chunk(i: u64) -> Bytes {
     }))
 }
 
-fn single() -> Vec<FetchIod> {
-    vec![FetchIod { akey: b"v".to_vec(), kind: ValueKind::Single }]
-}
-
-fn extent() -> ValueKind {
-    ValueKind::Array { rec_size: 1, start: 0, nr: 1 << 20 }
-}
-
-/// Reads every key and chunk back and compares the bytes; `punched` keys
-/// must be gone.
-async fn verify(c: &ServerClient, targets: u32, keys: u64, chunks: u64, punched: u64) -> anyhow::Result<()> {
-    for i in 0..keys {
-        let r =
-            c.fetch((i % targets as u64) as u32, CONT, KV, format!("key-{i}").as_bytes(), EPOCH_MAX, single()).await?;
-        if i < punched {
-            ensure!(r[0].0 == Fetched::Missing, "punched key-{i} is still visible");
-        } else {
-            ensure!(r[0].1 == value(i), "key-{i} read back wrong");
-        }
-    }
-    for i in 0..chunks {
-        let iods = vec![FetchIod { akey: b"data".to_vec(), kind: extent() }];
-        let r = c.fetch((i % targets as u64) as u32, CONT, ARRAY, &i.to_be_bytes(), EPOCH_MAX, iods).await?;
-        ensure!(r[0].1 == chunk(i), "array chunk {i} read back wrong");
-    }
+async fn verify(kv: &shoal_client::Kv, array: &shoal_client::Array, keys: u64, mibs: u64) -> anyhow::Result<()> {
+    stream::iter(0..keys)
+        .map(|i| async move {
+            let got = kv.get(format!("key-{i}").as_bytes()).await?;
+            ensure!(got.as_deref() == Some(&value(i)[..]), "key-{i} read back wrong");
+            Ok(())
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    ensure!(array.size().await? == mibs << 20, "array size is wrong");
+    stream::iter(0..mibs)
+        .map(|i| async move {
+            let got = array.read(i << 20, 1 << 20).await?;
+            ensure!(got == mib(i), "array MiB {i} read back wrong");
+            Ok(())
+        })
+        .buffer_unordered(8)
+        .try_collect::<Vec<_>>()
+        .await?;
     Ok(())
 }
 
-fn rate(n: u64, t: Instant) -> String {
-    format!("{:.0}/s", n as f64 / t.elapsed().as_secs_f64())
-}
-
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
+    ensure!(a.servers >= 3, "the demo needs at least 3 servers");
     let tmp;
     let dir = match a.dir {
         Some(d) => d,
         None => {
             tmp = tempfile::Builder::new().prefix("shoal-demo-").tempdir()?;
-            tmp.path().join("server0")
+            tmp.path().to_path_buf()
         }
     };
-    println!("== starting shoal-server on {} with {} targets", dir.display(), a.targets);
-    let mut srv = LocalServer::start(&dir, a.targets).await?;
-    println!("   ready at {} (pid {})", srv.addr, srv.pid().unwrap_or(0));
-    let c = Arc::new(srv.client());
-
+    println!("== starting {} shoal-server processes ({} targets each) under {}", a.servers, a.targets, dir.display());
     let t = Instant::now();
-    let mut set = JoinSet::new();
-    for i in 0..a.keys {
-        let c = c.clone();
-        let target = (i % a.targets as u64) as u32;
-        set.spawn(async move {
-            let iods = vec![UpdateIod { akey: b"v".to_vec(), kind: ValueKind::Single }];
-            c.update(target, CONT, KV, format!("key-{i}").as_bytes(), iods, vec![value(i)]).await
-        });
-        if set.len() >= 32 {
-            set.join_next().await.context("join")???;
-        }
-    }
-    while let Some(r) = set.join_next().await {
-        r??;
-    }
-    println!("== wrote {} key-value pairs in {:.2?} ({})", a.keys, t.elapsed(), rate(a.keys, t));
+    let mut cluster = LocalCluster::start(&dir, a.servers, a.targets).await?;
+    println!("   all joined the management service at {} in {:.2?}", cluster.ms(), t.elapsed());
+    let client = cluster.client().await?;
+    let pool = client.pool_create("demo", vec![], 0).await?;
+    println!(
+        "== created pool demo ({}): {} targets, map version {}",
+        pool.uuid,
+        pool.map.targets.len(),
+        pool.map.version
+    );
+    let pool = client.pool_connect("demo").await?;
+    let props = ContProps { rd_fac: 1, ..ContProps::default() };
+    pool.cont_create("data", props).await?;
+    let cont = pool.cont_open("data").await?;
+    let (kv_class, kv_why) = cont.class_for(ObjType::Kv)?;
+    let (arr_class, arr_why) = cont.class_for(ObjType::Array)?;
+    println!("== created container data with rd_fac 1 and automatic classes:");
+    println!("   KV objects: {kv_class} ({kv_why})");
+    println!("   arrays:     {arr_class} ({arr_why})");
 
+    let kv = cont.kv_create(None).await?;
+    cont.name_put("settings", kv.oid()).await?;
     let t = Instant::now();
-    for i in 0..a.array_mib {
-        let c = c.clone();
-        let target = (i % a.targets as u64) as u32;
-        set.spawn(async move {
-            let iods = vec![UpdateIod { akey: b"data".to_vec(), kind: extent() }];
-            c.update(target, CONT, ARRAY, &i.to_be_bytes(), iods, vec![chunk(i)]).await
-        });
-        if set.len() >= 8 {
-            set.join_next().await.context("join")???;
-        }
-    }
-    while let Some(r) = set.join_next().await {
-        r??;
-    }
+    stream::iter(0..a.keys)
+        .map(|i| {
+            let kv = kv.clone();
+            async move { kv.put(format!("key-{i}").as_bytes(), value(i)).await }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let secs = t.elapsed().as_secs_f64();
+    println!("== put {} KV pairs into {} in {secs:.2}s ({:.0}/s)", a.keys, kv.oid(), a.keys as f64 / secs);
+
+    let array = cont.array_create(None, None).await?;
+    cont.name_put("big", array.oid()).await?;
+    let t = Instant::now();
+    stream::iter(0..a.array_mib)
+        .map(|i| {
+            let array = array.clone();
+            async move { array.write(i << 20, mib(i)).await }
+        })
+        .buffer_unordered(4)
+        .try_collect::<Vec<_>>()
+        .await?;
     let secs = t.elapsed().as_secs_f64();
     println!(
-        "== wrote a {} MiB array as 1 MiB extents in {secs:.2}s ({:.0} MiB/s)",
+        "== wrote a {} MiB array {} ({}, chunk {} KiB) in {secs:.2}s ({:.0} MiB/s)",
         a.array_mib,
+        array.oid(),
+        array.object().class(),
+        array.chunk_size() >> 10,
         a.array_mib as f64 / secs
     );
 
     let t = Instant::now();
-    verify(&c, a.targets, a.keys, a.array_mib, 0).await?;
-    println!("== read back and checked every byte in {:.2?}", t.elapsed());
+    verify(&kv, &array, a.keys, a.array_mib).await?;
+    println!("== read back every KV pair and every array byte: correct ({:.2?})", t.elapsed());
 
-    let mut listed = 0;
-    for target in 0..a.targets {
-        listed += c.list_all(target, CONT, KV, EPOCH_MAX, None).await?.len() as u64;
-    }
-    ensure!(listed == a.keys, "listed {listed} dkeys, wrote {}", a.keys);
-    println!("== listed {listed} dkeys across {} targets", a.targets);
-
-    let punched = a.keys.min(100);
-    let mut before: Epoch = 0;
-    for i in 0..punched {
-        let target = (i % a.targets as u64) as u32;
-        let e = c.punch(target, CONT, KV, Some(format!("key-{i}").as_bytes()), None).await?;
-        if i == 0 {
-            before = e - 1;
-        }
-    }
-    let old = c.fetch(0, CONT, KV, b"key-0", before, single()).await?;
-    ensure!(old[0].1 == value(0), "read at an epoch before the punch must see the old value");
-    println!("== punched {punched} keys; a read at epoch {before} still sees the old value of key-0");
-
-    println!("== SIGKILL shoal-server (pid {}) and restart it", srv.pid().unwrap_or(0));
-    srv.kill9();
+    let victim = a.servers - 1;
+    let pid = cluster.servers[victim].pid().unwrap_or(0);
+    cluster.servers[victim].kill9();
+    println!("== killed server {victim} ({}, pid {pid}) with SIGKILL", cluster.servers[victim].addr);
     let t = Instant::now();
-    srv.restart().await?;
-    println!("   replayed and ready again at {} in {:.2?}", srv.addr, t.elapsed());
-    let c = srv.client();
-    verify(&c, a.targets, a.keys, a.array_mib, punched).await?;
-    println!("== after the crash every acknowledged byte reads back; punched keys stay gone");
-    for target in 0..a.targets {
-        let q = c.target_query(target).await?;
-        println!("   target {target}: {} MiB in data files, {} GiB free", q.data_bytes >> 20, q.free_bytes >> 30);
+    verify(&kv, &array, a.keys, a.array_mib).await.context("read back after the failure")?;
+    println!(
+        "== read back everything again with one server dead: correct ({:.2?}); replicas served the KV pairs, EC decoded the array",
+        t.elapsed()
+    );
+
+    let listed = kv.list().await?.len() as u64;
+    ensure!(listed == a.keys, "listed {listed} keys, wrote {}", a.keys);
+    println!("== listed {listed} keys with one server dead");
+
+    for s in cluster.servers.iter_mut().filter(|s| s.pid().is_some()) {
+        s.terminate()?;
     }
-    let code = srv.terminate()?;
-    println!("== shoal-server stopped on SIGTERM ({code}); demo OK");
+    println!("== stopped the remaining servers; demo OK");
     Ok(())
 }

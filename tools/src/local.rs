@@ -30,7 +30,11 @@ pub fn server_bin() -> PathBuf {
 pub struct LocalServer {
     pub dir: PathBuf,
     pub targets: u32,
+    /// The address it listens on ("" before the first start). A restart
+    /// binds the same address again, so clients and the MS keep it.
     pub addr: String,
+    /// Further `shoal-server` flags (`--ms`, `--ms-addr ...`).
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -38,9 +42,19 @@ impl LocalServer {
     /// Starts a server on `dir` with `targets` targets and waits until it
     /// answers.
     pub async fn start(dir: &Path, targets: u32) -> anyhow::Result<LocalServer> {
-        let mut s = LocalServer { dir: dir.to_path_buf(), targets, addr: String::new(), child: None };
+        LocalServer::start_with(dir, targets, Vec::new()).await
+    }
+
+    /// Starts a server with further flags and waits until it answers.
+    pub async fn start_with(dir: &Path, targets: u32, extra: Vec<String>) -> anyhow::Result<LocalServer> {
+        let mut s = LocalServer { dir: dir.to_path_buf(), targets, addr: String::new(), extra, child: None };
         s.spawn().await?;
         Ok(s)
+    }
+
+    /// Lets the process run on after this handle is gone; returns its pid.
+    pub fn detach(mut self) -> Option<u32> {
+        self.child.take().map(|c| c.id())
     }
 
     /// The server's log file.
@@ -52,15 +66,17 @@ impl LocalServer {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
         let addr_file = self.dir.join("listen.addr");
         let _ = std::fs::remove_file(&addr_file);
+        let listen = if self.addr.is_empty() { "127.0.0.1:0".to_string() } else { self.addr.clone() };
         let mut child = Command::new(server_bin())
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(listen)
             .arg("--data-dir")
             .arg(&self.dir)
             .arg("--targets")
             .arg(self.targets.to_string())
             .arg("--log-level")
             .arg("info")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -124,5 +140,59 @@ impl LocalServer {
 impl Drop for LocalServer {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A local multi-server system: server 0 hosts the management service and
+/// every server joins it.
+pub struct LocalCluster {
+    pub servers: Vec<LocalServer>,
+}
+
+impl LocalCluster {
+    /// Starts `n` servers under `dir` (`dir/server<i>`), each with
+    /// `targets` targets, and waits until all have joined the MS.
+    pub async fn start(dir: &Path, n: usize, targets: u32) -> anyhow::Result<LocalCluster> {
+        anyhow::ensure!(n >= 1, "a cluster needs at least one server");
+        std::fs::create_dir_all(dir)?;
+        let first = LocalServer::start_with(&dir.join("server0"), targets, vec!["--ms".into()]).await?;
+        let ms = first.addr.clone();
+        let mut servers = vec![first];
+        for i in 1..n {
+            let extra = vec!["--ms-addr".into(), ms.clone()];
+            servers.push(LocalServer::start_with(&dir.join(format!("server{i}")), targets, extra).await?);
+        }
+        let c = LocalCluster { servers };
+        c.wait_joined(n).await?;
+        Ok(c)
+    }
+
+    /// The management service's address.
+    pub fn ms(&self) -> String {
+        self.servers[0].addr.clone()
+    }
+
+    /// Waits until `n` members have joined and are heard from.
+    pub async fn wait_joined(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(c) = shoal_client::Client::connect(vec![self.ms()]).await {
+                if let Ok(q) = c.system_query().await {
+                    let up = q.members.iter().filter(|m| m.state == shoal_common::mgmt::MemberState::Joined).count();
+                    if up >= n {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("only some of the {n} servers joined within 120s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A client connected to this cluster's MS.
+    pub async fn client(&self) -> anyhow::Result<shoal_client::Client> {
+        Ok(shoal_client::Client::connect(vec![self.ms()]).await?)
     }
 }

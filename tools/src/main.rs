@@ -1,31 +1,109 @@
 //! `shoal`: the Shoal command-line tool.
 
+mod admin;
 mod bench;
+mod data;
 mod demo;
+mod dev;
+mod out;
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// Shoal: a distributed object store.
 #[derive(Debug, Parser)]
 #[command(name = "shoal", version, about)]
 struct Cli {
+    /// Management service address (repeatable). Default: $SHOAL_MS, then
+    /// the cluster file written by `shoal dev up`.
+    #[arg(long = "ms", global = true)]
+    ms: Vec<String>,
+    /// The cluster file (default: $SHOAL_CLUSTER or ~/.shoal/cluster.json).
+    #[arg(long, global = true)]
+    cluster: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Starts a local server and shows it working: writes, reads, versioned
-    /// reads, punches, a SIGKILL and a replay, with every byte checked.
+    /// A local development cluster of real server processes.
+    #[command(subcommand)]
+    Dev(dev::DevCmd),
+    /// The system: its servers.
+    #[command(subcommand)]
+    System(admin::SystemCmd),
+    /// Pools.
+    #[command(subcommand)]
+    Pool(admin::PoolCmd),
+    /// Containers.
+    #[command(subcommand)]
+    Cont(admin::ContCmd),
+    /// Key-value objects.
+    #[command(subcommand)]
+    Kv(data::KvCmd),
+    /// Array objects.
+    #[command(subcommand)]
+    Array(data::ArrayCmd),
+    /// Starts a 6-server local cluster and shows it working, through a
+    /// server failure, with every byte checked.
     Demo(demo::DemoArgs),
     /// Benchmarks; each prints its numbers and the raw disk's beside them.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
-    /// Asks a server who it is.
+    /// Asks one server who it is.
     Ping {
         /// Server address (host:port).
         addr: String,
     },
+}
+
+/// What every command needs to reach the system.
+pub struct Ctx {
+    ms: Vec<String>,
+    cluster_file: PathBuf,
+    pub json: bool,
+}
+
+impl Ctx {
+    /// The management service addresses, from flags, environment or the
+    /// cluster file.
+    pub fn ms(&self) -> anyhow::Result<Vec<String>> {
+        if !self.ms.is_empty() {
+            return Ok(self.ms.clone());
+        }
+        if let Ok(v) = std::env::var("SHOAL_MS") {
+            return Ok(v.split(',').map(str::to_string).collect());
+        }
+        let f = dev::ClusterFile::load(&self.cluster_file).with_context(|| {
+            format!(
+                "no management service given: pass --ms ADDR, set SHOAL_MS, or start one with `shoal dev up` (looked for {})",
+                self.cluster_file.display()
+            )
+        })?;
+        Ok(f.ms)
+    }
+
+    /// A client connected to the management service.
+    pub async fn client(&self) -> anyhow::Result<shoal_client::Client> {
+        let ms = self.ms()?;
+        shoal_client::Client::connect(ms.clone())
+            .await
+            .with_context(|| format!("connect to the management service at {}", ms.join(",")))
+    }
+}
+
+fn default_cluster_file() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_CLUSTER") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".shoal").join("cluster.json")
 }
 
 #[tokio::main]
@@ -35,7 +113,14 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let ctx = Ctx { ms: cli.ms, cluster_file: cli.cluster.unwrap_or_else(default_cluster_file), json: cli.json };
     let r = match cli.cmd {
+        Cmd::Dev(c) => dev::run(&ctx, c).await,
+        Cmd::System(c) => admin::system(&ctx, c).await,
+        Cmd::Pool(c) => admin::pool(&ctx, c).await,
+        Cmd::Cont(c) => admin::cont(&ctx, c).await,
+        Cmd::Kv(c) => data::kv(&ctx, c).await,
+        Cmd::Array(c) => data::array(&ctx, c).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(b) => bench::run(b).await,
         Cmd::Ping { addr } => ping(&addr).await,

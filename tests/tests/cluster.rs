@@ -1,0 +1,278 @@
+//! Multi-process cluster tests on loopback: six servers, every class
+//! family, failures up to and past what each class tolerates, and
+//! concurrent writers.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use shoal_client::{Array, Client, Container, Kv};
+use shoal_common::mgmt::ContProps;
+use shoal_common::msg::{FetchIod, Fetched, ValueKind};
+use shoal_common::oclass::ObjectClass;
+use shoal_common::{ShoalError, EPOCH_MAX};
+use shoal_tests::{pattern, TestCluster};
+
+const CLASSES: [&str; 7] = ["S1", "SX", "RP_2G1", "RP_3GX", "EC_2P1G1", "EC_4P2G1", "EC_4P2GX"];
+
+/// What one class's container holds, and what it should read back.
+struct Written {
+    class: ObjectClass,
+    kv: Kv,
+    kv_model: BTreeMap<Vec<u8>, Vec<u8>>,
+    arrays: Vec<(Array, Vec<u8>)>,
+}
+
+async fn open_cont(client: &Client, class: &str) -> Container {
+    let pool = client.pool_connect("tank").await.unwrap();
+    let label = class.to_lowercase().replace('_', "-");
+    let props =
+        ContProps { oclass: Some(class.into()), cell_size: 16 << 10, chunk_size: 256 << 10, ..Default::default() };
+    pool.cont_create(&label, props).await.unwrap();
+    pool.cont_open(&label).await.unwrap()
+}
+
+/// Applies a write to the model and the array.
+async fn write(a: &Array, model: &mut Vec<u8>, off: usize, data: Vec<u8>) {
+    if model.len() < off + data.len() {
+        model.resize(off + data.len(), 0);
+    }
+    model[off..off + data.len()].copy_from_slice(&data);
+    a.write(off as u64, Bytes::from(data)).await.unwrap();
+}
+
+async fn fill(cont: &Container, class: ObjectClass, seed: u64) -> Written {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let kv = cont.kv_create(Some(class)).await.unwrap();
+    let mut kv_model = BTreeMap::new();
+    for i in 0..40 {
+        let key = format!("key-{i}-{}", rng.random::<u32>()).into_bytes();
+        let val = pattern(seed + i, rng.random_range(0..3000));
+        kv.put(&key, Bytes::from(val.clone())).await.unwrap();
+        kv_model.insert(key, val);
+    }
+    // Overwrite some and remove some.
+    let keys: Vec<Vec<u8>> = kv_model.keys().cloned().collect();
+    for k in keys.iter().step_by(7) {
+        let val = pattern(seed ^ 0xabc, 100);
+        kv.put(k, Bytes::from(val.clone())).await.unwrap();
+        kv_model.insert(k.clone(), val);
+    }
+    for k in keys.iter().skip(3).step_by(11) {
+        kv.remove(k).await.unwrap();
+        kv_model.remove(k);
+    }
+
+    let mut arrays = Vec::new();
+    // Aligned: whole chunks.
+    let a = cont.array_create(Some(class), None).await.unwrap();
+    let chunk = a.chunk_size() as usize;
+    let mut m = Vec::new();
+    write(&a, &mut m, 0, pattern(seed + 100, 3 * chunk)).await;
+    arrays.push((a, m));
+    // Unaligned, crossing chunks and stripes.
+    let a = cont.array_create(Some(class), None).await.unwrap();
+    let mut m = Vec::new();
+    write(&a, &mut m, 12_345, pattern(seed + 101, 700_001)).await;
+    arrays.push((a, m));
+    // Sparse: a hole in front and between.
+    let a = cont.array_create(Some(class), None).await.unwrap();
+    let mut m = Vec::new();
+    write(&a, &mut m, 3 * chunk + 77, pattern(seed + 102, 5000)).await;
+    write(&a, &mut m, 9 * chunk, pattern(seed + 103, 10)).await;
+    arrays.push((a, m));
+    // Overwrites, small and large, aligned and not.
+    let a = cont.array_create(Some(class), None).await.unwrap();
+    let mut m = Vec::new();
+    write(&a, &mut m, 0, pattern(seed + 104, 2 * chunk + 999)).await;
+    for (i, (off, len)) in
+        [(5usize, 10usize), (chunk - 3, 7), (1000, chunk), (0, 1), (2 * chunk, 999)].into_iter().enumerate()
+    {
+        write(&a, &mut m, off, pattern(seed + 200 + i as u64, len)).await;
+    }
+    arrays.push((a, m));
+    Written { class, kv, kv_model, arrays }
+}
+
+/// Reads everything back. Returns how many objects failed to read; every
+/// read that succeeds must return exactly the right bytes.
+async fn verify(w: &Written) -> usize {
+    let mut failed = 0;
+    for (k, v) in &w.kv_model {
+        match w.kv.get(k).await {
+            Ok(got) => assert_eq!(got.as_deref(), Some(&v[..]), "{}: KV {k:?}", w.class),
+            Err(e) => {
+                assert_clear(&e);
+                failed += 1;
+                break;
+            }
+        }
+    }
+    match w.kv.list().await {
+        Ok(mut keys) => {
+            keys.sort();
+            assert_eq!(keys, w.kv_model.keys().cloned().collect::<Vec<_>>(), "{}: KV list", w.class);
+        }
+        Err(e) => assert_clear(&e),
+    }
+    for (a, m) in &w.arrays {
+        match a.size().await {
+            Ok(size) => assert_eq!(size, m.len() as u64, "{}: array size", w.class),
+            Err(e) => {
+                assert_clear(&e);
+                failed += 1;
+                continue;
+            }
+        }
+        match a.read(0, m.len() as u64).await {
+            Ok(got) => assert!(got == m[..], "{}: array {} read back wrong", w.class, a.oid()),
+            Err(e) => {
+                assert_clear(&e);
+                failed += 1;
+            }
+        }
+    }
+    failed
+}
+
+fn assert_clear(e: &ShoalError) {
+    let s = e.to_string();
+    assert!(
+        matches!(e, ShoalError::Unreachable(_) | ShoalError::Timeout(_)) && s.contains("rank"),
+        "unclear error: {s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_class_survives_what_it_tolerates_and_fails_clearly_past_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 6, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+
+    let mut written = Vec::new();
+    for (i, name) in CLASSES.iter().enumerate() {
+        let cont = open_cont(&client, name).await;
+        written.push(fill(&cont, name.parse().unwrap(), i as u64 * 1000).await);
+    }
+    for w in &written {
+        assert_eq!(verify(w).await, 0, "{}: all healthy", w.class);
+    }
+
+    // Kill servers from the last one (server 0 hosts the MS).
+    for dead in 1..=3usize {
+        cluster.servers[6 - dead].kill9();
+        for w in &written {
+            let failed = verify(w).await;
+            eprintln!("dead={dead} class={} failed={failed}", w.class);
+            if (w.class.tolerated_failures() as usize) >= dead {
+                assert_eq!(failed, 0, "{} tolerates {dead} dead servers", w.class);
+            } else if dead == w.class.tolerated_failures() as usize + 1 && w.class.to_string().ends_with("GX") {
+                // Objects spread over every server must lose a group.
+                assert!(failed > 0, "{} with {dead} dead servers cannot read everything", w.class);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_leave_consistent_stripes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 6, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let cont = open_cont(&client, "EC_4P2G1").await;
+    let class: ObjectClass = "EC_4P2G1".parse().unwrap();
+
+    // Many clients writing disjoint objects.
+    let mut tasks = Vec::new();
+    for w in 0..6u64 {
+        let ms = cluster.ms();
+        tasks.push(tokio::spawn(async move {
+            let c = Client::connect(vec![ms]).await.unwrap();
+            let cont = c.pool_connect("tank").await.unwrap().cont_open("ec-4p2g1").await.unwrap();
+            let a = cont.array_create(None, None).await.unwrap();
+            let data = pattern(w, 600_000 + w as usize * 1000);
+            a.write(0, Bytes::from(data.clone())).await.unwrap();
+            (a.oid(), data)
+        }));
+    }
+    for t in tasks {
+        let (oid, data) = t.await.unwrap();
+        let a = cont.array_open(oid).await.unwrap();
+        assert!(a.read(0, data.len() as u64).await.unwrap() == data[..]);
+    }
+
+    // Several clients writing the same region, aligned and not.
+    let shared = cont.array_create(Some(class), None).await.unwrap();
+    let (k, p, cell) = shared.object().ec_geometry().unwrap();
+    let stripe = k as u64 * cell;
+    let region = 8 * stripe;
+    let mut tasks = Vec::new();
+    for w in 1..=4u8 {
+        let ms = cluster.ms();
+        let oid = shared.oid();
+        tasks.push(tokio::spawn(async move {
+            let c = Client::connect(vec![ms]).await.unwrap();
+            let cont = c.pool_connect("tank").await.unwrap().cont_open("ec-4p2g1").await.unwrap();
+            let a = cont.array_open(oid).await.unwrap();
+            for round in 0..4u64 {
+                // Odd rounds write one partial stripe in the middle.
+                let (off, len) = if round % 2 == 0 { (0, region) } else { (stripe + 100, 1000) };
+                a.write(off, Bytes::from(vec![w; len as usize])).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let got = shared.read(0, region).await.unwrap();
+    for s in 0..8 {
+        let st = &got[(s * stripe) as usize..((s + 1) * stripe) as usize];
+        if s == 1 {
+            // The partial writes land inside stripe 1: every byte comes
+            // from some writer, and the bytes outside [100, 1100) from one.
+            assert!(st.iter().all(|b| (1..=4).contains(b)));
+            let outside: Vec<u8> = st[..100].iter().chain(&st[1100..]).copied().collect();
+            assert!(outside.iter().all(|b| *b == outside[0]), "stripe 1 mixes writers outside the partial write");
+        } else {
+            assert!(st.iter().all(|b| *b == st[0]) && st[0] != 0, "stripe {s} mixes writers");
+        }
+    }
+
+    // Parity on disk matches the data cells of every stripe.
+    let pool = client.pool_connect("tank").await.unwrap();
+    let addrs = pool.info().addrs;
+    let layout = shared.object().layout().unwrap();
+    let codec = shoal_client::ec::codec(k, p).unwrap();
+    for (chunk, dkey) in (0..region.div_ceil(shared.chunk_size())).map(|c| (c, c.to_be_bytes())) {
+        let group = layout.dkey_shards(&dkey);
+        let stripes_in_chunk = shared.chunk_size() / stripe;
+        for s in 0..stripes_in_chunk {
+            if (chunk * stripes_in_chunk + s) * stripe >= region {
+                break;
+            }
+            let mut cells = Vec::new();
+            for sh in group {
+                let addr = &addrs.iter().find(|(r, _)| *r == sh.rank).unwrap().1;
+                let c = shoal_client::ServerClient::tcp(addr.clone());
+                let kind = ValueKind::Array { rec_size: 1, start: s * cell, nr: cell };
+                let r = c
+                    .fetch(
+                        sh.target,
+                        cont.info().uuid,
+                        shared.oid(),
+                        &dkey,
+                        EPOCH_MAX,
+                        vec![FetchIod { akey: b"data".to_vec(), kind }],
+                    )
+                    .await
+                    .unwrap();
+                assert!(matches!(r[0].0, Fetched::Array { .. }));
+                cells.push(r[0].1.to_vec());
+            }
+            let data: Vec<&[u8]> = cells[..k as usize].iter().map(Vec::as_slice).collect();
+            assert_eq!(codec.encode(&data).unwrap(), cells[k as usize..].to_vec(), "parity of stripe {s}");
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! `shoal system|pool|cont`: administration through the management service.
+
+use clap::Subcommand;
+use serde::Serialize;
+use shoal_common::mgmt::{ContInfo, ContLayout, ContProps, MemberState, PoolInfo};
+use shoal_common::oclass::{auto_class, ObjType, ObjectClass};
+
+use crate::{out, Ctx};
+
+#[derive(Debug, Subcommand)]
+pub enum SystemCmd {
+    /// Every server: rank, address, state, targets, and pid for local ones.
+    Query,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Creates a pool over all servers (or --ranks).
+    Create {
+        label: String,
+        /// Ranks to use, comma separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        ranks: Vec<u32>,
+        /// Targets of each server to use (default: all).
+        #[arg(long, default_value_t = 0)]
+        targets_per_server: u32,
+    },
+    /// Lists pools.
+    List,
+    /// A pool's map and the space used and free on every target.
+    Query { pool: String },
+    /// Destroys a pool.
+    Destroy {
+        pool: String,
+        /// Destroy even if it holds containers.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContCmd {
+    /// Creates a container.
+    Create {
+        pool: String,
+        label: String,
+        /// Default object class (e.g. EC_4P2GX, RP_3G1, S1) or "auto".
+        #[arg(long, default_value = "auto")]
+        oclass: String,
+        /// Server failures the data must survive (0..=4).
+        #[arg(long, default_value_t = 0)]
+        rd_fac: u8,
+        /// Array chunk size (e.g. 1MiB); EC arrays round it up to whole stripes.
+        #[arg(long, default_value = "1MiB", value_parser = out::parse_size)]
+        chunk_size: u64,
+        /// EC cell size (e.g. 64KiB).
+        #[arg(long, default_value = "64KiB", value_parser = out::parse_size)]
+        cell_size: u64,
+        /// Intended layout: posix, kv, array or unknown.
+        #[arg(long, default_value = "unknown")]
+        layout: String,
+    },
+    /// Lists a pool's containers.
+    List { pool: String },
+    /// A container's properties, and the classes `auto` picks and why.
+    Query { pool: String, cont: String },
+    /// Destroys a container.
+    Destroy { pool: String, cont: String },
+}
+
+fn pid_cell(host: &str, pid: u32) -> String {
+    let me = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    if host == me {
+        pid.to_string()
+    } else {
+        "-".into()
+    }
+}
+
+pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
+    match cmd {
+        SystemCmd::Query => {
+            let q = ctx.client().await?.system_query().await?;
+            if ctx.json {
+                return out::json(&q);
+            }
+            let mut t = out::table(&["rank", "address", "state", "targets", "fault domain", "pid", "role"]);
+            for m in &q.members {
+                let state = match m.state {
+                    MemberState::Joined => "joined".to_string(),
+                    MemberState::Unresponsive => {
+                        format!("unresponsive ({}s silent)", m.silent_ms.min(u64::MAX / 2) / 1000)
+                    }
+                };
+                let role = if q.ms_rank == Some(m.rank) { "MS" } else { "" };
+                t.add_row(vec![
+                    m.rank.to_string(),
+                    m.addr.clone(),
+                    state,
+                    m.targets.to_string(),
+                    m.fault_domain.clone(),
+                    pid_cell(&m.host, m.pid),
+                    role.to_string(),
+                ]);
+            }
+            println!("{t}");
+            println!("transport: tcp (no RDMA transport is built yet)");
+            Ok(())
+        }
+    }
+}
+
+fn print_pool(p: &PoolInfo) {
+    let ranks: std::collections::BTreeSet<u32> = p.map.targets.iter().map(|t| t.rank).collect();
+    println!(
+        "pool {} ({}): {} targets on {} servers, map version {}, {} containers",
+        p.label,
+        p.uuid,
+        p.map.targets.len(),
+        ranks.len(),
+        p.map.version,
+        p.containers
+    );
+}
+
+pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
+    let client = ctx.client().await?;
+    match cmd {
+        PoolCmd::Create { label, ranks, targets_per_server } => {
+            let p = client.pool_create(&label, ranks, targets_per_server).await?;
+            if ctx.json {
+                return out::json(&p);
+            }
+            print_pool(&p);
+        }
+        PoolCmd::List => {
+            let pools = client.pool_list().await?;
+            if ctx.json {
+                return out::json(&pools);
+            }
+            let mut t = out::table(&["label", "uuid", "targets", "map version", "containers"]);
+            for p in &pools {
+                t.add_row(vec![
+                    p.label.clone(),
+                    p.uuid.to_string(),
+                    p.map.targets.len().to_string(),
+                    p.map.version.to_string(),
+                    p.containers.to_string(),
+                ]);
+            }
+            println!("{t}");
+        }
+        PoolCmd::Query { pool } => {
+            let handle = client.pool_connect(&pool).await?;
+            let p = handle.info();
+            let usage = handle.target_usage().await;
+            #[derive(Serialize)]
+            struct TargetRow {
+                rank: u32,
+                target: u32,
+                state: String,
+                data_bytes: Option<u64>,
+                free_bytes: Option<u64>,
+                error: Option<String>,
+            }
+            let rows: Vec<TargetRow> = p
+                .map
+                .targets
+                .iter()
+                .map(|t| {
+                    let u = usage.iter().find(|(r, i, _)| *r == t.rank && *i == t.index).map(|x| &x.2);
+                    let (d, f, e) = match u {
+                        Some(Ok(q)) => (Some(q.data_bytes), Some(q.free_bytes), None),
+                        Some(Err(e)) => (None, None, Some(e.to_string())),
+                        None => (None, None, Some("not queried".into())),
+                    };
+                    TargetRow {
+                        rank: t.rank,
+                        target: t.index,
+                        state: t.state.to_string(),
+                        data_bytes: d,
+                        free_bytes: f,
+                        error: e,
+                    }
+                })
+                .collect();
+            if ctx.json {
+                #[derive(Serialize)]
+                struct Q<'a> {
+                    pool: &'a PoolInfo,
+                    targets: &'a [TargetRow],
+                }
+                return out::json(&Q { pool: &p, targets: &rows });
+            }
+            print_pool(&p);
+            let mut t = out::table(&["rank", "target", "state", "used", "free"]);
+            for r in &rows {
+                t.add_row(vec![
+                    r.rank.to_string(),
+                    r.target.to_string(),
+                    r.state.clone(),
+                    r.data_bytes.map_or_else(|| r.error.clone().unwrap_or_default(), out::size),
+                    r.free_bytes.map_or("-".into(), out::size),
+                ]);
+            }
+            println!("{t}");
+        }
+        PoolCmd::Destroy { pool, force } => {
+            client.pool_destroy(&pool, force).await?;
+            if !ctx.json {
+                println!("pool {pool} destroyed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `auto` picks for each object type in this container, and why.
+fn auto_choices(c: &ContInfo, domains: u32) -> Vec<(String, String)> {
+    [ObjType::Array, ObjType::Kv, ObjType::Multi]
+        .into_iter()
+        .map(|ty| match &c.props.oclass {
+            Some(name) => (ty.to_string(), format!("{name} (the container's default class)")),
+            None => match auto_class(c.props.rd_fac, domains, ty) {
+                Ok((class, why)) => (ty.to_string(), format!("{class}: {why}")),
+                Err(e) => (ty.to_string(), format!("none: {e}")),
+            },
+        })
+        .collect()
+}
+
+pub async fn cont(ctx: &Ctx, cmd: ContCmd) -> anyhow::Result<()> {
+    let client = ctx.client().await?;
+    match cmd {
+        ContCmd::Create { pool, label, oclass, rd_fac, chunk_size, cell_size, layout } => {
+            let oclass = if oclass == "auto" {
+                None
+            } else {
+                Some(oclass.parse::<ObjectClass>().map_err(|e| anyhow::anyhow!("--oclass: {e}"))?.to_string())
+            };
+            let layout = match layout.as_str() {
+                "posix" => ContLayout::Posix,
+                "kv" => ContLayout::Kv,
+                "array" => ContLayout::Array,
+                "unknown" => ContLayout::Unknown,
+                other => anyhow::bail!("--layout {other:?}: expected posix, kv, array or unknown"),
+            };
+            let cell_size = u32::try_from(cell_size).map_err(|_| anyhow::anyhow!("--cell-size is too large"))?;
+            let props = ContProps { rd_fac, oclass, cell_size, chunk_size, layout };
+            let handle = client.pool_connect(&pool).await?;
+            let c = handle.cont_create(&label, props).await?;
+            if ctx.json {
+                return out::json(&c);
+            }
+            println!("container {} ({}) created in pool {}", c.label, c.uuid, handle.info().label);
+        }
+        ContCmd::List { pool } => {
+            let conts = client.pool_connect(&pool).await?.cont_list().await?;
+            if ctx.json {
+                return out::json(&conts);
+            }
+            let mut t = out::table(&["label", "uuid", "rd_fac", "oclass", "health"]);
+            for c in &conts {
+                t.add_row(vec![
+                    c.label.clone(),
+                    c.uuid.to_string(),
+                    c.props.rd_fac.to_string(),
+                    c.props.oclass.clone().unwrap_or_else(|| "auto".into()),
+                    format!("{:?}", c.health).to_uppercase(),
+                ]);
+            }
+            println!("{t}");
+        }
+        ContCmd::Query { pool, cont } => {
+            let handle = client.pool_connect(&pool).await?;
+            let c = handle.cont_query(&cont).await?;
+            let choices = auto_choices(&c, handle.info().map.domains());
+            if ctx.json {
+                #[derive(Serialize)]
+                struct Q<'a> {
+                    container: &'a ContInfo,
+                    classes: &'a [(String, String)],
+                }
+                return out::json(&Q { container: &c, classes: &choices });
+            }
+            let mut t = out::table(&["property", "value"]);
+            t.add_row(vec!["label".to_string(), c.label.clone()]);
+            t.add_row(vec!["uuid".to_string(), c.uuid.to_string()]);
+            t.add_row(vec!["pool".to_string(), c.pool.to_string()]);
+            t.add_row(vec!["health".to_string(), format!("{:?}", c.health).to_uppercase()]);
+            t.add_row(vec!["rd_fac".to_string(), c.props.rd_fac.to_string()]);
+            t.add_row(vec!["oclass".to_string(), c.props.oclass.clone().unwrap_or_else(|| "auto".into())]);
+            t.add_row(vec!["cell size".to_string(), out::size(c.props.cell_size as u64)]);
+            t.add_row(vec!["chunk size".to_string(), out::size(c.props.chunk_size)]);
+            t.add_row(vec!["layout".to_string(), format!("{:?}", c.props.layout).to_lowercase()]);
+            t.add_row(vec!["objects allocated".to_string(), c.oids_allocated.to_string()]);
+            for (ty, why) in &choices {
+                t.add_row(vec![format!("class for {ty} objects"), why.clone()]);
+            }
+            println!("{t}");
+        }
+        ContCmd::Destroy { pool, cont } => {
+            let c = client.pool_connect(&pool).await?.cont_destroy(&cont).await?;
+            if !ctx.json {
+                println!("container {} ({}) destroyed", c.label, c.uuid);
+            }
+        }
+    }
+    Ok(())
+}
