@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use shoal_common::mgmt::{
     ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContProps, ContQueryReq, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply, SystemQueryReq,
+    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply, SystemQueryReq,
 };
 use shoal_common::msg::{Rpc, TargetQueryReply, TargetQueryReq};
 use shoal_common::oclass::{auto_class, make_oid, oid_class, ObjType, ObjectClass};
@@ -101,6 +101,11 @@ impl Client {
     /// Destroys a pool by label or UUID. Not cancel safe.
     pub async fn pool_destroy(&self, name: &str, force: bool) -> Result<()> {
         self.ms_call(&PoolDestroyReq { pool: name.into(), force }).await
+    }
+
+    /// Adds servers to a pool (their targets join as NEW). Not cancel safe.
+    pub async fn pool_extend(&self, name: &str, ranks: Vec<u32>) -> Result<PoolInfo> {
+        self.ms_call(&PoolExtendReq { pool: name.into(), ranks }).await
     }
 
     /// Every pool. Cancel safe.

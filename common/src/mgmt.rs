@@ -192,6 +192,29 @@ impl Rpc for PoolDestroyReq {
     }
 }
 
+/// Adds servers to a pool. Their targets join the map as NEW (not yet
+/// used for placement; a later rebalance brings them in) and the map
+/// version goes up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolExtendReq {
+    pub pool: Name,
+    pub ranks: Vec<u32>,
+}
+
+impl Rpc for PoolExtendReq {
+    const OP: Opcode = Opcode::PoolExtend;
+    type Reply = PoolInfo;
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        no_segments(segments)?;
+        check_name("pool", &self.pool)?;
+        if self.ranks.is_empty() {
+            return Err(ShoalError::invalid("name at least one rank to add"));
+        }
+        Ok(())
+    }
+}
+
 /// Lists pools.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolListReq {}

@@ -18,7 +18,7 @@ use shoal_common::hlc::epoch_to_ns;
 use shoal_common::limits::MAX_SEGMENT;
 use shoal_common::mgmt::{
     ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolListReq, PoolQueryReq, SystemQueryReq,
+    PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, SystemQueryReq,
 };
 use shoal_common::msg::{
     decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
@@ -170,6 +170,7 @@ impl Service {
             }
             Opcode::PoolCreate => self.run_ms::<PoolCreateReq>(&frame, |ms, r| ms.pool_create(r)).await,
             Opcode::PoolDestroy => self.run_ms::<PoolDestroyReq>(&frame, |ms, r| ms.pool_destroy(r)).await,
+            Opcode::PoolExtend => self.run_ms::<PoolExtendReq>(&frame, |ms, r| ms.pool_extend(r)).await,
             Opcode::PoolList => self.run_ms::<PoolListReq>(&frame, |ms, r| ms.pool_list(r)).await,
             Opcode::PoolQuery => self.run_ms::<PoolQueryReq>(&frame, |ms, r| ms.pool_query(r)).await,
             Opcode::ContCreate => self.run_ms::<ContCreateReq>(&frame, |ms, r| ms.cont_create(r)).await,

@@ -25,6 +25,13 @@ pub enum PoolCmd {
         #[arg(long, default_value_t = 0)]
         targets_per_server: u32,
     },
+    /// Adds servers to a pool; their targets join the map as NEW.
+    Extend {
+        pool: String,
+        /// Ranks to add, comma separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ranks: Vec<u32>,
+    },
     /// Lists pools.
     List,
     /// A pool's map and the space used and free on every target.
@@ -128,6 +135,13 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
     match cmd {
         PoolCmd::Create { label, ranks, targets_per_server } => {
             let p = client.pool_create(&label, ranks, targets_per_server).await?;
+            if ctx.json {
+                return out::json(&p);
+            }
+            print_pool(&p);
+        }
+        PoolCmd::Extend { pool, ranks } => {
+            let p = client.pool_extend(&pool, ranks).await?;
             if ctx.json {
                 return out::json(&p);
             }

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use shoal_common::mgmt::{
     ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq, HeartbeatReply, HeartbeatReq, JoinReply,
-    JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq, PoolDestroyReq, PoolInfo, PoolListReq,
-    PoolQueryReq, SystemQueryReply,
+    JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolInfo,
+    PoolListReq, PoolQueryReq, SystemQueryReply,
 };
 use shoal_common::{ContId, PoolId, Result, ShoalError};
 use tracing::info;
@@ -151,6 +151,14 @@ impl Ms {
     pub fn pool_destroy(&self, req: PoolDestroyReq) -> Result<()> {
         let pool = self.read(|s| s.find_pool(&req.pool))?;
         self.propose(Command::PoolDestroy { pool, force: req.force }).map(|_| ())
+    }
+
+    pub fn pool_extend(&self, req: PoolExtendReq) -> Result<PoolInfo> {
+        let pool = self.read(|s| s.find_pool(&req.pool))?;
+        match self.propose(Command::PoolExtend { pool, ranks: req.ranks })? {
+            Outcome::Pool(p) => Ok(p),
+            o => Err(ShoalError::Internal(format!("pool extend produced {o:?}"))),
+        }
     }
 
     pub fn pool_list(&self, _req: PoolListReq) -> Result<Vec<PoolInfo>> {

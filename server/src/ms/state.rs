@@ -19,6 +19,7 @@ pub enum Command {
     Join(JoinReq),
     PoolCreate { uuid: PoolId, label: String, ranks: Vec<u32>, targets_per_server: u32 },
     PoolDestroy { pool: PoolId, force: bool },
+    PoolExtend { pool: PoolId, ranks: Vec<u32> },
     ContCreate { pool: PoolId, uuid: ContId, label: String, props: ContProps },
     ContDestroy { pool: PoolId, cont: ContId },
     OidAlloc { pool: PoolId, cont: ContId, count: u64 },
@@ -104,6 +105,23 @@ impl MsState {
                 }
                 self.pools.remove(pool);
                 Ok(Outcome::Done)
+            }
+            Command::PoolExtend { pool, ranks } => {
+                for r in ranks {
+                    let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?.clone();
+                    let p = self.pool_mut(*pool)?;
+                    if p.map.targets.iter().any(|t| t.rank == *r) {
+                        return Err(ShoalError::invalid(format!("rank {r} is in pool {} already", p.label)));
+                    }
+                    p.map.targets.extend((0..m.targets).map(|index| PoolTarget {
+                        rank: *r,
+                        index,
+                        state: TargetState::New,
+                    }));
+                }
+                let p = self.pool_mut(*pool)?;
+                p.map.version += 1;
+                self.pool_info(*pool).map(Outcome::Pool)
             }
             Command::ContCreate { pool, uuid, label, props } => {
                 self.cont_create(*pool, *uuid, label, props).map(Outcome::Cont)
@@ -368,6 +386,12 @@ mod tests {
         };
         assert_eq!((a, b), (FIRST_USER_SEQ, FIRST_USER_SEQ + 10));
         assert!(s.apply(&Command::PoolDestroy { pool: PoolId(7), force: false }).is_err());
+        join(&mut s, 3);
+        let Outcome::Pool(p) = s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![3] }).unwrap() else {
+            panic!()
+        };
+        assert_eq!((p.map.version, p.map.targets.len()), (2, 8));
+        assert!(s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![3] }).is_err(), "already in");
         s.apply(&Command::ContDestroy { pool: PoolId(7), cont: ContId(1) }).unwrap();
         s.apply(&Command::PoolDestroy { pool: PoolId(7), force: false }).unwrap();
         assert!(s.pools.is_empty());
