@@ -5,7 +5,11 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use shoal_common::msg::{decode_request, FetchReq, ListReq, PingReq, PunchReq, TargetQueryReq, UpdateReq};
+use shoal_common::mgmt::{
+    ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq, PoolCreateReq,
+    PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, SystemQueryReq,
+};
+use shoal_common::msg::{decode_reply, decode_request, FetchReq, ListReq, PingReq, PunchReq, TargetQueryReq, UpdateReq};
 use shoal_common::wire::FrameDecoder;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,5 +25,20 @@ fuzz_target!(|data: &[u8]| {
         let _ = decode_request::<PunchReq>(&frame);
         let _ = decode_request::<ListReq>(&frame);
         let _ = decode_request::<TargetQueryReq>(&frame);
+        let _ = decode_request::<JoinReq>(&frame);
+        let _ = decode_request::<HeartbeatReq>(&frame);
+        let _ = decode_request::<SystemQueryReq>(&frame);
+        let _ = decode_request::<PoolCreateReq>(&frame);
+        let _ = decode_request::<PoolDestroyReq>(&frame);
+        let _ = decode_request::<PoolExtendReq>(&frame);
+        let _ = decode_request::<PoolListReq>(&frame);
+        let _ = decode_request::<PoolQueryReq>(&frame);
+        let _ = decode_request::<ContCreateReq>(&frame);
+        let _ = decode_request::<ContDestroyReq>(&frame);
+        let _ = decode_request::<ContListReq>(&frame);
+        let _ = decode_request::<ContQueryReq>(&frame);
+        let _ = decode_request::<OidAllocReq>(&frame);
+        let _ = decode_reply::<shoal_common::mgmt::PoolInfo>(&frame);
+        let _ = decode_reply::<shoal_common::msg::FetchReply>(&frame);
     }
 });

@@ -223,6 +223,18 @@ async fn concurrent_writers_leave_consistent_stripes() {
         assert!(a.read(0, data.len() as u64).await.unwrap() == data[..]);
     }
 
+    // Parallel writes to one array: the size ends at the largest end, even
+    // though the writes' epochs reach the servers out of order.
+    let a = cont.array_create(None, None).await.unwrap();
+    let writes = (0..32u64).map(|i| {
+        let a = a.clone();
+        async move { a.write(i * 100_000, Bytes::from(pattern(i, 100_000))).await }
+    });
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+    assert_eq!(a.size().await.unwrap(), 3_200_000);
+
     // Several clients writing the same region, aligned and not.
     let shared = cont.array_create(Some(class), None).await.unwrap();
     let (k, p, cell) = shared.object().ec_geometry().unwrap();

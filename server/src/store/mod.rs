@@ -291,7 +291,7 @@ impl Writer {
         let mut accepted = Vec::with_capacity(group.len());
         // Values of max-u64 akeys written earlier in this group, which the
         // database does not show yet.
-        let mut maxes: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut maxes: HashMap<Vec<u8>, (u64, Epoch)> = HashMap::new();
         for job in group {
             let mut staged = Vec::new();
             let mut new_maxes = Vec::new();
@@ -331,8 +331,8 @@ impl Writer {
         m: &Mutation,
         staged: &mut Vec<Staged>,
         free: &mut u64,
-        maxes: &HashMap<Vec<u8>, u64>,
-        new_maxes: &mut Vec<(Vec<u8>, u64)>,
+        maxes: &HashMap<Vec<u8>, (u64, Epoch)>,
+        new_maxes: &mut Vec<(Vec<u8>, (u64, Epoch))>,
     ) -> Result<Epoch> {
         match m {
             Mutation::Punch { cont, oid, epoch, dkey, akey } => {
@@ -363,14 +363,18 @@ impl Writer {
                                     .try_into()
                                     .map_err(|_| ShoalError::invalid("a max-u64 value is exactly 8 bytes"))?,
                             );
-                            let current = match maxes.get(&akp) {
+                            let (current, newest) = match maxes.get(&akp) {
                                 Some(v) => *v,
                                 None => self.stored_u64(*cont, *oid, dkey, &iod.akey)?,
                             };
-                            let v = current.max(given);
+                            // A version newer than this update may exist
+                            // (epochs from concurrent writers arrive out of
+                            // order): raise that one instead, or a read of
+                            // the latest would miss this maximum.
+                            let (v, at) = (current.max(given), newest.max(*epoch));
                             let rec = self.store_bytes(&Bytes::copy_from_slice(&v.to_le_bytes()), 0)?;
-                            staged.push((CF_VALUES, keys::single_key(&akp, *epoch), rec.encode()));
-                            new_maxes.push((akp, v));
+                            staged.push((CF_VALUES, keys::single_key(&akp, at), rec.encode()));
+                            new_maxes.push((akp, (v, at)));
                         }
                         ValueKind::Array { rec_size, start, .. } => {
                             let mut s = start * rec_size as u64;
@@ -391,14 +395,17 @@ impl Writer {
         }
     }
 
-    /// The newest visible value of a max-u64 akey (0 when none).
-    fn stored_u64(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8]) -> Result<u64> {
+    /// The newest visible value of a max-u64 akey and its epoch (0, 0 when
+    /// none).
+    fn stored_u64(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8]) -> Result<(u64, Epoch)> {
         let iod = FetchIod { akey: akey.to_vec(), kind: ValueKind::Single };
         let (f, data) = View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, EPOCH_MAX, &[iod])?;
         match (&f[0], data[0].len()) {
-            (Fetched::Missing, _) => Ok(0),
-            (_, 8) => Ok(u64::from_le_bytes(data[0][..].try_into().expect("8 bytes"))),
-            (_, n) => Err(ShoalError::invalid(format!("akey holds a {n}-byte value, not a max-u64"))),
+            (Fetched::Single { epoch }, 8) => Ok((u64::from_le_bytes(data[0][..].try_into().expect("8 bytes")), *epoch)),
+            (Fetched::Single { .. }, n) => {
+                Err(ShoalError::invalid(format!("akey holds a {n}-byte value, not a max-u64")))
+            }
+            _ => Ok((0, 0)),
         }
     }
 

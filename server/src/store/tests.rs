@@ -341,6 +341,10 @@ fn max_u64_values_only_grow_even_within_one_group() {
     assert_eq!(get(), 10);
     put(5, 5).blocking_recv().unwrap().unwrap();
     assert_eq!(get(), 10);
+    // A larger value stamped with an older epoch than the newest version
+    // still shows in the latest read.
+    put(3, 99).blocking_recv().unwrap().unwrap();
+    assert_eq!(get(), 99);
 }
 
 #[cfg(feature = "failpoints")]
