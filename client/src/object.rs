@@ -540,7 +540,7 @@ impl Object {
         s0: u64,
         s1: u64,
         epoch: Epoch,
-    ) -> Result<Vec<Vec<u8>>> {
+    ) -> Result<Vec<Bytes>> {
         let (k, p, cell) = geo;
         let (k, n) = (k as usize, (k + p) as usize);
         let fetch_shard = |j: usize| {
@@ -558,8 +558,8 @@ impl Object {
                         .into_iter()
                         .zip(segs)
                         .map(|(f, b)| match f {
-                            Fetched::Array { epoch, .. } if b.len() as u64 == cell => (epoch, b.to_vec()),
-                            _ => (0, vec![0u8; cell as usize]),
+                            Fetched::Array { epoch, .. } if b.len() as u64 == cell => (epoch, b),
+                            _ => (0, Bytes::from(vec![0u8; cell as usize])),
                         })
                         .collect::<Vec<_>>(),
                 )
@@ -568,16 +568,20 @@ impl Object {
         let mut attempt = 0;
         loop {
             let data_cells = join_all((0..k).map(fetch_shard)).await;
-            let mut parity_cells: Option<Vec<Result<Vec<(Epoch, Vec<u8>)>>>> = None;
+            let mut parity_cells: Option<Vec<Result<Vec<(Epoch, Bytes)>>>> = None;
             let mut out = Vec::with_capacity((s1 - s0) as usize);
             let mut torn = false;
             for (i, _) in (s0..s1).enumerate() {
-                let present: Vec<Option<&(Epoch, Vec<u8>)>> =
+                let present: Vec<Option<&(Epoch, Bytes)>> =
                     data_cells.iter().map(|r| r.as_ref().ok().map(|v| &v[i])).collect();
                 if present.iter().all(Option::is_some) {
                     let e0 = present[0].map(|c| c.0);
                     if present.iter().all(|c| c.map(|c| c.0) == e0) {
-                        out.push(present.iter().flat_map(|c| c.map(|c| c.1.clone()).unwrap_or_default()).collect());
+                        let mut stripe = BytesMut::with_capacity(k * cell as usize);
+                        for c in present.iter().flatten() {
+                            stripe.extend_from_slice(&c.1);
+                        }
+                        out.push(stripe.freeze());
                         continue;
                     }
                     torn = true;
@@ -588,7 +592,7 @@ impl Object {
                     parity_cells = Some(join_all((k..n).map(fetch_shard)).await);
                 }
                 let parity = parity_cells.as_ref().expect("fetched above");
-                let cells: Vec<Option<(Epoch, Vec<u8>)>> =
+                let cells: Vec<Option<(Epoch, Bytes)>> =
                     data_cells.iter().chain(parity.iter()).map(|r| r.as_ref().ok().map(|v| v[i].clone())).collect();
                 let mut epochs: Vec<Epoch> = cells.iter().flatten().map(|c| c.0).collect();
                 epochs.sort_unstable_by(|a, b| b.cmp(a));
@@ -612,9 +616,13 @@ impl Object {
                     )));
                 };
                 let mut shards: Vec<Option<Vec<u8>>> =
-                    cells.into_iter().map(|c| c.and_then(|(ce, d)| (ce == e).then_some(d))).collect();
+                    cells.into_iter().map(|c| c.and_then(|(ce, d)| (ce == e).then(|| d.to_vec()))).collect();
                 codec(k as u32, p)?.reconstruct(&mut shards)?;
-                out.push(shards.into_iter().take(k).flat_map(|c| c.unwrap_or_default()).collect());
+                let mut stripe = BytesMut::with_capacity(k * cell as usize);
+                for c in shards.iter().take(k).flatten() {
+                    stripe.extend_from_slice(c);
+                }
+                out.push(stripe.freeze());
             }
             if !torn {
                 return Ok(out);

@@ -8,10 +8,10 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use shoal_common::msg::{FetchIod, UpdateIod, ValueKind};
-use shoal_common::{ContId, Oid, EPOCH_MAX};
 use shoal_common::mgmt::ContProps;
+use shoal_common::msg::{FetchIod, UpdateIod, ValueKind};
 use shoal_common::oclass::ObjectClass;
+use shoal_common::{ContId, Oid, EPOCH_MAX};
 use shoal_tools::local::{LocalCluster, LocalServer};
 use tokio::task::JoinSet;
 

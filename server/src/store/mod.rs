@@ -401,7 +401,9 @@ impl Writer {
         let iod = FetchIod { akey: akey.to_vec(), kind: ValueKind::Single };
         let (f, data) = View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, EPOCH_MAX, &[iod])?;
         match (&f[0], data[0].len()) {
-            (Fetched::Single { epoch }, 8) => Ok((u64::from_le_bytes(data[0][..].try_into().expect("8 bytes")), *epoch)),
+            (Fetched::Single { epoch }, 8) => {
+                Ok((u64::from_le_bytes(data[0][..].try_into().expect("8 bytes")), *epoch))
+            }
             (Fetched::Single { .. }, n) => {
                 Err(ShoalError::invalid(format!("akey holds a {n}-byte value, not a max-u64")))
             }
