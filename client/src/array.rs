@@ -5,9 +5,9 @@
 //! classes the chunk size is rounded up to a whole number of stripes
 //! (k x cell), so a chunk-aligned write never pays for read-modify-write.
 //! The array's metadata lives under dkey `meta` (4 bytes, so it never
-//! collides with a chunk): akey `chunk` holds the chunk size, akey `size`
-//! the size, raised atomically by every write (max), lowered only by
-//! `set_size`.
+//! collides with a chunk): akey `chunk` holds the chunk size, akey `cell`
+//! the EC cell size, akey `size` the size, raised atomically by every write
+//! (max), lowered only by `set_size`.
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -17,6 +17,7 @@ use crate::object::Object;
 
 const META: &[u8] = b"meta";
 const CHUNK: &[u8] = b"chunk";
+const CELL: &[u8] = b"cell";
 const SIZE: &[u8] = b"size";
 const DATA: &[u8] = b"data";
 /// Chunks written or read at once by one call.
@@ -37,12 +38,19 @@ fn u64_of(v: &Bytes, what: &str) -> Result<u64> {
 impl Array {
     /// Creates the array's metadata: the chunk size, aligned to whole
     /// stripes for EC classes. Not cancel safe.
-    pub(crate) async fn create(obj: Object, chunk: u64) -> Result<Array> {
-        if chunk == 0 {
-            return Err(ShoalError::invalid("chunk size must be at least one byte"));
+    pub(crate) async fn create(obj: Object, chunk: u64, cell: Option<u64>) -> Result<Array> {
+        if chunk == 0 || chunk > 1 << 30 {
+            return Err(ShoalError::invalid(format!("chunk size {chunk} must be between 1 byte and 1GiB")));
         }
+        let obj = match cell {
+            Some(c) => obj.with_cell_size(c)?,
+            None => obj,
+        };
         let chunk = match obj.ec_geometry() {
-            Some((k, _, cell)) => chunk.div_ceil(k as u64 * cell) * (k as u64 * cell),
+            Some((k, _, cell)) => {
+                obj.update_single(META, CELL, Bytes::copy_from_slice(&cell.to_le_bytes())).await?;
+                chunk.div_ceil(k as u64 * cell) * (k as u64 * cell)
+            }
             None => chunk,
         };
         obj.update_single(META, CHUNK, Bytes::copy_from_slice(&chunk.to_le_bytes())).await?;
@@ -58,6 +66,13 @@ impl Array {
         if chunk == 0 {
             return Err(ShoalError::Io(format!("array {} has a zero chunk size", obj.oid())));
         }
+        let obj = match obj.ec_geometry() {
+            Some(_) => match obj.fetch_single(META, CELL, EPOCH_MAX).await? {
+                Some(v) => obj.with_cell_size(u64_of(&v, "cell size")?)?,
+                None => return Err(ShoalError::Io(format!("EC array {} has no cell size", obj.oid()))),
+            },
+            None => obj,
+        };
         Ok(Array { obj, chunk })
     }
 

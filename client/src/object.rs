@@ -8,7 +8,7 @@
 //! - `S*` classes: one shard per group holds everything.
 //! - `RP_n*`: every replica gets every write, with one epoch, before the
 //!   write is acknowledged; a read takes the first replica that answers.
-//! - `EC_kPp*`: extents are striped in cells of the container's cell size.
+//! - `EC_kPp*`: extents are striped in cells of the object's cell size.
 //!   Cell `j` of stripe `s` lives on shard `j` at bytes `[s*cell, (s+1)*cell)`
 //!   of that shard's extent; parity cells on shards `k..k+p`. Full stripes
 //!   are encoded and written directly; a partial stripe is read, merged and
@@ -61,13 +61,16 @@ pub struct Object {
     cont: Arc<ContInner>,
     oid: Oid,
     class: ObjectClass,
+    /// EC cell size; the container's unless the object chose its own.
+    cell: u64,
 }
 
 impl Object {
     pub(crate) fn new(cont: Arc<ContInner>, oid: Oid) -> Result<Object> {
         let class =
             oid_class(oid).ok_or_else(|| ShoalError::invalid(format!("object id {oid} names no object class")))?;
-        Ok(Object { cont, oid, class })
+        let cell = cont.info.props.cell_size as u64;
+        Ok(Object { cont, oid, class, cell })
     }
 
     /// The object's id.
@@ -83,9 +86,20 @@ impl Object {
     /// The EC geometry (k, p, cell bytes), for EC classes.
     pub fn ec_geometry(&self) -> Option<(u32, u32, u64)> {
         match self.class.redundancy {
-            Redundancy::Ec { k, p } => Some((k as u32, p as u32, self.cont.info.props.cell_size as u64)),
+            Redundancy::Ec { k, p } => Some((k as u32, p as u32, self.cell)),
             _ => None,
         }
+    }
+
+    /// Uses `cell` bytes as this object's EC cell size instead of the
+    /// container's. Every handle on the object must use the same cell size
+    /// (the array API keeps it in the array's metadata).
+    pub fn with_cell_size(mut self, cell: u64) -> Result<Object> {
+        if !(4096..=(16 << 20)).contains(&cell) || !cell.is_power_of_two() {
+            return Err(ShoalError::invalid(format!("cell size {cell} must be a power of two between 4KiB and 16MiB")));
+        }
+        self.cell = cell;
+        Ok(self)
     }
 
     /// The object's current layout (for tools and tests).

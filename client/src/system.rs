@@ -336,11 +336,22 @@ impl Container {
         Ok(Kv::new(self.object(oid)?))
     }
 
-    /// Creates an array object with the given class, cell size (EC) and
-    /// chunk size, defaulting to the container's. Not cancel safe.
+    /// Creates an array object with the given class and chunk size,
+    /// defaulting to the container's. Not cancel safe.
     pub async fn array_create(&self, class: Option<ObjectClass>, chunk_size: Option<u64>) -> Result<Array> {
+        self.array_create_with(class, chunk_size, None).await
+    }
+
+    /// Creates an array object choosing class, chunk size and EC cell size
+    /// (each defaulting to the container's). Not cancel safe.
+    pub async fn array_create_with(
+        &self,
+        class: Option<ObjectClass>,
+        chunk_size: Option<u64>,
+        cell_size: Option<u64>,
+    ) -> Result<Array> {
         let oid = self.alloc_oid(ObjType::Array, class).await?;
-        Array::create(self.object(oid)?, chunk_size.unwrap_or(self.inner.info.props.chunk_size)).await
+        Array::create(self.object(oid)?, chunk_size.unwrap_or(self.inner.info.props.chunk_size), cell_size).await
     }
 
     /// Opens an array object. Cancel safe.

@@ -70,8 +70,9 @@ async fn fill(cont: &Container, class: ObjectClass, seed: u64) -> Written {
     let mut m = Vec::new();
     write(&a, &mut m, 0, pattern(seed + 100, 3 * chunk)).await;
     arrays.push((a, m));
-    // Unaligned, crossing chunks and stripes.
-    let a = cont.array_create(Some(class), None).await.unwrap();
+    // Unaligned, crossing chunks and stripes, with its own EC cell size.
+    let a = cont.array_create_with(Some(class), None, Some(8192)).await.unwrap();
+    let a = cont.array_open(a.oid()).await.unwrap();
     let mut m = Vec::new();
     write(&a, &mut m, 12_345, pattern(seed + 101, 700_001)).await;
     arrays.push((a, m));

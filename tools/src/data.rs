@@ -58,6 +58,9 @@ pub enum ArrayCmd {
         /// Chunk size for a new array (default: the container's).
         #[arg(long, value_parser = out::parse_size)]
         chunk_size: Option<u64>,
+        /// EC cell size for a new array (default: the container's).
+        #[arg(long, value_parser = out::parse_size)]
+        cell_size: Option<u64>,
     },
     /// Reads the array into FILE (or stdout).
     Read {
@@ -170,12 +173,12 @@ pub async fn kv(ctx: &Ctx, cmd: KvCmd) -> anyhow::Result<()> {
 
 pub async fn array(ctx: &Ctx, cmd: ArrayCmd) -> anyhow::Result<()> {
     match cmd {
-        ArrayCmd::Write { pool, cont, obj, file, offset, oclass, chunk_size } => {
+        ArrayCmd::Write { pool, cont, obj, file, offset, oclass, chunk_size, cell_size } => {
             let cont = open_cont(ctx, &pool, &cont).await?;
             let array = match find_array(&cont, &obj).await? {
                 Some(a) => a,
                 None => {
-                    let a = cont.array_create(parse_class(&oclass)?, chunk_size).await?;
+                    let a = cont.array_create_with(parse_class(&oclass)?, chunk_size, cell_size).await?;
                     cont.name_put(&obj, a.oid()).await?;
                     a
                 }
@@ -249,6 +252,7 @@ pub async fn array(ctx: &Ctx, cmd: ArrayCmd) -> anyhow::Result<()> {
                 oid: String,
                 class: String,
                 chunk_size: u64,
+                cell_size: Option<u64>,
                 size: u64,
                 groups: usize,
                 shards_per_group: usize,
@@ -258,6 +262,7 @@ pub async fn array(ctx: &Ctx, cmd: ArrayCmd) -> anyhow::Result<()> {
                 oid: array.oid().to_string(),
                 class: array.object().class().to_string(),
                 chunk_size: array.chunk_size(),
+                cell_size: array.object().ec_geometry().map(|g| g.2),
                 size: array.size().await?,
                 groups: layout.groups.len(),
                 shards_per_group: layout.groups.first().map_or(0, Vec::len),
@@ -269,6 +274,9 @@ pub async fn array(ctx: &Ctx, cmd: ArrayCmd) -> anyhow::Result<()> {
             t.add_row(vec!["oid".to_string(), st.oid]);
             t.add_row(vec!["class".to_string(), st.class]);
             t.add_row(vec!["chunk size".to_string(), out::size(st.chunk_size)]);
+            if let Some(c) = st.cell_size {
+                t.add_row(vec!["EC cell size".to_string(), out::size(c)]);
+            }
             t.add_row(vec!["size".to_string(), format!("{} ({} bytes)", out::size(st.size), st.size)]);
             t.add_row(vec!["layout".to_string(), format!("{} groups of {} shards", st.groups, st.shards_per_group)]);
             println!("{t}");

@@ -1,0 +1,116 @@
+//! The `shoal` command line against a real dev cluster: `dev up`, pools,
+//! containers, KV and array commands, clear errors, `dev down`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn shoal_bin() -> PathBuf {
+    shoal_tests::server_bin().with_file_name("shoal")
+}
+
+struct Cli {
+    cluster_file: PathBuf,
+}
+
+impl Cli {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(shoal_bin())
+            .args(args)
+            .env("SHOAL_CLUSTER", &self.cluster_file)
+            .env_remove("SHOAL_MS")
+            .output()
+            .expect("run shoal")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(o.status.success(), "shoal {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).expect("utf-8 output")
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(!o.status.success(), "shoal {args:?} should fail");
+        String::from_utf8(o.stderr).expect("utf-8 output")
+    }
+}
+
+impl Drop for Cli {
+    /// Stops the dev cluster even when an assertion failed half-way.
+    fn drop(&mut self) {
+        if self.cluster_file.exists() {
+            let _ = self.run(&["dev", "down"]);
+        }
+    }
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn the_cli_drives_a_dev_cluster_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cli = Cli { cluster_file: tmp.path().join("cluster.json") };
+    let dir = tmp.path().join("dev");
+    let dir_s = dir.to_str().unwrap();
+
+    assert!(cli.fails(&["system", "query"]).contains("shoal dev up"));
+    let up = json(&cli.ok(&["dev", "up", "--servers", "4", "--targets", "1", "--dir", dir_s, "--json"]));
+    assert_eq!(up["servers"].as_array().unwrap().len(), 4);
+    assert!(cli.fails(&["dev", "up", "--dir", dir_s]).contains("already running"));
+
+    let sys = json(&cli.ok(&["system", "query", "--json"]));
+    assert_eq!(sys["members"].as_array().unwrap().len(), 4);
+    assert!(cli.ok(&["system", "query"]).contains("MS"));
+
+    cli.ok(&["pool", "create", "tank"]);
+    assert!(cli.fails(&["pool", "create", "tank"]).contains("exists already"));
+    let pools = json(&cli.ok(&["pool", "list", "--json"]));
+    assert_eq!(pools[0]["label"], "tank");
+    let q = cli.ok(&["pool", "query", "tank"]);
+    assert!(q.contains("UPIN"), "{q}");
+
+    cli.ok(&["cont", "create", "tank", "c", "--rd-fac", "1"]);
+    let e = cli.fails(&["cont", "create", "tank", "bad", "--oclass", "EC_8P2G1"]);
+    assert!(e.contains("needs 10 fault domains") && e.contains("classes that fit"), "{e}");
+    assert!(cli.fails(&["cont", "create", "tank", "bad", "--oclass", "RP_9G1"]).contains("valid classes"));
+    assert!(cli.fails(&["cont", "query", "tank", "nope"]).contains("no container labelled"));
+    assert!(cli.fails(&["cont", "list", "nopool"]).contains("no pool is labelled"));
+    let cq = json(&cli.ok(&["cont", "query", "tank", "c", "--json"]));
+    assert_eq!(cq["container"]["props"]["rd_fac"], 1);
+    let why = cq["classes"].to_string();
+    assert!(why.contains("EC_2P1GX") && why.contains("RP_2GX"), "{why}");
+
+    cli.ok(&["kv", "put", "tank", "c", "conf", "colour", "blue"]);
+    assert_eq!(cli.ok(&["kv", "get", "tank", "c", "conf", "colour"]), "blue");
+    cli.ok(&["kv", "put", "tank", "c", "conf", "size", "large"]);
+    let keys = json(&cli.ok(&["kv", "ls", "tank", "c", "conf", "--json"]));
+    assert_eq!(keys, serde_json::json!(["size", "colour"]));
+    cli.ok(&["kv", "rm", "tank", "c", "conf", "size"]);
+    assert!(cli.fails(&["kv", "get", "tank", "c", "conf", "size"]).contains("no key"));
+    assert!(cli.fails(&["kv", "get", "tank", "c", "missing", "k"]).contains("no KV object"));
+
+    let input = tmp.path().join("in.bin");
+    let data = shoal_tests::pattern(9, 3_000_017);
+    std::fs::write(&input, &data).unwrap();
+    cli.ok(&["array", "write", "tank", "c", "big", input.to_str().unwrap()]);
+    let stat = json(&cli.ok(&["array", "stat", "tank", "c", "big", "--json"]));
+    assert_eq!(stat["size"], 3_000_017);
+    assert_eq!(stat["class"], "EC_2P1GX");
+    let output = tmp.path().join("out.bin");
+    cli.ok(&["array", "read", "tank", "c", "big", output.to_str().unwrap()]);
+    assert!(std::fs::read(&output).unwrap() == data);
+    // By OID as well as by name, and a sub-range to stdout.
+    let oid = stat["oid"].as_str().unwrap();
+    let o = cli.run(&["array", "read", "tank", "c", oid, "--offset", "1000", "--len", "10"]);
+    assert!(o.status.success());
+    assert_eq!(o.stdout, data[1000..1010]);
+    assert!(cli.fails(&["array", "read", "tank", "c", "conf"]).contains("not an array"));
+
+    cli.ok(&["dev", "down", "--clean"]);
+    assert!(!Path::new(&dir).exists());
+    assert!(!cli.cluster_file.exists());
+}
