@@ -351,3 +351,66 @@ async fn a_stale_client_refreshes_its_pool_map_and_retries() {
     assert_eq!(kv.get(b"k").await.unwrap().as_deref(), Some(&b"v2"[..]));
     assert_eq!(pool.info().map.version, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn array_and_object_calls_behave_like_their_docs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let cont = open_cont(&client, "EC_2P1G1").await;
+
+    // set_size: shrink, then grow: the cut-off bytes come back as zeros.
+    let a = cont.array_create(None, None).await.unwrap();
+    let chunk = a.chunk_size();
+    let data = pattern(1, (3 * chunk + 500) as usize);
+    a.write(0, Bytes::from(data.clone())).await.unwrap();
+    a.set_size(chunk + 10).await.unwrap();
+    assert_eq!(a.size().await.unwrap(), chunk + 10);
+    assert!(a.read(0, 4 * chunk).await.unwrap() == data[..(chunk + 10) as usize]);
+    a.set_size(2 * chunk).await.unwrap();
+    let got = a.read(0, 2 * chunk).await.unwrap();
+    assert!(got[..(chunk + 10) as usize] == data[..(chunk + 10) as usize]);
+    assert!(got[(chunk + 10) as usize..].iter().all(|b| *b == 0));
+
+    // punch: zeros in the middle, the size stays.
+    a.punch(100, chunk).await.unwrap();
+    let got = a.read(0, 2 * chunk).await.unwrap();
+    assert!(got[..100] == data[..100] && got[100..(100 + chunk) as usize].iter().all(|b| *b == 0));
+    assert_eq!(a.size().await.unwrap(), 2 * chunk);
+    // Reads past the end stop at the size.
+    assert_eq!(a.read(2 * chunk - 5, 100).await.unwrap().len(), 5);
+    assert!(a.read(5 * chunk, 100).await.unwrap().is_empty());
+
+    // destroy: the array is gone.
+    a.destroy().await.unwrap();
+    assert!(matches!(cont.array_open(a.oid()).await, Err(ShoalError::NotFound(_))));
+
+    // The object API: several akeys per dkey, listing, punching an akey,
+    // and reads at an older epoch.
+    let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await.unwrap()).unwrap();
+    let e1 = obj.update_single(b"d1", b"a1", Bytes::from_static(b"one")).await.unwrap();
+    obj.update_single(b"d1", b"a2", Bytes::from_static(b"two")).await.unwrap();
+    obj.update_single(b"d2", b"a1", Bytes::from_static(b"three")).await.unwrap();
+    obj.write_extent(b"d3", b"x", 10, Bytes::from_static(b"extent")).await.unwrap();
+    assert_eq!(obj.list_dkeys().await.unwrap(), vec![b"d1".to_vec(), b"d2".to_vec(), b"d3".to_vec()]);
+    assert_eq!(obj.list_akeys(b"d1").await.unwrap(), vec![b"a1".to_vec(), b"a2".to_vec()]);
+    assert_eq!(&obj.read_extent(b"d3", b"x", 8, 10, EPOCH_MAX).await.unwrap()[..], b"\0\0extent\0\0");
+    obj.update_single(b"d1", b"a1", Bytes::from_static(b"uno")).await.unwrap();
+    obj.punch_akey(b"d1", b"a2").await.unwrap();
+    assert_eq!(obj.list_akeys(b"d1").await.unwrap(), vec![b"a1".to_vec()]);
+    assert_eq!(obj.fetch_single(b"d1", b"a1", EPOCH_MAX).await.unwrap().as_deref(), Some(&b"uno"[..]));
+    assert_eq!(obj.fetch_single(b"d1", b"a1", e1).await.unwrap().as_deref(), Some(&b"one"[..]));
+    assert_eq!(obj.fetch_single(b"d1", b"a2", EPOCH_MAX).await.unwrap(), None);
+    obj.punch_dkey(b"d2").await.unwrap();
+    assert_eq!(obj.list_dkeys().await.unwrap(), vec![b"d1".to_vec(), b"d3".to_vec()]);
+    obj.punch().await.unwrap();
+    assert!(obj.list_dkeys().await.unwrap().is_empty());
+
+    // Names resolve to OIDs; unknown names resolve to nothing.
+    let kv = cont.kv_create(None).await.unwrap();
+    cont.name_put("settings", kv.oid()).await.unwrap();
+    assert_eq!(cont.resolve("settings").await.unwrap(), Some(kv.oid()));
+    assert_eq!(cont.resolve(&kv.oid().to_string()).await.unwrap(), Some(kv.oid()));
+    assert_eq!(cont.resolve("nothing").await.unwrap(), None);
+}
