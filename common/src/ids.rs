@@ -115,11 +115,17 @@ macro_rules! uuid_id {
             type Err = ShoalError;
 
             fn from_str(s: &str) -> Result<Self, Self::Err> {
-                let hex: String = s.chars().filter(|c| *c != '-').collect();
                 let bad = || ShoalError::invalid(format!(concat!("bad ", $what, " uuid {:?}"), s));
-                if hex.len() != 32 || s.len() != 36 {
+                let b = s.as_bytes();
+                let canonical = b.len() == 36
+                    && b.iter().enumerate().all(|(i, c)| match i {
+                        8 | 13 | 18 | 23 => *c == b'-',
+                        _ => c.is_ascii_hexdigit(),
+                    });
+                if !canonical {
                     return Err(bad());
                 }
+                let hex: String = s.chars().filter(|c| *c != '-').collect();
                 u128::from_str_radix(&hex, 16).map($name).map_err(|_| bad())
             }
         }
@@ -154,5 +160,7 @@ mod tests {
         let c = ContId(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
         assert_eq!(c.to_string(), "01234567-89ab-cdef-0123-456789abcdef");
         assert_eq!(c.to_string().parse::<ContId>().unwrap(), c);
+        assert!("0123456789ab-cdef-0123-4567-89abcdef".parse::<ContId>().is_err(), "hyphens in the wrong places");
+        assert!("+1234567-89ab-cdef-0123-456789abcdef".parse::<ContId>().is_err(), "a sign is not hex");
     }
 }

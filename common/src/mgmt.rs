@@ -67,8 +67,9 @@ pub struct Member {
     pub host: String,
     pub pid: u32,
     pub state: MemberState,
-    /// Milliseconds since the last heartbeat (as seen by the MS).
-    pub silent_ms: u64,
+    /// Milliseconds since the last heartbeat (as seen by the MS); `None`
+    /// when the MS has not heard from it since the MS started.
+    pub silent_ms: Option<u64>,
 }
 
 /// A server asks to join (or rejoin, same uuid = same rank).
@@ -108,6 +109,9 @@ impl Rpc for JoinReq {
 pub struct HeartbeatReq {
     pub rank: u32,
     pub uuid: u128,
+    /// The sender's heartbeat period in milliseconds; the MS waits a few
+    /// periods before it calls the sender unresponsive.
+    pub period_ms: u32,
 }
 
 /// The current pool-map versions, so servers can refuse stale clients.

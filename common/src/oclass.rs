@@ -8,7 +8,7 @@
 //!   groups of one shard, `SX` as many groups as the pool has targets.
 //! - `RP_<n>G<g>`, `RP_<n>GX`: `n` replicas (2..=6) per group.
 //! - `EC_<k>P<p>G<g>`, `EC_<k>P<p>GX`: `k` data and `p` parity cells per
-//!   group, `k` in {2, 4, 8, 16}, `p` in 1..=3 and `p < k`.
+//!   group, `k` in {2, 4, 8, 16}, `p` in 1..=3 (every pair but 2+3).
 //!
 //! `g` is 1..=65535; `GX` means as many groups as the pool can hold.
 //!

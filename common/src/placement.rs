@@ -46,9 +46,9 @@ use crate::oclass::{oid_seq, ObjectClass};
 /// The state of one target in the pool map (DAOS words).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TargetState {
-    /// Serving.
+    /// Coming back (reintegration or extension in progress); serving.
     Up,
-    /// Serving after reintegration.
+    /// Up and in the pool: the normal state of a serving target.
     UpIn,
     /// Not answering; still holds its shards, which are unavailable.
     Down,

@@ -99,9 +99,26 @@ impl ServerConfig {
             }
         }
         if let Some(a) = &self.advertise {
-            if a.parse::<SocketAddr>().is_err() {
-                bail!("config field `advertise`: {a:?} is not an IP:port address");
+            match a.parse::<SocketAddr>() {
+                Ok(sa) if sa.ip().is_unspecified() || sa.port() == 0 => {
+                    bail!("config field `advertise`: {a:?} is not an address others can reach")
+                }
+                Ok(_) => {}
+                Err(_) => bail!("config field `advertise`: {a:?} is not an IP:port address"),
             }
+        }
+        if let Some(d) = &self.fault_domain {
+            if d.trim().is_empty() || d.len() > 255 {
+                bail!("config field `fault_domain` must be 1..=255 bytes");
+            }
+        }
+        let joins = self.ms || !self.ms_addrs.is_empty();
+        let listen_any = self.listen.parse::<SocketAddr>().map(|a| a.ip().is_unspecified()).unwrap_or(false);
+        if joins && listen_any && self.advertise.is_none() {
+            bail!(
+                "config field `advertise` is needed: the server listens on {} and must tell others one address that reaches it",
+                self.listen
+            );
         }
         if self.heartbeat.is_zero() || self.heartbeat > std::time::Duration::from_secs(60) {
             bail!("config field `heartbeat`: {:?} is outside (0s, 60s]", self.heartbeat);
@@ -130,5 +147,11 @@ mod tests {
         let bad = ServerConfig { listen: "nowhere".into(), ..ServerConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("listen"));
         assert!(toml::from_str::<ServerConfig>("bogus = 1").is_err());
+        let any = ServerConfig { listen: "0.0.0.0:1".into(), ms: true, ..ServerConfig::default() };
+        assert!(any.validate().unwrap_err().to_string().contains("advertise"));
+        let ok = ServerConfig { advertise: Some("10.0.0.1:1".into()), ..any };
+        ok.validate().unwrap();
+        let bad = ServerConfig { fault_domain: Some(" ".into()), ..ServerConfig::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("fault_domain"));
     }
 }

@@ -36,6 +36,9 @@ struct Args {
     /// Fault domain of this server (default: its address).
     #[arg(long)]
     fault_domain: Option<String>,
+    /// The address others use to reach this server (default: the bound one).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 fn main() {
@@ -71,6 +74,9 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = args.fault_domain {
         cfg.fault_domain = Some(v);
+    }
+    if let Some(v) = args.advertise {
+        cfg.advertise = Some(v);
     }
     cfg.validate()?;
     let filter = EnvFilter::try_from_default_env()

@@ -65,7 +65,8 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
         service.set_rank(rank);
         info!(rank, "joined the system");
         loop {
-            match ask(&t, &ms, &HeartbeatReq { rank, uuid: id.uuid }).await {
+            let hb = HeartbeatReq { rank, uuid: id.uuid, period_ms: period.as_millis().min(u32::MAX as u128) as u32 };
+            match ask(&t, &ms, &hb).await {
                 Ok(r) => service.set_pool_versions(&r.pools),
                 Err(ShoalError::NotFound(_)) => continue 'outer,
                 Err(e) => warn!("heartbeat failed: {e}"),

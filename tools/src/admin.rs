@@ -95,9 +95,10 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             for m in &q.members {
                 let state = match m.state {
                     MemberState::Joined => "joined".to_string(),
-                    MemberState::Unresponsive => {
-                        format!("unresponsive ({}s silent)", m.silent_ms.min(u64::MAX / 2) / 1000)
-                    }
+                    MemberState::Unresponsive => match m.silent_ms {
+                        Some(ms) => format!("unresponsive ({}s silent)", ms / 1000),
+                        None => "unresponsive (not heard from since the MS started)".to_string(),
+                    },
                 };
                 let role = if q.ms_rank == Some(m.rank) { "MS" } else { "" };
                 t.add_row(vec![

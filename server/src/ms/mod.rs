@@ -27,7 +27,8 @@ use tracing::info;
 use crate::store::meta::MetaLog;
 use state::{Command, MsState, Outcome};
 
-/// A member silent for longer than this is reported unresponsive.
+/// A member silent for longer than this (or three of its heartbeat
+/// periods, if longer) is reported unresponsive.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const FORMAT_V1: u8 = 1;
@@ -56,7 +57,8 @@ fn random_u128() -> u128 {
 pub struct Ms {
     state: Mutex<MsState>,
     log: MetaLog,
-    heartbeats: Mutex<HashMap<u32, Instant>>,
+    /// Per rank: when it was last heard from, and its heartbeat period.
+    heartbeats: Mutex<HashMap<u32, (Instant, Duration)>>,
 }
 
 impl Ms {
@@ -89,7 +91,7 @@ impl Ms {
         let addr = req.addr.clone();
         match self.propose(Command::Join(req))? {
             Outcome::Rank(rank) => {
-                self.heartbeats.lock().expect("lock").insert(rank, Instant::now());
+                self.heartbeats.lock().expect("lock").insert(rank, (Instant::now(), Duration::ZERO));
                 info!(rank, %addr, "server joined");
                 Ok(JoinReply { rank })
             }
@@ -102,7 +104,8 @@ impl Ms {
             Some(m) if m.uuid == req.uuid => Ok(()),
             _ => Err(ShoalError::NotFound(format!("rank {} is not a member; join first", req.rank))),
         })?;
-        self.heartbeats.lock().expect("lock").insert(req.rank, Instant::now());
+        let period = Duration::from_millis(req.period_ms as u64);
+        self.heartbeats.lock().expect("lock").insert(req.rank, (Instant::now(), period));
         self.read(|s| Ok(HeartbeatReply { pools: s.pools.values().map(|p| (p.uuid, p.map.version)).collect() }))
     }
 
@@ -113,9 +116,10 @@ impl Ms {
                 .members
                 .values()
                 .map(|m| {
-                    let silent = hb.get(&m.rank).map(|t| t.elapsed());
+                    let silent = hb.get(&m.rank).map(|(t, _)| t.elapsed());
+                    let limit = hb.get(&m.rank).map_or(HEARTBEAT_TIMEOUT, |(_, p)| HEARTBEAT_TIMEOUT.max(*p * 3));
                     let state = match silent {
-                        Some(d) if d <= HEARTBEAT_TIMEOUT => MemberState::Joined,
+                        Some(d) if d <= limit => MemberState::Joined,
                         _ => MemberState::Unresponsive,
                     };
                     Member {
@@ -127,7 +131,7 @@ impl Ms {
                         host: m.host.clone(),
                         pid: m.pid,
                         state,
-                        silent_ms: silent.map_or(u64::MAX, |d| d.as_millis() as u64),
+                        silent_ms: silent.map(|d| d.as_millis() as u64),
                     }
                 })
                 .collect();

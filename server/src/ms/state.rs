@@ -107,7 +107,10 @@ impl MsState {
                 Ok(Outcome::Done)
             }
             Command::PoolExtend { pool, ranks } => {
-                for r in ranks {
+                let mut ranks = ranks.clone();
+                ranks.sort_unstable();
+                ranks.dedup();
+                for r in &ranks {
                     let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?.clone();
                     let p = self.pool_mut(*pool)?;
                     if p.map.targets.iter().any(|t| t.rank == *r) {
@@ -186,7 +189,9 @@ impl MsState {
         if self.pools.contains_key(&uuid) {
             return Err(ShoalError::invalid(format!("pool {uuid} exists already")));
         }
-        let ranks: Vec<u32> = if ranks.is_empty() { self.members.keys().copied().collect() } else { ranks.to_vec() };
+        let mut ranks: Vec<u32> = if ranks.is_empty() { self.members.keys().copied().collect() } else { ranks.to_vec() };
+        ranks.sort_unstable();
+        ranks.dedup();
         if ranks.is_empty() {
             return Err(ShoalError::invalid("no server has joined the system yet"));
         }
@@ -199,12 +204,9 @@ impl MsState {
             }
             targets.extend((0..n).map(|index| PoolTarget { rank: *r, index, state: TargetState::UpIn }));
         }
-        let rec = PoolRec {
-            uuid,
-            label: label.to_string(),
-            map: PoolMap { version: 1, targets },
-            containers: BTreeMap::new(),
-        };
+        let map = PoolMap { version: 1, targets };
+        map.validate()?;
+        let rec = PoolRec { uuid, label: label.to_string(), map, containers: BTreeMap::new() };
         self.pools.insert(uuid, rec);
         self.pool_info(uuid)
     }
@@ -269,8 +271,7 @@ impl MsState {
 
     pub fn pool_info(&self, pool: PoolId) -> Result<PoolInfo> {
         let p = self.pool(pool)?;
-        let mut ranks: Vec<u32> = p.map.targets.iter().map(|t| t.rank).collect();
-        ranks.dedup();
+        let ranks: std::collections::BTreeSet<u32> = p.map.targets.iter().map(|t| t.rank).collect();
         let addrs = ranks.iter().filter_map(|r| self.members.get(r).map(|m| (*r, m.addr.clone()))).collect::<Vec<_>>();
         Ok(PoolInfo {
             uuid: p.uuid,
