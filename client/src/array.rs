@@ -8,6 +8,22 @@
 //! collides with a chunk): akey `chunk` holds the chunk size, akey `cell`
 //! the EC cell size, akey `size` the size, raised atomically by every write
 //! (max), lowered only by `set_size`.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+//! # let cont = client.pool_connect("tank").await?.cont_open("data").await?;
+//! use bytes::Bytes;
+//!
+//! let array = cont.array_create(None, None).await?;
+//! array.write(0, Bytes::from(vec![1u8; 3 << 20])).await?;
+//! assert_eq!(array.size().await?, 3 << 20);
+//! let middle = array.read(1 << 20, 4096).await?;
+//! array.set_size(1 << 20).await?;
+//! # Ok(()) }
+//! ```
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, StreamExt, TryStreamExt};
@@ -24,6 +40,22 @@ const DATA: &[u8] = b"data";
 const PARALLEL_CHUNKS: usize = 8;
 
 /// An array object.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+/// # let pool = client.pool_connect("tank").await?;
+/// # let cont = pool.cont_open("data").await?;
+/// use bytes::Bytes;
+///
+/// let array = cont.array_create(None, None).await?;
+/// array.write(0, Bytes::from_static(b"hello, world")).await?;
+/// assert_eq!(array.size().await?, 12);
+/// assert_eq!(&array.read(7, 5).await?[..], b"world");
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Array {
     obj: Object,
@@ -77,16 +109,59 @@ impl Array {
     }
 
     /// The object's id.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// let array = cont.array_create(None, None).await?;
+    /// // Remember the array under a name, to open it again later.
+    /// cont.name_put("logs", array.oid()).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn oid(&self) -> Oid {
         self.obj.oid()
     }
 
     /// The underlying object.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// // Chunk 0 of the array is dkey 0 (8 bytes, big-endian) of the object.
+    /// let akeys = array.object().list_akeys(&0u64.to_be_bytes()).await?;
+    /// println!("class {}", array.object().class());
+    /// # Ok(()) }
+    /// ```
     pub fn object(&self) -> &Object {
         &self.obj
     }
 
     /// The chunk size in bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// use bytes::Bytes;
+    ///
+    /// // Chunk-aligned writes touch whole chunks (and, for EC, whole stripes).
+    /// let chunk = array.chunk_size();
+    /// array.write(chunk, Bytes::from(vec![1u8; chunk as usize])).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn chunk_size(&self) -> u64 {
         self.chunk
     }
@@ -108,6 +183,23 @@ impl Array {
 
     /// Writes `data` at `offset`. Chunks go out in parallel; the size grows
     /// to cover the write once the data is durable. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// use bytes::Bytes;
+    ///
+    /// array.write(0, Bytes::from(vec![7u8; 1 << 20])).await?;
+    /// // Writing past the end grows the array; the gap reads as zeros.
+    /// array.write(10 << 20, Bytes::from_static(b"tail")).await?;
+    /// assert_eq!(array.size().await?, (10 << 20) + 4);
+    /// # Ok(()) }
+    /// ```
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<Epoch> {
         if data.is_empty() {
             return Ok(0);
@@ -126,6 +218,21 @@ impl Array {
 
     /// Reads up to `len` bytes at `offset`, stopping at the array's size;
     /// holes read as zeros. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// let data = array.read(0, 4096).await?;
+    /// // A read never goes past the array's size.
+    /// let size = array.size().await?;
+    /// assert!(array.read(size, 4096).await?.is_empty());
+    /// # Ok(()) }
+    /// ```
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
         let size = self.size().await?;
         if offset >= size {
@@ -150,6 +257,20 @@ impl Array {
     }
 
     /// The array's size in bytes. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// let size = array.size().await?;
+    /// let all = array.read(0, size).await?;
+    /// assert_eq!(all.len() as u64, size);
+    /// # Ok(()) }
+    /// ```
     pub async fn size(&self) -> Result<u64> {
         match self.obj.fetch_single(META, SIZE, EPOCH_MAX).await? {
             Some(v) => u64_of(&v, "size"),
@@ -160,6 +281,21 @@ impl Array {
     /// Zeroes `[offset, offset + len)`: whole chunks are punched, partial
     /// ones overwritten with zeros. The size does not change. Not cancel
     /// safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// // Zero the first MiB; the size stays as it was.
+    /// let size = array.size().await?;
+    /// array.punch(0, 1 << 20).await?;
+    /// assert_eq!(array.size().await?, size);
+    /// # Ok(()) }
+    /// ```
     pub async fn punch(&self, offset: u64, len: u64) -> Result<()> {
         for (c, in_chunk, _, n) in self.pieces(offset, len) {
             if in_chunk == 0 && n == self.chunk {
@@ -173,6 +309,21 @@ impl Array {
 
     /// Truncates or extends the array to `size` bytes. Bytes past a
     /// shrunken end read as zeros if the array grows again. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// array.set_size(4096).await?; // truncate
+    /// assert_eq!(array.size().await?, 4096);
+    /// array.set_size(1 << 20).await?; // extend with zeros
+    /// assert_eq!(array.size().await?, 1 << 20);
+    /// # Ok(()) }
+    /// ```
     pub async fn set_size(&self, size: u64) -> Result<()> {
         let cur = self.size().await?;
         if size < cur {
@@ -185,6 +336,19 @@ impl Array {
     }
 
     /// Removes the whole array. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// array.destroy().await?;
+    /// assert_eq!(array.size().await?, 0);
+    /// # Ok(()) }
+    /// ```
     pub async fn destroy(&self) -> Result<()> {
         self.obj.punch().await.map(|_| ())
     }

@@ -2,6 +2,24 @@
 //!
 //! A key is a dkey of the object (so keys spread over the object's
 //! groups) with the value as a single value under akey `v`.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+//! # let cont = client.pool_connect("tank").await?.cont_open("data").await?;
+//! use bytes::Bytes;
+//!
+//! let kv = cont.kv_create(None).await?;
+//! kv.put(b"alice", Bytes::from_static(b"admin")).await?;
+//! assert_eq!(kv.get(b"alice").await?.as_deref(), Some(&b"admin"[..]));
+//! for key in kv.list().await? {
+//!     println!("{}", String::from_utf8_lossy(&key));
+//! }
+//! kv.remove(b"alice").await?;
+//! # Ok(()) }
+//! ```
 
 use bytes::Bytes;
 use shoal_common::{Epoch, Oid, Result, EPOCH_MAX};
@@ -11,6 +29,24 @@ use crate::object::Object;
 const VALUE: &[u8] = b"v";
 
 /// A key-value object.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+/// # let pool = client.pool_connect("tank").await?;
+/// # let cont = pool.cont_open("data").await?;
+/// use bytes::Bytes;
+///
+/// let kv = cont.kv_create(None).await?;
+/// kv.put(b"alice", Bytes::from_static(b"admin")).await?;
+/// kv.put(b"bob", Bytes::from_static(b"reader")).await?;
+/// assert_eq!(kv.get(b"bob").await?.as_deref(), Some(&b"reader"[..]));
+/// kv.remove(b"bob").await?;
+/// assert_eq!(kv.list().await?, vec![b"alice".to_vec()]);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Kv {
     obj: Object,
@@ -22,31 +58,115 @@ impl Kv {
     }
 
     /// The object's id.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// let kv = cont.kv_create(None).await?;
+    /// // Remember the KV under a name, to open it again later.
+    /// cont.name_put("users", kv.oid()).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn oid(&self) -> Oid {
         self.obj.oid()
     }
 
     /// The underlying object.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let kv = cont.kv_create(None).await?;
+    /// // The KV's key "alice" is dkey "alice" of the object.
+    /// let akeys = kv.object().list_akeys(b"alice").await?;
+    /// println!("class {}, {} akeys", kv.object().class(), akeys.len());
+    /// # Ok(()) }
+    /// ```
     pub fn object(&self) -> &Object {
         &self.obj
     }
 
     /// Stores `value` under `key`. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let kv = cont.kv_create(None).await?;
+    /// use bytes::Bytes;
+    ///
+    /// let epoch = kv.put(b"alice", Bytes::from_static(b"admin")).await?;
+    /// println!("stored at epoch {epoch}");
+    /// # Ok(()) }
+    /// ```
     pub async fn put(&self, key: &[u8], value: Bytes) -> Result<Epoch> {
         self.obj.update_single(key, VALUE, value).await
     }
 
     /// The value under `key`, if any. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let kv = cont.kv_create(None).await?;
+    /// match kv.get(b"alice").await? {
+    ///     Some(v) => println!("alice: {}", String::from_utf8_lossy(&v)),
+    ///     None => println!("no alice"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
         self.obj.fetch_single(key, VALUE, EPOCH_MAX).await
     }
 
     /// Removes `key`. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let kv = cont.kv_create(None).await?;
+    /// kv.remove(b"alice").await?;
+    /// assert_eq!(kv.get(b"alice").await?, None);
+    /// # Ok(()) }
+    /// ```
     pub async fn remove(&self, key: &[u8]) -> Result<Epoch> {
         self.obj.punch_dkey(key).await
     }
 
     /// Every key, in (length, bytes) order. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let kv = cont.kv_create(None).await?;
+    /// for key in kv.list().await? {
+    ///     println!("{}", String::from_utf8_lossy(&key));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn list(&self) -> Result<Vec<Vec<u8>>> {
         self.obj.list_dkeys().await
     }

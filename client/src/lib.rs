@@ -9,6 +9,37 @@
 //! - [`Object`] (object API), [`Kv`] (key-value API), [`Array`] (array API).
 //! - [`ServerClient`]: typed requests to one server's targets (the layer
 //!   below the APIs, for tools and tests).
+//!
+//! # Examples
+//!
+//! Connect to the system, create a pool and a container, then store a
+//! key-value pair and some array bytes and read them back:
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! use bytes::Bytes;
+//! use shoal_client::Client;
+//! use shoal_common::mgmt::ContProps;
+//!
+//! let client = Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+//! client.pool_create("tank", vec![], 0).await?;
+//! let pool = client.pool_connect("tank").await?;
+//! // Data that survives one server failure.
+//! pool.cont_create("data", ContProps { rd_fac: 1, ..ContProps::default() }).await?;
+//! let cont = pool.cont_open("data").await?;
+//!
+//! let kv = cont.kv_create(None).await?;
+//! kv.put(b"greeting", Bytes::from_static(b"hello")).await?;
+//! assert_eq!(kv.get(b"greeting").await?.as_deref(), Some(&b"hello"[..]));
+//!
+//! let array = cont.array_create(None, None).await?;
+//! array.write(0, Bytes::from(vec![7u8; 1 << 20])).await?;
+//! let back = array.read(0, 1 << 20).await?;
+//! assert_eq!(back.len(), 1 << 20);
+//! // Find the array again later by name.
+//! cont.name_put("blob", array.oid()).await?;
+//! # Ok(()) }
+//! ```
 
 pub mod array;
 pub mod ec;

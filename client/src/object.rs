@@ -18,6 +18,26 @@
 //!   fail rather than return a torn stripe) and decode from any `k` cells
 //!   when a shard is unreachable. Single values of EC objects are
 //!   replicated on shards `0..=p`.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+//! # let cont = client.pool_connect("tank").await?.cont_open("data").await?;
+//! use bytes::Bytes;
+//! use shoal_common::oclass::{ObjType, ObjectClass};
+//! use shoal_common::EPOCH_MAX;
+//!
+//! // EC 4+2: extents are striped over six shards.
+//! let class: ObjectClass = "EC_4P2G1".parse()?;
+//! let obj = cont.object(cont.alloc_oid(ObjType::Multi, Some(class)).await?)?;
+//! obj.update_single(b"photo/1", b"title", Bytes::from_static(b"harbour")).await?;
+//! obj.write_extent(b"photo/1", b"pixels", 0, Bytes::from(vec![0x80; 1 << 20])).await?;
+//! let title = obj.fetch_single(b"photo/1", b"title", EPOCH_MAX).await?;
+//! let pixels = obj.read_extent(b"photo/1", b"pixels", 0, 1 << 20, EPOCH_MAX).await?;
+//! # Ok(()) }
+//! ```
 
 use std::time::Duration;
 
@@ -56,6 +76,24 @@ fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
 }
 
 /// One object of an open container.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+/// # let pool = client.pool_connect("tank").await?;
+/// # let cont = pool.cont_open("data").await?;
+/// use bytes::Bytes;
+/// use shoal_common::oclass::ObjType;
+/// use shoal_common::EPOCH_MAX;
+///
+/// let obj = cont.object(cont.alloc_oid(ObjType::Multi, None).await?)?;
+/// obj.update_single(b"user/1", b"name", Bytes::from_static(b"ada")).await?;
+/// let name = obj.fetch_single(b"user/1", b"name", EPOCH_MAX).await?;
+/// assert_eq!(name.as_deref(), Some(&b"ada"[..]));
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Object {
     cont: Arc<ContInner>,
@@ -74,16 +112,59 @@ impl Object {
     }
 
     /// The object's id.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// use shoal_common::oclass::ObjType;
+    ///
+    /// let oid = cont.alloc_oid(ObjType::Multi, None).await?;
+    /// let obj = cont.object(oid)?;
+    /// assert_eq!(obj.oid(), oid);
+    /// # Ok(()) }
+    /// ```
     pub fn oid(&self) -> Oid {
         self.oid
     }
 
     /// The object's class.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// let class = obj.class();
+    /// println!("object {} has class {class} and survives {} failures", obj.oid(), class.tolerated_failures());
+    /// # Ok(()) }
+    /// ```
     pub fn class(&self) -> ObjectClass {
         self.class
     }
 
     /// The EC geometry (k, p, cell bytes), for EC classes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// match obj.ec_geometry() {
+    ///     Some((k, p, cell)) => println!("EC {k}+{p}: stripes of {} data bytes", k as u64 * cell),
+    ///     None => println!("replicated or unprotected"),
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn ec_geometry(&self) -> Option<(u32, u32, u64)> {
         match self.class.redundancy {
             Redundancy::Ec { k, p } => Some((k as u32, p as u32, self.cell)),
@@ -94,6 +175,22 @@ impl Object {
     /// Uses `cell` bytes as this object's EC cell size instead of the
     /// container's. Every handle on the object must use the same cell size
     /// (the array API keeps it in the array's metadata).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// use shoal_common::oclass::ObjType;
+    ///
+    /// let oid = cont.alloc_oid(ObjType::Multi, Some("EC_4P2G1".parse()?)).await?;
+    /// // 128 KiB cells: stripes of 4 x 128 KiB. Every later handle must say the same.
+    /// let obj = cont.object(oid)?.with_cell_size(128 << 10)?;
+    /// assert_eq!(obj.ec_geometry(), Some((4, 2, 128 << 10)));
+    /// # Ok(()) }
+    /// ```
     pub fn with_cell_size(mut self, cell: u64) -> Result<Object> {
         if !(4096..=(16 << 20)).contains(&cell) || !cell.is_power_of_two() {
             return Err(ShoalError::invalid(format!("cell size {cell} must be a power of two between 4KiB and 16MiB")));
@@ -103,6 +200,22 @@ impl Object {
     }
 
     /// The object's current layout (for tools and tests).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// for (g, shards) in obj.layout()?.groups.iter().enumerate() {
+    ///     for s in shards {
+    ///         println!("group {g}: rank {} target {} (available: {})", s.rank, s.target, s.available);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn layout(&self) -> Result<Layout> {
         self.cont.pool.state().placement.layout(self.cont.info.uuid, self.oid, self.class)
     }
@@ -217,18 +330,70 @@ impl Object {
 
     /// Writes a single value (replaced whole). Returns the epoch. Not
     /// cancel safe: an interrupted write may have reached some shards.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// use bytes::Bytes;
+    ///
+    /// let epoch = obj.update_single(b"user/1", b"name", Bytes::from_static(b"ada")).await?;
+    /// println!("written at epoch {epoch}");
+    /// # Ok(()) }
+    /// ```
     pub async fn update_single(&self, dkey: &[u8], akey: &[u8], value: Bytes) -> Result<Epoch> {
         self.update_value(dkey, akey, ValueKind::Single, value).await
     }
 
     /// Raises a u64 single value to at least `v` (atomically per shard).
     /// Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// use shoal_common::EPOCH_MAX;
+    ///
+    /// obj.update_max(b"stats", b"high-water", 10).await?;
+    /// obj.update_max(b"stats", b"high-water", 7).await?; // leaves 10
+    /// let v = obj.fetch_single(b"stats", b"high-water", EPOCH_MAX).await?.expect("written above");
+    /// assert_eq!(u64::from_le_bytes(v[..].try_into().expect("8 bytes")), 10);
+    /// # Ok(()) }
+    /// ```
     pub async fn update_max(&self, dkey: &[u8], akey: &[u8], v: u64) -> Result<Epoch> {
         self.update_value(dkey, akey, ValueKind::MaxU64, Bytes::copy_from_slice(&v.to_le_bytes())).await
     }
 
     /// Reads a single value as of `epoch` (`EPOCH_MAX`: latest), from the
     /// first copy that answers. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// use bytes::Bytes;
+    /// use shoal_common::EPOCH_MAX;
+    ///
+    /// let first = obj.update_single(b"doc", b"title", Bytes::from_static(b"draft")).await?;
+    /// obj.update_single(b"doc", b"title", Bytes::from_static(b"final")).await?;
+    /// // The latest value...
+    /// assert_eq!(obj.fetch_single(b"doc", b"title", EPOCH_MAX).await?.as_deref(), Some(&b"final"[..]));
+    /// // ...and the value as of the first write.
+    /// assert_eq!(obj.fetch_single(b"doc", b"title", first).await?.as_deref(), Some(&b"draft"[..]));
+    /// # Ok(()) }
+    /// ```
     pub async fn fetch_single(&self, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Option<Bytes>> {
         self.with_layout(|st, layout| async move {
             let shards = self.value_shards(layout.dkey_shards(dkey));
@@ -263,16 +428,57 @@ impl Object {
     }
 
     /// Punches the whole object on every shard. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// use shoal_common::EPOCH_MAX;
+    ///
+    /// let epoch = obj.punch().await?;
+    /// assert_eq!(obj.fetch_single(b"user/1", b"name", EPOCH_MAX).await?, None);
+    /// // A read as of an earlier epoch still sees the old value.
+    /// let old = obj.fetch_single(b"user/1", b"name", epoch - 1).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn punch(&self) -> Result<Epoch> {
         self.punch_scope(None, None).await
     }
 
     /// Punches one dkey. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// obj.punch_dkey(b"user/1").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn punch_dkey(&self, dkey: &[u8]) -> Result<Epoch> {
         self.punch_scope(Some(dkey), None).await
     }
 
     /// Punches one akey of a dkey. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// obj.punch_akey(b"user/1", b"avatar").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn punch_akey(&self, dkey: &[u8], akey: &[u8]) -> Result<Epoch> {
         self.punch_scope(Some(dkey), Some(akey)).await
     }
@@ -341,6 +547,20 @@ impl Object {
     }
 
     /// Every dkey of the object, in (length, bytes) order. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// for dkey in obj.list_dkeys().await? {
+    ///     println!("{}", String::from_utf8_lossy(&dkey));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn list_dkeys(&self) -> Result<Vec<Vec<u8>>> {
         self.with_layout(|st, layout| async move {
             let futs = layout.groups.iter().map(|g| self.list_on(&st, self.value_shards(g), None));
@@ -356,6 +576,20 @@ impl Object {
     }
 
     /// Every akey of one dkey. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// for akey in obj.list_akeys(b"user/1").await? {
+    ///     println!("user/1/{}", String::from_utf8_lossy(&akey));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn list_akeys(&self, dkey: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.with_layout(|st, layout| async move {
             self.list_on(&st, self.value_shards(layout.dkey_shards(dkey)), Some(dkey)).await
@@ -364,6 +598,21 @@ impl Object {
     }
 
     /// Writes `data` at byte `offset` of an array value. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// use bytes::Bytes;
+    ///
+    /// // Bytes 4096..12288 of the value under ("chunk0", "data").
+    /// let epoch = obj.write_extent(b"chunk0", b"data", 4096, Bytes::from(vec![0xab; 8192])).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn write_extent(&self, dkey: &[u8], akey: &[u8], offset: u64, data: Bytes) -> Result<Epoch> {
         if data.is_empty() {
             return Err(ShoalError::invalid("an extent write needs at least one byte"));
@@ -399,6 +648,23 @@ impl Object {
 
     /// Reads `len` bytes at `offset` of an array value as of `epoch`;
     /// holes read as zeros. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// # let obj = cont.object(cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await?)?;
+    /// use shoal_common::EPOCH_MAX;
+    ///
+    /// let data = obj.read_extent(b"chunk0", b"data", 0, 16384, EPOCH_MAX).await?;
+    /// assert_eq!(data.len(), 16384);
+    /// // Bytes never written read as zeros.
+    /// assert_eq!(data[0], 0);
+    /// # Ok(()) }
+    /// ```
     pub async fn read_extent(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<Bytes> {
         if len == 0 {
             return Ok(Bytes::new());

@@ -3,6 +3,21 @@
 //! This is the lowest client layer: it addresses a server and a target
 //! explicitly. The cluster layer (placement, object classes, pools) builds
 //! on it.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! use shoal_client::ServerClient;
+//!
+//! let c = ServerClient::tcp("127.0.0.1:10001");
+//! let pong = c.ping().await?;
+//! for target in 0..pong.targets {
+//!     let usage = c.target_query(target).await?;
+//!     println!("target {target}: {} bytes free", usage.free_bytes);
+//! }
+//! # Ok(()) }
+//! ```
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,11 +32,24 @@ use shoal_common::{ContId, Epoch, Hlc, Oid, PoolId, Result};
 use crate::transport::{call, TcpTransport, Transport};
 
 /// Wall-clock nanoseconds since the Unix epoch, for the HLC.
+///
+/// # Examples
+///
+/// ```
+/// use shoal_client::server::wall_ns;
+/// use shoal_common::Hlc;
+///
+/// let hlc = Hlc::new();
+/// let epoch = hlc.now(wall_ns());
+/// assert!(hlc.now(wall_ns()) > epoch);
+/// ```
 pub fn wall_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// A client of one server, over any [`Transport`].
+///
+/// # Examples
 ///
 /// ```no_run
 /// # async fn demo() -> shoal_common::Result<()> {
@@ -46,6 +74,18 @@ pub struct ServerClient<T: Transport = TcpTransport> {
 
 impl ServerClient<TcpTransport> {
     /// A client of the server at `addr` over its own TCP transport.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use shoal_client::ServerClient;
+    ///
+    /// let c = ServerClient::tcp("127.0.0.1:10001");
+    /// let pong = c.ping().await?;
+    /// println!("server {} with {} targets", pong.version, pong.targets);
+    /// # Ok(()) }
+    /// ```
     pub fn tcp(addr: impl Into<String>) -> Self {
         ServerClient::new(Arc::new(TcpTransport::default()), addr, Arc::new(Hlc::new()))
     }
@@ -53,6 +93,26 @@ impl ServerClient<TcpTransport> {
 
 impl<T: Transport> ServerClient<T> {
     /// A client of `addr` sharing `transport` and `hlc` with other clients.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use std::sync::Arc;
+    ///
+    /// use shoal_client::transport::TcpTransport;
+    /// use shoal_client::ServerClient;
+    /// use shoal_common::Hlc;
+    ///
+    /// // One transport and one clock for every server of the system.
+    /// let transport = Arc::new(TcpTransport::default());
+    /// let hlc = Arc::new(Hlc::new());
+    /// let a = ServerClient::new(transport.clone(), "10.0.0.1:10001", hlc.clone());
+    /// let b = ServerClient::new(transport, "10.0.0.2:10001", hlc);
+    /// a.ping().await?;
+    /// b.ping().await?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(transport: Arc<T>, addr: impl Into<String>, hlc: Arc<Hlc>) -> Self {
         ServerClient {
             transport,
@@ -66,6 +126,20 @@ impl<T: Transport> ServerClient<T> {
     }
 
     /// Addresses requests to `pool`, stamped with its map version.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// use shoal_client::ServerClient;
+    ///
+    /// let info = client.pool_query("tank").await?;
+    /// let (_rank, addr) = &info.addrs[0];
+    /// // Requests now name the pool and are checked against its map version.
+    /// let c = ServerClient::tcp(addr.as_str()).with_pool(info.uuid, info.map.version);
+    /// # Ok(()) }
+    /// ```
     pub fn with_pool(mut self, pool: PoolId, map_version: u32) -> Self {
         self.pool = pool;
         self.map_version = map_version;
@@ -73,17 +147,46 @@ impl<T: Transport> ServerClient<T> {
     }
 
     /// Sets the per-request timeout.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// use shoal_client::ServerClient;
+    ///
+    /// let c = ServerClient::tcp("127.0.0.1:10001").with_timeout(Duration::from_secs(2));
+    /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// The server's address.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use shoal_client::ServerClient;
+    ///
+    /// let c = ServerClient::tcp("127.0.0.1:10001");
+    /// assert_eq!(c.addr(), "127.0.0.1:10001");
+    /// ```
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
     /// Issues a fresh epoch from this client's clock.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use shoal_client::ServerClient;
+    ///
+    /// let c = ServerClient::tcp("127.0.0.1:10001");
+    /// let first = c.next_epoch();
+    /// assert!(c.next_epoch() > first);
+    /// ```
     pub fn next_epoch(&self) -> Epoch {
         self.hlc.now(wall_ns())
     }
@@ -93,6 +196,16 @@ impl<T: Transport> ServerClient<T> {
     }
 
     /// Asks the server who it is. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let c = shoal_client::ServerClient::tcp("127.0.0.1:10001");
+    /// let pong = c.ping().await?;
+    /// println!("version {}, {} targets, epoch {}", pong.version, pong.targets, pong.epoch);
+    /// # Ok(()) }
+    /// ```
     pub async fn ping(&self) -> Result<PingReply> {
         let (r, _) = self.rpc(&PingReq {}, vec![]).await?;
         self.hlc.observe(r.epoch);
@@ -102,6 +215,24 @@ impl<T: Transport> ServerClient<T> {
     /// Writes values under one dkey at a fresh epoch and returns it once
     /// the server has made them durable. Not cancel safe: a dropped call
     /// may still have been applied.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let c = shoal_client::ServerClient::tcp("127.0.0.1:10001");
+    /// use bytes::Bytes;
+    /// use shoal_common::msg::{UpdateIod, ValueKind};
+    /// use shoal_common::{ContId, Oid};
+    ///
+    /// let iods = vec![
+    ///     UpdateIod { akey: b"name".to_vec(), kind: ValueKind::Single },
+    ///     UpdateIod { akey: b"blob".to_vec(), kind: ValueKind::Array { rec_size: 1, start: 0, nr: 4 } },
+    /// ];
+    /// let data = vec![Bytes::from_static(b"ada"), Bytes::from_static(&[1, 2, 3, 4])];
+    /// let epoch = c.update(0, ContId(1), Oid::new(0, 1), b"user/1", iods, data).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn update(
         &self,
         target: u32,
@@ -119,6 +250,24 @@ impl<T: Transport> ServerClient<T> {
 
     /// Reads values under one dkey as of `epoch` (`EPOCH_MAX` for the
     /// latest). Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let c = shoal_client::ServerClient::tcp("127.0.0.1:10001");
+    /// use shoal_common::msg::{FetchIod, Fetched, ValueKind};
+    /// use shoal_common::{ContId, Oid, EPOCH_MAX};
+    ///
+    /// let iods = vec![FetchIod { akey: b"name".to_vec(), kind: ValueKind::Single }];
+    /// for (fetched, data) in c.fetch(0, ContId(1), Oid::new(0, 1), b"user/1", EPOCH_MAX, iods).await? {
+    ///     match fetched {
+    ///         Fetched::Single { epoch } => println!("{} bytes written at {epoch}", data.len()),
+    ///         _ => println!("no value"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn fetch(
         &self,
         target: u32,
@@ -138,6 +287,21 @@ impl<T: Transport> ServerClient<T> {
 
     /// Punches an object, a dkey or an akey at a fresh epoch. Not cancel
     /// safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let c = shoal_client::ServerClient::tcp("127.0.0.1:10001");
+    /// use shoal_common::{ContId, Oid};
+    ///
+    /// let oid = Oid::new(0, 1);
+    /// // One akey, one dkey, then the whole object.
+    /// c.punch(0, ContId(1), oid, Some(&b"user/1"[..]), Some(&b"name"[..])).await?;
+    /// c.punch(0, ContId(1), oid, Some(&b"user/1"[..]), None).await?;
+    /// c.punch(0, ContId(1), oid, None, None).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn punch(
         &self,
         target: u32,
@@ -162,6 +326,19 @@ impl<T: Transport> ServerClient<T> {
 
     /// Lists every dkey of an object (`dkey` = None) or every akey of a
     /// dkey, following anchors. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let c = shoal_client::ServerClient::tcp("127.0.0.1:10001");
+    /// use shoal_common::{ContId, Oid, EPOCH_MAX};
+    ///
+    /// let oid = Oid::new(0, 1);
+    /// let dkeys = c.list_all(0, ContId(1), oid, EPOCH_MAX, None).await?;
+    /// let akeys = c.list_all(0, ContId(1), oid, EPOCH_MAX, Some(&b"user/1"[..])).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn list_all(
         &self,
         target: u32,
@@ -193,6 +370,16 @@ impl<T: Transport> ServerClient<T> {
     }
 
     /// A target's usage. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let c = shoal_client::ServerClient::tcp("127.0.0.1:10001");
+    /// let usage = c.target_query(0).await?;
+    /// println!("target 0: {} used, {} free, poisoned: {}", usage.data_bytes, usage.free_bytes, usage.poisoned);
+    /// # Ok(()) }
+    /// ```
     pub async fn target_query(&self, target: u32) -> Result<TargetQueryReply> {
         Ok(self.rpc(&TargetQueryReq { target }, vec![]).await?.0)
     }

@@ -6,6 +6,8 @@
 //! refreshes when a server answers "stale map". [`Container`] is an open
 //! container: its properties, object-class choice and OID allocation.
 //!
+//! # Examples
+//!
 //! ```no_run
 //! # async fn demo() -> shoal_common::Result<()> {
 //! use shoal_client::Client;
@@ -41,6 +43,17 @@ use crate::server::wall_ns;
 use crate::transport::{call, TcpTransport};
 
 /// How many times an operation is retried after a "stale map" answer.
+///
+/// # Examples
+///
+/// ```
+/// use shoal_client::system::STALE_RETRIES;
+///
+/// // A request is sent at most this many times plus once before the
+/// // "stale map" error reaches the caller.
+/// let attempts = STALE_RETRIES + 1;
+/// assert!(attempts > 1);
+/// ```
 pub const STALE_RETRIES: usize = 3;
 
 pub(crate) struct Inner {
@@ -51,6 +64,20 @@ pub(crate) struct Inner {
 }
 
 /// A connection to a Shoal system. Cheap to clone.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use shoal_client::Client;
+///
+/// // Any management service replica will do; the others are tried in turn.
+/// let client = Client::connect(vec!["10.0.0.1:10001".into(), "10.0.0.2:10001".into()]).await?;
+/// // Clones share the connections.
+/// let for_task = client.clone();
+/// let pools = tokio::spawn(async move { for_task.pool_list().await });
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     pub(crate) inner: Arc<Inner>,
@@ -59,6 +86,17 @@ pub struct Client {
 impl Client {
     /// Connects to the management service at any of `ms_addrs` and checks
     /// that it answers.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use shoal_client::Client;
+    ///
+    /// let client = Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// let pool = client.pool_connect("tank").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(ms_addrs: Vec<String>) -> Result<Client> {
         if ms_addrs.is_empty() {
             return Err(ShoalError::invalid("no management service address given"));
@@ -88,38 +126,113 @@ impl Client {
     }
 
     /// Every member of the system. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// let system = client.system_query().await?;
+    /// for m in &system.members {
+    ///     println!("rank {} at {}: {} targets, {:?}", m.rank, m.addr, m.targets, m.state);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn system_query(&self) -> Result<SystemQueryReply> {
         self.ms_call(&SystemQueryReq {}).await
     }
 
     /// Creates a pool over `ranks` (all when empty) with `targets_per_server`
     /// targets of each (all when 0). Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// // A pool over every joined server, using all of their targets.
+    /// let info = client.pool_create("tank", vec![], 0).await?;
+    /// println!("pool {} ({}) has {} targets", info.label, info.uuid, info.map.targets.len());
+    /// // A pool over ranks 0 to 2, two targets each.
+    /// client.pool_create("small", vec![0, 1, 2], 2).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn pool_create(&self, label: &str, ranks: Vec<u32>, targets_per_server: u32) -> Result<PoolInfo> {
         self.ms_call(&PoolCreateReq { label: label.into(), ranks, targets_per_server }).await
     }
 
     /// Destroys a pool by label or UUID. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// client.pool_destroy("tank", false).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn pool_destroy(&self, name: &str, force: bool) -> Result<()> {
         self.ms_call(&PoolDestroyReq { pool: name.into(), force }).await
     }
 
     /// Adds servers to a pool (their targets join as NEW). Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// let info = client.pool_extend("tank", vec![3, 4]).await?;
+    /// println!("pool map is now version {}", info.map.version);
+    /// # Ok(()) }
+    /// ```
     pub async fn pool_extend(&self, name: &str, ranks: Vec<u32>) -> Result<PoolInfo> {
         self.ms_call(&PoolExtendReq { pool: name.into(), ranks }).await
     }
 
     /// Every pool. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// for pool in client.pool_list().await? {
+    ///     println!("{} {}: {} containers", pool.uuid, pool.label, pool.containers);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn pool_list(&self) -> Result<Vec<PoolInfo>> {
         self.ms_call(&PoolListReq {}).await
     }
 
     /// One pool by label or UUID. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// let info = client.pool_query("tank").await?;
+    /// println!("{}: map version {}, {} containers", info.label, info.map.version, info.containers);
+    /// # Ok(()) }
+    /// ```
     pub async fn pool_query(&self, name: &str) -> Result<PoolInfo> {
         self.ms_call(&PoolQueryReq { pool: name.into() }).await
     }
 
     /// Connects to a pool: fetches its map and builds its placement.
     /// Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// let pool = client.pool_connect("tank").await?;
+    /// let cont = pool.cont_open("data").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn pool_connect(&self, name: &str) -> Result<Pool> {
         let info = self.pool_query(name).await?;
         let placement = Arc::new(Placement::new(&info.map));
@@ -173,6 +286,19 @@ impl PoolInner {
 }
 
 /// A connected pool. Cheap to clone.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+/// use shoal_common::mgmt::ContProps;
+///
+/// let pool = client.pool_connect("tank").await?;
+/// pool.cont_create("data", ContProps::default()).await?;
+/// let cont = pool.cont_open("data").await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Pool {
     pub(crate) inner: Arc<PoolInner>,
@@ -180,11 +306,35 @@ pub struct Pool {
 
 impl Pool {
     /// The pool's information as last fetched.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// let info = pool.info();
+    /// println!("{} ({}), map version {}", info.label, info.uuid, info.map.version);
+    /// # Ok(()) }
+    /// ```
     pub fn info(&self) -> PoolInfo {
         self.inner.state().info
     }
 
     /// Fetches the pool map again. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// // Pick up a grown map now rather than at the next "stale map" answer.
+    /// client.pool_extend("tank", vec![3]).await?;
+    /// pool.refresh().await?;
+    /// println!("map version {}", pool.info().map.version);
+    /// # Ok(()) }
+    /// ```
     pub async fn refresh(&self) -> Result<()> {
         self.inner.refresh().await
     }
@@ -194,27 +344,86 @@ impl Pool {
     }
 
     /// Creates a container. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// use shoal_common::mgmt::ContProps;
+    ///
+    /// // Data that survives two server failures, in 3-way replicated objects.
+    /// let props = ContProps { rd_fac: 2, oclass: Some("RP_3GX".into()), ..ContProps::default() };
+    /// let info = pool.cont_create("data", props).await?;
+    /// println!("container {} ({})", info.label, info.uuid);
+    /// # Ok(()) }
+    /// ```
     pub async fn cont_create(&self, label: &str, props: ContProps) -> Result<ContInfo> {
         self.inner.client.ms_call(&ContCreateReq { pool: self.name(), label: label.into(), props }).await
     }
 
     /// Destroys a container by label or UUID. Its objects' space is not yet
     /// reclaimed on the targets. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// pool.cont_destroy("data").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn cont_destroy(&self, name: &str) -> Result<ContInfo> {
         self.inner.client.ms_call(&ContDestroyReq { pool: self.name(), cont: name.into() }).await
     }
 
     /// Every container of the pool. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// for cont in pool.cont_list().await? {
+    ///     println!("{} {}: rd_fac {}", cont.uuid, cont.label, cont.props.rd_fac);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn cont_list(&self) -> Result<Vec<ContInfo>> {
         self.inner.client.ms_call(&ContListReq { pool: self.name() }).await
     }
 
     /// One container by label or UUID. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// let info = pool.cont_query("data").await?;
+    /// println!("{:?}, {} OIDs allocated", info.health, info.oids_allocated);
+    /// # Ok(()) }
+    /// ```
     pub async fn cont_query(&self, name: &str) -> Result<ContInfo> {
         self.inner.client.ms_call(&ContQueryReq { pool: self.name(), cont: name.into() }).await
     }
 
     /// Opens a container by label or UUID. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// let cont = pool.cont_open("data").await?;
+    /// let kv = cont.kv_create(None).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn cont_open(&self, name: &str) -> Result<Container> {
         let info = self.cont_query(name).await?;
         Ok(Container { inner: Arc::new(ContInner { pool: self.inner.clone(), info, oids: Mutex::new((0, 0)) }) })
@@ -222,6 +431,21 @@ impl Pool {
 
     /// Usage of every target of the pool: `(rank, target, usage or error)`.
     /// Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// for (rank, target, usage) in pool.target_usage().await {
+    ///     match usage {
+    ///         Ok(u) => println!("rank {rank} target {target}: {} used, {} free", u.data_bytes, u.free_bytes),
+    ///         Err(e) => println!("rank {rank} target {target}: {e}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn target_usage(&self) -> Vec<(u32, u32, Result<TargetQueryReply>)> {
         let st = self.inner.state();
         let client = &self.inner.client;
@@ -258,10 +482,36 @@ pub(crate) struct ContInner {
 
 /// The name index of a container is the KV object with this sequence
 /// number; the MS never hands it out.
+///
+/// # Examples
+///
+/// ```
+/// use shoal_client::system::NAME_INDEX_SEQ;
+/// use shoal_common::oclass::{make_oid, oid_seq, ObjType, ObjectClass};
+///
+/// let index = make_oid(NAME_INDEX_SEQ, ObjectClass::S1, ObjType::Kv);
+/// assert_eq!(oid_seq(index), NAME_INDEX_SEQ);
+/// ```
 pub const NAME_INDEX_SEQ: u128 = 1;
 const OID_BATCH: u64 = 64;
 
 /// An open container. Cheap to clone.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+/// # let pool = client.pool_connect("tank").await?;
+/// use bytes::Bytes;
+///
+/// let cont = pool.cont_open("data").await?;
+/// let kv = cont.kv_create(None).await?;
+/// kv.put(b"key", Bytes::from_static(b"value")).await?;
+/// let array = cont.array_create(None, None).await?;
+/// array.write(0, Bytes::from_static(b"bytes")).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Container {
     pub(crate) inner: Arc<ContInner>,
@@ -269,12 +519,38 @@ pub struct Container {
 
 impl Container {
     /// The container's information as opened.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// let info = cont.info();
+    /// println!("{} ({}): rd_fac {}, chunk {} bytes", info.label, info.uuid, info.props.rd_fac, info.props.chunk_size);
+    /// # Ok(()) }
+    /// ```
     pub fn info(&self) -> &ContInfo {
         &self.inner.info
     }
 
     /// The class new objects of type `ty` get, and why: the container's
     /// default class, or the automatic choice.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// use shoal_common::oclass::ObjType;
+    ///
+    /// let (class, why) = cont.class_for(ObjType::Array)?;
+    /// println!("new arrays get {class}: {why}");
+    /// # Ok(()) }
+    /// ```
     pub fn class_for(&self, ty: ObjType) -> Result<(ObjectClass, String)> {
         let props = &self.inner.info.props;
         let domains = self.inner.pool.state().info.map.domains();
@@ -291,6 +567,24 @@ impl Container {
     /// Allocates a new OID of type `ty` and class `class` (or the
     /// container's choice). Not cancel safe: an interrupted call may waste
     /// sequence numbers.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// use shoal_common::oclass::{ObjType, ObjectClass};
+    ///
+    /// // The container's choice of class...
+    /// let oid = cont.alloc_oid(ObjType::Multi, None).await?;
+    /// // ...or an explicit one.
+    /// let class: ObjectClass = "RP_3G1".parse()?;
+    /// let replicated = cont.alloc_oid(ObjType::Multi, Some(class)).await?;
+    /// let obj = cont.object(replicated)?;
+    /// # Ok(()) }
+    /// ```
     pub async fn alloc_oid(&self, ty: ObjType, class: Option<ObjectClass>) -> Result<Oid> {
         let class = match class {
             Some(c) => {
@@ -322,28 +616,105 @@ impl Container {
     }
 
     /// A handle on an existing object.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// use bytes::Bytes;
+    /// use shoal_common::oclass::ObjType;
+    ///
+    /// let oid = cont.alloc_oid(ObjType::Multi, None).await?;
+    /// let obj = cont.object(oid)?;
+    /// obj.update_single(b"dkey", b"akey", Bytes::from_static(b"value")).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn object(&self, oid: Oid) -> Result<Object> {
         Object::new(self.inner.clone(), oid)
     }
 
     /// Creates a key-value object. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// use bytes::Bytes;
+    ///
+    /// // The container's default class...
+    /// let kv = cont.kv_create(None).await?;
+    /// // ...or one chosen here: replicated over three servers, spread over every target.
+    /// let wide = cont.kv_create(Some("RP_3GX".parse()?)).await?;
+    /// wide.put(b"key", Bytes::from_static(b"value")).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn kv_create(&self, class: Option<ObjectClass>) -> Result<Kv> {
         Ok(Kv::new(self.object(self.alloc_oid(ObjType::Kv, class).await?)?))
     }
 
     /// Opens a key-value object.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// let oid = cont.kv_create(None).await?.oid();
+    /// // Later, or in another process that learned the OID:
+    /// let kv = cont.kv_open(oid)?;
+    /// let value = kv.get(b"key").await?;
+    /// # Ok(()) }
+    /// ```
     pub fn kv_open(&self, oid: Oid) -> Result<Kv> {
         Ok(Kv::new(self.object(oid)?))
     }
 
     /// Creates an array object with the given class and chunk size,
     /// defaulting to the container's. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// use bytes::Bytes;
+    ///
+    /// // The container's class and chunk size...
+    /// let array = cont.array_create(None, None).await?;
+    /// // ...or 4 MiB chunks.
+    /// let big = cont.array_create(None, Some(4 << 20)).await?;
+    /// big.write(0, Bytes::from(vec![0u8; 8 << 20])).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn array_create(&self, class: Option<ObjectClass>, chunk_size: Option<u64>) -> Result<Array> {
         self.array_create_with(class, chunk_size, None).await
     }
 
     /// Creates an array object choosing class, chunk size and EC cell size
     /// (each defaulting to the container's). Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// // EC 4+2 with 128 KiB cells; the chunk size is rounded up to whole stripes.
+    /// let array = cont.array_create_with(Some("EC_4P2G1".parse()?), None, Some(128 << 10)).await?;
+    /// println!("chunk size {}", array.chunk_size());
+    /// # Ok(()) }
+    /// ```
     pub async fn array_create_with(
         &self,
         class: Option<ObjectClass>,
@@ -355,11 +726,38 @@ impl Container {
     }
 
     /// Opens an array object. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// let oid = cont.array_create(None, None).await?.oid();
+    /// // Later, or in another process that learned the OID:
+    /// let array = cont.array_open(oid).await?;
+    /// println!("{} bytes", array.size().await?);
+    /// # Ok(()) }
+    /// ```
     pub async fn array_open(&self, oid: Oid) -> Result<Array> {
         Array::open(self.object(oid)?).await
     }
 
     /// The container's name index: a KV object mapping names to OIDs.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// for name in cont.names()?.list().await? {
+    ///     println!("{}", String::from_utf8_lossy(&name));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn names(&self) -> Result<Kv> {
         let rd_fac = self.inner.info.props.rd_fac;
         let class = if rd_fac == 0 { "S1".to_string() } else { format!("RP_{}G1", rd_fac + 1) };
@@ -368,11 +766,37 @@ impl Container {
     }
 
     /// Records `name` -> `oid` in the name index. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// let array = cont.array_create(None, None).await?;
+    /// cont.name_put("logs", array.oid()).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn name_put(&self, name: &str, oid: Oid) -> Result<()> {
         self.names()?.put(name.as_bytes(), Bytes::from(oid.to_string())).await.map(|_| ())
     }
 
     /// Looks a name up in the name index. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// if let Some(oid) = cont.name_get("logs").await? {
+    ///     let array = cont.array_open(oid).await?;
+    ///     println!("logs: {} bytes", array.size().await?);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn name_get(&self, name: &str) -> Result<Option<Oid>> {
         match self.names()?.get(name.as_bytes()).await? {
             Some(v) => {
@@ -385,6 +809,23 @@ impl Container {
 
     /// Resolves an object argument: an OID (`HI.LO`) or a name from the
     /// name index. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// // Either a name from the name index or an OID printed as `HI.LO`.
+    /// for arg in ["logs", "0200000000000000.0000000000000040"] {
+    ///     match cont.resolve(arg).await? {
+    ///         Some(oid) => println!("{arg} is object {oid}"),
+    ///         None => println!("no object {arg}"),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn resolve(&self, obj: &str) -> Result<Option<Oid>> {
         if let Ok(oid) = obj.parse::<Oid>() {
             if oid_class(oid).is_some() {

@@ -7,6 +7,21 @@
 //!
 //! The server crate uses this module to listen; the client never imports
 //! the server.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! use std::time::Duration;
+//!
+//! use shoal_client::transport::{call, TcpTransport};
+//! use shoal_common::msg::PingReq;
+//!
+//! let t = TcpTransport::default();
+//! let (pong, _segments) = call(&t, "127.0.0.1:10001", &PingReq {}, vec![], 0, 0, Duration::from_secs(5)).await?;
+//! println!("server version {}", pong.version);
+//! # Ok(()) }
+//! ```
 
 pub mod tcp;
 
@@ -23,8 +38,35 @@ use shoal_common::Result;
 pub use tcp::TcpTransport;
 
 /// Carries request frames to peers and returns their replies.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use std::time::Duration;
+///
+/// use shoal_client::transport::{call, TcpTransport, Transport};
+/// use shoal_common::msg::{PingReply, PingReq};
+///
+/// /// Pings `addr` over any transport.
+/// async fn ping<T: Transport>(t: &T, addr: &str) -> shoal_common::Result<PingReply> {
+///     let (pong, _segments) = call(t, addr, &PingReq {}, vec![], 0, 0, Duration::from_secs(5)).await?;
+///     Ok(pong)
+/// }
+///
+/// let pong = ping(&TcpTransport::default(), "127.0.0.1:10001").await?;
+/// # Ok(()) }
+/// ```
 pub trait Transport: Send + Sync + 'static {
     /// A short name for `shoal system query` ("tcp", "rdma").
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use shoal_client::transport::{TcpTransport, Transport};
+    ///
+    /// assert_eq!(TcpTransport::default().name(), "tcp");
+    /// ```
     fn name(&self) -> &'static str;
 
     /// Sends `frame` to `addr` and waits at most `timeout` for the reply.
@@ -32,20 +74,135 @@ pub trait Transport: Send + Sync + 'static {
     ///
     /// Cancel safety: dropping the future abandons the request; its reply,
     /// if it comes, is discarded. The request may still have run.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// use shoal_client::transport::{TcpTransport, Transport};
+    /// use shoal_common::msg::{decode_reply, request_frame, PingReply, PingReq};
+    ///
+    /// let t = TcpTransport::default();
+    /// let frame = request_frame(&PingReq {}, vec![], 0, 0)?;
+    /// let reply = t.call("127.0.0.1:10001", frame, Duration::from_secs(5)).await?;
+    /// let pong: PingReply = decode_reply(&reply)?;
+    /// # Ok(()) }
+    /// ```
     fn call(&self, addr: &str, frame: Frame, timeout: Duration) -> impl Future<Output = Result<Frame>> + Send;
 
     /// Closes every connection; later calls reconnect.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use shoal_client::transport::{TcpTransport, Transport};
+    /// use shoal_client::ServerClient;
+    /// use std::sync::Arc;
+    ///
+    /// let t = Arc::new(TcpTransport::default());
+    /// let c = ServerClient::new(t.clone(), "127.0.0.1:10001", Arc::default());
+    /// c.ping().await?;
+    /// // Drop the connections (say, after the server restarted); the next call reconnects.
+    /// t.close_all();
+    /// c.ping().await?;
+    /// # Ok(()) }
+    /// ```
     fn close_all(&self);
 }
 
 /// Handles one request frame on a server and produces the reply frame.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+///
+/// use futures::future::{BoxFuture, FutureExt};
+/// use shoal_client::transport::Handler;
+/// use shoal_common::msg::{decode_request, reply_frame, PingReply, PingReq};
+/// use shoal_common::wire::Frame;
+///
+/// /// Answers pings.
+/// struct Pong;
+///
+/// impl Handler for Pong {
+///     fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame> {
+///         async move {
+///             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1 };
+///             let reply = decode_request::<PingReq>(&frame).map(|_| pong);
+///             reply_frame(&frame.header, 0, reply, vec![])
+///         }
+///         .boxed()
+///     }
+/// }
+///
+/// // Feed it a request frame as the transport would.
+/// let request = shoal_common::msg::request_frame(&PingReq {}, vec![], 0, 0)?;
+/// let reply = futures::executor::block_on(Arc::new(Pong).handle(request));
+/// let pong: PingReply = shoal_common::msg::decode_reply(&reply)?;
+/// assert_eq!(pong.version, "demo");
+/// # Ok::<(), shoal_common::ShoalError>(())
+/// ```
 pub trait Handler: Send + Sync + 'static {
+    /// Handles `frame` and returns its reply frame (an error goes back as an
+    /// error reply, never as a dropped connection).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// #
+    /// # use futures::future::{BoxFuture, FutureExt};
+    /// # use shoal_client::transport::Handler;
+    /// # use shoal_common::msg::{decode_request, reply_frame, PingReply, PingReq};
+    /// # use shoal_common::wire::Frame;
+    /// #
+    /// # /// Answers pings.
+    /// # struct Pong;
+    /// #
+    /// # impl Handler for Pong {
+    /// #     fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame> {
+    /// #         async move {
+    /// #             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1 };
+    /// #             let reply = decode_request::<PingReq>(&frame).map(|_| pong);
+    /// #             reply_frame(&frame.header, 0, reply, vec![])
+    /// #         }
+    /// #         .boxed()
+    /// #     }
+    /// # }
+    /// use shoal_common::msg::{decode_reply, request_frame};
+    ///
+    /// let request = request_frame(&PingReq {}, vec![], 0, 0)?;
+    /// let reply = futures::executor::block_on(Arc::new(Pong).handle(request));
+    /// assert!(reply.header.is_reply());
+    /// let pong: PingReply = decode_reply(&reply)?;
+    /// # Ok::<(), shoal_common::ShoalError>(())
+    /// ```
     fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame>;
 }
 
 /// Sends a typed request and decodes its typed reply and bulk segments.
 ///
 /// Cancel safety: as [`Transport::call`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use std::time::Duration;
+///
+/// use shoal_client::transport::{call, TcpTransport};
+/// use shoal_common::msg::TargetQueryReq;
+///
+/// let t = TcpTransport::default();
+/// let req = TargetQueryReq { target: 0 };
+/// let (usage, _segments) = call(&t, "127.0.0.1:10001", &req, vec![], 0, 0, Duration::from_secs(5)).await?;
+/// println!("{} bytes free", usage.free_bytes);
+/// # Ok(()) }
+/// ```
 pub async fn call<T: Transport, R: Rpc>(
     t: &T,
     addr: &str,

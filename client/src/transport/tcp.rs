@@ -10,6 +10,22 @@
 //! fires, runs up to [`MAX_INFLIGHT_PER_CONN`] requests per connection
 //! concurrently and closes a connection that sends a malformed frame.
 //! Shutdown stops accepting, lets in-flight requests finish, and returns.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! # async fn demo() -> shoal_common::Result<()> {
+//! use std::time::Duration;
+//!
+//! use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
+//! use shoal_client::transport::Transport;
+//! use shoal_common::msg::{decode_reply, request_frame, PingReply, PingReq};
+//!
+//! let t = TcpTransport::new(TcpOptions { conns_per_peer: 4, ..TcpOptions::default() });
+//! let reply = t.call("127.0.0.1:10001", request_frame(&PingReq {}, vec![], 0, 0)?, Duration::from_secs(5)).await?;
+//! let pong: PingReply = decode_reply(&reply)?;
+//! # Ok(()) }
+//! ```
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,8 +47,27 @@ use tracing::{debug, info, warn};
 use super::{Handler, Transport};
 
 /// Requests one server connection runs at once; more wait for a slot.
+///
+/// # Examples
+///
+/// ```
+/// use shoal_client::transport::tcp::{TcpOptions, MAX_INFLIGHT_PER_CONN};
+///
+/// // Requests of one client transport that one server runs at once.
+/// let parallel = TcpOptions::default().conns_per_peer * MAX_INFLIGHT_PER_CONN;
+/// assert_eq!(parallel, 128);
+/// ```
 pub const MAX_INFLIGHT_PER_CONN: usize = 64;
 /// Connections a server accepts at once; more wait in the backlog.
+///
+/// # Examples
+///
+/// ```
+/// use shoal_client::transport::tcp::{TcpOptions, MAX_CONNECTIONS};
+///
+/// // Client processes with default options that one server serves at once.
+/// assert_eq!(MAX_CONNECTIONS / TcpOptions::default().conns_per_peer, 512);
+/// ```
 pub const MAX_CONNECTIONS: usize = 1024;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Frame>>>>>;
@@ -54,6 +89,17 @@ impl Drop for Conn {
 }
 
 /// Options of the TCP transport.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
+///
+/// let opts = TcpOptions { conns_per_peer: 8, connect_timeout: Duration::from_secs(1) };
+/// let transport = TcpTransport::new(opts);
+/// ```
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
     /// Connections kept per peer; calls are spread over them.
@@ -69,6 +115,26 @@ impl Default for TcpOptions {
 }
 
 /// The TCP client transport. Cheap to share; one per process is plenty.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use std::sync::Arc;
+///
+/// use shoal_client::transport::TcpTransport;
+/// use shoal_client::ServerClient;
+/// use shoal_common::Hlc;
+///
+/// // One transport per process, shared by every client.
+/// let transport = Arc::new(TcpTransport::default());
+/// let hlc = Arc::new(Hlc::new());
+/// for addr in ["10.0.0.1:10001", "10.0.0.2:10001"] {
+///     let pong = ServerClient::new(transport.clone(), addr, hlc.clone()).ping().await?;
+///     println!("{addr}: {} targets", pong.targets);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Default)]
 pub struct TcpTransport {
     opts: TcpOptions,
@@ -78,6 +144,17 @@ pub struct TcpTransport {
 
 impl TcpTransport {
     /// A transport with the given options.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
+    ///
+    /// let opts = TcpOptions { connect_timeout: Duration::from_millis(500), ..TcpOptions::default() };
+    /// let transport = TcpTransport::new(opts);
+    /// ```
     pub fn new(opts: TcpOptions) -> Self {
         TcpTransport { opts, peers: Mutex::new(HashMap::new()), rr: AtomicUsize::new(0) }
     }
@@ -246,12 +323,62 @@ impl Drop for PendingGuard<'_> {
 }
 
 /// Binds a TCP listener; port 0 lets the OS choose.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use shoal_client::transport::tcp::bind;
+///
+/// // Port 0: the OS picks a free port.
+/// let listener = bind("127.0.0.1:0").await?;
+/// let addr = listener.local_addr().expect("a bound socket has an address");
+/// println!("listening on {addr}");
+/// # Ok(()) }
+/// ```
 pub async fn bind(addr: &str) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| ShoalError::Io(format!("listen on {addr}: {e}")))
 }
 
 /// Serves requests on `listener` with `handler` until `shutdown` fires,
 /// then waits for in-flight requests to finish.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// # use std::sync::Arc;
+/// #
+/// # use futures::future::{BoxFuture, FutureExt};
+/// # use shoal_client::transport::Handler;
+/// # use shoal_common::msg::{decode_request, reply_frame, PingReply, PingReq};
+/// # use shoal_common::wire::Frame;
+/// #
+/// # /// Answers pings.
+/// # struct Pong;
+/// #
+/// # impl Handler for Pong {
+/// #     fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame> {
+/// #         async move {
+/// #             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1 };
+/// #             let reply = decode_request::<PingReq>(&frame).map(|_| pong);
+/// #             reply_frame(&frame.header, 0, reply, vec![])
+/// #         }
+/// #         .boxed()
+/// #     }
+/// # }
+/// use shoal_client::transport::tcp::{bind, serve};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let listener = bind("127.0.0.1:0").await?;
+/// let shutdown = CancellationToken::new();
+/// // `Pong` is a `Handler`, as in the `Handler` example.
+/// let server = tokio::spawn(serve(listener, Arc::new(Pong), shutdown.clone()));
+/// // ... until it is time to stop:
+/// shutdown.cancel();
+/// server.await.expect("the serve task does not panic");
+/// # Ok(()) }
+/// ```
 pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
