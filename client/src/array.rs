@@ -101,7 +101,9 @@ impl Array {
         let obj = match obj.ec_geometry() {
             Some(_) => match obj.fetch_single(META, CELL, EPOCH_MAX).await? {
                 Some(v) => obj.with_cell_size(u64_of(&v, "cell size")?)?,
-                None => return Err(ShoalError::Io(format!("EC array {} has no cell size", obj.oid()))),
+                // Arrays made before the cell size was recorded use the
+                // container's.
+                None => obj,
             },
             None => obj,
         };
@@ -297,6 +299,7 @@ impl Array {
     /// # Ok(()) }
     /// ```
     pub async fn punch(&self, offset: u64, len: u64) -> Result<()> {
+        offset.checked_add(len).ok_or_else(|| ShoalError::invalid("punch past 2^64"))?;
         for (c, in_chunk, _, n) in self.pieces(offset, len) {
             if in_chunk == 0 && n == self.chunk {
                 self.obj.punch_dkey(&c.to_be_bytes()).await?;

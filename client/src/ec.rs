@@ -188,7 +188,8 @@ impl Codec for RsCodec {
 /// # Ok::<(), shoal_common::ShoalError>(())
 /// ```
 pub fn codec(k: u32, p: u32) -> Result<Arc<dyn Codec>> {
-    static CODECS: OnceLock<Mutex<HashMap<(u32, u32), Arc<dyn Codec>>>> = OnceLock::new();
+    type Cache = Mutex<HashMap<(u32, u32), Arc<dyn Codec>>>;
+    static CODECS: OnceLock<Cache> = OnceLock::new();
     let mut map = CODECS.get_or_init(Default::default).lock().expect("codec cache");
     if let Some(c) = map.get(&(k, p)) {
         return Ok(c.clone());

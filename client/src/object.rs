@@ -58,6 +58,19 @@ const MAX_SHARD_REQUEST: u64 = 16 << 20;
 /// Attempts to read a stripe whose cells disagree on their epoch.
 const TORN_RETRIES: u32 = 20;
 
+/// One shard's cells of a run of stripes: (epoch, bytes) per stripe.
+type StripeCells = Vec<(Epoch, Bytes)>;
+
+/// Keeps per-shard results whose errors mean "out of reach" (a decode or
+/// another copy can make up for them) and returns any other error, such as
+/// a stale map, at once.
+fn usable<T>(results: Vec<Result<T>>) -> Result<Vec<Result<T>>> {
+    if let Some(Err(e)) = results.iter().find(|r| matches!(r, Err(e) if !shard_down(e))) {
+        return Err(e.clone());
+    }
+    Ok(results)
+}
+
 /// Whether an error means the shard's server is out of reach, so another
 /// copy or a decode should be tried.
 fn shard_down(e: &ShoalError) -> bool {
@@ -624,10 +637,10 @@ impl Object {
             let data = data.clone();
             async move {
                 let group = layout.dkey_shards(dkey);
-                let epoch = self.cont_now();
                 match self.ec_geometry() {
-                    Some(g) => self.ec_write(&st, group, g, dkey, akey, offset, data, epoch).await,
+                    Some(g) => self.ec_write(&st, group, g, dkey, akey, offset, data).await,
                     None => {
+                        let epoch = self.cont_now();
                         let shards = self.value_shards(group);
                         let mut at = 0;
                         while at < data.len() {
@@ -759,7 +772,6 @@ impl Object {
         akey: &[u8],
         offset: u64,
         data: Bytes,
-        epoch: Epoch,
     ) -> Result<Epoch> {
         let (k, p, cell) = geo;
         let stripe = k as u64 * cell;
@@ -767,6 +779,20 @@ impl Object {
         let (s0, s1) = (offset / stripe, (end - 1) / stripe + 1);
         let batch = (MAX_SHARD_REQUEST / cell).max(1);
         let codec = codec(k, p)?;
+        // Read the partial stripes (at most the first and the last) before
+        // taking the epoch, so that a concurrent writer's stripe landing in
+        // between wins by epoch over this write's stale merge as rarely as
+        // possible.
+        let mut old = std::collections::HashMap::new();
+        for st_no in [s0, s1 - 1] {
+            let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
+            let full = offset <= a && end >= b;
+            if !full && !old.contains_key(&st_no) {
+                let r = self.ec_read_stripes(st, group, geo, dkey, akey, st_no, st_no + 1, EPOCH_MAX).await?;
+                old.insert(st_no, r.into_iter().next().unwrap_or_default());
+            }
+        }
+        let epoch = self.cont_now();
         let mut s = s0;
         while s < s1 {
             let last = (s + batch).min(s1);
@@ -777,8 +803,7 @@ impl Object {
                     data.slice((a - offset) as usize..(b - offset) as usize)
                 } else {
                     // Read-modify-write of a partial stripe.
-                    let old = self.ec_read_stripes(st, group, geo, dkey, akey, st_no, st_no + 1, EPOCH_MAX).await?;
-                    let mut buf = BytesMut::from(&old[0][..]);
+                    let mut buf = BytesMut::from(&old[&st_no][..]);
                     let (from, to) = (offset.max(a), end.min(b));
                     buf[(from - a) as usize..(to - a) as usize]
                         .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
@@ -847,29 +872,27 @@ impl Object {
         };
         let mut attempt = 0;
         loop {
-            let data_cells = join_all((0..k).map(fetch_shard)).await;
-            let mut parity_cells: Option<Vec<Result<Vec<(Epoch, Bytes)>>>> = None;
+            let data_cells = usable(join_all((0..k).map(fetch_shard)).await)?;
+            let mut parity_cells: Option<Vec<Result<StripeCells>>> = None;
             let mut out = Vec::with_capacity((s1 - s0) as usize);
             let mut torn = false;
             for (i, _) in (s0..s1).enumerate() {
                 let present: Vec<Option<&(Epoch, Bytes)>> =
                     data_cells.iter().map(|r| r.as_ref().ok().map(|v| &v[i])).collect();
-                if present.iter().all(Option::is_some) {
-                    let e0 = present[0].map(|c| c.0);
-                    if present.iter().all(|c| c.map(|c| c.0) == e0) {
-                        let mut stripe = BytesMut::with_capacity(k * cell as usize);
-                        for c in present.iter().flatten() {
-                            stripe.extend_from_slice(&c.1);
-                        }
-                        out.push(stripe.freeze());
-                        continue;
+                let e0 = present[0].map(|c| c.0);
+                if present.iter().all(|c| c.is_some() && c.map(|c| c.0) == e0) {
+                    let mut stripe = BytesMut::with_capacity(k * cell as usize);
+                    for c in present.iter().flatten() {
+                        stripe.extend_from_slice(&c.1);
                     }
-                    torn = true;
-                    break;
+                    out.push(stripe.freeze());
+                    continue;
                 }
-                // Degraded: decode from any k cells that agree on an epoch.
+                // A data cell is unreachable, or the cells disagree (a write
+                // in flight, or one that failed on some shard): decode from
+                // the newest epoch that at least k of the k + p cells share.
                 if parity_cells.is_none() {
-                    parity_cells = Some(join_all((k..n).map(fetch_shard)).await);
+                    parity_cells = Some(usable(join_all((k..n).map(fetch_shard)).await)?);
                 }
                 let parity = parity_cells.as_ref().expect("fetched above");
                 let cells: Vec<Option<(Epoch, Bytes)>> =

@@ -119,6 +119,10 @@ impl Client {
             match call(&self.inner.transport, addr, req, vec![], 0, 0, self.inner.timeout).await {
                 Ok((r, _)) => return Ok(r),
                 Err(e @ (ShoalError::Unreachable(_) | ShoalError::Timeout(_))) => last = e,
+                // A server that does not host the MS: try the next address.
+                Err(e @ ShoalError::NotFound(_)) if e.to_string().contains("does not host the management service") => {
+                    last = e
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -414,3 +414,47 @@ async fn array_and_object_calls_behave_like_their_docs() {
     assert_eq!(cont.resolve(&kv.oid().to_string()).await.unwrap(), Some(kv.oid()));
     assert_eq!(cont.resolve("nothing").await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripe_written_while_a_shard_was_down_still_reads_after_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 4, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let cont = open_cont(&client, "EC_2P1G1").await;
+    // An array whose data cell 1 of chunk 0 is not on the MS's server.
+    let members = client.system_query().await.unwrap().members;
+    let ms_rank = members.iter().find(|m| m.addr == cluster.ms()).unwrap().rank;
+    let mut a = cont.array_create(None, None).await.unwrap();
+    for _ in 0..20 {
+        if a.object().layout().unwrap().dkey_shards(&0u64.to_be_bytes())[1].rank != ms_rank {
+            break;
+        }
+        a = cont.array_create(None, None).await.unwrap();
+    }
+    let victim_rank = a.object().layout().unwrap().dkey_shards(&0u64.to_be_bytes())[1].rank;
+    assert_ne!(victim_rank, ms_rank);
+    let (k, _, cell) = a.object().ec_geometry().unwrap();
+    let stripe = (k as u64 * cell) as usize;
+    let old = pattern(1, stripe);
+    a.write(0, Bytes::from(old.clone())).await.unwrap();
+
+    // Kill the server holding data cell 1 of chunk 0.
+    let victim_addr = members.iter().find(|m| m.rank == victim_rank).unwrap().addr.clone();
+    let idx = cluster.servers.iter().position(|s| s.addr == victim_addr).unwrap();
+    cluster.servers[idx].kill9();
+
+    // The write fails (no degraded writes) but reaches the other shards.
+    let new = pattern(2, stripe);
+    let r = a.write(0, Bytes::from(new.clone())).await;
+    assert!(matches!(r, Err(ShoalError::Unreachable(_))), "{r:?}");
+
+    // With the shard back, its cell is older than the others: the read
+    // decodes the newest epoch that k cells agree on, whole.
+    cluster.servers[idx].restart().await.unwrap();
+    let got = a.read(0, stripe as u64).await.unwrap();
+    assert!(got == new[..], "the two cells of the failed write decode to its data");
+    // And a full rewrite heals the stripe.
+    a.write(0, Bytes::from(new.clone())).await.unwrap();
+    assert!(a.read(0, stripe as u64).await.unwrap() == new[..]);
+}

@@ -189,7 +189,8 @@ impl MsState {
         if self.pools.contains_key(&uuid) {
             return Err(ShoalError::invalid(format!("pool {uuid} exists already")));
         }
-        let mut ranks: Vec<u32> = if ranks.is_empty() { self.members.keys().copied().collect() } else { ranks.to_vec() };
+        let mut ranks: Vec<u32> =
+            if ranks.is_empty() { self.members.keys().copied().collect() } else { ranks.to_vec() };
         ranks.sort_unstable();
         ranks.dedup();
         if ranks.is_empty() {
