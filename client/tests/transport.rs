@@ -119,3 +119,33 @@ async fn conformance<T: Transport>(t: Arc<T>) {
 async fn tcp_transport_conforms() {
     conformance(Arc::new(TcpTransport::default())).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_swallows_connects_fails_fast_after_one_timeout() {
+    use shoal_client::transport::tcp::TcpOptions;
+    // A listener with a one-slot backlog that never accepts: once the
+    // backlog is full, further connects hang until they time out.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(&addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let t = TcpTransport::new(TcpOptions { conns_per_peer: 1, connect_timeout: Duration::from_millis(300) });
+    let first = t.call(&addr, frame(0, b"x", b""), Duration::from_secs(5)).await;
+    if !matches!(first, Err(ShoalError::Timeout(_))) {
+        eprintln!("kernel completed the connect: {first:?}");
+        // This kernel completed the connect anyway; nothing to check here.
+        return;
+    }
+    let started = std::time::Instant::now();
+    let second = t.call(&addr, frame(0, b"x", b""), Duration::from_secs(5)).await;
+    assert!(matches!(second, Err(ShoalError::Unreachable(_))), "{second:?}");
+    assert!(started.elapsed() < Duration::from_millis(250), "the second call waited for a timeout again");
+    drop(listener);
+}

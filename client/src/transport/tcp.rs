@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> shoal_common::Result<()> {
-//! use std::time::Duration;
+//! use std::time::{Duration, Instant};
 //!
 //! use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
 //! use shoal_client::transport::Transport;
@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use shoal_common::msg::reply_frame;
@@ -93,7 +93,7 @@ impl Drop for Conn {
 /// # Examples
 ///
 /// ```
-/// use std::time::Duration;
+/// use std::time::{Duration, Instant};
 ///
 /// use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
 ///
@@ -140,7 +140,13 @@ pub struct TcpTransport {
     opts: TcpOptions,
     peers: Mutex<HashMap<String, Vec<Arc<Conn>>>>,
     rr: AtomicUsize,
+    /// Peers whose last connect attempt timed out, and until when calls to
+    /// them fail at once instead of waiting for another connect timeout.
+    silent: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a peer that let a connect time out is not tried again.
+pub const SILENT_PEER_BACKOFF: Duration = Duration::from_secs(2);
 
 impl TcpTransport {
     /// A transport with the given options.
@@ -148,7 +154,7 @@ impl TcpTransport {
     /// # Examples
     ///
     /// ```
-    /// use std::time::Duration;
+    /// use std::time::{Duration, Instant};
     ///
     /// use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
     ///
@@ -156,7 +162,7 @@ impl TcpTransport {
     /// let transport = TcpTransport::new(opts);
     /// ```
     pub fn new(opts: TcpOptions) -> Self {
-        TcpTransport { opts, peers: Mutex::new(HashMap::new()), rr: AtomicUsize::new(0) }
+        TcpTransport { opts, peers: Mutex::new(HashMap::new()), rr: AtomicUsize::new(0), silent: Mutex::default() }
     }
 
     async fn conn(&self, addr: &str) -> Result<Arc<Conn>> {
@@ -169,10 +175,24 @@ impl TcpTransport {
                 return Ok(list[pick % list.len()].clone());
             }
         }
-        let stream = tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ShoalError::Timeout(format!("connect to {addr}")))?
-            .map_err(|e| ShoalError::Unreachable(format!("connect to {addr}: {e}")))?;
+        if let Some(until) = self.silent.lock().expect("lock").get(addr) {
+            if Instant::now() < *until {
+                return Err(ShoalError::Unreachable(format!(
+                    "{addr} let a connect time out moments ago; not trying again before {SILENT_PEER_BACKOFF:?} pass"
+                )));
+            }
+        }
+        let stream = match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(r) => r.map_err(|e| ShoalError::Unreachable(format!("connect to {addr}: {e}")))?,
+            Err(_) => {
+                // A host that swallows connects would cost every call a full
+                // timeout; fail fast for a while instead (degraded reads go
+                // to other shards at once).
+                self.silent.lock().expect("lock").insert(addr.to_string(), Instant::now() + SILENT_PEER_BACKOFF);
+                return Err(ShoalError::Timeout(format!("connect to {addr}")));
+            }
+        };
+        self.silent.lock().expect("lock").remove(addr);
         stream.set_nodelay(true).ok();
         let conn = Arc::new(spawn_client_conn(stream, addr.to_string()));
         let mut peers = self.peers.lock().expect("lock");
