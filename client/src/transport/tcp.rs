@@ -58,6 +58,10 @@ use super::{Handler, Transport};
 /// assert_eq!(parallel, 128);
 /// ```
 pub const MAX_INFLIGHT_PER_CONN: usize = 64;
+/// How long a server waits for the rest of a half-received frame before it
+/// closes the connection.
+pub const PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Connections a server accepts at once; more wait in the backlog.
 ///
 /// # Examples
@@ -233,7 +237,7 @@ fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
             let mut dec = FrameDecoder;
             let mut rd = rd;
             let why = loop {
-                match read_frame(&mut rd, &mut buf, &mut dec).await {
+                match read_frame(&mut rd, &mut buf, &mut dec, None).await {
                     Ok(Some(f)) => {
                         let waiter = pending.lock().expect("lock").remove(&f.header.request_id);
                         match waiter {
@@ -254,10 +258,13 @@ fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+/// With `stall`, a peer that leaves a frame half-sent for that long is an
+/// error: a server must not hold a frame buffer for a silent client.
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     dec: &mut FrameDecoder,
+    stall: Option<Duration>,
 ) -> Result<Option<Frame>> {
     loop {
         if let Some(f) = dec.decode(buf)? {
@@ -266,7 +273,15 @@ async fn read_frame<R: AsyncRead + Unpin>(
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(64 << 10);
         }
-        let n = rd.read_buf(buf).await.map_err(|e| ShoalError::Unreachable(format!("read: {e}")))?;
+        let held = buf.len();
+        let read = rd.read_buf(buf);
+        let n = match stall {
+            Some(limit) if held > 0 => tokio::time::timeout(limit, read).await.map_err(|_| {
+                ShoalError::protocol(format!("peer stalled for {limit:?} inside a frame ({held} bytes)"))
+            })?,
+            _ => read.await,
+        }
+        .map_err(|e| ShoalError::Unreachable(format!("read: {e}")))?;
         if n == 0 {
             if buf.is_empty() {
                 return Ok(None);
@@ -448,7 +463,7 @@ async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Ar
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = read_frame(&mut rd, &mut buf, &mut dec) => r,
+            r = read_frame(&mut rd, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT)) => r,
         };
         let frame = match next {
             Ok(Some(f)) => f,
@@ -486,4 +501,30 @@ async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Ar
     tasks.wait().await;
     drop(tx);
     let _ = writer.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_stalling_inside_a_frame_is_cut_off() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let f = Frame::default().encode_to_vec().unwrap();
+        client.write_all(&f[..10]).await.unwrap();
+        let mut buf = BytesMut::new();
+        let r = read_frame(&mut server, &mut buf, &mut FrameDecoder, Some(PARTIAL_FRAME_TIMEOUT)).await;
+        assert!(matches!(r, Err(ShoalError::Protocol(_))), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_peer_between_frames_is_not() {
+        let (client, mut server) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::new();
+        let mut dec = FrameDecoder;
+        let read = read_frame(&mut server, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT));
+        let r = tokio::time::timeout(PARTIAL_FRAME_TIMEOUT * 4, read).await;
+        assert!(r.is_err(), "still waiting for a first byte");
+        drop(client);
+    }
 }
