@@ -458,3 +458,36 @@ async fn a_stripe_written_while_a_shard_was_down_still_reads_after_it_returns() 
     a.write(0, Bytes::from(new.clone())).await.unwrap();
     assert!(a.read(0, stripe as u64).await.unwrap() == new[..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_service_survives_a_crash_of_its_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    pool.cont_create("c", ContProps { oclass: Some("RP_2G1".into()), ..Default::default() }).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let kv = cont.kv_create(None).await.unwrap();
+    kv.put(b"k", Bytes::from_static(b"v")).await.unwrap();
+    let ranks: Vec<u32> = client.system_query().await.unwrap().members.iter().map(|m| m.rank).collect();
+
+    // SIGKILL the server hosting the MS, and bring it back.
+    cluster.servers[0].kill9();
+    assert!(client.pool_list().await.is_err(), "no MS while its server is down");
+    cluster.servers[0].restart().await.unwrap();
+    cluster.wait_joined(3).await.unwrap();
+
+    // Everything the MS acknowledged is still there, ranks unchanged, and
+    // OIDs are never handed out twice.
+    let after = cluster.client().await.unwrap();
+    let q = after.system_query().await.unwrap();
+    assert_eq!(q.members.iter().map(|m| m.rank).collect::<Vec<_>>(), ranks);
+    let pool = after.pool_connect("tank").await.unwrap();
+    let cont2 = pool.cont_open("c").await.unwrap();
+    assert_eq!(cont2.info().uuid, cont.info().uuid);
+    let kv2 = cont2.kv_open(kv.oid()).unwrap();
+    assert_eq!(kv2.get(b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    let fresh = cont2.kv_create(None).await.unwrap();
+    assert!(shoal_common::oclass::oid_seq(fresh.oid()) > shoal_common::oclass::oid_seq(kv.oid()));
+}
