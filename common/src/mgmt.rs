@@ -47,6 +47,26 @@ fn no_segments(segments: &[Bytes]) -> Result<()> {
     Ok(())
 }
 
+/// Implements [`Rpc`] for a management request: no bulk segments, then the
+/// given checks on the request.
+macro_rules! mgmt_rpc {
+    ($req:ty, $op:ident, $reply:ty) => {
+        mgmt_rpc!($req, $op, $reply, |_req| { Ok(()) });
+    };
+    ($req:ty, $op:ident, $reply:ty, |$r:ident| $check:block) => {
+        impl Rpc for $req {
+            const OP: Opcode = Opcode::$op;
+            type Reply = $reply;
+
+            fn validate(&self, segments: &[Bytes]) -> Result<()> {
+                no_segments(segments)?;
+                let $r = self;
+                $check
+            }
+        }
+    };
+}
+
 /// A server's standing in the system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberState {
@@ -89,20 +109,14 @@ pub struct JoinReply {
     pub rank: u32,
 }
 
-impl Rpc for JoinReq {
-    const OP: Opcode = Opcode::SysJoin;
-    type Reply = JoinReply;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("address", &self.addr)?;
-        check_name("fault domain", &self.fault_domain)?;
-        if self.targets == 0 {
-            return Err(ShoalError::invalid("a server needs at least one target"));
-        }
-        Ok(())
+mgmt_rpc!(JoinReq, SysJoin, JoinReply, |req| {
+    check_name("address", &req.addr)?;
+    check_name("fault domain", &req.fault_domain)?;
+    if req.targets == 0 {
+        return Err(ShoalError::invalid("a server needs at least one target"));
     }
-}
+    Ok(())
+});
 
 /// A server's periodic sign of life.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,14 +134,7 @@ pub struct HeartbeatReply {
     pub pools: Vec<(PoolId, u32)>,
 }
 
-impl Rpc for HeartbeatReq {
-    const OP: Opcode = Opcode::SysHeartbeat;
-    type Reply = HeartbeatReply;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)
-    }
-}
+mgmt_rpc!(HeartbeatReq, SysHeartbeat, HeartbeatReply);
 
 /// Asks for the system membership.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,14 +147,7 @@ pub struct SystemQueryReply {
     pub ms_rank: Option<u32>,
 }
 
-impl Rpc for SystemQueryReq {
-    const OP: Opcode = Opcode::SysQuery;
-    type Reply = SystemQueryReply;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)
-    }
-}
+mgmt_rpc!(SystemQueryReq, SysQuery, SystemQueryReply);
 
 /// A pool: its identity, map and the servers it spans.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,15 +169,7 @@ pub struct PoolCreateReq {
     pub targets_per_server: u32,
 }
 
-impl Rpc for PoolCreateReq {
-    const OP: Opcode = Opcode::PoolCreate;
-    type Reply = PoolInfo;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_label("pool", &self.label)
-    }
-}
+mgmt_rpc!(PoolCreateReq, PoolCreate, PoolInfo, |req| { check_label("pool", &req.label) });
 
 /// Destroys a pool; refused while it holds containers unless `force`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,15 +178,7 @@ pub struct PoolDestroyReq {
     pub force: bool,
 }
 
-impl Rpc for PoolDestroyReq {
-    const OP: Opcode = Opcode::PoolDestroy;
-    type Reply = ();
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("pool", &self.pool)
-    }
-}
+mgmt_rpc!(PoolDestroyReq, PoolDestroy, (), |req| { check_name("pool", &req.pool) });
 
 /// Adds servers to a pool. Their targets join the map as NEW (not yet
 /// used for placement; a later rebalance brings them in) and the map
@@ -205,32 +189,19 @@ pub struct PoolExtendReq {
     pub ranks: Vec<u32>,
 }
 
-impl Rpc for PoolExtendReq {
-    const OP: Opcode = Opcode::PoolExtend;
-    type Reply = PoolInfo;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("pool", &self.pool)?;
-        if self.ranks.is_empty() {
-            return Err(ShoalError::invalid("name at least one rank to add"));
-        }
-        Ok(())
+mgmt_rpc!(PoolExtendReq, PoolExtend, PoolInfo, |req| {
+    check_name("pool", &req.pool)?;
+    if req.ranks.is_empty() {
+        return Err(ShoalError::invalid("name at least one rank to add"));
     }
-}
+    Ok(())
+});
 
 /// Lists pools.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolListReq {}
 
-impl Rpc for PoolListReq {
-    const OP: Opcode = Opcode::PoolList;
-    type Reply = Vec<PoolInfo>;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)
-    }
-}
+mgmt_rpc!(PoolListReq, PoolList, Vec<PoolInfo>);
 
 /// Looks a pool up by name: its map and addresses (pool connect and query).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,15 +209,7 @@ pub struct PoolQueryReq {
     pub pool: Name,
 }
 
-impl Rpc for PoolQueryReq {
-    const OP: Opcode = Opcode::PoolQuery;
-    type Reply = PoolInfo;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("pool", &self.pool)
-    }
-}
+mgmt_rpc!(PoolQueryReq, PoolQuery, PoolInfo, |req| { check_name("pool", &req.pool) });
 
 /// The layout a container is made for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,16 +267,10 @@ pub struct ContCreateReq {
     pub props: ContProps,
 }
 
-impl Rpc for ContCreateReq {
-    const OP: Opcode = Opcode::ContCreate;
-    type Reply = ContInfo;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("pool", &self.pool)?;
-        check_label("container", &self.label)
-    }
-}
+mgmt_rpc!(ContCreateReq, ContCreate, ContInfo, |req| {
+    check_name("pool", &req.pool)?;
+    check_label("container", &req.label)
+});
 
 /// Destroys a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,16 +279,10 @@ pub struct ContDestroyReq {
     pub cont: Name,
 }
 
-impl Rpc for ContDestroyReq {
-    const OP: Opcode = Opcode::ContDestroy;
-    type Reply = ContInfo;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("pool", &self.pool)?;
-        check_name("container", &self.cont)
-    }
-}
+mgmt_rpc!(ContDestroyReq, ContDestroy, ContInfo, |req| {
+    check_name("pool", &req.pool)?;
+    check_name("container", &req.cont)
+});
 
 /// Lists the containers of a pool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -339,15 +290,7 @@ pub struct ContListReq {
     pub pool: Name,
 }
 
-impl Rpc for ContListReq {
-    const OP: Opcode = Opcode::ContList;
-    type Reply = Vec<ContInfo>;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("pool", &self.pool)
-    }
-}
+mgmt_rpc!(ContListReq, ContList, Vec<ContInfo>, |req| { check_name("pool", &req.pool) });
 
 /// Looks a container up by name (container open and query).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,16 +299,10 @@ pub struct ContQueryReq {
     pub cont: Name,
 }
 
-impl Rpc for ContQueryReq {
-    const OP: Opcode = Opcode::ContQuery;
-    type Reply = ContInfo;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        check_name("pool", &self.pool)?;
-        check_name("container", &self.cont)
-    }
-}
+mgmt_rpc!(ContQueryReq, ContQuery, ContInfo, |req| {
+    check_name("pool", &req.pool)?;
+    check_name("container", &req.cont)
+});
 
 /// Reserves `count` object sequence numbers in a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -381,15 +318,9 @@ pub struct OidAllocReply {
     pub first: u128,
 }
 
-impl Rpc for OidAllocReq {
-    const OP: Opcode = Opcode::OidAlloc;
-    type Reply = OidAllocReply;
-
-    fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        no_segments(segments)?;
-        if self.count == 0 || self.count > 1 << 20 {
-            return Err(ShoalError::invalid("allocate 1..=1048576 OIDs at a time"));
-        }
-        Ok(())
+mgmt_rpc!(OidAllocReq, OidAlloc, OidAllocReply, |req| {
+    if req.count == 0 || req.count > 1 << 20 {
+        return Err(ShoalError::invalid("allocate 1..=1048576 OIDs at a time"));
     }
-}
+    Ok(())
+});

@@ -101,7 +101,7 @@ impl Ms {
 
     pub fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply> {
         self.read(|s| match s.members.get(&req.rank) {
-            Some(m) if m.uuid == req.uuid => Ok(()),
+            Some(m) if m.join.uuid == req.uuid => Ok(()),
             _ => Err(ShoalError::NotFound(format!("rank {} is not a member; join first", req.rank))),
         })?;
         let period = Duration::from_millis(req.period_ms as u64);
@@ -124,12 +124,12 @@ impl Ms {
                     };
                     Member {
                         rank: m.rank,
-                        uuid: m.uuid,
-                        addr: m.addr.clone(),
-                        fault_domain: m.fault_domain.clone(),
-                        targets: m.targets,
-                        host: m.host.clone(),
-                        pid: m.pid,
+                        uuid: m.join.uuid,
+                        addr: m.join.addr.clone(),
+                        fault_domain: m.join.fault_domain.clone(),
+                        targets: m.join.targets,
+                        host: m.join.host.clone(),
+                        pid: m.join.pid,
                         state,
                         silent_ms: silent.map(|d| d.as_millis() as u64),
                     }

@@ -35,16 +35,12 @@ pub enum Outcome {
     Done,
 }
 
-/// A server known to the system.
+/// A server known to the system: its rank and what it said when it last
+/// joined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRec {
     pub rank: u32,
-    pub uuid: u128,
-    pub addr: String,
-    pub fault_domain: String,
-    pub targets: u32,
-    pub host: String,
-    pub pid: u32,
+    pub join: JoinReq,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,7 +112,7 @@ impl MsState {
                     if p.map.targets.iter().any(|t| t.rank == *r) {
                         return Err(ShoalError::invalid(format!("rank {r} is in pool {} already", p.label)));
                     }
-                    p.map.targets.extend((0..m.targets).map(|index| PoolTarget {
+                    p.map.targets.extend((0..m.join.targets).map(|index| PoolTarget {
                         rank: *r,
                         index,
                         state: TargetState::New,
@@ -151,27 +147,19 @@ impl MsState {
     }
 
     fn join(&mut self, j: &JoinReq) -> Result<u32> {
-        let rec = |rank| MemberRec {
-            rank,
-            uuid: j.uuid,
-            addr: j.addr.clone(),
-            fault_domain: j.fault_domain.clone(),
-            targets: j.targets,
-            host: j.host.clone(),
-            pid: j.pid,
-        };
-        if let Some(m) = self.members.values_mut().find(|m| m.uuid == j.uuid) {
-            if m.targets != j.targets {
+        let rec = |rank| MemberRec { rank, join: j.clone() };
+        if let Some(m) = self.members.values_mut().find(|m| m.join.uuid == j.uuid) {
+            if m.join.targets != j.targets {
                 return Err(ShoalError::invalid(format!(
                     "rank {} joined with {} targets before and now claims {}",
-                    m.rank, m.targets, j.targets
+                    m.rank, m.join.targets, j.targets
                 )));
             }
             let rank = m.rank;
             *m = rec(rank);
             return Ok(rank);
         }
-        if let Some(m) = self.members.values().find(|m| m.addr == j.addr) {
+        if let Some(m) = self.members.values().find(|m| m.join.addr == j.addr) {
             return Err(ShoalError::invalid(format!(
                 "address {} already belongs to rank {}; a new server must use another address",
                 j.addr, m.rank
@@ -199,9 +187,12 @@ impl MsState {
         let mut targets = Vec::new();
         for r in &ranks {
             let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?;
-            let n = if per_server == 0 { m.targets } else { per_server };
-            if n > m.targets {
-                return Err(ShoalError::invalid(format!("rank {r} has {} targets, {n} were asked for", m.targets)));
+            let n = if per_server == 0 { m.join.targets } else { per_server };
+            if n > m.join.targets {
+                return Err(ShoalError::invalid(format!(
+                    "rank {r} has {} targets, {n} were asked for",
+                    m.join.targets
+                )));
             }
             targets.extend((0..n).map(|index| PoolTarget { rank: *r, index, state: TargetState::UpIn }));
         }
@@ -273,7 +264,8 @@ impl MsState {
     pub fn pool_info(&self, pool: PoolId) -> Result<PoolInfo> {
         let p = self.pool(pool)?;
         let ranks: std::collections::BTreeSet<u32> = p.map.targets.iter().map(|t| t.rank).collect();
-        let addrs = ranks.iter().filter_map(|r| self.members.get(r).map(|m| (*r, m.addr.clone()))).collect::<Vec<_>>();
+        let addrs =
+            ranks.iter().filter_map(|r| self.members.get(r).map(|m| (*r, m.join.addr.clone()))).collect::<Vec<_>>();
         Ok(PoolInfo {
             uuid: p.uuid,
             label: p.label.clone(),
