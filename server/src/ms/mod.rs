@@ -241,3 +241,46 @@ mod tests {
         assert_eq!(ms.system_query(None).unwrap().members.len(), 1);
     }
 }
+
+#[cfg(test)]
+mod fixture {
+    use super::*;
+    use shoal_common::mgmt::ContProps;
+
+    /// A small state as format 1 encodes it. The bytes must keep decoding
+    /// for as long as format-1 MS logs can exist on disk.
+    const STATE_V1: &str = include_str!("fixtures/state-v1.hex");
+
+    fn sample() -> MsState {
+        let mut s = MsState::default();
+        let j = JoinReq {
+            uuid: 7,
+            addr: "127.0.0.1:1".into(),
+            fault_domain: "rack1".into(),
+            targets: 2,
+            host: "h".into(),
+            pid: 9,
+        };
+        s.apply(&Command::Join(j)).unwrap();
+        let cmd = Command::PoolCreate { uuid: PoolId(5), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        let props = ContProps { rd_fac: 0, oclass: Some("S1".into()), ..ContProps::default() };
+        s.apply(&Command::ContCreate { pool: PoolId(5), uuid: ContId(6), label: "c".into(), props }).unwrap();
+        s
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn format_1_state_decodes() {
+        let raw: Vec<u8> = (0..STATE_V1.trim().len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&STATE_V1.trim()[i..i + 2], 16).unwrap())
+            .collect();
+        let got: MsState = decode(&raw).unwrap();
+        assert_eq!(got, sample());
+        assert_eq!(hex(&encode(&sample()).unwrap()), STATE_V1.trim(), "format 1 encoding changed");
+    }
+}
