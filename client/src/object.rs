@@ -57,15 +57,25 @@ use crate::transport::call;
 const MAX_SHARD_REQUEST: u64 = 16 << 20;
 /// Attempts to read a stripe whose cells disagree on their epoch.
 const TORN_RETRIES: u32 = 20;
+/// Attempts after which a stripe whose newest write reached fewer than k
+/// cells is read as it was before that write.
+const OLDER_AFTER: u32 = 3;
+
+/// Stripes one request to a shard covers: one cell each, within the byte
+/// and descriptor caps.
+fn stripes_per_request(cell: u64) -> u64 {
+    (MAX_SHARD_REQUEST / cell).clamp(1, shoal_common::limits::MAX_IODS as u64)
+}
 
 /// One shard's cells of a run of stripes: (epoch, bytes) per stripe.
 type StripeCells = Vec<(Epoch, Bytes)>;
 
-/// Keeps per-shard results whose errors mean "out of reach" (a decode or
-/// another copy can make up for them) and returns any other error, such as
-/// a stale map, at once.
+/// Keeps per-shard results whose errors mean the cell is lost (out of
+/// reach, or unreadable on that shard: a decode makes up for it) and
+/// returns any other error, such as a stale map, at once.
 fn usable<T>(results: Vec<Result<T>>) -> Result<Vec<Result<T>>> {
-    if let Some(Err(e)) = results.iter().find(|r| matches!(r, Err(e) if !shard_down(e))) {
+    let lost = |e: &ShoalError| shard_down(e) || matches!(e, ShoalError::Checksum(_) | ShoalError::Io(_));
+    if let Some(Err(e)) = results.iter().find(|r| matches!(r, Err(e) if !lost(e))) {
         return Err(e.clone());
     }
     Ok(results)
@@ -693,7 +703,7 @@ impl Object {
                     let mut out = BytesMut::with_capacity(((s1 - s0) * stripe) as usize);
                     let mut s = s0;
                     while s < s1 {
-                        let batch = (s1 - s).min((MAX_SHARD_REQUEST / cell).max(1));
+                        let batch = (s1 - s).min(stripes_per_request(cell));
                         for data in self.ec_read_stripes(&st, group, g, dkey, akey, s, s + batch, epoch).await? {
                             out.extend_from_slice(&data);
                         }
@@ -777,7 +787,7 @@ impl Object {
         let stripe = k as u64 * cell;
         let end = offset + data.len() as u64;
         let (s0, s1) = (offset / stripe, (end - 1) / stripe + 1);
-        let batch = (MAX_SHARD_REQUEST / cell).max(1);
+        let batch = stripes_per_request(cell);
         let codec = codec(k, p)?;
         // Read the partial stripes (at most the first and the last) before
         // taking the epoch, so that a concurrent writer's stripe landing in
@@ -858,6 +868,9 @@ impl Object {
             let req = self.fetch_req(st, &group[j], dkey, epoch, iods);
             async move {
                 let (r, segs) = self.rpc(st, &group[j], &req, vec![]).await?;
+                if r.values.len() as u64 != s1 - s0 || segs.len() as u64 != s1 - s0 {
+                    return Err(ShoalError::protocol("a shard's fetch reply does not match the request"));
+                }
                 Ok::<_, ShoalError>(
                     r.values
                         .into_iter()
@@ -902,8 +915,18 @@ impl Object {
                 let chosen = epochs.iter().copied().find(|e| epochs.iter().filter(|x| *x == e).count() >= k);
                 let Some(e) = chosen else {
                     if cells.iter().flatten().count() >= k {
-                        torn = true;
-                        break;
+                        if attempt < OLDER_AFTER {
+                            torn = true;
+                            break;
+                        }
+                        // The newest write never reached k cells (it failed,
+                        // or is stuck): it was never acknowledged, so read
+                        // the stripe as it was before it.
+                        let s = s0 + i as u64;
+                        let older =
+                            Box::pin(self.ec_read_stripes(st, group, geo, dkey, akey, s, s + 1, epochs[0] - 1)).await?;
+                        out.extend(older);
+                        continue;
                     }
                     let why: Vec<String> = data_cells
                         .iter()

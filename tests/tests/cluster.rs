@@ -491,3 +491,37 @@ async fn the_management_service_survives_a_crash_of_its_server() {
     let fresh = cont2.kv_create(None).await.unwrap();
     assert!(shoal_common::oclass::oid_seq(fresh.oid()) > shoal_common::oclass::oid_seq(kv.oid()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wide_stripe_whose_write_reached_fewer_than_k_cells_reads_as_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 6, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let cont = open_cont(&client, "EC_4P2G1").await;
+
+    // Small cells and a large chunk: many stripes per request.
+    let small = cont.array_create_with(None, Some(16 << 20), Some(4096)).await.unwrap();
+    let big = pattern(3, 16 << 20);
+    small.write(0, Bytes::from(big.clone())).await.unwrap();
+    assert!(small.read(0, 16 << 20).await.unwrap() == big[..]);
+
+    let a = cont.array_create(None, None).await.unwrap();
+    let (k, _, cell) = a.object().ec_geometry().unwrap();
+    let stripe = (k as u64 * cell) as usize;
+    let old = pattern(1, stripe);
+    a.write(0, Bytes::from(old.clone())).await.unwrap();
+
+    // Three of six servers die (not the MS's): a new write of the stripe
+    // reaches only three cells, fewer than k = 4, and fails.
+    for s in &mut cluster.servers[3..] {
+        s.kill9();
+    }
+    assert!(a.write(0, Bytes::from(pattern(2, stripe))).await.is_err());
+    for s in &mut cluster.servers[3..] {
+        s.restart().await.unwrap();
+    }
+    // No epoch has k cells at the newest version: the read returns the
+    // stripe as it was, whole, rather than failing or mixing.
+    assert!(a.read(0, stripe as u64).await.unwrap() == old[..]);
+}

@@ -62,6 +62,10 @@ pub const MAX_INFLIGHT_PER_CONN: usize = 64;
 /// closes the connection.
 pub const PARTIAL_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a closing connection may take to finish its requests and send
+/// their replies.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Connections a server accepts at once; more wait in the backlog.
 ///
 /// # Examples
@@ -258,14 +262,16 @@ fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
-/// With `stall`, a peer that leaves a frame half-sent for that long is an
-/// error: a server must not hold a frame buffer for a silent client.
+/// With `stall`, a frame must arrive whole within that long of its first
+/// byte: a server must not hold a frame buffer for a silent or trickling
+/// client.
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     dec: &mut FrameDecoder,
     stall: Option<Duration>,
 ) -> Result<Option<Frame>> {
+    let mut deadline = None;
     loop {
         if let Some(f) = dec.decode(buf)? {
             return Ok(Some(f));
@@ -274,12 +280,15 @@ async fn read_frame<R: AsyncRead + Unpin>(
             buf.reserve(64 << 10);
         }
         let held = buf.len();
+        if held > 0 && deadline.is_none() {
+            deadline = stall.map(|limit| tokio::time::Instant::now() + limit);
+        }
         let read = rd.read_buf(buf);
-        let n = match stall {
-            Some(limit) if held > 0 => tokio::time::timeout(limit, read).await.map_err(|_| {
-                ShoalError::protocol(format!("peer stalled for {limit:?} inside a frame ({held} bytes)"))
+        let n = match deadline {
+            Some(d) => tokio::time::timeout_at(d, read).await.map_err(|_| {
+                ShoalError::protocol(format!("peer took longer than {stall:?} to send a frame ({held} bytes so far)"))
             })?,
-            _ => read.await,
+            None => read.await,
         }
         .map_err(|e| ShoalError::Unreachable(format!("read: {e}")))?;
         if n == 0 {
@@ -328,6 +337,10 @@ impl Transport for TcpTransport {
             let (tx, rx) = oneshot::channel();
             conn.pending.lock().expect("lock").insert(id, tx);
             let guard = PendingGuard { pending: &conn.pending, id };
+            // The reader may have failed every waiter just before the insert.
+            if conn.dead.load(Ordering::Acquire) {
+                return Err(ShoalError::Unreachable(format!("{addr}: connection closed")));
+            }
             if conn.tx.send(frame).await.is_err() {
                 return Err(ShoalError::Unreachable(format!("{addr}: connection closed")));
             }
@@ -451,7 +464,7 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown:
 async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Arc<H>, shutdown: CancellationToken) {
     let (mut rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Frame>(MAX_INFLIGHT_PER_CONN);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         if let Err(e) = write_frames(wr, rx).await {
             debug!(%peer, "reply write failed: {e}");
         }
@@ -477,7 +490,10 @@ async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Ar
             warn!(%peer, "closing connection: client sent a reply frame");
             break;
         }
-        let permit = inflight.clone().acquire_owned().await.expect("semaphore never closed");
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = inflight.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
         let handler = handler.clone();
         let tx = tx.clone();
         tasks.spawn(async move {
@@ -498,9 +514,18 @@ async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Ar
         });
     }
     tasks.close();
-    tasks.wait().await;
     drop(tx);
-    let _ = writer.await;
+    // Requests in flight finish and their replies go out, unless the peer
+    // stops reading: then the connection is dropped after a grace period so
+    // that shutdown never hangs on it.
+    let finish = async {
+        tasks.wait().await;
+        let _ = (&mut writer).await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, finish).await.is_err() {
+        warn!(%peer, "connection still busy {SHUTDOWN_GRACE:?} after its reader stopped; dropping it");
+        writer.abort();
+    }
 }
 
 #[cfg(test)]
@@ -515,6 +540,23 @@ mod tests {
         let mut buf = BytesMut::new();
         let r = read_frame(&mut server, &mut buf, &mut FrameDecoder, Some(PARTIAL_FRAME_TIMEOUT)).await;
         assert!(matches!(r, Err(ShoalError::Protocol(_))), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_trickling_a_frame_is_cut_off_too() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let f = Frame::default().encode_to_vec().unwrap();
+        let trickle = tokio::spawn(async move {
+            for b in f {
+                client.write_all(&[b]).await.unwrap();
+                tokio::time::sleep(PARTIAL_FRAME_TIMEOUT / 4).await;
+            }
+            client
+        });
+        let mut buf = BytesMut::new();
+        let r = read_frame(&mut server, &mut buf, &mut FrameDecoder, Some(PARTIAL_FRAME_TIMEOUT)).await;
+        assert!(matches!(r, Err(ShoalError::Protocol(_))), "{r:?}");
+        trickle.abort();
     }
 
     #[tokio::test(start_paused = true)]

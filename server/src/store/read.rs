@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use rocksdb::{DBRawIterator, ReadOptions, Snapshot, DB};
+use shoal_common::limits::MAX_SEGMENT;
 use shoal_common::msg::{FetchIod, Fetched, ValueKind};
 use shoal_common::{ContId, Epoch, Oid, Result, ShoalError};
 use tracing::error;
@@ -11,6 +12,12 @@ use super::data::DataFiles;
 use super::keys::{self, BUCKET_BYTES};
 use super::record::{Location, Record};
 use super::{io_err, ListPage, CF_PUNCHES, CF_VALUES};
+
+fn too_big() -> ShoalError {
+    ShoalError::invalid(format!(
+        "the values fetched add up to more than the per-reply cap of {MAX_SEGMENT} bytes; fetch fewer akeys at once"
+    ))
+}
 
 /// A consistent read view of one target.
 pub(super) struct View<'a> {
@@ -78,24 +85,29 @@ impl<'a> View<'a> {
         )?;
         let mut out = Vec::with_capacity(iods.len());
         let mut segs = Vec::with_capacity(iods.len());
+        // Bytes this reply may still carry: a fetch never reads more than
+        // one reply can hold, however many akeys it names.
+        let mut room = MAX_SEGMENT as u64;
         for iod in iods {
             let floor =
                 dfloor.max(self.punch_floor(&[keys::punch_prefix(cont, oid, Some(dkey), Some(&iod.akey))], epoch)?);
             let akp = keys::akey_prefix(cont, oid, dkey, &iod.akey);
             let (f, b) = match iod.kind {
-                ValueKind::Single | ValueKind::MaxU64 => self.fetch_single(&akp, epoch, floor)?,
+                ValueKind::Single | ValueKind::MaxU64 => self.fetch_single(&akp, epoch, floor, room)?,
                 ValueKind::Array { rec_size, start, nr } => {
                     let s = start * rec_size as u64;
                     self.fetch_array(&akp, epoch, floor, s, s + nr * rec_size as u64, rec_size)?
                 }
             };
+            room = room.checked_sub(b.len() as u64).ok_or_else(too_big)?;
             out.push(f);
             segs.push(b);
         }
         Ok((out, segs))
     }
 
-    pub fn fetch_single(&self, akp: &[u8], epoch: Epoch, floor: Epoch) -> Result<(Fetched, Bytes)> {
+    /// The newest visible single value, if it is at most `room` bytes.
+    pub fn fetch_single(&self, akp: &[u8], epoch: Epoch, floor: Epoch, room: u64) -> Result<(Fetched, Bytes)> {
         let mut it = self.iter(CF_VALUES);
         it.seek(keys::single_key(akp, epoch));
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -103,6 +115,9 @@ impl<'a> View<'a> {
                 let e = keys::epoch_suffix(k).unwrap_or(0);
                 if e > floor {
                     let rec = Record::decode(v)?;
+                    if rec.len > room {
+                        return Err(too_big());
+                    }
                     let data = self.read_value(&rec, "single value")?;
                     return Ok((Fetched::Single { epoch: e }, data));
                 }
