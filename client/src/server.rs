@@ -31,6 +31,25 @@ use shoal_common::{ContId, Epoch, Hlc, Oid, PoolId, Result};
 
 use crate::transport::{call, TcpTransport, Transport};
 
+/// A clock with a random tag, so that epochs of different clients never
+/// collide.
+///
+/// # Examples
+///
+/// ```
+/// let a = shoal_client::server::client_clock();
+/// let b = shoal_client::server::client_clock();
+/// let t = shoal_client::server::wall_ns();
+/// // Different clocks (almost always) stamp different epochs at one instant.
+/// let _ = (a.now(t), b.now(t));
+/// ```
+pub fn client_clock() -> Hlc {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(wall_ns());
+    Hlc::with_tag(h.finish())
+}
+
 /// Wall-clock nanoseconds since the Unix epoch, for the HLC.
 ///
 /// # Examples
@@ -87,7 +106,7 @@ impl ServerClient<TcpTransport> {
     /// # Ok(()) }
     /// ```
     pub fn tcp(addr: impl Into<String>) -> Self {
-        ServerClient::new(Arc::new(TcpTransport::default()), addr, Arc::new(Hlc::new()))
+        ServerClient::new(Arc::new(TcpTransport::default()), addr, Arc::new(client_clock()))
     }
 }
 
@@ -100,13 +119,13 @@ impl<T: Transport> ServerClient<T> {
     /// # async fn demo() -> shoal_common::Result<()> {
     /// use std::sync::Arc;
     ///
+    /// use shoal_client::server::client_clock;
     /// use shoal_client::transport::TcpTransport;
     /// use shoal_client::ServerClient;
-    /// use shoal_common::Hlc;
     ///
     /// // One transport and one clock for every server of the system.
     /// let transport = Arc::new(TcpTransport::default());
-    /// let hlc = Arc::new(Hlc::new());
+    /// let hlc = Arc::new(client_clock());
     /// let a = ServerClient::new(transport.clone(), "10.0.0.1:10001", hlc.clone());
     /// let b = ServerClient::new(transport, "10.0.0.2:10001", hlc);
     /// a.ping().await?;

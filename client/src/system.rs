@@ -104,7 +104,7 @@ impl Client {
         let c = Client {
             inner: Arc::new(Inner {
                 transport: TcpTransport::default(),
-                hlc: Hlc::new(),
+                hlc: crate::server::client_clock(),
                 ms: ms_addrs,
                 timeout: Duration::from_secs(30),
             }),
