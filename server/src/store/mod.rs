@@ -23,7 +23,7 @@ pub mod meta;
 mod read;
 mod record;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -74,6 +74,20 @@ pub enum Mutation {
 struct Job {
     m: Mutation,
     reply: oneshot::Sender<Result<Epoch>>,
+}
+
+impl Mutation {
+    /// The object it changes, whether it only raises max-u64 values, and
+    /// whether it raises any.
+    fn shape(&self) -> ((ContId, Oid), bool, bool) {
+        match self {
+            Mutation::Update { cont, oid, iods, .. } => {
+                let max = |i: &UpdateIod| i.kind == ValueKind::MaxU64;
+                ((*cont, *oid), iods.iter().all(max), iods.iter().any(max))
+            }
+            Mutation::Punch { cont, oid, .. } => ((*cont, *oid), false, false),
+        }
+    }
 }
 
 /// One page of a listing: keys, and the anchor to continue from (`None`
@@ -277,12 +291,6 @@ impl Writer {
     }
 
     fn commit(&mut self, group: Vec<Job>) {
-        if self.poisoned.load(Ordering::Acquire) {
-            for j in group {
-                let _ = j.reply.send(Err(ShoalError::Poisoned(self.id)));
-            }
-            return;
-        }
         let mut free = free_space(self.files.dir()).unwrap_or_else(|e| {
             warn!(target_id = self.id, "statvfs failed, writing without a space check: {e}");
             u64::MAX
@@ -292,7 +300,26 @@ impl Writer {
         // Values of max-u64 akeys written earlier in this group, which the
         // database does not show yet.
         let mut maxes: HashMap<Vec<u8>, (u64, Epoch)> = HashMap::new();
+        // Objects this batch writes or punches other than by max-u64 values.
+        let mut touched: HashSet<(ContId, Oid)> = HashSet::new();
         for job in group {
+            if self.poisoned.load(Ordering::Acquire) {
+                let _ = job.reply.send(Err(ShoalError::Poisoned(self.id)));
+                continue;
+            }
+            let (obj, max_only, has_max) = job.m.shape();
+            if has_max && touched.contains(&obj) {
+                // A max-u64 update reads the value it raises; commit what
+                // this batch already holds for the object first, so that the
+                // read sees it (a truncating write or a punch).
+                self.flush(std::mem::take(&mut batch), std::mem::take(&mut accepted));
+                maxes.clear();
+                touched.clear();
+                if self.poisoned.load(Ordering::Acquire) {
+                    let _ = job.reply.send(Err(ShoalError::Poisoned(self.id)));
+                    continue;
+                }
+            }
             let mut staged = Vec::new();
             let mut new_maxes = Vec::new();
             match self.prepare(&job.m, &mut staged, &mut free, &maxes, &mut new_maxes) {
@@ -301,6 +328,9 @@ impl Writer {
                         batch.put_cf(self.db.cf_handle(cf).expect("cf"), k, v);
                     }
                     maxes.extend(new_maxes);
+                    if !max_only {
+                        touched.insert(obj);
+                    }
                     accepted.push((job.reply, epoch));
                 }
                 Err(e) => {
@@ -308,6 +338,12 @@ impl Writer {
                 }
             }
         }
+        self.flush(batch, accepted);
+    }
+
+    /// Makes a batch durable (data files first, then the synced metadata
+    /// write) and answers its mutations.
+    fn flush(&mut self, batch: WriteBatch, accepted: Vec<(oneshot::Sender<Result<Epoch>>, Epoch)>) {
         if accepted.is_empty() {
             return;
         }

@@ -345,6 +345,28 @@ fn max_u64_values_only_grow_even_within_one_group() {
     // still shows in the latest read.
     put(3, 99).blocking_recv().unwrap().unwrap();
     assert_eq!(get(), 99);
+
+    // A truncation and a smaller max submitted together: the max reads the
+    // truncated value, not the one before it.
+    let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::Single }];
+    let cut = s.submit(Mutation::Update {
+        cont: CONT,
+        oid: Oid::new(0, 1),
+        dkey: b"m".to_vec(),
+        epoch: 10,
+        iods,
+        data: vec![Bytes::copy_from_slice(&20u64.to_le_bytes())],
+    });
+    let raise = put(11, 30);
+    cut.blocking_recv().unwrap().unwrap();
+    raise.blocking_recv().unwrap().unwrap();
+    assert_eq!(get(), 30);
+    // And after a punch in the same group, the max starts from nothing.
+    let gone = s.submit(Mutation::Punch { cont: CONT, oid: Oid::new(0, 1), epoch: 12, dkey: None, akey: None });
+    let raise = put(13, 7);
+    gone.blocking_recv().unwrap().unwrap();
+    raise.blocking_recv().unwrap().unwrap();
+    assert_eq!(get(), 7);
 }
 
 #[cfg(feature = "failpoints")]
