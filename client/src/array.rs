@@ -299,12 +299,24 @@ impl Array {
     /// # Ok(()) }
     /// ```
     pub async fn punch(&self, offset: u64, len: u64) -> Result<()> {
-        offset.checked_add(len).ok_or_else(|| ShoalError::invalid("punch past 2^64"))?;
-        for (c, in_chunk, _, n) in self.pieces(offset, len) {
-            if in_chunk == 0 && n == self.chunk {
+        let end = offset.checked_add(len).ok_or_else(|| ShoalError::invalid("punch past 2^64"))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (first, last) = (offset / self.chunk, (end - 1) / self.chunk);
+        // Only chunks that hold data need work (holes already read as
+        // zeros), so the cost follows the data, not the range.
+        let chunks = self.obj.list_dkeys().await?.into_iter().filter_map(|d| {
+            let c = u64::from_be_bytes(d.as_slice().try_into().ok()?);
+            (first..=last).contains(&c).then_some(c)
+        });
+        for c in chunks {
+            let (cs, ce) = (c * self.chunk, c.saturating_mul(self.chunk).saturating_add(self.chunk));
+            let (a, b) = (offset.max(cs), end.min(ce));
+            if a == cs && b == ce {
                 self.obj.punch_dkey(&c.to_be_bytes()).await?;
             } else {
-                self.obj.write_extent(&c.to_be_bytes(), DATA, in_chunk, Bytes::from(vec![0u8; n as usize])).await?;
+                self.obj.write_extent(&c.to_be_bytes(), DATA, a - cs, Bytes::from(vec![0u8; (b - a) as usize])).await?;
             }
         }
         Ok(())

@@ -382,6 +382,14 @@ async fn array_and_object_calls_behave_like_their_docs() {
     assert_eq!(a.read(2 * chunk - 5, 100).await.unwrap().len(), 5);
     assert!(a.read(5 * chunk, 100).await.unwrap().is_empty());
 
+    // Huge sizes cost nothing: only chunks holding data are touched.
+    a.set_size(1 << 50).await.unwrap();
+    assert_eq!(a.size().await.unwrap(), 1 << 50);
+    a.set_size(2 * chunk).await.unwrap();
+    assert_eq!(a.size().await.unwrap(), 2 * chunk);
+    a.punch(0, u64::MAX - 1).await.unwrap();
+    assert!(a.read(0, 2 * chunk).await.unwrap().iter().all(|b| *b == 0));
+
     // destroy: the array is gone.
     a.destroy().await.unwrap();
     assert!(matches!(cont.array_open(a.oid()).await, Err(ShoalError::NotFound(_))));
