@@ -43,7 +43,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use shoal_common::msg::{FetchIod, FetchReq, Fetched, ListReq, PunchReq, Rpc, UpdateIod, UpdateReq, ValueKind};
+use shoal_common::msg::{
+    FetchIod, FetchReq, Fetched, ListReq, PunchReq, Rpc, StripeLockReq, StripeUnlockReq, UpdateIod, UpdateReq,
+    ValueKind,
+};
 use shoal_common::oclass::{oid_class, ObjectClass, Redundancy};
 use shoal_common::placement::{Layout, Shard};
 use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
@@ -55,6 +58,9 @@ use crate::transport::call;
 
 /// Most bytes one request sends to one shard; larger writes are split.
 const MAX_SHARD_REQUEST: u64 = 16 << 20;
+/// Lease of a stripe lock: long enough for a read-modify-write of a few
+/// stripes, short enough that a dead writer blocks nobody for long.
+const STRIPE_LOCK_LEASE_MS: u32 = 10_000;
 /// Attempts to read a stripe whose cells disagree on their epoch.
 const TORN_RETRIES: u32 = 20;
 /// Attempts after which a stripe whose newest write reached fewer than k
@@ -789,56 +795,100 @@ impl Object {
         let (s0, s1) = (offset / stripe, (end - 1) / stripe + 1);
         let batch = stripes_per_request(cell);
         let codec = codec(k, p)?;
-        // Read the partial stripes (at most the first and the last) before
-        // taking the epoch, so that a concurrent writer's stripe landing in
-        // between wins by epoch over this write's stale merge as rarely as
-        // possible.
-        let mut old = std::collections::HashMap::new();
-        for st_no in [s0, s1 - 1] {
-            let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
-            let full = offset <= a && end >= b;
-            if !full && !old.contains_key(&st_no) {
-                let r = self.ec_read_stripes(st, group, geo, dkey, akey, st_no, st_no + 1, EPOCH_MAX).await?;
-                old.insert(st_no, r.into_iter().next().unwrap_or_default());
-            }
+        // A partial stripe is read, merged and rewritten whole, under a lock
+        // on it at the group's first shard, so two such writers never
+        // rewrite it from the same old version. Full stripes take no lock.
+        let partial: Vec<u64> = {
+            let mut v: Vec<u64> =
+                [s0, s1 - 1].into_iter().filter(|n| !(offset <= n * stripe && end >= (n + 1) * stripe)).collect();
+            v.dedup();
+            v
+        };
+        let owner: u128 = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(offset);
+            ((h.finish() as u128) << 64) | crate::server::wall_ns() as u128
+        };
+        let leader = &group[0];
+        if !partial.is_empty() {
+            let req = StripeLockReq {
+                pool: st.info.uuid,
+                cont: self.cont.info.uuid,
+                oid: self.oid,
+                dkey: dkey.to_vec(),
+                stripes: partial.clone(),
+                owner,
+                lease_ms: STRIPE_LOCK_LEASE_MS,
+            };
+            self.rpc(st, leader, &req, vec![]).await?;
         }
-        let epoch = self.cont_now();
-        let mut s = s0;
-        while s < s1 {
-            let last = (s + batch).min(s1);
-            let mut per_shard: Vec<(Vec<UpdateIod>, Vec<Bytes>)> = vec![(Vec::new(), Vec::new()); (k + p) as usize];
-            for st_no in s..last {
+        let result = async {
+            // Read the partial stripes (at most the first and the last) before
+            // taking the epoch, so that a concurrent writer's stripe landing in
+            // between wins by epoch over this write's stale merge as rarely as
+            // possible.
+            let mut old = std::collections::HashMap::new();
+            for st_no in [s0, s1 - 1] {
                 let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
-                let full = if offset <= a && end >= b {
-                    data.slice((a - offset) as usize..(b - offset) as usize)
-                } else {
-                    // Read-modify-write of a partial stripe.
-                    let mut buf = BytesMut::from(&old[&st_no][..]);
-                    let (from, to) = (offset.max(a), end.min(b));
-                    buf[(from - a) as usize..(to - a) as usize]
-                        .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
-                    buf.freeze()
-                };
-                let cells: Vec<Bytes> =
-                    (0..k as usize).map(|j| full.slice(j * cell as usize..(j + 1) * cell as usize)).collect();
-                let refs: Vec<&[u8]> = cells.iter().map(|c| &c[..]).collect();
-                let parity = codec.encode(&refs)?;
-                let kind = ValueKind::Array { rec_size: 1, start: st_no * cell, nr: cell };
-                for (j, c) in cells.into_iter().chain(parity.into_iter().map(Bytes::from)).enumerate() {
-                    per_shard[j].0.push(UpdateIod { akey: akey.to_vec(), kind });
-                    per_shard[j].1.push(c);
+                let full = offset <= a && end >= b;
+                if !full && !old.contains_key(&st_no) {
+                    let r = self.ec_read_stripes(st, group, geo, dkey, akey, st_no, st_no + 1, EPOCH_MAX).await?;
+                    old.insert(st_no, r.into_iter().next().unwrap_or_default());
                 }
             }
-            let futs = group.iter().zip(per_shard).map(|(sh, (iods, segs))| {
-                let req = self.update_req(st, sh, dkey, epoch, iods);
-                async move { self.rpc(st, sh, &req, segs).await }
-            });
-            for r in join_all(futs).await {
-                r?;
+            let epoch = self.cont_now();
+            let mut s = s0;
+            while s < s1 {
+                let last = (s + batch).min(s1);
+                let mut per_shard: Vec<(Vec<UpdateIod>, Vec<Bytes>)> = vec![(Vec::new(), Vec::new()); (k + p) as usize];
+                for st_no in s..last {
+                    let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
+                    let full = if offset <= a && end >= b {
+                        data.slice((a - offset) as usize..(b - offset) as usize)
+                    } else {
+                        // Read-modify-write of a partial stripe.
+                        let mut buf = BytesMut::from(&old[&st_no][..]);
+                        let (from, to) = (offset.max(a), end.min(b));
+                        buf[(from - a) as usize..(to - a) as usize]
+                            .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                        buf.freeze()
+                    };
+                    let cells: Vec<Bytes> =
+                        (0..k as usize).map(|j| full.slice(j * cell as usize..(j + 1) * cell as usize)).collect();
+                    let refs: Vec<&[u8]> = cells.iter().map(|c| &c[..]).collect();
+                    let parity = codec.encode(&refs)?;
+                    let kind = ValueKind::Array { rec_size: 1, start: st_no * cell, nr: cell };
+                    for (j, c) in cells.into_iter().chain(parity.into_iter().map(Bytes::from)).enumerate() {
+                        per_shard[j].0.push(UpdateIod { akey: akey.to_vec(), kind });
+                        per_shard[j].1.push(c);
+                    }
+                }
+                let futs = group.iter().zip(per_shard).map(|(sh, (iods, segs))| {
+                    let req = self.update_req(st, sh, dkey, epoch, iods);
+                    async move { self.rpc(st, sh, &req, segs).await }
+                });
+                for r in join_all(futs).await {
+                    r?;
+                }
+                s = last;
             }
-            s = last;
+            Ok(epoch)
         }
-        Ok(epoch)
+        .await;
+        if !partial.is_empty() {
+            let req = StripeUnlockReq {
+                pool: st.info.uuid,
+                cont: self.cont.info.uuid,
+                oid: self.oid,
+                dkey: dkey.to_vec(),
+                stripes: partial,
+                owner,
+            };
+            // Best effort: the lease frees the stripes anyway.
+            let _ = self.rpc(st, leader, &req, vec![]).await;
+        }
+        result
     }
 
     /// Reads whole stripes `[s0, s1)`: each as `k * cell` data bytes.

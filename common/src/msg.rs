@@ -29,6 +29,8 @@ pub enum Opcode {
     Punch = 4,
     List = 5,
     TargetQuery = 6,
+    StripeLock = 7,
+    StripeUnlock = 8,
     SysJoin = 20,
     SysHeartbeat = 21,
     SysQuery = 22,
@@ -54,6 +56,8 @@ impl Opcode {
             4 => Opcode::Punch,
             5 => Opcode::List,
             6 => Opcode::TargetQuery,
+            7 => Opcode::StripeLock,
+            8 => Opcode::StripeUnlock,
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
@@ -439,6 +443,76 @@ impl Rpc for ListReq {
 pub struct ListReply {
     pub keys: Vec<Vec<u8>>,
     pub anchor: Option<Vec<u8>>,
+}
+
+/// Most stripes one lock request names.
+pub const MAX_LOCK_STRIPES: usize = 64;
+/// Longest lease a stripe lock may ask for, in milliseconds.
+pub const MAX_LOCK_LEASE_MS: u32 = 60_000;
+
+/// Locks EC stripes of one dkey for a read-modify-write, all or none,
+/// waiting while another owner holds any of them. The lock lives on the
+/// server of the group's first shard and lapses after `lease_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeLockReq {
+    pub pool: PoolId,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Vec<u8>,
+    pub stripes: Vec<u64>,
+    pub owner: u128,
+    pub lease_ms: u32,
+}
+
+impl Rpc for StripeLockReq {
+    const OP: Opcode = Opcode::StripeLock;
+    type Reply = ();
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a lock request carries no data segments"));
+        }
+        check_key("dkey", &self.dkey)?;
+        if self.stripes.is_empty() || self.stripes.len() > MAX_LOCK_STRIPES {
+            return Err(ShoalError::invalid(format!("lock 1..={MAX_LOCK_STRIPES} stripes at a time")));
+        }
+        if self.lease_ms == 0 || self.lease_ms > MAX_LOCK_LEASE_MS {
+            return Err(ShoalError::invalid(format!("lock lease must be 1..={MAX_LOCK_LEASE_MS} ms")));
+        }
+        Ok(())
+    }
+
+    fn pool(&self) -> Option<PoolId> {
+        (self.pool != PoolId(0)).then_some(self.pool)
+    }
+}
+
+/// Releases stripes locked by `owner` (stripes it does not hold are left
+/// alone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeUnlockReq {
+    pub pool: PoolId,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Vec<u8>,
+    pub stripes: Vec<u64>,
+    pub owner: u128,
+}
+
+impl Rpc for StripeUnlockReq {
+    const OP: Opcode = Opcode::StripeUnlock;
+    type Reply = ();
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("an unlock request carries no data segments"));
+        }
+        check_key("dkey", &self.dkey)?;
+        if self.stripes.is_empty() || self.stripes.len() > MAX_LOCK_STRIPES {
+            return Err(ShoalError::invalid(format!("unlock 1..={MAX_LOCK_STRIPES} stripes at a time")));
+        }
+        Ok(())
+    }
 }
 
 /// Asks a target for its usage.

@@ -11,6 +11,7 @@
 //! [`store::TargetStore`] (one target's versioned store).
 
 pub mod config;
+pub mod locks;
 pub mod member;
 pub mod ms;
 pub mod server;

@@ -22,19 +22,23 @@ use shoal_common::mgmt::{
 };
 use shoal_common::msg::{
     decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
-    TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
+    StripeLockReq, StripeUnlockReq, TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
 };
 use shoal_common::wire::Frame;
 use shoal_common::{Epoch, Hlc, PoolId, Result, ShoalError};
 use tokio::sync::Semaphore;
 use tracing::{debug, Instrument};
 
+use crate::locks::StripeLocks;
 use crate::ms::Ms;
 use crate::store::{Mutation, TargetStore};
 
 /// Updates stamped further than this into the future are refused: the
 /// sender's clock is wrong.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
+
+/// How long a stripe lock request waits for other writers.
+pub const STRIPE_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// Writes queued or in progress per target; later ones wait for a slot, so
 /// a flood of writes queues in the transport rather than in memory here.
@@ -51,6 +55,7 @@ pub struct Service {
     pool_versions: RwLock<HashMap<PoolId, u32>>,
     /// This server's rank once it has joined.
     rank: RwLock<Option<u32>>,
+    locks: StripeLocks,
 }
 
 impl Service {
@@ -65,6 +70,7 @@ impl Service {
             ms,
             pool_versions: RwLock::new(HashMap::new()),
             rank: RwLock::new(None),
+            locks: StripeLocks::default(),
         }
     }
 
@@ -162,6 +168,14 @@ impl Service {
             Opcode::Fetch => self.fetch(&frame).await,
             Opcode::List => self.run::<ListReq, _>(&frame, |s, r, _| s.list(r)).await,
             Opcode::TargetQuery => self.run::<TargetQueryReq, _>(&frame, |s, r, _| s.target_query(r)).await,
+            Opcode::StripeLock => self.run::<StripeLockReq, _>(&frame, |s, r, _| s.stripe_lock(r)).await,
+            Opcode::StripeUnlock => {
+                self.run::<StripeUnlockReq, _>(&frame, |s, r, _| async move {
+                    s.locks.unlock(r.cont, r.oid, &r.dkey, &r.stripes, r.owner);
+                    Ok(())
+                })
+                .await
+            }
             Opcode::SysJoin => self.run_ms::<JoinReq>(&frame, |ms, r| ms.join(r)).await,
             Opcode::SysHeartbeat => self.run_ms::<HeartbeatReq>(&frame, |ms, r| ms.heartbeat(r)).await,
             Opcode::SysQuery => {
@@ -266,6 +280,11 @@ impl Service {
         })
         .await
         .map_err(|e| ShoalError::Internal(format!("list task: {e}")))?
+    }
+
+    async fn stripe_lock(self: Arc<Self>, r: StripeLockReq) -> Result<()> {
+        let lease = Duration::from_millis(r.lease_ms as u64);
+        self.locks.lock(r.cont, r.oid, &r.dkey, &r.stripes, r.owner, lease, STRIPE_LOCK_WAIT).await
     }
 
     async fn target_query(self: Arc<Self>, req: TargetQueryReq) -> Result<TargetQueryReply> {
