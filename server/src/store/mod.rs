@@ -2,7 +2,7 @@
 //!
 //! Each target owns one RocksDB instance (`meta/`) for metadata and a
 //! directory of append-only data files (`data/`) for large extents. See
-//! [`keys`] for the key layout and [`record`] for the value records.
+//! [`keys`] for the key layout and `record` for the value records.
 //!
 //! Invariants:
 //! - An update is acknowledged only after its data-file bytes are
