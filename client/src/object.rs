@@ -336,7 +336,7 @@ impl Object {
             async move { self.rpc(st, s, &req, data).await }
         });
         for r in join_all(futs).await {
-            r?;
+            self.observe(r?.0.now);
         }
         Ok(epoch)
     }
@@ -351,6 +351,11 @@ impl Object {
             }
         })
         .await
+    }
+
+    /// Moves this client's clock past a server's.
+    fn observe(&self, server_now: Epoch) {
+        self.cont.pool.client.inner.hlc.observe(server_now);
     }
 
     fn cont_now(&self) -> Epoch {
@@ -533,7 +538,7 @@ impl Object {
                 async move { self.rpc(st, s, &req, vec![]).await }
             });
             for r in join_all(futs).await {
-                r?;
+                self.observe(r?.0.now);
             }
             Ok(epoch)
         })
@@ -869,7 +874,7 @@ impl Object {
                     async move { self.rpc(st, sh, &req, segs).await }
                 });
                 for r in join_all(futs).await {
-                    r?;
+                    self.observe(r?.0.now);
                 }
                 s = last;
             }

@@ -264,6 +264,7 @@ impl<T: Transport> ServerClient<T> {
         let epoch = self.next_epoch();
         let req = UpdateReq { pool: self.pool, target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
         let (r, _) = self.rpc(&req, data).await?;
+        self.hlc.observe(r.now);
         Ok(r.epoch)
     }
 
@@ -340,6 +341,7 @@ impl<T: Transport> ServerClient<T> {
             akey: akey.map(<[u8]>::to_vec),
         };
         let (r, _) = self.rpc(&req, vec![]).await?;
+        self.hlc.observe(r.now);
         Ok(r.epoch)
     }
 

@@ -287,6 +287,9 @@ impl Rpc for UpdateReq {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateReply {
     pub epoch: Epoch,
+    /// The server's clock after it applied the update; the client observes
+    /// it, so its next epochs are newer than anything this server has seen.
+    pub now: Epoch,
 }
 
 /// One akey's part of a fetch.
@@ -560,7 +563,7 @@ mod tests {
         let f = request_frame(&req, vec![Bytes::from_static(b"abc")], 3, 9).unwrap();
         assert_eq!(decode_request::<UpdateReq>(&f).unwrap(), req);
 
-        let r = reply_frame(&f.header, 3, Ok(UpdateReply { epoch: 5 }), vec![]);
+        let r = reply_frame(&f.header, 3, Ok(UpdateReply { epoch: 5, now: 6 }), vec![]);
         assert_eq!(r.header.request_id, f.header.request_id);
         assert_eq!(decode_reply::<UpdateReply>(&r).unwrap().epoch, 5);
         let r = reply_frame::<UpdateReply>(&f.header, 3, Err(ShoalError::NotFound("x".into())), vec![]);

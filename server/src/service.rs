@@ -229,7 +229,7 @@ impl Service {
         let m =
             Mutation::Update { cont: req.cont, oid: req.oid, dkey: req.dkey, epoch: req.epoch, iods: req.iods, data };
         let epoch = self.write(req.target, m).instrument(span).await?;
-        Ok(UpdateReply { epoch })
+        Ok(UpdateReply { epoch, now: self.hlc.now(wall_ns()) })
     }
 
     async fn punch(self: Arc<Self>, req: PunchReq) -> Result<UpdateReply> {
@@ -237,7 +237,7 @@ impl Service {
         let span = tracing::debug_span!("punch", cont = %req.cont, oid = %req.oid, target = req.target);
         let m = Mutation::Punch { cont: req.cont, oid: req.oid, epoch: req.epoch, dkey: req.dkey, akey: req.akey };
         let epoch = self.write(req.target, m).instrument(span).await?;
-        Ok(UpdateReply { epoch })
+        Ok(UpdateReply { epoch, now: self.hlc.now(wall_ns()) })
     }
 
     async fn fetch(self: &Arc<Self>, frame: &Frame) -> Frame {

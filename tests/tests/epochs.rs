@@ -1,0 +1,43 @@
+//! Epochs across clients: a client whose clock is behind catches up with
+//! the server's clock after one write.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use shoal_client::server::{client_clock, wall_ns};
+use shoal_client::transport::TcpTransport;
+use shoal_client::ServerClient;
+use shoal_common::msg::{FetchIod, UpdateIod, ValueKind};
+use shoal_common::{ContId, Oid, EPOCH_MAX};
+use shoal_tests::TestServer;
+
+async fn put(c: &ServerClient, v: &'static [u8]) {
+    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    c.update(0, ContId(1), Oid::new(0, 1), b"x", iods, vec![Bytes::from_static(v)]).await.unwrap();
+}
+
+async fn get(c: &ServerClient) -> Bytes {
+    let iods = vec![FetchIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    c.fetch(0, ContId(1), Oid::new(0, 1), b"x", EPOCH_MAX, iods).await.unwrap().remove(0).1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_behind_the_others_catches_up_after_one_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(&tmp.path().join("s0"), 1).await.unwrap();
+    let t = Arc::new(TcpTransport::default());
+
+    // Client A's clock runs 3 s ahead.
+    let fast = Arc::new(client_clock());
+    fast.observe(wall_ns() + 3_000_000_000);
+    let a = ServerClient::new(t.clone(), srv.addr.clone(), fast);
+    put(&a, b"one").await;
+
+    // Client B's clock is right: its first write is older than A's and
+    // hidden, but the reply moves B's clock past the server's.
+    let b = ServerClient::new(t, srv.addr.clone(), Arc::new(client_clock()));
+    put(&b, b"two").await;
+    assert_eq!(&get(&b).await[..], b"one");
+    put(&b, b"three").await;
+    assert_eq!(&get(&b).await[..], b"three");
+}
