@@ -453,6 +453,18 @@ pub const MAX_LOCK_STRIPES: usize = 64;
 /// Longest lease a stripe lock may ask for, in milliseconds.
 pub const MAX_LOCK_LEASE_MS: u32 = 60_000;
 
+/// The checks lock and unlock requests share.
+fn check_stripes(segments: &[Bytes], dkey: &[u8], stripes: &[u64]) -> Result<()> {
+    if !segments.is_empty() {
+        return Err(ShoalError::invalid("a stripe lock request carries no data segments"));
+    }
+    check_key("dkey", dkey)?;
+    if stripes.is_empty() || stripes.len() > MAX_LOCK_STRIPES {
+        return Err(ShoalError::invalid(format!("name 1..={MAX_LOCK_STRIPES} stripes at a time")));
+    }
+    Ok(())
+}
+
 /// Locks EC stripes of one dkey for a read-modify-write, all or none,
 /// waiting while another owner holds any of them. The lock lives on the
 /// server of the group's first shard and lapses after `lease_ms`.
@@ -472,13 +484,7 @@ impl Rpc for StripeLockReq {
     type Reply = ();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        if !segments.is_empty() {
-            return Err(ShoalError::invalid("a lock request carries no data segments"));
-        }
-        check_key("dkey", &self.dkey)?;
-        if self.stripes.is_empty() || self.stripes.len() > MAX_LOCK_STRIPES {
-            return Err(ShoalError::invalid(format!("lock 1..={MAX_LOCK_STRIPES} stripes at a time")));
-        }
+        check_stripes(segments, &self.dkey, &self.stripes)?;
         if self.lease_ms == 0 || self.lease_ms > MAX_LOCK_LEASE_MS {
             return Err(ShoalError::invalid(format!("lock lease must be 1..={MAX_LOCK_LEASE_MS} ms")));
         }
@@ -507,14 +513,7 @@ impl Rpc for StripeUnlockReq {
     type Reply = ();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
-        if !segments.is_empty() {
-            return Err(ShoalError::invalid("an unlock request carries no data segments"));
-        }
-        check_key("dkey", &self.dkey)?;
-        if self.stripes.is_empty() || self.stripes.len() > MAX_LOCK_STRIPES {
-            return Err(ShoalError::invalid(format!("unlock 1..={MAX_LOCK_STRIPES} stripes at a time")));
-        }
-        Ok(())
+        check_stripes(segments, &self.dkey, &self.stripes)
     }
 }
 
