@@ -96,9 +96,12 @@ async fn conformance<T: Transport>(t: Arc<T>) {
     let inflight = {
         let t = t.clone();
         let addr = s.addr.clone();
-        tokio::spawn(async move { t.call(&addr, frame(300, b"last", b"x"), timeout).await })
+        tokio::spawn(async move { t.call(&addr, frame(600, b"last", b"x"), timeout).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Cancel while the request sleeps in the handler (it takes 600 ms).
+    while s.echo.seen.load(Ordering::Relaxed) < 203 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     s.stop.cancel();
     let r = inflight.await.unwrap();
     assert!(r.is_ok(), "in-flight request finished during shutdown: {r:?}");
