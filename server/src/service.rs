@@ -2,7 +2,7 @@
 //! the right target store.
 //!
 //! Every request runs in a tracing span with its opcode and request id;
-//! data operations add a span with container, OID and target.
+//! data operations add a span with pool, container, OID and target.
 //! Reads run on tokio's blocking pool; writes are awaited on the target's
 //! group-commit writer.
 
@@ -225,7 +225,8 @@ impl Service {
 
     async fn update(self: Arc<Self>, req: UpdateReq, data: Vec<Bytes>) -> Result<UpdateReply> {
         self.check_epoch(req.epoch)?;
-        let span = tracing::debug_span!("update", cont = %req.cont, oid = %req.oid, target = req.target);
+        let span =
+            tracing::debug_span!("update", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
         let m =
             Mutation::Update { cont: req.cont, oid: req.oid, dkey: req.dkey, epoch: req.epoch, iods: req.iods, data };
         let epoch = self.write(req.target, m).instrument(span).await?;
@@ -234,7 +235,8 @@ impl Service {
 
     async fn punch(self: Arc<Self>, req: PunchReq) -> Result<UpdateReply> {
         self.check_epoch(req.epoch)?;
-        let span = tracing::debug_span!("punch", cont = %req.cont, oid = %req.oid, target = req.target);
+        let span =
+            tracing::debug_span!("punch", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
         let m = Mutation::Punch { cont: req.cont, oid: req.oid, epoch: req.epoch, dkey: req.dkey, akey: req.akey };
         let epoch = self.write(req.target, m).instrument(span).await?;
         Ok(UpdateReply { epoch, now: self.hlc.now(wall_ns()) })
@@ -247,7 +249,8 @@ impl Service {
                 self.check_map(p, frame.header.map_version)?;
             }
             let store = self.store(req.target)?;
-            let span = tracing::debug_span!("fetch", cont = %req.cont, oid = %req.oid, target = req.target);
+            let span =
+                tracing::debug_span!("fetch", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
             tokio::task::spawn_blocking(move || {
                 let _g = span.enter();
                 store.fetch(req.cont, req.oid, &req.dkey, req.epoch, &req.iods)
