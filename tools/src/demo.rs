@@ -10,7 +10,7 @@ use clap::Args;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use shoal_common::mgmt::ContProps;
 use shoal_common::oclass::ObjType;
-use shoal_tools::local::LocalCluster;
+use shoal_tools::local::{pattern, LocalCluster};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -37,13 +37,7 @@ fn value(i: u64) -> Bytes {
 
 /// Deterministic bytes for MiB `i` of the array.
 fn mib(i: u64) -> Bytes {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    Bytes::from_iter((0..1 << 20).map(|_| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x as u8
-    }))
+    Bytes::from(pattern(i, 1 << 20))
 }
 
 async fn verify(kv: &shoal_client::Kv, array: &shoal_client::Array, keys: u64, mibs: u64) -> anyhow::Result<()> {

@@ -196,3 +196,17 @@ impl LocalCluster {
         Ok(shoal_client::Client::connect(vec![self.ms()]).await?)
     }
 }
+
+/// Deterministic pseudo-random bytes for a given seed, so a test or the demo
+/// can check every byte it wrote without keeping it.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
