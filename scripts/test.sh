@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+# The multi-process tests run the `shoal-server` and `shoal` binaries.
+cargo build --workspace --bins --features shoal-server/failpoints
 cargo test --workspace --features shoal-server/failpoints "$@"

@@ -1,7 +1,8 @@
 //! The Shoal client: transports and the native APIs.
 //!
-//! Layering: the client depends on `shoal-common` only and never imports
-//! the server. [`transport`] is the one module that knows sockets.
+//! Layering: the client depends on `shoal-common` and `shoal-net` and never
+//! imports the server. Sockets live in `shoal-net`, re-exported here as
+//! [`transport`].
 //!
 //! Key types:
 //! - [`Client`]: a connection to the management service; pools.
@@ -43,14 +44,18 @@
 
 pub mod array;
 pub mod ec;
+pub mod ec_read;
+pub mod ec_write;
 pub mod kv;
 pub mod object;
+pub mod rp;
 pub mod server;
 pub mod system;
-pub mod transport;
+
+pub use shoal_net as transport;
 
 pub use array::Array;
 pub use kv::Kv;
 pub use object::Object;
 pub use server::ServerClient;
-pub use system::{Client, Container, Pool};
+pub use system::{Client, ClientBuilder, ClientStats, Container, Pool};

@@ -7,17 +7,24 @@
 //!
 //! - `S*` classes: one shard per group holds everything.
 //! - `RP_n*`: every replica gets every write, with one epoch, before the
-//!   write is acknowledged; a read takes the first replica that answers.
-//! - `EC_kPp*`: extents are striped in cells of the object's cell size.
-//!   Cell `j` of stripe `s` lives on shard `j` at bytes `[s*cell, (s+1)*cell)`
-//!   of that shard's extent; parity cells on shards `k..k+p`. Full stripes
-//!   are encoded and written directly; a partial stripe is read, merged and
-//!   rewritten whole (read-modify-write), so every stripe on disk is always
-//!   a whole encoded stripe written at one epoch. Reads check that the cells
-//!   of a stripe carry one epoch (otherwise a write is in flight: retry, and
-//!   fail rather than return a torn stripe) and decode from any `k` cells
-//!   when a shard is unreachable. Single values of EC objects are
-//!   replicated on shards `0..=p`.
+//!   write is acknowledged; a read takes the first replica that answers and
+//!   moves on to the next on any error of that replica ([`crate::rp`]).
+//! - `EC_kPp*`: extents are striped in cells of the object's cell size; see
+//!   [`crate::ec_write`] for how writes are ordered and [`crate::ec_read`]
+//!   for how stripes are read. Single values of EC objects are replicated
+//!   on shards `0..=p`.
+//!
+//! Ordering: every write takes an epoch from the client's hybrid clock; a
+//! target that already holds a version of the same range at that epoch or
+//! newer refuses the write with a conflict that carries its clock, and the
+//! client observes it and sends the write again with a newer epoch
+//! ([`Object::blind_write`]). So the write acknowledged last in real time is
+//! the one that reads back, whatever the clients' clocks say.
+//!
+//! End-to-end checksums: every value and EC cell is sent with the crc32c
+//! the client computed; the target verifies it before it stores anything,
+//! and every fetch reply carries the stored checksums back, which the
+//! client verifies before it uses a byte.
 //!
 //! # Examples
 //!
@@ -39,61 +46,31 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use shoal_common::msg::{
-    FetchIod, FetchReq, Fetched, ListReq, PunchReq, Rpc, StripeLockReq, StripeUnlockReq, UpdateIod, UpdateReq,
-    ValueKind,
-};
+use shoal_common::msg::{FetchIod, FetchReq, Fetched, ListReq, PunchReq, Rpc, UpdateIod, UpdateReq, ValueKind};
 use shoal_common::oclass::{oid_class, ObjectClass, Redundancy};
 use shoal_common::placement::{Layout, Shard};
 use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
-use std::sync::Arc;
 
-use crate::ec::codec;
 use crate::system::{ContInner, PoolState, STALE_RETRIES};
 use crate::transport::call;
 
 /// Most bytes one request sends to one shard; larger writes are split.
-const MAX_SHARD_REQUEST: u64 = 16 << 20;
-/// Lease of a stripe lock: long enough for a read-modify-write of a few
-/// stripes, short enough that a dead writer blocks nobody for long.
-const STRIPE_LOCK_LEASE_MS: u32 = 10_000;
-/// Attempts to read a stripe whose cells disagree on their epoch.
-const TORN_RETRIES: u32 = 20;
-/// Attempts after which a stripe whose newest write reached fewer than k
-/// cells is read as it was before that write.
-const OLDER_AFTER: u32 = 3;
-
-/// Stripes one request to a shard covers: one cell each, within the byte
-/// and descriptor caps.
-fn stripes_per_request(cell: u64) -> u64 {
-    (MAX_SHARD_REQUEST / cell).clamp(1, shoal_common::limits::MAX_IODS as u64)
-}
-
-/// One shard's cells of a run of stripes: (epoch, bytes) per stripe.
-type StripeCells = Vec<(Epoch, Bytes)>;
-
-/// Keeps per-shard results whose errors mean the cell is lost (out of
-/// reach, or unreadable on that shard: a decode makes up for it) and
-/// returns any other error, such as a stale map, at once.
-fn usable<T>(results: Vec<Result<T>>) -> Result<Vec<Result<T>>> {
-    let lost = |e: &ShoalError| shard_down(e) || matches!(e, ShoalError::Checksum(_) | ShoalError::Io(_));
-    if let Some(Err(e)) = results.iter().find(|r| matches!(r, Err(e) if !lost(e))) {
-        return Err(e.clone());
-    }
-    Ok(results)
-}
+pub(crate) const MAX_SHARD_REQUEST: u64 = 16 << 20;
+/// How many times a write is sent again after targets answer that they
+/// hold a version as new as its epoch.
+pub(crate) const CONFLICT_RETRIES: u32 = 32;
 
 /// Whether an error means the shard's server is out of reach, so another
 /// copy or a decode should be tried.
-fn shard_down(e: &ShoalError) -> bool {
+pub(crate) fn shard_down(e: &ShoalError) -> bool {
     matches!(e, ShoalError::Unreachable(_) | ShoalError::Timeout(_) | ShoalError::Poisoned(_) | ShoalError::Busy(_))
 }
 
-fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
+pub(crate) fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
     let at = format!("rank {} target {}", s.rank, s.target);
     match e {
         ShoalError::Unreachable(m) => ShoalError::Unreachable(format!("{at}: {m}")),
@@ -102,6 +79,65 @@ fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
         ShoalError::Checksum(m) => ShoalError::Checksum(format!("{at}: {m}")),
         other => other,
     }
+}
+
+/// What a group of per-shard results says about a write: done, sent again
+/// with a newer epoch (a shard held a version as new), or failed.
+pub(crate) enum WriteOutcome {
+    Done,
+    Conflict,
+    Failed(ShoalError),
+}
+
+impl WriteOutcome {
+    /// Folds per-shard write results. A conflict anywhere means the whole
+    /// write goes again (shards that took it get the newer version too);
+    /// any other error ends the write.
+    pub(crate) fn of<T>(results: Vec<Result<T>>, mut ok: impl FnMut(T)) -> WriteOutcome {
+        let mut conflict = false;
+        let mut failed = None;
+        for r in results {
+            match r {
+                Ok(v) => ok(v),
+                Err(ShoalError::Conflict { .. }) => conflict = true,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match (failed, conflict) {
+            (Some(e), _) => WriteOutcome::Failed(e),
+            (None, true) => WriteOutcome::Conflict,
+            (None, false) => WriteOutcome::Done,
+        }
+    }
+}
+
+/// Keeps the server clocks that conflicts carry, so the writer observes
+/// them before it takes its next epoch.
+pub(crate) fn conflict_clock<T>(obj: &Object, results: &[Result<T>]) {
+    for r in results {
+        if let Err(ShoalError::Conflict { server_now, .. }) = r {
+            obj.observe(*server_now);
+        }
+    }
+}
+
+/// Decodes one fetch reply after checking its segments' checksums.
+pub(crate) fn checked(
+    obj: &Object,
+    r: shoal_common::msg::FetchReply,
+    segs: &[Bytes],
+    want: usize,
+) -> Result<Vec<Fetched>> {
+    if r.values.len() != want || segs.len() != want {
+        return Err(ShoalError::protocol("a shard's fetch reply does not match the request"));
+    }
+    if let Err(e) = r.verify(segs) {
+        obj.cont.pool.client.inner.count_checksum_error();
+        return Err(e);
+    }
+    Ok(r.values)
 }
 
 /// One object of an open container.
@@ -125,7 +161,7 @@ fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
 /// ```
 #[derive(Clone)]
 pub struct Object {
-    cont: Arc<ContInner>,
+    pub(crate) cont: Arc<ContInner>,
     oid: Oid,
     class: ObjectClass,
     /// EC cell size; the container's unless the object chose its own.
@@ -251,7 +287,7 @@ impl Object {
 
     /// Runs `op` on the current layout; after a "stale map" answer it
     /// refreshes the pool map and runs it again.
-    async fn with_layout<T, F, Fut>(&self, op: F) -> Result<T>
+    pub(crate) async fn with_layout<T, F, Fut>(&self, op: F) -> Result<T>
     where
         F: Fn(PoolState, Layout) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -270,7 +306,7 @@ impl Object {
         }
     }
 
-    async fn rpc<R: Rpc>(
+    pub(crate) async fn rpc<R: Rpc>(
         &self,
         st: &PoolState,
         shard: &Shard,
@@ -287,7 +323,7 @@ impl Object {
 
     /// The shards of a group that hold single values (and, for S and RP,
     /// extents).
-    fn value_shards<'a>(&self, group: &'a [Shard]) -> &'a [Shard] {
+    pub(crate) fn value_shards<'a>(&self, group: &'a [Shard]) -> &'a [Shard] {
         let n = match self.class.redundancy {
             Redundancy::None => 1,
             Redundancy::Replicas(_) => group.len(),
@@ -296,9 +332,17 @@ impl Object {
         &group[..n.min(group.len())]
     }
 
-    fn update_req(&self, st: &PoolState, shard: &Shard, dkey: &[u8], epoch: Epoch, iods: Vec<UpdateIod>) -> UpdateReq {
+    pub(crate) fn update_req(
+        &self,
+        st: &PoolState,
+        shard: &Shard,
+        dkey: &[u8],
+        epoch: Epoch,
+        iods: Vec<UpdateIod>,
+    ) -> UpdateReq {
         UpdateReq {
             pool: st.info.uuid,
+            rank: shard.rank,
             target: shard.target,
             cont: self.cont.info.uuid,
             oid: self.oid,
@@ -308,9 +352,17 @@ impl Object {
         }
     }
 
-    fn fetch_req(&self, st: &PoolState, shard: &Shard, dkey: &[u8], epoch: Epoch, iods: Vec<FetchIod>) -> FetchReq {
+    pub(crate) fn fetch_req(
+        &self,
+        st: &PoolState,
+        shard: &Shard,
+        dkey: &[u8],
+        epoch: Epoch,
+        iods: Vec<FetchIod>,
+    ) -> FetchReq {
         FetchReq {
             pool: st.info.uuid,
+            rank: shard.rank,
             target: shard.target,
             cont: self.cont.info.uuid,
             oid: self.oid,
@@ -320,46 +372,71 @@ impl Object {
         }
     }
 
-    /// Sends one update to each of `shards` in parallel; all must succeed.
-    async fn update_all(
+    /// Moves this client's clock past a server's.
+    pub(crate) fn observe(&self, server_now: Epoch) {
+        self.cont.pool.client.inner.observe(server_now);
+    }
+
+    /// A new epoch for a write.
+    pub(crate) async fn epoch(&self) -> Result<Epoch> {
+        self.cont.pool.client.inner.epoch().await
+    }
+
+    /// Runs `send(epoch)` with a fresh epoch until no target answers with
+    /// a conflict: a target that holds a version as new as the epoch
+    /// refuses, the client observes the target's clock (in `send`'s
+    /// results) and sends everything again with a newer epoch. For writes
+    /// whose bytes do not depend on what is stored (blind writes).
+    pub(crate) async fn blind_write<F, Fut>(&self, send: F) -> Result<Epoch>
+    where
+        F: Fn(Epoch) -> Fut,
+        Fut: std::future::Future<Output = WriteOutcome>,
+    {
+        for _ in 0..CONFLICT_RETRIES {
+            let epoch = self.epoch().await?;
+            match send(epoch).await {
+                WriteOutcome::Done => return Ok(epoch),
+                WriteOutcome::Conflict => self.cont.pool.client.inner.count_conflict(),
+                WriteOutcome::Failed(e) => return Err(e),
+            }
+        }
+        Err(ShoalError::Busy(format!(
+            "object {}: targets kept holding newer versions through {CONFLICT_RETRIES} attempts (many concurrent writers?); try again",
+            self.oid
+        )))
+    }
+
+    /// Sends one update to each of `shards` in parallel at `epoch`.
+    pub(crate) async fn update_all(
         &self,
         st: &PoolState,
         shards: &[Shard],
         dkey: &[u8],
         epoch: Epoch,
-        iods: Vec<UpdateIod>,
-        data: Vec<Bytes>,
-    ) -> Result<Epoch> {
+        iods: &[UpdateIod],
+        data: &[Bytes],
+    ) -> WriteOutcome {
         let futs = shards.iter().map(|s| {
-            let req = self.update_req(st, s, dkey, epoch, iods.clone());
-            let data = data.clone();
+            let req = self.update_req(st, s, dkey, epoch, iods.to_vec());
+            let data = data.to_vec();
             async move { self.rpc(st, s, &req, data).await }
         });
-        for r in join_all(futs).await {
-            self.observe(r?.0.now);
-        }
-        Ok(epoch)
+        let results = join_all(futs).await;
+        conflict_clock(self, &results);
+        WriteOutcome::of(results, |(r, _)| self.observe(r.now))
     }
 
     async fn update_value(&self, dkey: &[u8], akey: &[u8], kind: ValueKind, value: Bytes) -> Result<Epoch> {
+        let iods = [UpdateIod::new(akey, kind, &value)];
+        let data = [value];
         self.with_layout(|st, layout| {
-            let value = value.clone();
+            let (iods, data) = (&iods, &data);
             async move {
                 let shards = self.value_shards(layout.dkey_shards(dkey));
-                let iods = vec![UpdateIod { akey: akey.to_vec(), kind }];
-                self.update_all(&st, shards, dkey, self.cont_now(), iods, vec![value]).await
+                self.blind_write(|epoch| self.update_all(&st, shards, dkey, epoch, iods, data)).await
             }
         })
         .await
-    }
-
-    /// Moves this client's clock past a server's.
-    fn observe(&self, server_now: Epoch) {
-        self.cont.pool.client.inner.hlc.observe(server_now);
-    }
-
-    fn cont_now(&self) -> Epoch {
-        crate::system::Container { inner: self.cont.clone() }.now()
     }
 
     /// Writes a single value (replaced whole). Returns the epoch. Not
@@ -431,32 +508,12 @@ impl Object {
     pub async fn fetch_single(&self, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Option<Bytes>> {
         self.with_layout(|st, layout| async move {
             let shards = self.value_shards(layout.dkey_shards(dkey));
-            let mut errors = Vec::new();
-            for s in shards {
-                let req = self.fetch_req(
-                    &st,
-                    s,
-                    dkey,
-                    epoch,
-                    vec![FetchIod { akey: akey.to_vec(), kind: ValueKind::Single }],
-                );
-                match self.rpc(&st, s, &req, vec![]).await {
-                    Ok((r, mut segs)) => {
-                        return Ok(match r.values.first() {
-                            Some(Fetched::Single { .. }) => segs.pop(),
-                            _ => None,
-                        })
-                    }
-                    Err(e) if shard_down(&e) || matches!(e, ShoalError::Checksum(_)) => errors.push(e.to_string()),
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(ShoalError::Unreachable(format!(
-                "object {}: no copy of dkey {:?} is readable: {}",
-                self.oid,
-                String::from_utf8_lossy(dkey),
-                errors.join("; ")
-            )))
+            let iods = vec![FetchIod { akey: akey.to_vec(), kind: ValueKind::Single }];
+            let (values, mut segs) = self.fetch_any(&st, shards, dkey, epoch, iods).await?;
+            Ok(match values.first() {
+                Some(Fetched::Single { .. }) => segs.pop(),
+                _ => None,
+            })
         })
         .await
     }
@@ -523,28 +580,32 @@ impl Object {
                 Some(d) => layout.dkey_shards(d).to_vec(),
                 None => layout.groups.iter().flatten().copied().collect(),
             };
-            let epoch = self.cont_now();
-            let futs = shards.iter().map(|s| {
-                let req = PunchReq {
-                    pool: st.info.uuid,
-                    target: s.target,
-                    cont: self.cont.info.uuid,
-                    oid: self.oid,
-                    epoch,
-                    dkey: dkey.map(<[u8]>::to_vec),
-                    akey: akey.map(<[u8]>::to_vec),
-                };
-                let st = &st;
-                async move { self.rpc(st, s, &req, vec![]).await }
-            });
-            for r in join_all(futs).await {
-                self.observe(r?.0.now);
-            }
-            Ok(epoch)
+            let st = &st;
+            let shards = &shards;
+            self.blind_write(|epoch| async move {
+                let futs = shards.iter().map(|s| {
+                    let req = PunchReq {
+                        pool: st.info.uuid,
+                        rank: s.rank,
+                        target: s.target,
+                        cont: self.cont.info.uuid,
+                        oid: self.oid,
+                        epoch,
+                        dkey: dkey.map(<[u8]>::to_vec),
+                        akey: akey.map(<[u8]>::to_vec),
+                    };
+                    async move { self.rpc(st, s, &req, vec![]).await }
+                });
+                let results = join_all(futs).await;
+                conflict_clock(self, &results);
+                WriteOutcome::of(results, |(r, _)| self.observe(r.now))
+            })
+            .await
         })
         .await
     }
 
+    /// Lists keys from the first of `shards` that can list them all.
     async fn list_on(&self, st: &PoolState, shards: &[Shard], dkey: Option<&[u8]>) -> Result<Vec<Vec<u8>>> {
         let mut errors = Vec::new();
         for s in shards {
@@ -554,6 +615,7 @@ impl Object {
                 loop {
                     let req = ListReq {
                         pool: st.info.uuid,
+                        rank: s.rank,
                         target: s.target,
                         cont: self.cont.info.uuid,
                         oid: self.oid,
@@ -573,11 +635,11 @@ impl Object {
             .await;
             match r {
                 Ok(()) => return Ok(out),
-                Err(e) if shard_down(&e) => errors.push(e.to_string()),
-                Err(e) => return Err(e),
+                Err(e) if !crate::rp::try_next(&e) => return Err(e),
+                Err(e) => errors.push(e),
             }
         }
-        Err(ShoalError::Unreachable(format!("object {}: no shard could list keys: {}", self.oid, errors.join("; "))))
+        Err(crate::rp::no_copy(self.oid, "list keys", errors))
     }
 
     /// Every dkey of the object, in (length, bytes) order. Cancel safe.
@@ -654,25 +716,45 @@ impl Object {
         offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| ShoalError::invalid("the extent runs past the largest offset"))?;
+        // Pieces of at most one request each, with their checksums, made
+        // once whatever the retries.
+        let pieces: Vec<(UpdateIod, Bytes)> = (0..data.len())
+            .step_by(MAX_SHARD_REQUEST as usize)
+            .map(|at| {
+                let piece = data.slice(at..(at + MAX_SHARD_REQUEST as usize).min(data.len()));
+                let kind = ValueKind::Array { rec_size: 1, start: offset + at as u64, nr: piece.len() as u64 };
+                (UpdateIod::new(akey, kind, &piece), piece)
+            })
+            .collect();
         self.with_layout(|st, layout| {
-            let data = data.clone();
+            let (data, pieces) = (data.clone(), &pieces);
             async move {
                 let group = layout.dkey_shards(dkey);
                 match self.ec_geometry() {
                     Some(g) => self.ec_write(&st, group, g, dkey, akey, offset, data).await,
                     None => {
-                        let epoch = self.cont_now();
                         let shards = self.value_shards(group);
-                        let mut at = 0;
-                        while at < data.len() {
-                            let piece = data.slice(at..(at + MAX_SHARD_REQUEST as usize).min(data.len()));
-                            let kind =
-                                ValueKind::Array { rec_size: 1, start: offset + at as u64, nr: piece.len() as u64 };
-                            let iods = vec![UpdateIod { akey: akey.to_vec(), kind }];
-                            at += piece.len();
-                            self.update_all(&st, shards, dkey, epoch, iods, vec![piece]).await?;
-                        }
-                        Ok(epoch)
+                        let st = &st;
+                        self.blind_write(|epoch| async move {
+                            for (iod, piece) in pieces {
+                                match self
+                                    .update_all(
+                                        st,
+                                        shards,
+                                        dkey,
+                                        epoch,
+                                        std::slice::from_ref(iod),
+                                        std::slice::from_ref(piece),
+                                    )
+                                    .await
+                                {
+                                    WriteOutcome::Done => {}
+                                    other => return other,
+                                }
+                            }
+                            WriteOutcome::Done
+                        })
+                        .await
                     }
                 }
             }
@@ -714,7 +796,7 @@ impl Object {
                     let mut out = BytesMut::with_capacity(((s1 - s0) * stripe) as usize);
                     let mut s = s0;
                     while s < s1 {
-                        let batch = (s1 - s).min(stripes_per_request(cell));
+                        let batch = (s1 - s).min(crate::ec_read::stripes_per_request(cell, akey));
                         for data in self.ec_read_stripes(&st, group, g, dkey, akey, s, s + batch, epoch).await? {
                             out.extend_from_slice(&data);
                         }
@@ -727,296 +809,5 @@ impl Object {
             }
         })
         .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn read_replicated(
-        &self,
-        st: &PoolState,
-        shards: &[Shard],
-        dkey: &[u8],
-        akey: &[u8],
-        offset: u64,
-        len: u64,
-        epoch: Epoch,
-    ) -> Result<Bytes> {
-        let mut out = BytesMut::with_capacity(len as usize);
-        while (out.len() as u64) < len {
-            let at = offset + out.len() as u64;
-            let n = (len - out.len() as u64).min(MAX_SHARD_REQUEST);
-            let kind = ValueKind::Array { rec_size: 1, start: at, nr: n };
-            let mut errors = Vec::new();
-            let mut got = None;
-            for s in shards {
-                let req = self.fetch_req(st, s, dkey, epoch, vec![FetchIod { akey: akey.to_vec(), kind }]);
-                match self.rpc(st, s, &req, vec![]).await {
-                    Ok((r, mut segs)) => {
-                        got = Some(match r.values.first() {
-                            Some(Fetched::Array { .. }) => segs.pop().unwrap_or_default(),
-                            _ => Bytes::new(),
-                        });
-                        break;
-                    }
-                    Err(e) if shard_down(&e) || matches!(e, ShoalError::Checksum(_)) => errors.push(e.to_string()),
-                    Err(e) => return Err(e),
-                }
-            }
-            let Some(data) = got else {
-                return Err(ShoalError::Unreachable(format!(
-                    "object {}: no copy of dkey {:?} is readable: {}",
-                    self.oid,
-                    String::from_utf8_lossy(dkey),
-                    errors.join("; ")
-                )));
-            };
-            if data.is_empty() {
-                out.resize(out.len() + n as usize, 0);
-            } else if data.len() as u64 == n {
-                out.extend_from_slice(&data);
-            } else {
-                return Err(ShoalError::protocol(format!("a shard returned {} bytes for a {n}-byte read", data.len())));
-            }
-        }
-        Ok(out.freeze())
-    }
-
-    /// Writes stripes covering `[offset, offset + data.len())`: full stripes
-    /// directly, partial ones by read-modify-write. Every stripe is written
-    /// whole, at `epoch`, to all k + p shards.
-    #[allow(clippy::too_many_arguments)]
-    async fn ec_write(
-        &self,
-        st: &PoolState,
-        group: &[Shard],
-        geo: (u32, u32, u64),
-        dkey: &[u8],
-        akey: &[u8],
-        offset: u64,
-        data: Bytes,
-    ) -> Result<Epoch> {
-        let (k, p, cell) = geo;
-        let stripe = k as u64 * cell;
-        let end = offset + data.len() as u64;
-        let (s0, s1) = (offset / stripe, (end - 1) / stripe + 1);
-        let batch = stripes_per_request(cell);
-        let codec = codec(k, p)?;
-        // A partial stripe is read, merged and rewritten whole, under a lock
-        // on it at the group's first shard, so two such writers never
-        // rewrite it from the same old version. Full stripes take no lock.
-        let partial: Vec<u64> = {
-            let mut v: Vec<u64> =
-                [s0, s1 - 1].into_iter().filter(|n| !(offset <= n * stripe && end >= (n + 1) * stripe)).collect();
-            v.dedup();
-            v
-        };
-        let owner: u128 = {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(offset);
-            ((h.finish() as u128) << 64) | crate::server::wall_ns() as u128
-        };
-        let leader = &group[0];
-        if !partial.is_empty() {
-            let req = StripeLockReq {
-                pool: st.info.uuid,
-                cont: self.cont.info.uuid,
-                oid: self.oid,
-                dkey: dkey.to_vec(),
-                stripes: partial.clone(),
-                owner,
-                lease_ms: STRIPE_LOCK_LEASE_MS,
-            };
-            self.rpc(st, leader, &req, vec![]).await?;
-        }
-        let result = async {
-            // Read the partial stripes (at most the first and the last) before
-            // taking the epoch, so that a concurrent writer's stripe landing in
-            // between wins by epoch over this write's stale merge as rarely as
-            // possible.
-            let mut old = std::collections::HashMap::new();
-            for st_no in [s0, s1 - 1] {
-                let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
-                let full = offset <= a && end >= b;
-                if !full && !old.contains_key(&st_no) {
-                    let r = self.ec_read_stripes(st, group, geo, dkey, akey, st_no, st_no + 1, EPOCH_MAX).await?;
-                    old.insert(st_no, r.into_iter().next().unwrap_or_default());
-                }
-            }
-            let epoch = self.cont_now();
-            let mut s = s0;
-            while s < s1 {
-                let last = (s + batch).min(s1);
-                let mut per_shard: Vec<(Vec<UpdateIod>, Vec<Bytes>)> = vec![(Vec::new(), Vec::new()); (k + p) as usize];
-                for st_no in s..last {
-                    let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
-                    let full = if offset <= a && end >= b {
-                        data.slice((a - offset) as usize..(b - offset) as usize)
-                    } else {
-                        // Read-modify-write of a partial stripe.
-                        let mut buf = BytesMut::from(&old[&st_no][..]);
-                        let (from, to) = (offset.max(a), end.min(b));
-                        buf[(from - a) as usize..(to - a) as usize]
-                            .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
-                        buf.freeze()
-                    };
-                    let cells: Vec<Bytes> =
-                        (0..k as usize).map(|j| full.slice(j * cell as usize..(j + 1) * cell as usize)).collect();
-                    let refs: Vec<&[u8]> = cells.iter().map(|c| &c[..]).collect();
-                    let parity = codec.encode(&refs)?;
-                    let kind = ValueKind::Array { rec_size: 1, start: st_no * cell, nr: cell };
-                    for (j, c) in cells.into_iter().chain(parity.into_iter().map(Bytes::from)).enumerate() {
-                        per_shard[j].0.push(UpdateIod { akey: akey.to_vec(), kind });
-                        per_shard[j].1.push(c);
-                    }
-                }
-                let futs = group.iter().zip(per_shard).map(|(sh, (iods, segs))| {
-                    let req = self.update_req(st, sh, dkey, epoch, iods);
-                    async move { self.rpc(st, sh, &req, segs).await }
-                });
-                for r in join_all(futs).await {
-                    self.observe(r?.0.now);
-                }
-                s = last;
-            }
-            Ok(epoch)
-        }
-        .await;
-        if !partial.is_empty() {
-            let req = StripeUnlockReq {
-                pool: st.info.uuid,
-                cont: self.cont.info.uuid,
-                oid: self.oid,
-                dkey: dkey.to_vec(),
-                stripes: partial,
-                owner,
-            };
-            // Best effort: the lease frees the stripes anyway.
-            let _ = self.rpc(st, leader, &req, vec![]).await;
-        }
-        result
-    }
-
-    /// Reads whole stripes `[s0, s1)`: each as `k * cell` data bytes.
-    /// Checks that the cells of each stripe carry one epoch and decodes from
-    /// parity where a data shard is out of reach.
-    #[allow(clippy::too_many_arguments)]
-    async fn ec_read_stripes(
-        &self,
-        st: &PoolState,
-        group: &[Shard],
-        geo: (u32, u32, u64),
-        dkey: &[u8],
-        akey: &[u8],
-        s0: u64,
-        s1: u64,
-        epoch: Epoch,
-    ) -> Result<Vec<Bytes>> {
-        let (k, p, cell) = geo;
-        let (k, n) = (k as usize, (k + p) as usize);
-        let fetch_shard = |j: usize| {
-            let iods: Vec<FetchIod> = (s0..s1)
-                .map(|s| FetchIod {
-                    akey: akey.to_vec(),
-                    kind: ValueKind::Array { rec_size: 1, start: s * cell, nr: cell },
-                })
-                .collect();
-            let req = self.fetch_req(st, &group[j], dkey, epoch, iods);
-            async move {
-                let (r, segs) = self.rpc(st, &group[j], &req, vec![]).await?;
-                if r.values.len() as u64 != s1 - s0 || segs.len() as u64 != s1 - s0 {
-                    return Err(ShoalError::protocol("a shard's fetch reply does not match the request"));
-                }
-                Ok::<_, ShoalError>(
-                    r.values
-                        .into_iter()
-                        .zip(segs)
-                        .map(|(f, b)| match f {
-                            Fetched::Array { epoch, .. } if b.len() as u64 == cell => (epoch, b),
-                            _ => (0, Bytes::from(vec![0u8; cell as usize])),
-                        })
-                        .collect::<Vec<_>>(),
-                )
-            }
-        };
-        let mut attempt = 0;
-        loop {
-            let data_cells = usable(join_all((0..k).map(fetch_shard)).await)?;
-            let mut parity_cells: Option<Vec<Result<StripeCells>>> = None;
-            let mut out = Vec::with_capacity((s1 - s0) as usize);
-            let mut torn = false;
-            for (i, _) in (s0..s1).enumerate() {
-                let present: Vec<Option<&(Epoch, Bytes)>> =
-                    data_cells.iter().map(|r| r.as_ref().ok().map(|v| &v[i])).collect();
-                let e0 = present[0].map(|c| c.0);
-                if present.iter().all(|c| c.is_some() && c.map(|c| c.0) == e0) {
-                    let mut stripe = BytesMut::with_capacity(k * cell as usize);
-                    for c in present.iter().flatten() {
-                        stripe.extend_from_slice(&c.1);
-                    }
-                    out.push(stripe.freeze());
-                    continue;
-                }
-                // A data cell is unreachable, or the cells disagree (a write
-                // in flight, or one that failed on some shard): decode from
-                // the newest epoch that at least k of the k + p cells share.
-                if parity_cells.is_none() {
-                    parity_cells = Some(usable(join_all((k..n).map(fetch_shard)).await)?);
-                }
-                let parity = parity_cells.as_ref().expect("fetched above");
-                let cells: Vec<Option<(Epoch, Bytes)>> =
-                    data_cells.iter().chain(parity.iter()).map(|r| r.as_ref().ok().map(|v| v[i].clone())).collect();
-                let mut epochs: Vec<Epoch> = cells.iter().flatten().map(|c| c.0).collect();
-                epochs.sort_unstable_by(|a, b| b.cmp(a));
-                let chosen = epochs.iter().copied().find(|e| epochs.iter().filter(|x| *x == e).count() >= k);
-                let Some(e) = chosen else {
-                    if cells.iter().flatten().count() >= k {
-                        if attempt < OLDER_AFTER {
-                            torn = true;
-                            break;
-                        }
-                        // The newest write never reached k cells (it failed,
-                        // or is stuck): it was never acknowledged, so read
-                        // the stripe as it was before it.
-                        let s = s0 + i as u64;
-                        let older =
-                            Box::pin(self.ec_read_stripes(st, group, geo, dkey, akey, s, s + 1, epochs[0] - 1)).await?;
-                        out.extend(older);
-                        continue;
-                    }
-                    let why: Vec<String> = data_cells
-                        .iter()
-                        .chain(parity.iter())
-                        .filter_map(|r| r.as_ref().err().map(ToString::to_string))
-                        .collect();
-                    return Err(ShoalError::Unreachable(format!(
-                        "object {}: stripe {} of dkey {:?} has fewer than {k} reachable cells: {}",
-                        self.oid,
-                        s0 + i as u64,
-                        String::from_utf8_lossy(dkey),
-                        why.join("; ")
-                    )));
-                };
-                let mut shards: Vec<Option<Vec<u8>>> =
-                    cells.into_iter().map(|c| c.and_then(|(ce, d)| (ce == e).then(|| d.to_vec()))).collect();
-                codec(k as u32, p)?.reconstruct(&mut shards)?;
-                let mut stripe = BytesMut::with_capacity(k * cell as usize);
-                for c in shards.iter().take(k).flatten() {
-                    stripe.extend_from_slice(c);
-                }
-                out.push(stripe.freeze());
-            }
-            if !torn {
-                return Ok(out);
-            }
-            attempt += 1;
-            if attempt >= TORN_RETRIES {
-                return Err(ShoalError::Busy(format!(
-                    "object {}: a stripe of dkey {:?} is being rewritten (its cells disagree); try again",
-                    self.oid,
-                    String::from_utf8_lossy(dkey)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5 * attempt as u64)).await;
-        }
     }
 }

@@ -20,14 +20,14 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_common::msg::{
     FetchIod, FetchReq, Fetched, ListReq, PingReply, PingReq, PunchReq, TargetQueryReply, TargetQueryReq, UpdateIod,
-    UpdateReq,
+    UpdateReq, ANY_RANK,
 };
-use shoal_common::{ContId, Epoch, Hlc, Oid, PoolId, Result};
+use shoal_common::{ContId, Epoch, Hlc, Oid, PoolId, Result, ShoalError};
 
 use crate::transport::{call, TcpTransport, Transport};
 
@@ -50,21 +50,7 @@ pub fn client_clock() -> Hlc {
     Hlc::with_tag(h.finish())
 }
 
-/// Wall-clock nanoseconds since the Unix epoch, for the HLC.
-///
-/// # Examples
-///
-/// ```
-/// use shoal_client::server::wall_ns;
-/// use shoal_common::Hlc;
-///
-/// let hlc = Hlc::new();
-/// let epoch = hlc.now(wall_ns());
-/// assert!(hlc.now(wall_ns()) > epoch);
-/// ```
-pub fn wall_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-}
+pub use shoal_common::hlc::wall_ns;
 
 /// A client of one server, over any [`Transport`].
 ///
@@ -77,7 +63,7 @@ pub fn wall_ns() -> u64 {
 /// use shoal_common::{msg::{UpdateIod, ValueKind}, ContId, Oid};
 ///
 /// let c = ServerClient::tcp("127.0.0.1:10001");
-/// let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+/// let iods = vec![UpdateIod::new(b"a", ValueKind::Single, b"hello")];
 /// c.update(0, ContId(1), Oid::new(0, 1), b"dkey", iods, vec![Bytes::from_static(b"hello")]).await?;
 /// # Ok(()) }
 /// ```
@@ -244,11 +230,11 @@ impl<T: Transport> ServerClient<T> {
     /// use shoal_common::msg::{UpdateIod, ValueKind};
     /// use shoal_common::{ContId, Oid};
     ///
-    /// let iods = vec![
-    ///     UpdateIod { akey: b"name".to_vec(), kind: ValueKind::Single },
-    ///     UpdateIod { akey: b"blob".to_vec(), kind: ValueKind::Array { rec_size: 1, start: 0, nr: 4 } },
-    /// ];
     /// let data = vec![Bytes::from_static(b"ada"), Bytes::from_static(&[1, 2, 3, 4])];
+    /// let iods = vec![
+    ///     UpdateIod::new(b"name", ValueKind::Single, &data[0]),
+    ///     UpdateIod::new(b"blob", ValueKind::Array { rec_size: 1, start: 0, nr: 4 }, &data[1]),
+    /// ];
     /// let epoch = c.update(0, ContId(1), Oid::new(0, 1), b"user/1", iods, data).await?;
     /// # Ok(()) }
     /// ```
@@ -261,11 +247,33 @@ impl<T: Transport> ServerClient<T> {
         iods: Vec<UpdateIod>,
         data: Vec<Bytes>,
     ) -> Result<Epoch> {
-        let epoch = self.next_epoch();
-        let req = UpdateReq { pool: self.pool, target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
-        let (r, _) = self.rpc(&req, data).await?;
-        self.hlc.observe(r.now);
-        Ok(r.epoch)
+        // A target holding a version as new answers with its clock; the
+        // update goes again past it.
+        let mut attempts = 0;
+        loop {
+            let epoch = self.next_epoch();
+            let req = UpdateReq {
+                pool: self.pool,
+                rank: ANY_RANK,
+                target,
+                cont,
+                oid,
+                dkey: dkey.to_vec(),
+                epoch,
+                iods: iods.clone(),
+            };
+            match self.rpc(&req, data.clone()).await {
+                Ok((r, _)) => {
+                    self.hlc.observe(r.now);
+                    return Ok(r.epoch);
+                }
+                Err(ShoalError::Conflict { server_now, .. }) if attempts < 16 => {
+                    attempts += 1;
+                    self.hlc.observe(server_now);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Reads values under one dkey as of `epoch` (`EPOCH_MAX` for the
@@ -297,11 +305,12 @@ impl<T: Transport> ServerClient<T> {
         epoch: Epoch,
         iods: Vec<FetchIod>,
     ) -> Result<Vec<(Fetched, Bytes)>> {
-        let req = FetchReq { pool: self.pool, target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
+        let req = FetchReq { pool: self.pool, rank: ANY_RANK, target, cont, oid, dkey: dkey.to_vec(), epoch, iods };
         let (r, segs) = self.rpc(&req, vec![]).await?;
         if r.values.len() != segs.len() || r.values.len() != req.iods.len() {
-            return Err(shoal_common::ShoalError::protocol("fetch reply does not match the request"));
+            return Err(ShoalError::protocol("fetch reply does not match the request"));
         }
+        r.verify(&segs)?;
         Ok(r.values.into_iter().zip(segs).collect())
     }
 
@@ -333,6 +342,7 @@ impl<T: Transport> ServerClient<T> {
         let epoch = self.next_epoch();
         let req = PunchReq {
             pool: self.pool,
+            rank: ANY_RANK,
             target,
             cont,
             oid,
@@ -373,6 +383,7 @@ impl<T: Transport> ServerClient<T> {
         loop {
             let req = ListReq {
                 pool: self.pool,
+                rank: ANY_RANK,
                 target,
                 cont,
                 oid,

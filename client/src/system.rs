@@ -23,18 +23,20 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_common::mgmt::{
-    ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContProps, ContQueryReq, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply, SystemQueryReq,
+    ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContProps, ContQueryReq, OidAllocReq,
+    PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply,
+    SystemQueryReq,
 };
 use shoal_common::msg::{Rpc, TargetQueryReply, TargetQueryReq};
 use shoal_common::oclass::{auto_class, make_oid, oid_class, ObjType, ObjectClass};
 use shoal_common::placement::{Placement, Shard};
-use shoal_common::{Hlc, Oid, PoolId, Result, ShoalError};
+use shoal_common::{Epoch, Hlc, Oid, PoolId, Result, ShoalError};
 
 use crate::array::Array;
 use crate::kv::Kv;
@@ -56,11 +58,225 @@ use crate::transport::{call, TcpTransport};
 /// ```
 pub const STALE_RETRIES: usize = 3;
 
+/// A source of wall-clock time in nanoseconds since the Unix epoch.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 pub(crate) struct Inner {
     pub transport: TcpTransport,
     pub hlc: Hlc,
     ms: Vec<String>,
     pub timeout: Duration,
+    clock: Clock,
+    /// Why writes are refused: this client's clock is further off the
+    /// service's than the bound (checked at connect).
+    skew_refusal: Option<String>,
+    checksum_errors: AtomicU64,
+    conflict_retries: AtomicU64,
+}
+
+impl Inner {
+    /// A new epoch for a write, from this client's hybrid clock: past
+    /// everything it has observed, never running ahead of time (it waits a
+    /// moment instead). Refused when the client's clock is too far off.
+    pub async fn epoch(&self) -> Result<Epoch> {
+        if let Some(why) = &self.skew_refusal {
+            return Err(ShoalError::invalid(why.clone()));
+        }
+        loop {
+            if let Some(e) = self.hlc.try_now((self.clock)()) {
+                return Ok(e);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Moves this client's clock past a server's.
+    pub fn observe(&self, server_now: Epoch) {
+        self.hlc.observe(server_now);
+    }
+
+    /// Counts a value that arrived with a bad checksum (it was read
+    /// elsewhere or decoded around).
+    pub fn count_checksum_error(&self) {
+        self.checksum_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a write retried because a target held a newer version.
+    pub fn count_conflict(&self) {
+        self.conflict_retries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a client has counted since it connected.
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+/// let stats = client.stats();
+/// println!("{} bad checksums caught, {} writes retried", stats.checksum_errors, stats.conflict_retries);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Values or cells that arrived with a bad crc32c (and were read from
+    /// another replica or decoded around).
+    pub checksum_errors: u64,
+    /// Writes sent again with a newer epoch because a target already held
+    /// a version as new (clocks that disagree, or concurrent writers).
+    pub conflict_retries: u64,
+}
+
+/// Builds a [`Client`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use std::time::Duration;
+///
+/// use shoal_client::Client;
+///
+/// let client = Client::builder()
+///     .ms(["10.0.0.1:10001", "10.0.0.2:10001"])
+///     .timeout(Duration::from_secs(10))
+///     .max_clock_skew(Duration::from_secs(2))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct ClientBuilder {
+    ms: Vec<String>,
+    timeout: Duration,
+    max_clock_skew: Duration,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("ms", &self.ms)
+            .field("timeout", &self.timeout)
+            .field("max_clock_skew", &self.max_clock_skew)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            ms: Vec::new(),
+            timeout: Duration::from_secs(30),
+            max_clock_skew: Duration::from_secs(5),
+            clock: Arc::new(wall_ns),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Addresses of the management service (any replica will do).
+    pub fn ms<S: Into<String>>(mut self, addrs: impl IntoIterator<Item = S>) -> Self {
+        self.ms = addrs.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How long one request may wait for its reply (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How far this client's clock may be off the management service's
+    /// before the client refuses to write (default 5 s). Within it, writes
+    /// are ordered correctly whatever the clocks say.
+    pub fn max_clock_skew(mut self, skew: Duration) -> Self {
+        self.max_clock_skew = skew;
+        self
+    }
+
+    /// The wall clock the client stamps writes with (nanoseconds since the
+    /// Unix epoch; default: the system clock). Tests move it on purpose to
+    /// act like a host whose time sync is off.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use shoal_client::Client;
+    /// use shoal_common::hlc::wall_ns;
+    ///
+    /// // A client whose clock runs half a second slow.
+    /// let slow = Client::builder().ms(["127.0.0.1:10001"]).clock(|| wall_ns() - 500_000_000).connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Connects: says hello to the management service (which hands out the
+    /// client's clock tag and its clock, so the first write's epoch is
+    /// already past the service's clock) and checks this client's clock.
+    pub async fn connect(self) -> Result<Client> {
+        if self.ms.is_empty() {
+            return Err(ShoalError::invalid("no management service address given"));
+        }
+        let mut inner = Inner {
+            transport: TcpTransport::default(),
+            hlc: Hlc::new(),
+            ms: self.ms,
+            timeout: self.timeout,
+            clock: self.clock,
+            skew_refusal: None,
+            checksum_errors: AtomicU64::new(0),
+            conflict_retries: AtomicU64::new(0),
+        };
+        let sent = (inner.clock)();
+        let hello = ms_call(&inner, &ClientHelloReq {}).await?;
+        let back = (inner.clock)();
+        inner.hlc.set_tag(hello.tag as u64);
+        inner.hlc.observe(hello.now);
+        // The service read its clock somewhere between `sent` and `back`.
+        let (lo, hi) = (sent.min(back), sent.max(back));
+        let off = if hello.wall_ns > hi {
+            Some((hello.wall_ns - hi, "behind"))
+        } else if hello.wall_ns < lo {
+            Some((lo - hello.wall_ns, "ahead of"))
+        } else {
+            None
+        };
+        if let Some((d, how)) = off {
+            let d = Duration::from_nanos(d);
+            if d > self.max_clock_skew {
+                let why = format!(
+                    "this client's clock is {d:.1?} {how} the management service's, more than the {:?} allowed; \
+                     writes are refused until time sync (NTP, chrony) fixes it",
+                    self.max_clock_skew
+                );
+                tracing::warn!("{why}");
+                inner.skew_refusal = Some(why);
+            }
+        }
+        Ok(Client { inner: Arc::new(inner) })
+    }
+}
+
+async fn ms_call<R: Rpc>(inner: &Inner, req: &R) -> Result<R::Reply> {
+    let mut last = ShoalError::Unreachable("no management service address".into());
+    for addr in &inner.ms {
+        match call(&inner.transport, addr, req, vec![], 0, 0, inner.timeout).await {
+            Ok((r, _)) => return Ok(r),
+            Err(e @ (ShoalError::Unreachable(_) | ShoalError::Timeout(_))) => last = e,
+            // A server that does not host the MS: try the next address.
+            Err(e @ ShoalError::NotFound(_)) if e.to_string().contains("does not host the management service") => {
+                last = e
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 /// A connection to a Shoal system. Cheap to clone.
@@ -98,35 +314,34 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn connect(ms_addrs: Vec<String>) -> Result<Client> {
-        if ms_addrs.is_empty() {
-            return Err(ShoalError::invalid("no management service address given"));
+        Client::builder().ms(ms_addrs).connect().await
+    }
+
+    /// A builder for a client with settings other than the defaults.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// let client = shoal_client::Client::builder().ms(["127.0.0.1:10001"]).timeout(Duration::from_secs(5)).connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// What this client has counted since it connected.
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            checksum_errors: self.inner.checksum_errors.load(Ordering::Relaxed),
+            conflict_retries: self.inner.conflict_retries.load(Ordering::Relaxed),
         }
-        let c = Client {
-            inner: Arc::new(Inner {
-                transport: TcpTransport::default(),
-                hlc: crate::server::client_clock(),
-                ms: ms_addrs,
-                timeout: Duration::from_secs(30),
-            }),
-        };
-        c.system_query().await?;
-        Ok(c)
     }
 
     async fn ms_call<R: Rpc>(&self, req: &R) -> Result<R::Reply> {
-        let mut last = ShoalError::Unreachable("no management service address".into());
-        for addr in &self.inner.ms {
-            match call(&self.inner.transport, addr, req, vec![], 0, 0, self.inner.timeout).await {
-                Ok((r, _)) => return Ok(r),
-                Err(e @ (ShoalError::Unreachable(_) | ShoalError::Timeout(_))) => last = e,
-                // A server that does not host the MS: try the next address.
-                Err(e @ ShoalError::NotFound(_)) if e.to_string().contains("does not host the management service") => {
-                    last = e
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last)
+        ms_call(&self.inner, req).await
     }
 
     /// Every member of the system. Cancel safe.
@@ -837,9 +1052,5 @@ impl Container {
             }
         }
         self.name_get(obj).await
-    }
-
-    pub(crate) fn now(&self) -> shoal_common::Epoch {
-        self.inner.pool.client.inner.hlc.now(wall_ns())
     }
 }

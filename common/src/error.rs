@@ -51,6 +51,13 @@ pub enum ShoalError {
     /// A bug: an invariant did not hold.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The target holds a version newer than the update (or a change since
+    /// the version a conditional update was based on); nothing was
+    /// written. `server_now` is the target's clock: a client observes it
+    /// and retries with a newer epoch (or re-reads, for a conditional
+    /// update).
+    #[error("conflict: {message}")]
+    Conflict { server_now: u64, message: String },
 }
 
 impl ShoalError {
@@ -80,6 +87,7 @@ impl ShoalError {
             ShoalError::Unreachable(_) => 11,
             ShoalError::Busy(_) => 12,
             ShoalError::Internal(_) => 13,
+            ShoalError::Conflict { .. } => 14,
         }
     }
 
@@ -87,7 +95,11 @@ impl ShoalError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ShoalError::StaleMap { .. } | ShoalError::Timeout(_) | ShoalError::Unreachable(_) | ShoalError::Busy(_)
+            ShoalError::StaleMap { .. }
+                | ShoalError::Timeout(_)
+                | ShoalError::Unreachable(_)
+                | ShoalError::Busy(_)
+                | ShoalError::Conflict { .. }
         )
     }
 
@@ -96,6 +108,7 @@ impl ShoalError {
         let (a, b) = match self {
             ShoalError::StaleMap { sent, current } => (*sent, *current),
             ShoalError::Poisoned(t) => (*t, 0),
+            ShoalError::Conflict { server_now, .. } => ((server_now >> 32) as u32, *server_now as u32),
             _ => (0, 0),
         };
         let message = match self {
@@ -109,7 +122,8 @@ impl ShoalError {
             | ShoalError::Timeout(m)
             | ShoalError::Unreachable(m)
             | ShoalError::Busy(m)
-            | ShoalError::Internal(m) => m.clone(),
+            | ShoalError::Internal(m)
+            | ShoalError::Conflict { message: m, .. } => m.clone(),
             ShoalError::StaleMap { .. } | ShoalError::Poisoned(_) => String::new(),
         };
         WireError { code: self.code(), a, b, message }
@@ -133,6 +147,7 @@ impl ShoalError {
             11 => ShoalError::Unreachable(m),
             12 => ShoalError::Busy(m),
             13 => ShoalError::Internal(m),
+            14 => ShoalError::Conflict { server_now: ((w.a as u64) << 32) | w.b as u64, message: m },
             other => ShoalError::Internal(format!("unknown error code {other}: {m}")),
         }
     }
@@ -168,6 +183,7 @@ mod tests {
             ShoalError::Unreachable("x".into()),
             ShoalError::Busy("x".into()),
             ShoalError::Internal("x".into()),
+            ShoalError::Conflict { server_now: 0x1234_5678_9abc_def0, message: "x".into() },
         ];
         for e in all {
             assert_eq!(ShoalError::from_wire(e.to_wire()), e);

@@ -112,11 +112,17 @@ pub struct JoinReply {
 mgmt_rpc!(JoinReq, SysJoin, JoinReply, |req| {
     check_name("address", &req.addr)?;
     check_name("fault domain", &req.fault_domain)?;
-    if req.targets == 0 {
-        return Err(ShoalError::invalid("a server needs at least one target"));
+    if req.targets == 0 || req.targets > MAX_TARGETS_PER_SERVER {
+        return Err(ShoalError::invalid(format!(
+            "a server has 1..={MAX_TARGETS_PER_SERVER} targets, not {}",
+            req.targets
+        )));
     }
     Ok(())
 });
+
+/// Most targets one server may have.
+pub const MAX_TARGETS_PER_SERVER: u32 = 64;
 
 /// A server's periodic sign of life.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,13 +132,38 @@ pub struct HeartbeatReq {
     /// The sender's heartbeat period in milliseconds; the MS waits a few
     /// periods before it calls the sender unresponsive.
     pub period_ms: u32,
+    /// How many destroyed containers the sender already knows of.
+    pub tombstones_seen: u64,
 }
 
 /// The current pool-map versions, so servers can refuse stale clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatReply {
     pub pools: Vec<(PoolId, u32)>,
+    /// Containers destroyed since the `tombstones_seen`-th (in order of
+    /// destruction), at most a page of them.
+    pub tombstones: Vec<ContId>,
+    /// How many containers have been destroyed in all.
+    pub tombstone_count: u64,
 }
+
+/// A client introduces itself: it gets a clock tag that no other client
+/// alive at the same time has, and the management service's clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientHelloReq {}
+
+/// A client's clock tag and the service's clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientHelloReply {
+    pub tag: u16,
+    /// The service's hybrid clock.
+    pub now: crate::hlc::Epoch,
+    /// The service's wall clock (ns since the Unix epoch), so a client can
+    /// tell how far its own clock is off.
+    pub wall_ns: u64,
+}
+
+mgmt_rpc!(ClientHelloReq, ClientHello, ClientHelloReply);
 
 mgmt_rpc!(HeartbeatReq, SysHeartbeat, HeartbeatReply);
 

@@ -34,6 +34,7 @@ pub enum Opcode {
     SysJoin = 20,
     SysHeartbeat = 21,
     SysQuery = 22,
+    ClientHello = 23,
     PoolCreate = 30,
     PoolDestroy = 31,
     PoolList = 32,
@@ -61,6 +62,7 @@ impl Opcode {
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
+            23 => Opcode::ClientHello,
             30 => Opcode::PoolCreate,
             31 => Opcode::PoolDestroy,
             32 => Opcode::PoolList,
@@ -86,6 +88,12 @@ pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
 
     /// The pool whose map version the receiver checks, if any.
     fn pool(&self) -> Option<PoolId> {
+        None
+    }
+
+    /// The rank the sender addressed, if it names one: a server of another
+    /// rank refuses the request.
+    fn rank(&self) -> Option<u32> {
         None
     }
 }
@@ -168,6 +176,12 @@ pub struct PingReply {
     pub version: String,
     pub targets: u32,
     pub epoch: Epoch,
+    /// The server's rank, once it has joined.
+    pub rank: Option<u32>,
+    /// Bytes of request and reply frames the server may hold at once.
+    pub frame_budget: u64,
+    /// Bytes of that budget in use now.
+    pub frame_in_use: u64,
 }
 
 impl Rpc for PingReq {
@@ -227,6 +241,20 @@ impl ValueKind {
 pub struct UpdateIod {
     pub akey: Vec<u8>,
     pub kind: ValueKind,
+    /// crc32c of the segment, computed by the sender before it sent it;
+    /// the target verifies it before it stores anything.
+    pub crc: u32,
+    /// A conditional update: refused (with a conflict) if the target holds
+    /// a version of this value's range newer than this epoch, that is, if
+    /// the range changed since the version the sender based the update on.
+    pub cond: Option<Epoch>,
+}
+
+impl UpdateIod {
+    /// An unconditional update of `akey` whose data is `data`.
+    pub fn new(akey: &[u8], kind: ValueKind, data: &[u8]) -> UpdateIod {
+        UpdateIod { akey: akey.to_vec(), kind, crc: crc32c::crc32c(data), cond: None }
+    }
 }
 
 /// Writes values under one dkey of one object, at one epoch.
@@ -235,6 +263,9 @@ pub struct UpdateReq {
     /// The pool the container lives in; its map version is checked
     /// (`PoolId(0)`: no pool, no check).
     pub pool: PoolId,
+    /// The rank the sender believes it is talking to ([`ANY_RANK`]: no
+    /// check); a server of another rank refuses the request.
+    pub rank: u32,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -246,6 +277,10 @@ pub struct UpdateReq {
 impl Rpc for UpdateReq {
     const OP: Opcode = Opcode::Update;
     type Reply = UpdateReply;
+
+    fn rank(&self) -> Option<u32> {
+        (self.rank != ANY_RANK).then_some(self.rank)
+    }
 
     fn pool(&self) -> Option<PoolId> {
         (self.pool != PoolId(0)).then_some(self.pool)
@@ -305,6 +340,9 @@ pub struct FetchReq {
     /// The pool the container lives in; its map version is checked
     /// (`PoolId(0)`: no pool, no check).
     pub pool: PoolId,
+    /// The rank the sender believes it is talking to ([`ANY_RANK`]: no
+    /// check); a server of another rank refuses the request.
+    pub rank: u32,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -316,6 +354,10 @@ pub struct FetchReq {
 impl Rpc for FetchReq {
     const OP: Opcode = Opcode::Fetch;
     type Reply = FetchReply;
+
+    fn rank(&self) -> Option<u32> {
+        (self.rank != ANY_RANK).then_some(self.rank)
+    }
 
     fn pool(&self) -> Option<PoolId> {
         (self.pool != PoolId(0)).then_some(self.pool)
@@ -350,14 +392,40 @@ pub enum Fetched {
     Single { epoch: Epoch },
     /// Array records; holes read as zeros. `covered` counts the records of
     /// the requested range that hold written data; `epoch` is the newest
-    /// epoch among the extents that supplied them.
+    /// epoch among the extents that supplied them and the punch (if any)
+    /// under them: the version of the range.
     Array { covered: u64, epoch: Epoch },
+    /// Nothing visible because a punch at `epoch` removed it (an array
+    /// range reads as zeros). Unlike `Missing`, it says which version of
+    /// the range this is.
+    Punched { epoch: Epoch },
 }
 
 /// The values found, one per requested akey.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FetchReply {
     pub values: Vec<Fetched>,
+    /// crc32c of each reply segment, carried from the stored checksums
+    /// where a segment is one stored value; the receiver verifies them.
+    pub crcs: Vec<u32>,
+}
+
+impl FetchReply {
+    /// Checks every segment against its crc32c.
+    pub fn verify(&self, segments: &[Bytes]) -> Result<()> {
+        if self.crcs.len() != segments.len() || self.values.len() != segments.len() {
+            return Err(ShoalError::protocol("a fetch reply's checksums do not match its segments"));
+        }
+        for (i, (seg, crc)) in segments.iter().zip(&self.crcs).enumerate() {
+            if crc32c::crc32c(seg) != *crc {
+                return Err(ShoalError::Checksum(format!(
+                    "value {i} of a fetch reply ({} bytes) arrived with a bad crc32c",
+                    seg.len()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Removes an object, a dkey or an akey as of `epoch`.
@@ -366,6 +434,9 @@ pub struct PunchReq {
     /// The pool the container lives in; its map version is checked
     /// (`PoolId(0)`: no pool, no check).
     pub pool: PoolId,
+    /// The rank the sender believes it is talking to ([`ANY_RANK`]: no
+    /// check); a server of another rank refuses the request.
+    pub rank: u32,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -377,6 +448,10 @@ pub struct PunchReq {
 impl Rpc for PunchReq {
     const OP: Opcode = Opcode::Punch;
     type Reply = UpdateReply;
+
+    fn rank(&self) -> Option<u32> {
+        (self.rank != ANY_RANK).then_some(self.rank)
+    }
 
     fn pool(&self) -> Option<PoolId> {
         (self.pool != PoolId(0)).then_some(self.pool)
@@ -407,6 +482,9 @@ pub struct ListReq {
     /// The pool the container lives in; its map version is checked
     /// (`PoolId(0)`: no pool, no check).
     pub pool: PoolId,
+    /// The rank the sender believes it is talking to ([`ANY_RANK`]: no
+    /// check); a server of another rank refuses the request.
+    pub rank: u32,
     pub target: u32,
     pub cont: ContId,
     pub oid: Oid,
@@ -419,6 +497,10 @@ pub struct ListReq {
 impl Rpc for ListReq {
     const OP: Opcode = Opcode::List;
     type Reply = ListReply;
+
+    fn rank(&self) -> Option<u32> {
+        (self.rank != ANY_RANK).then_some(self.rank)
+    }
 
     fn pool(&self) -> Option<PoolId> {
         (self.pool != PoolId(0)).then_some(self.pool)
@@ -448,6 +530,10 @@ pub struct ListReply {
     pub anchor: Option<Vec<u8>>,
 }
 
+/// The `rank` of a request that does not care which server answers
+/// (tools addressing a server directly).
+pub const ANY_RANK: u32 = u32::MAX;
+
 /// Most stripes one lock request names.
 pub const MAX_LOCK_STRIPES: usize = 64;
 /// Longest lease a stripe lock may ask for, in milliseconds.
@@ -471,6 +557,7 @@ fn check_stripes(segments: &[Bytes], dkey: &[u8], stripes: &[u64]) -> Result<()>
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StripeLockReq {
     pub pool: PoolId,
+    pub rank: u32,
     pub cont: ContId,
     pub oid: Oid,
     pub dkey: Vec<u8>,
@@ -482,6 +569,10 @@ pub struct StripeLockReq {
 impl Rpc for StripeLockReq {
     const OP: Opcode = Opcode::StripeLock;
     type Reply = ();
+
+    fn rank(&self) -> Option<u32> {
+        (self.rank != ANY_RANK).then_some(self.rank)
+    }
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_stripes(segments, &self.dkey, &self.stripes)?;
@@ -501,6 +592,7 @@ impl Rpc for StripeLockReq {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StripeUnlockReq {
     pub pool: PoolId,
+    pub rank: u32,
     pub cont: ContId,
     pub oid: Oid,
     pub dkey: Vec<u8>,
@@ -511,6 +603,10 @@ pub struct StripeUnlockReq {
 impl Rpc for StripeUnlockReq {
     const OP: Opcode = Opcode::StripeUnlock;
     type Reply = ();
+
+    fn rank(&self) -> Option<u32> {
+        (self.rank != ANY_RANK).then_some(self.rank)
+    }
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_stripes(segments, &self.dkey, &self.stripes)
@@ -552,12 +648,13 @@ mod tests {
     fn requests_and_replies_round_trip() {
         let req = UpdateReq {
             pool: PoolId(0),
+            rank: ANY_RANK,
             target: 1,
             cont: ContId(7),
             oid: Oid::new(1, 2),
             dkey: b"d".to_vec(),
             epoch: 5,
-            iods: vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Array { rec_size: 1, start: 0, nr: 3 } }],
+            iods: vec![UpdateIod::new(b"a", ValueKind::Array { rec_size: 1, start: 0, nr: 3 }, b"abc")],
         };
         let f = request_frame(&req, vec![Bytes::from_static(b"abc")], 3, 9).unwrap();
         assert_eq!(decode_request::<UpdateReq>(&f).unwrap(), req);
@@ -573,12 +670,13 @@ mod tests {
     fn validation_enforces_the_caps() {
         let mut req = UpdateReq {
             pool: PoolId(0),
+            rank: ANY_RANK,
             target: 0,
             cont: ContId(1),
             oid: Oid::new(0, 1),
             dkey: vec![0; MAX_KEY_LEN + 1],
             epoch: 1,
-            iods: vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }],
+            iods: vec![UpdateIod::new(b"a", ValueKind::Single, b"x")],
         };
         let segs = [Bytes::from_static(b"x")];
         assert!(req.validate(&segs).is_err());

@@ -6,7 +6,8 @@
 //! offset size  field
 //!  0      4    magic            b"SHOL"
 //!  4      1    protocol version (WIRE_VERSION)
-//!  5      1    flags            bit 0: reply; other bits must be 0
+//!  5      1    flags            bit 0: reply; bit 1: transport ping;
+//!                                other bits must be 0
 //!  6      2    opcode           u16 LE (see msg::Opcode)
 //!  8      8    request id       u64 LE, echoed by the reply
 //! 16      4    pool-map version u32 LE, the sender's
@@ -34,11 +35,15 @@ use crate::limits::{MAX_BODY, MAX_FRAME, MAX_SEGMENT, MAX_SEGMENTS};
 /// The four bytes that open every frame.
 pub const MAGIC: [u8; 4] = *b"SHOL";
 /// The protocol version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 48;
 /// Flag bit: this frame is a reply.
 pub const FLAG_REPLY: u8 = 1;
+/// Flag bit: a transport-level liveness probe (no body, no segments); the
+/// peer answers it at once with the same request id and `FLAG_REPLY` set,
+/// whatever else it is doing.
+pub const FLAG_PING: u8 = 2;
 
 /// The fixed-width fields of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,6 +59,11 @@ impl Header {
     /// Whether this frame is a reply.
     pub fn is_reply(&self) -> bool {
         self.flags & FLAG_REPLY != 0
+    }
+
+    /// Whether this frame is a transport ping (or its answer).
+    pub fn is_ping(&self) -> bool {
+        self.flags & FLAG_PING != 0
     }
 }
 
@@ -136,6 +146,32 @@ impl Frame {
     }
 }
 
+/// The whole length of the frame whose header opens `buf`, once the header
+/// is there (`Ok(None)` before), after checking it as [`FrameDecoder::decode`]
+/// does; lets a receiver reserve memory for the frame before it reads it.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let mut h = &buf[..HEADER_LEN];
+    let mut magic = [0u8; 4];
+    h.copy_to_slice(&mut magic);
+    if magic != MAGIC {
+        return Err(ShoalError::protocol(format!("bad magic {magic:02x?}")));
+    }
+    h.advance(16);
+    let body_len = h.get_u32_le();
+    h.advance(16);
+    let nsegs = h.get_u16_le();
+    h.advance(2);
+    let payload_len = h.get_u32_le();
+    let total = HEADER_LEN as u64 + 4 * nsegs as u64 + body_len as u64 + payload_len as u64;
+    if total > MAX_FRAME as u64 {
+        return Err(ShoalError::protocol(format!("frame of {total} bytes exceeds {MAX_FRAME}")));
+    }
+    Ok(Some(total as usize))
+}
+
 /// Incremental frame decoder over a receive buffer.
 #[derive(Debug, Default)]
 pub struct FrameDecoder;
@@ -164,7 +200,7 @@ impl FrameDecoder {
             )));
         }
         let flags = h.get_u8();
-        if flags & !FLAG_REPLY != 0 {
+        if flags & !(FLAG_REPLY | FLAG_PING) != 0 {
             return Err(ShoalError::protocol(format!("unknown flags {flags:#x}")));
         }
         let opcode = h.get_u16_le();
@@ -292,6 +328,21 @@ mod tests {
         let mut buf = BytesMut::from(&bytes[..]);
         assert!(matches!(FrameDecoder.decode(&mut buf), Err(ShoalError::Protocol(_))));
         assert!(buf.capacity() < 4096);
+    }
+
+    #[test]
+    fn frame_len_agrees_with_the_encoder() {
+        let f = Frame {
+            body: Bytes::from_static(b"body"),
+            segments: vec![Bytes::from(vec![1u8; 300])],
+            ..Frame::default()
+        };
+        let bytes = f.encode_to_vec().unwrap();
+        assert_eq!(frame_len(&bytes[..10]).unwrap(), None);
+        assert_eq!(frame_len(&bytes).unwrap(), Some(bytes.len()));
+        let mut bad = bytes.clone();
+        bad[44..48].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(frame_len(&bad).is_err());
     }
 
     #[test]

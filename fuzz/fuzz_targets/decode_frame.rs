@@ -6,13 +6,17 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use shoal_common::mgmt::{
-    ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq, PoolCreateReq,
+    ClientHelloReq, ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq, PoolCreateReq,
     PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, SystemQueryReq,
 };
-use shoal_common::msg::{decode_reply, decode_request, FetchReq, ListReq, PingReq, PunchReq, TargetQueryReq, UpdateReq};
-use shoal_common::wire::FrameDecoder;
+use shoal_common::msg::{
+    decode_reply, decode_request, FetchReq, ListReq, PingReq, PunchReq, StripeLockReq, StripeUnlockReq,
+    TargetQueryReq, UpdateReq,
+};
+use shoal_common::wire::{frame_len, FrameDecoder};
 
 fuzz_target!(|data: &[u8]| {
+    let _ = frame_len(data);
     let mut buf = BytesMut::from(data);
     let mut dec = FrameDecoder;
     while let Ok(Some(frame)) = dec.decode(&mut buf) {
@@ -38,6 +42,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = decode_request::<ContListReq>(&frame);
         let _ = decode_request::<ContQueryReq>(&frame);
         let _ = decode_request::<OidAllocReq>(&frame);
+        let _ = decode_request::<ClientHelloReq>(&frame);
+        let _ = decode_request::<StripeLockReq>(&frame);
+        let _ = decode_request::<StripeUnlockReq>(&frame);
         let _ = decode_reply::<shoal_common::mgmt::PoolInfo>(&frame);
         let _ = decode_reply::<shoal_common::msg::FetchReply>(&frame);
     }

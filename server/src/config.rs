@@ -12,6 +12,10 @@
 //! advertise = "10.0.0.2:10001" # address others use (default: the bound one)
 //! fault_domain = "rack1/node2" # default: the advertised address
 //! heartbeat = "1s"
+//! max_clock_skew = "10s"       # updates stamped further ahead are refused
+//! frame_budget = "1GiB"        # request/reply frames held in memory at once
+//! aggregation_delay = "60s"    # history younger than this stays readable
+//! aggregation_interval = "10s" # how often old versions are removed
 //! ```
 
 use std::net::SocketAddr;
@@ -52,6 +56,20 @@ pub struct ServerConfig {
     /// How often the server tells the MS it is alive.
     #[serde(with = "humantime_serde")]
     pub heartbeat: std::time::Duration,
+    /// Updates stamped further than this ahead of this server's clock are
+    /// refused (the sender's clock is wrong).
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: std::time::Duration,
+    /// Bytes of request and reply frames the server holds at once; a
+    /// sender waits (TCP back-pressure) while it is used up.
+    pub frame_budget: ByteSize,
+    /// How far behind the clock aggregation stays: reads of history
+    /// younger than this always see every version.
+    #[serde(with = "humantime_serde")]
+    pub aggregation_delay: std::time::Duration,
+    /// How often each target aggregates (0s: never).
+    #[serde(with = "humantime_serde")]
+    pub aggregation_interval: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +86,10 @@ impl Default for ServerConfig {
             advertise: None,
             fault_domain: None,
             heartbeat: std::time::Duration::from_secs(1),
+            max_clock_skew: std::time::Duration::from_secs(10),
+            frame_budget: ByteSize::gib(1),
+            aggregation_delay: std::time::Duration::from_secs(60),
+            aggregation_interval: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -122,6 +144,17 @@ impl ServerConfig {
         }
         if self.heartbeat.is_zero() || self.heartbeat > std::time::Duration::from_secs(60) {
             bail!("config field `heartbeat`: {:?} is outside (0s, 60s]", self.heartbeat);
+        }
+        if self.max_clock_skew < std::time::Duration::from_millis(100) {
+            bail!("config field `max_clock_skew`: {:?} is below 100ms", self.max_clock_skew);
+        }
+        let min_budget = shoal_common::limits::MAX_FRAME as u64 * 2;
+        if self.frame_budget.as_u64() < min_budget {
+            bail!(
+                "config field `frame_budget`: {} is below {} (two of the largest frames)",
+                self.frame_budget,
+                ByteSize::b(min_budget)
+            );
         }
         if self.log_level.trim().is_empty() {
             bail!("config field `log_level` is empty");

@@ -1,15 +1,16 @@
 //! The Shoal storage server.
 //!
-//! Layering: only [`store`] knows RocksDB. Sockets live in the client
-//! crate's transport module, which the server uses to bind and listen (the
-//! client never imports the server); [`server`] only passes the bound
-//! listener from `transport::tcp::bind` to `transport::tcp::serve`. RocksDB
-//! handles never leave the store.
+//! Layering: only [`store`] knows RocksDB. Sockets live in `shoal-net`,
+//! which the server uses to bind and listen; [`server`] only passes the
+//! bound listener from `shoal_net::tcp::bind` to `shoal_net::tcp::serve`.
+//! The server never imports the client crate, nor the client the server.
+//! RocksDB handles never leave the store.
 //!
 //! Key types: [`config::ServerConfig`], [`server::Server`] (start-up and
 //! shutdown), [`service::Service`] (request dispatch),
 //! [`store::TargetStore`] (one target's versioned store).
 
+pub mod aggregate;
 pub mod config;
 pub mod locks;
 pub mod member;

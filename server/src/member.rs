@@ -9,9 +9,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use shoal_client::transport::{call, TcpTransport};
 use shoal_common::mgmt::{HeartbeatReq, JoinReq};
 use shoal_common::{Result, ShoalError};
+use shoal_net::{call, TcpTransport};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -48,6 +48,8 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
         host,
         pid: std::process::id(),
     };
+    // Destroyed containers this server has dropped, as counted by the MS.
+    let mut tombstones_seen = 0u64;
     'outer: loop {
         let rank = loop {
             match ask(&t, &ms, &join).await {
@@ -65,9 +67,24 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
         service.set_rank(rank);
         info!(rank, "joined the system");
         loop {
-            let hb = HeartbeatReq { rank, uuid: id.uuid, period_ms: period.as_millis().min(u32::MAX as u128) as u32 };
+            let hb = HeartbeatReq {
+                rank,
+                uuid: id.uuid,
+                period_ms: period.as_millis().min(u32::MAX as u128) as u32,
+                tombstones_seen,
+            };
             match ask(&t, &ms, &hb).await {
-                Ok(r) => service.set_pool_versions(&r.pools),
+                Ok(r) => {
+                    service.set_pool_versions(&r.pools);
+                    if !r.tombstones.is_empty() {
+                        match service.drop_containers(&r.tombstones).await {
+                            Ok(()) => tombstones_seen += r.tombstones.len() as u64,
+                            Err(e) => warn!("dropping destroyed containers failed: {e}"),
+                        }
+                    } else {
+                        tombstones_seen = tombstones_seen.min(r.tombstone_count);
+                    }
+                }
                 Err(ShoalError::NotFound(_)) => continue 'outer,
                 Err(e) => warn!("heartbeat failed: {e}"),
             }

@@ -13,10 +13,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use shoal_client::transport::tcp;
+use shoal_net::tcp;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::aggregate;
 use crate::config::ServerConfig;
 use crate::member;
 use crate::ms::Ms;
@@ -48,6 +49,7 @@ pub struct Server {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     member: Option<tokio::task::JoinHandle<()>>,
+    aggregator: Option<tokio::task::JoinHandle<()>>,
     service: Arc<Service>,
     _lock: File,
 }
@@ -154,9 +156,19 @@ impl Server {
         let listener = tcp::bind(&cfg.listen).await?;
         let addr = listener.local_addr()?;
         let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
-        let service = Arc::new(Service::new(stores, ms));
+        let budget = tcp::Budget::new(cfg.frame_budget.as_u64());
+        let service = Arc::new(Service::new(stores, ms, cfg.max_clock_skew, budget.clone()));
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(tcp::serve(listener, service.clone(), shutdown.clone()));
+        let serve_opts = tcp::ServeOptions { budget, ..tcp::ServeOptions::default() };
+        let task = tokio::spawn(tcp::serve(listener, service.clone(), shutdown.clone(), serve_opts));
+        let aggregator = (!cfg.aggregation_interval.is_zero()).then(|| {
+            tokio::spawn(aggregate::run(
+                service.clone(),
+                cfg.aggregation_interval,
+                cfg.aggregation_delay,
+                shutdown.clone(),
+            ))
+        });
         let ms_addrs = if cfg.ms_addrs.is_empty() && cfg.ms { vec![advertise.clone()] } else { cfg.ms_addrs.clone() };
         let member = if ms_addrs.is_empty() {
             None
@@ -171,7 +183,7 @@ impl Server {
         };
         write_atomically(&cfg.data_dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
         info!(%addr, targets = cfg.targets, data_dir = %cfg.data_dir.display(), "shoal-server ready");
-        Ok(Server { addr, data_dir: cfg.data_dir.clone(), shutdown, task, member, service, _lock: lock })
+        Ok(Server { addr, data_dir: cfg.data_dir.clone(), shutdown, task, member, aggregator, service, _lock: lock })
     }
 
     /// The address the server listens on.
@@ -186,6 +198,9 @@ impl Server {
         self.task.await.context("service task")?;
         if let Some(m) = self.member {
             m.await.context("membership task")?;
+        }
+        if let Some(a) = self.aggregator {
+            a.await.context("aggregation task")?;
         }
         fs::remove_file(self.data_dir.join(ADDR_FILE)).ok();
         let service = self.service;

@@ -5,6 +5,15 @@
 //! data operations add a span with pool, container, OID and target.
 //! Reads run on tokio's blocking pool; writes are awaited on the target's
 //! group-commit writer.
+//!
+//! Checks before any work: the request decodes and validates, it names
+//! this server's rank (a client with a stale address for a rank is
+//! refused), its pool map is not stale, and an update's epoch is not
+//! further ahead of this server's clock than the configured skew. The
+//! server's clock observes every epoch it sees and, at start, the newest
+//! epoch any of its targets committed, so it never goes back. A conflict
+//! from a target (it holds something as new as the update) goes back with
+//! the server's clock, which the client observes before it retries.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -12,20 +21,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use shoal_client::server::wall_ns;
-use shoal_client::transport::Handler;
 use shoal_common::hlc::epoch_to_ns;
+use shoal_common::hlc::wall_ns;
 use shoal_common::limits::MAX_SEGMENT;
 use shoal_common::mgmt::{
-    ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, SystemQueryReq,
+    ClientHelloReq, ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq,
+    PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, SystemQueryReq,
 };
 use shoal_common::msg::{
     decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
     StripeLockReq, StripeUnlockReq, TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
 };
 use shoal_common::wire::Frame;
-use shoal_common::{Epoch, Hlc, PoolId, Result, ShoalError};
+use shoal_common::{ContId, Epoch, Hlc, PoolId, Result, ShoalError};
+use shoal_net::tcp::Budget;
+use shoal_net::Handler;
 use tokio::sync::Semaphore;
 use tracing::{debug, Instrument};
 
@@ -33,9 +43,9 @@ use crate::locks::StripeLocks;
 use crate::ms::Ms;
 use crate::store::{Mutation, TargetStore};
 
-/// Updates stamped further than this into the future are refused: the
-/// sender's clock is wrong.
-pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(10);
+/// Bytes of keys one list reply carries at most (well under the reply
+/// body cap, whatever the key sizes).
+pub const LIST_PAGE_BYTES: usize = 256 << 10;
 
 /// How long a stripe lock request waits for other writers.
 pub const STRIPE_LOCK_WAIT: Duration = Duration::from_secs(30);
@@ -49,6 +59,8 @@ pub struct Service {
     stores: Vec<Arc<TargetStore>>,
     admission: Vec<Arc<Semaphore>>,
     hlc: Hlc,
+    max_skew: Duration,
+    budget: Arc<Budget>,
     map_version: u32,
     ms: Option<Arc<Ms>>,
     /// Pool-map versions as last heard from the MS.
@@ -60,12 +72,21 @@ pub struct Service {
 
 impl Service {
     /// A service over the given target stores, hosting the MS if given.
-    pub fn new(stores: Vec<Arc<TargetStore>>, ms: Option<Arc<Ms>>) -> Service {
+    /// Updates more than `max_skew` ahead of this server's clock are
+    /// refused; fetch replies take their size from `budget` while they are
+    /// read.
+    pub fn new(stores: Vec<Arc<TargetStore>>, ms: Option<Arc<Ms>>, max_skew: Duration, budget: Arc<Budget>) -> Service {
         let admission = stores.iter().map(|_| Arc::new(Semaphore::new(MAX_QUEUED_WRITES))).collect();
+        let hlc = Hlc::new();
+        for s in &stores {
+            hlc.observe(s.max_epoch());
+        }
         Service {
             stores,
             admission,
-            hlc: Hlc::new(),
+            hlc,
+            max_skew,
+            budget,
             map_version: 0,
             ms,
             pool_versions: RwLock::new(HashMap::new()),
@@ -82,6 +103,41 @@ impl Service {
     /// Records this server's rank.
     pub fn set_rank(&self, rank: u32) {
         *self.rank.write().expect("lock") = Some(rank);
+    }
+
+    /// This server's clock now.
+    pub fn now(&self) -> Epoch {
+        self.hlc.now(wall_ns())
+    }
+
+    /// The target stores.
+    pub fn stores(&self) -> &[Arc<TargetStore>] {
+        &self.stores
+    }
+
+    /// Destroys containers on every target: refuses their writes from now
+    /// on and gives back their space.
+    pub async fn drop_containers(&self, conts: &[ContId]) -> Result<()> {
+        for &cont in conts {
+            for store in &self.stores {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.drop_container(cont))
+                    .await
+                    .map_err(|e| ShoalError::Internal(format!("drop task: {e}")))??;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a request addressed to another rank: the sender has a stale
+    /// address for that rank.
+    fn check_rank(&self, rank: Option<u32>) -> Result<()> {
+        match (rank, *self.rank.read().expect("lock")) {
+            (Some(want), Some(mine)) if want != mine => Err(ShoalError::Unreachable(format!(
+                "this server is rank {mine}, not rank {want}: the sender's address for rank {want} is stale"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses a request stamped with an older map of `pool` than the one
@@ -138,14 +194,29 @@ impl Service {
     }
 
     fn check_epoch(&self, epoch: Epoch) -> Result<()> {
-        let limit = wall_ns() + MAX_CLOCK_SKEW.as_nanos() as u64;
+        let now = wall_ns();
+        let limit = now + self.max_skew.as_nanos() as u64;
         if epoch_to_ns(epoch) > limit {
+            let ahead = Duration::from_nanos(epoch_to_ns(epoch).saturating_sub(now));
             return Err(ShoalError::invalid(format!(
-                "epoch {epoch} is more than {MAX_CLOCK_SKEW:?} ahead of this server's clock; check the sender's clock"
+                "the update is stamped {ahead:.1?} ahead of this server's clock, more than the {:?} allowed; fix the sender's clock (time sync)",
+                self.max_skew
             )));
         }
         self.hlc.observe(epoch);
         Ok(())
+    }
+
+    /// Hands a target's conflict back with this server's clock, past the
+    /// version it conflicts with.
+    fn with_clock(&self, r: Result<Epoch>) -> Result<Epoch> {
+        match r {
+            Err(ShoalError::Conflict { server_now, message }) => {
+                self.hlc.observe(server_now);
+                Err(ShoalError::Conflict { server_now: self.hlc.now(wall_ns()), message })
+            }
+            r => r,
+        }
     }
 
     async fn dispatch(self: Arc<Self>, frame: Frame) -> Frame {
@@ -178,6 +249,10 @@ impl Service {
             }
             Opcode::SysJoin => self.run_ms::<JoinReq>(&frame, |ms, r| ms.join(r)).await,
             Opcode::SysHeartbeat => self.run_ms::<HeartbeatReq>(&frame, |ms, r| ms.heartbeat(r)).await,
+            Opcode::ClientHello => {
+                let now = self.hlc.now(wall_ns());
+                self.run_ms::<ClientHelloReq>(&frame, move |ms, r| ms.client_hello(r, now)).await
+            }
             Opcode::SysQuery => {
                 let rank = *self.rank.read().expect("lock");
                 self.run_ms::<SystemQueryReq>(&frame, move |ms, _| ms.system_query(rank)).await
@@ -203,7 +278,10 @@ impl Service {
         F: std::future::Future<Output = Result<R::Reply>>,
     {
         let reply = match decode_request::<R>(frame) {
-            Ok(req) => match req.pool().map_or(Ok(()), |p| self.check_map(p, frame.header.map_version)) {
+            Ok(req) => match self
+                .check_rank(req.rank())
+                .and_then(|()| req.pool().map_or(Ok(()), |p| self.check_map(p, frame.header.map_version)))
+            {
                 Ok(()) => f(self.clone(), req, frame.segments.clone()).await,
                 Err(e) => Err(e),
             },
@@ -220,6 +298,9 @@ impl Service {
             version: env!("CARGO_PKG_VERSION").to_string(),
             targets: self.stores.len() as u32,
             epoch: self.hlc.now(wall_ns()),
+            rank: *self.rank.read().expect("lock"),
+            frame_budget: self.budget.total(),
+            frame_in_use: self.budget.in_use(),
         })
     }
 
@@ -229,7 +310,7 @@ impl Service {
             tracing::debug_span!("update", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
         let m =
             Mutation::Update { cont: req.cont, oid: req.oid, dkey: req.dkey, epoch: req.epoch, iods: req.iods, data };
-        let epoch = self.write(req.target, m).instrument(span).await?;
+        let epoch = self.with_clock(self.write(req.target, m).instrument(span).await)?;
         Ok(UpdateReply { epoch, now: self.hlc.now(wall_ns()) })
     }
 
@@ -238,38 +319,55 @@ impl Service {
         let span =
             tracing::debug_span!("punch", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
         let m = Mutation::Punch { cont: req.cont, oid: req.oid, epoch: req.epoch, dkey: req.dkey, akey: req.akey };
-        let epoch = self.write(req.target, m).instrument(span).await?;
+        let epoch = self.with_clock(self.write(req.target, m).instrument(span).await)?;
         Ok(UpdateReply { epoch, now: self.hlc.now(wall_ns()) })
     }
 
     async fn fetch(self: &Arc<Self>, frame: &Frame) -> Frame {
         let result = async {
             let req = decode_request::<FetchReq>(frame)?;
+            self.check_rank(req.rank())?;
             if let Some(p) = req.pool() {
                 self.check_map(p, frame.header.map_version)?;
             }
             let store = self.store(req.target)?;
+            if store.is_tombstoned(req.cont) {
+                return Err(ShoalError::NotFound(format!("container {} was destroyed", req.cont)));
+            }
+            // The reply's memory comes from the frame budget before it is
+            // read (single values count at their cap).
+            let want: u64 = req
+                .iods
+                .iter()
+                .map(|i| i.kind.array_bytes().unwrap_or(shoal_common::limits::MAX_INLINE_FETCH))
+                .sum::<u64>()
+                .min(MAX_SEGMENT as u64);
+            let held = self.budget.take(want).await;
             let span =
                 tracing::debug_span!("fetch", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
-            tokio::task::spawn_blocking(move || {
+            let r = tokio::task::spawn_blocking(move || {
                 let _g = span.enter();
                 store.fetch(req.cont, req.oid, &req.dkey, req.epoch, &req.iods)
             })
             .await
-            .map_err(|e| ShoalError::Internal(format!("fetch task: {e}")))?
+            .map_err(|e| ShoalError::Internal(format!("fetch task: {e}")))?;
+            drop(held);
+            r
         }
         .await;
-        let result = result.and_then(|(values, segs)| {
+        let result = result.and_then(|(values, segs, crcs)| {
             let total: usize = segs.iter().map(Bytes::len).sum();
             if total > MAX_SEGMENT as usize {
                 return Err(ShoalError::invalid(format!(
                     "the values fetched add up to {total} bytes, above the per-reply cap of {MAX_SEGMENT}; fetch fewer akeys at once"
                 )));
             }
-            Ok((values, segs))
+            Ok((values, segs, crcs))
         });
         match result {
-            Ok((values, segs)) => reply_frame(&frame.header, self.map_version, Ok(FetchReply { values }), segs),
+            Ok((values, segs, crcs)) => {
+                reply_frame(&frame.header, self.map_version, Ok(FetchReply { values, crcs }), segs)
+            }
             Err(e) => reply_frame::<FetchReply>(&frame.header, self.map_version, Err(e), vec![]),
         }
     }
@@ -278,7 +376,15 @@ impl Service {
         let store = self.store(req.target)?;
         tokio::task::spawn_blocking(move || {
             store
-                .list(req.cont, req.oid, req.epoch, req.dkey.as_deref(), req.anchor.as_deref(), req.limit as usize)
+                .list(
+                    req.cont,
+                    req.oid,
+                    req.epoch,
+                    req.dkey.as_deref(),
+                    req.anchor.as_deref(),
+                    req.limit as usize,
+                    LIST_PAGE_BYTES,
+                )
                 .map(|(keys, anchor)| ListReply { keys, anchor })
         })
         .await

@@ -66,8 +66,9 @@ async fn acknowledged_writes_survive_sigkill() {
                     seed,
                     len,
                 };
-                let iods = vec![UpdateIod { akey: b"v".to_vec(), kind }];
-                match c.update(a.target, CONT, a.oid, &a.dkey, iods, vec![Bytes::from(pattern(seed, len))]).await {
+                let data = Bytes::from(pattern(seed, len));
+                let iods = vec![UpdateIod::new(b"v", kind, &data)];
+                match c.update(a.target, CONT, a.oid, &a.dkey, iods, vec![data]).await {
                     Ok(_) => acked.lock().await.push(a),
                     Err(_) => return,
                 }
@@ -101,9 +102,9 @@ async fn a_corrupted_data_file_reads_as_a_checksum_error() {
     let mut srv = TestServer::start(&dir, 1).await.unwrap();
     let c = srv.client();
     let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 65536 };
-    let iods = vec![UpdateIod { akey: b"v".to_vec(), kind }];
-    c.update(0, CONT, Oid::new(0, 1), b"bad", iods.clone(), vec![Bytes::from(pattern(1, 65536))]).await.unwrap();
-    c.update(0, CONT, Oid::new(0, 2), b"good", iods, vec![Bytes::from(pattern(2, 65536))]).await.unwrap();
+    let (bad, good) = (Bytes::from(pattern(1, 65536)), Bytes::from(pattern(2, 65536)));
+    c.update(0, CONT, Oid::new(0, 1), b"bad", vec![UpdateIod::new(b"v", kind, &bad)], vec![bad]).await.unwrap();
+    c.update(0, CONT, Oid::new(0, 2), b"good", vec![UpdateIod::new(b"v", kind, &good)], vec![good]).await.unwrap();
     assert_eq!(srv.terminate().unwrap().code(), Some(0), "SIGTERM exits cleanly");
 
     // The first extent sits at the start of the first data file.

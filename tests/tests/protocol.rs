@@ -38,7 +38,7 @@ async fn send_raw(addr: &str, bytes: &[u8], half_close: bool) -> Option<Frame> {
 async fn still_serves(srv: &TestServer) {
     let c = srv.client();
     c.ping().await.expect("ping after abuse");
-    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    let iods = vec![UpdateIod::new(b"a", ValueKind::Single, b"ok")];
     c.update(0, ContId(1), Oid::new(0, 1), b"d", iods, vec![Bytes::from_static(b"ok")]).await.unwrap();
 }
 
@@ -112,7 +112,7 @@ async fn invalid_requests_get_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let srv = TestServer::start(&tmp.path().join("s0"), 1).await.unwrap();
     let c = srv.client();
-    let single = || vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    let single = || vec![UpdateIod::new(b"a", ValueKind::Single, b"x")];
     // No such target.
     let r = c.update(5, ContId(1), Oid::new(0, 1), b"d", single(), vec![Bytes::from_static(b"x")]).await;
     assert!(matches!(r, Err(ShoalError::NotFound(_))), "{r:?}");
@@ -127,7 +127,7 @@ async fn invalid_requests_get_clear_errors() {
             ContId(1),
             Oid::new(0, 1),
             b"d",
-            vec![UpdateIod { akey: b"a".to_vec(), kind }],
+            vec![UpdateIod::new(b"a", kind, b"x")],
             vec![Bytes::from_static(b"x")],
         )
         .await;

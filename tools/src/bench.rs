@@ -110,7 +110,7 @@ async fn store(a: StoreArgs) -> anyhow::Result<()> {
         drive(a.puts, a.concurrency, move |i| {
             let (c, val) = (c.clone(), val.clone());
             async move {
-                let iods = vec![UpdateIod { akey: b"v".to_vec(), kind: ValueKind::Single }];
+                let iods = vec![UpdateIod::new(b"v", ValueKind::Single, &val)];
                 c.update((i % t) as u32, CONT, Oid::new(0, 1), &i.to_be_bytes(), iods, vec![val]).await?;
                 Ok(())
             }
@@ -138,7 +138,7 @@ async fn store(a: StoreArgs) -> anyhow::Result<()> {
         drive(a.mib, conc, move |i| {
             let (c, mib) = (c.clone(), mib.clone());
             async move {
-                let iods = vec![UpdateIod { akey: b"d".to_vec(), kind }];
+                let iods = vec![UpdateIod::new(b"d", kind, &mib)];
                 c.update((i % t) as u32, CONT, Oid::new(0, 2), &i.to_be_bytes(), iods, vec![mib]).await?;
                 Ok(())
             }

@@ -17,11 +17,11 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use shoal_common::mgmt::{
-    ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq, HeartbeatReply, HeartbeatReq, JoinReply,
-    JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolInfo,
-    PoolListReq, PoolQueryReq, SystemQueryReply,
+    ClientHelloReply, ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq,
+    HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq,
+    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply,
 };
-use shoal_common::{ContId, PoolId, Result, ShoalError};
+use shoal_common::{ContId, Epoch, PoolId, Result, ShoalError};
 use tracing::info;
 
 use crate::store::meta::MetaLog;
@@ -31,19 +31,40 @@ use state::{Command, MsState, Outcome};
 /// periods, if longer) is reported unresponsive.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most destroyed containers one heartbeat reply names.
+const TOMBSTONES_PER_HEARTBEAT: usize = 1024;
+
+/// Format 1: postcard of `MsStateV1` and of commands.
 const FORMAT_V1: u8 = 1;
+/// Format 2: postcard of `MsState` (client tags, tombstones) and of
+/// commands (format-1 commands decode unchanged).
+const FORMAT_V2: u8 = 2;
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    let mut out = vec![FORMAT_V1];
+    let mut out = vec![FORMAT_V2];
     out.extend(postcard::to_stdvec(v).map_err(|e| ShoalError::Internal(format!("encode MS record: {e}")))?);
     Ok(out)
 }
 
-fn decode<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T> {
+fn postcard_of<T: serde::de::DeserializeOwned>(rest: &[u8]) -> Result<T> {
+    postcard::from_bytes(rest).map_err(|e| ShoalError::Io(format!("corrupt MS record: {e}")))
+}
+
+/// Decodes a stored state of any format this build reads.
+fn decode_state(raw: &[u8]) -> Result<MsState> {
     match raw.split_first() {
-        Some((&FORMAT_V1, rest)) => {
-            postcard::from_bytes(rest).map_err(|e| ShoalError::Io(format!("corrupt MS record: {e}")))
-        }
+        Some((&FORMAT_V1, rest)) => Ok(postcard_of::<state::MsStateV1>(rest)?.migrate()),
+        Some((&FORMAT_V2, rest)) => postcard_of(rest),
+        Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
+        None => Err(ShoalError::Io("empty MS record".into())),
+    }
+}
+
+/// Decodes a stored command of any format this build reads.
+#[cfg(test)]
+fn decode_command(raw: &[u8]) -> Result<Command> {
+    match raw.split_first() {
+        Some((&(FORMAT_V1 | FORMAT_V2), rest)) => postcard_of(rest),
         Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
         None => Err(ShoalError::Io("empty MS record".into())),
     }
@@ -66,7 +87,7 @@ impl Ms {
     pub fn open(dir: &Path) -> Result<Ms> {
         let log = MetaLog::open(dir)?;
         let state = match log.load_state()? {
-            Some(raw) => decode(&raw)?,
+            Some(raw) => decode_state(&raw)?,
             None => MsState::default(),
         };
         info!(members = state.members.len(), pools = state.pools.len(), applied = state.applied, "MS state loaded");
@@ -106,7 +127,22 @@ impl Ms {
         })?;
         let period = Duration::from_millis(req.period_ms as u64);
         self.heartbeats.lock().expect("lock").insert(req.rank, (Instant::now(), period));
-        self.read(|s| Ok(HeartbeatReply { pools: s.pools.values().map(|p| (p.uuid, p.map.version)).collect() }))
+        self.read(|s| {
+            let seen = (req.tombstones_seen as usize).min(s.tombstones.len());
+            Ok(HeartbeatReply {
+                pools: s.pools.values().map(|p| (p.uuid, p.map.version)).collect(),
+                tombstones: s.tombstones[seen..].iter().take(TOMBSTONES_PER_HEARTBEAT).copied().collect(),
+                tombstone_count: s.tombstones.len() as u64,
+            })
+        })
+    }
+
+    /// Gives a client its clock tag.
+    pub fn client_hello(&self, _req: ClientHelloReq, now: Epoch) -> Result<ClientHelloReply> {
+        match self.propose(Command::ClientHello)? {
+            Outcome::ClientTag(tag) => Ok(ClientHelloReply { tag, now, wall_ns: shoal_common::hlc::wall_ns() }),
+            o => Err(ShoalError::Internal(format!("client hello produced {o:?}"))),
+        }
     }
 
     pub fn system_query(&self, ms_rank: Option<u32>) -> Result<SystemQueryReply> {
@@ -273,14 +309,38 @@ mod fixture {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
+    fn unhex(h: &str) -> Vec<u8> {
+        (0..h.trim().len()).step_by(2).map(|i| u8::from_str_radix(&h.trim()[i..i + 2], 16).unwrap()).collect()
+    }
+
+    /// A small state as format 2 encodes it: format 1's sample, a client
+    /// tag handed out and a container destroyed.
+    const STATE_V2: &str = include_str!("fixtures/state-v2.hex");
+
+    fn sample_v2() -> MsState {
+        let mut s = sample();
+        s.apply(&Command::ClientHello).unwrap();
+        s.apply(&Command::ContDestroy { pool: PoolId(5), cont: ContId(6) }).unwrap();
+        s
+    }
+
     #[test]
-    fn format_1_state_decodes() {
-        let raw: Vec<u8> = (0..STATE_V1.trim().len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&STATE_V1.trim()[i..i + 2], 16).unwrap())
-            .collect();
-        let got: MsState = decode(&raw).unwrap();
+    fn format_1_state_decodes_and_migrates() {
+        let got = decode_state(&unhex(STATE_V1)).unwrap();
         assert_eq!(got, sample());
-        assert_eq!(hex(&encode(&sample()).unwrap()), STATE_V1.trim(), "format 1 encoding changed");
+        assert_eq!(got.clients, 0);
+        // Format-1 commands still decode.
+        let cmd = Command::OidAlloc { pool: PoolId(5), cont: ContId(6), count: 3 };
+        let mut v1 = vec![FORMAT_V1];
+        v1.extend(postcard::to_stdvec(&cmd).unwrap());
+        assert_eq!(decode_command(&v1).unwrap(), cmd);
+    }
+
+    #[test]
+    fn format_2_state_decodes() {
+        let want = sample_v2();
+        assert_eq!(want.tombstones, vec![ContId(6)]);
+        assert_eq!(hex(&encode(&want).unwrap()), STATE_V2.trim(), "format 2 encoding changed");
+        assert_eq!(decode_state(&unhex(STATE_V2)).unwrap(), want);
     }
 }

@@ -17,12 +17,37 @@ use shoal_common::{ContId, PoolId, Result, ShoalError};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Join(JoinReq),
-    PoolCreate { uuid: PoolId, label: String, ranks: Vec<u32>, targets_per_server: u32 },
-    PoolDestroy { pool: PoolId, force: bool },
-    PoolExtend { pool: PoolId, ranks: Vec<u32> },
-    ContCreate { pool: PoolId, uuid: ContId, label: String, props: ContProps },
-    ContDestroy { pool: PoolId, cont: ContId },
-    OidAlloc { pool: PoolId, cont: ContId, count: u64 },
+    PoolCreate {
+        uuid: PoolId,
+        label: String,
+        ranks: Vec<u32>,
+        targets_per_server: u32,
+    },
+    PoolDestroy {
+        pool: PoolId,
+        force: bool,
+    },
+    PoolExtend {
+        pool: PoolId,
+        ranks: Vec<u32>,
+    },
+    ContCreate {
+        pool: PoolId,
+        uuid: ContId,
+        label: String,
+        props: ContProps,
+    },
+    ContDestroy {
+        pool: PoolId,
+        cont: ContId,
+    },
+    OidAlloc {
+        pool: PoolId,
+        cont: ContId,
+        count: u64,
+    },
+    /// A client asks for a clock tag.
+    ClientHello,
 }
 
 /// What applying a command produced.
@@ -32,6 +57,7 @@ pub enum Outcome {
     Pool(PoolInfo),
     Cont(ContInfo),
     FirstOid(u128),
+    ClientTag(u16),
     Done,
 }
 
@@ -65,13 +91,40 @@ pub struct PoolRec {
 /// Object sequence numbers below this are reserved for well-known objects.
 pub const FIRST_USER_SEQ: u128 = 16;
 
-/// The whole MS state.
+/// Clock tags handed to clients cycle through 1..=MAX_CLIENT_TAG (tag 0
+/// is the servers').
+pub const MAX_CLIENT_TAG: u64 = (1 << shoal_common::hlc::TAG_BITS) - 1;
+
+/// The whole MS state (format 2).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsState {
     pub members: BTreeMap<u32, MemberRec>,
     pub pools: BTreeMap<PoolId, PoolRec>,
     /// Index of the last applied log entry.
     pub applied: u64,
+    /// Clients that have said hello: the next one gets tag
+    /// `1 + clients % MAX_CLIENT_TAG`.
+    pub clients: u64,
+    /// Destroyed containers, in order of destruction: servers learn of
+    /// them from heartbeats, refuse their writes and give back their space.
+    pub tombstones: Vec<ContId>,
+}
+
+/// The MS state as format 1 stored it; [`MsStateV1::migrate`] brings it to
+/// the current format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsStateV1 {
+    pub members: BTreeMap<u32, MemberRec>,
+    pub pools: BTreeMap<PoolId, PoolRec>,
+    pub applied: u64,
+}
+
+impl MsStateV1 {
+    /// The same state in the current format: no client has a tag yet and
+    /// no destroyed container is remembered.
+    pub fn migrate(self) -> MsState {
+        MsState { members: self.members, pools: self.pools, applied: self.applied, clients: 0, tombstones: Vec::new() }
+    }
 }
 
 impl MsState {
@@ -99,7 +152,9 @@ impl MsState {
                         p.containers.len()
                     )));
                 }
-                self.pools.remove(pool);
+                if let Some(p) = self.pools.remove(pool) {
+                    self.tombstones.extend(p.containers.keys());
+                }
                 Ok(Outcome::Done)
             }
             Command::PoolExtend { pool, ranks } => {
@@ -128,7 +183,13 @@ impl MsState {
             Command::ContDestroy { pool, cont } => {
                 let info = self.cont_info(*pool, *cont)?;
                 self.pool_mut(*pool)?.containers.remove(cont);
+                self.tombstones.push(*cont);
                 Ok(Outcome::Cont(info))
+            }
+            Command::ClientHello => {
+                let tag = 1 + self.clients % MAX_CLIENT_TAG;
+                self.clients += 1;
+                Ok(Outcome::ClientTag(tag as u16))
             }
             Command::OidAlloc { pool, cont, count } => {
                 let c = self
@@ -156,6 +217,13 @@ impl MsState {
                 )));
             }
             let rank = m.rank;
+            if let Some(other) = self.members.values().find(|o| o.join.addr == j.addr && o.join.uuid != j.uuid) {
+                return Err(ShoalError::invalid(format!(
+                    "rank {rank} rejoins at address {}, which belongs to rank {}; two ranks never share an address",
+                    j.addr, other.rank
+                )));
+            }
+            let m = self.members.get_mut(&rank).expect("found above");
             *m = rec(rank);
             return Ok(rank);
         }

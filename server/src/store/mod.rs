@@ -15,18 +15,34 @@
 //! - Reads at epoch E see, per value, the newest version <= E that is newer
 //!   than the newest punch <= E covering it (object, dkey or akey punch).
 //! - Every value is checksummed (crc32c) and verified on every read; a
-//!   mismatch returns [`ShoalError::Checksum`], never the bytes.
+//!   mismatch returns [`ShoalError::Checksum`], never the bytes. The
+//!   checksum is the one the client computed before it sent the value: the
+//!   writer verifies it before it stores anything, and fetches carry it back.
+//! - Versions of one value are accepted in epoch order: an update is
+//!   refused with [`ShoalError::Conflict`] if the target already holds a
+//!   version of its range (or a punch over it) at the same or a newer
+//!   epoch, and a punch if the object holds anything that new. The client
+//!   retries with a newer epoch, so the write acknowledged last in real time
+//!   is the newest, whatever the clients' clocks say. A conditional update
+//!   (`UpdateIod::cond`) is also refused if its range changed since the
+//!   version it was based on.
+//! - Updates and punches of a destroyed container are refused.
+//! - Old versions that no read at or after the aggregation horizon can see
+//!   are removed by [`TargetStore::aggregate`], and their data-file space
+//!   given back (see `aggregate`).
 
-mod data;
+mod aggregate;
+pub mod data;
 pub mod keys;
 pub mod meta;
+mod pieces;
 mod read;
 mod record;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -37,7 +53,7 @@ use shoal_common::{ContId, Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use data::{Appender, DataFiles};
+use data::{Appender, DataFiles, RealFs, Vfs};
 use keys::BUCKET_BYTES;
 use read::View;
 use record::{Location, Record};
@@ -45,9 +61,16 @@ use record::{Location, Record};
 const CF_VALUES: &str = "values";
 const CF_PUNCHES: &str = "punches";
 const CF_OBJECTS: &str = "objects";
+const CF_META: &str = "meta";
+/// Key in the meta column family: the newest epoch the target has
+/// committed (u64 BE), so its server's clock never goes back after a restart.
+const HW_KEY: &[u8] = b"hw";
+/// Most akeys remembered as changed since the last aggregation; beyond it
+/// the next aggregation scans everything.
+const MAX_DIRTY: usize = 1 << 16;
 
 /// Tuning of one target store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Values up to this many bytes are stored inline in RocksDB.
     pub inline_threshold: usize,
@@ -56,19 +79,58 @@ pub struct StoreOptions {
     pub reserve_bytes: u64,
     /// Most updates committed together by one group commit.
     pub max_group: usize,
+    /// A data file is closed for appends once it reaches this size.
+    pub file_roll_bytes: u64,
+    /// The file layer under the data files.
+    pub vfs: Arc<dyn Vfs>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("inline_threshold", &self.inline_threshold)
+            .field("reserve_bytes", &self.reserve_bytes)
+            .field("max_group", &self.max_group)
+            .field("file_roll_bytes", &self.file_roll_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { inline_threshold: 4096, reserve_bytes: 64 << 20, max_group: 128 }
+        StoreOptions {
+            inline_threshold: 4096,
+            reserve_bytes: 64 << 20,
+            max_group: 128,
+            file_roll_bytes: 1 << 30,
+            vfs: Arc::new(RealFs),
+        }
     }
 }
 
 /// One change submitted to the writer thread.
 #[derive(Debug)]
 pub enum Mutation {
-    Update { cont: ContId, oid: Oid, dkey: Vec<u8>, epoch: Epoch, iods: Vec<UpdateIod>, data: Vec<Bytes> },
-    Punch { cont: ContId, oid: Oid, epoch: Epoch, dkey: Option<Vec<u8>>, akey: Option<Vec<u8>> },
+    Update {
+        cont: ContId,
+        oid: Oid,
+        dkey: Vec<u8>,
+        epoch: Epoch,
+        iods: Vec<UpdateIod>,
+        data: Vec<Bytes>,
+    },
+    Punch {
+        cont: ContId,
+        oid: Oid,
+        epoch: Epoch,
+        dkey: Option<Vec<u8>>,
+        akey: Option<Vec<u8>>,
+    },
+    /// Marks a container destroyed: every later update or punch of it is
+    /// refused. Answered once every mutation submitted before it is durable.
+    Tombstone {
+        cont: ContId,
+    },
 }
 
 struct Job {
@@ -86,8 +148,14 @@ impl Mutation {
                 ((*cont, *oid), iods.iter().all(max), iods.iter().any(max))
             }
             Mutation::Punch { cont, oid, .. } => ((*cont, *oid), false, false),
+            Mutation::Tombstone { cont } => ((*cont, Oid::new(0, 0)), false, false),
         }
     }
+}
+
+/// A conflict with a version the target holds.
+fn conflict(newest: Epoch, message: String) -> ShoalError {
+    ShoalError::Conflict { server_now: newest, message }
 }
 
 /// One page of a listing: keys, and the anchor to continue from (`None`
@@ -108,8 +176,26 @@ pub struct TargetStore {
     db: Arc<DB>,
     files: Arc<DataFiles>,
     poisoned: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     tx: Option<Sender<Job>>,
     writer: Option<JoinHandle<()>>,
+}
+
+/// State the writer thread shares with the rest of the store.
+#[derive(Default)]
+struct Shared {
+    /// Destroyed containers: their updates and punches are refused.
+    tombstones: RwLock<HashSet<ContId>>,
+    /// The newest epoch committed.
+    hw: AtomicU64,
+    /// The data file appends go to (never removed by space reclaim).
+    active_file: AtomicU32,
+    /// Akey prefixes changed since the last aggregation, with the newest
+    /// epoch written to each; `dirty_overflow` when there were too many.
+    dirty: Mutex<HashMap<Vec<u8>, Epoch>>,
+    dirty_overflow: AtomicBool,
+    /// Serialises aggregation and container drops.
+    reclaim: Mutex<()>,
 }
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> ShoalError {
@@ -125,28 +211,59 @@ impl TargetStore {
         o.create_missing_column_families(true);
         o.set_compression_type(rocksdb::DBCompressionType::Lz4);
         o.set_max_background_jobs(2);
-        let cfs = [CF_VALUES, CF_PUNCHES, CF_OBJECTS].into_iter().map(|n| {
+        let cfs = [CF_VALUES, CF_PUNCHES, CF_OBJECTS, CF_META].into_iter().map(|n| {
             let mut co = Options::default();
             co.set_compression_type(rocksdb::DBCompressionType::Lz4);
             ColumnFamilyDescriptor::new(n, co)
         });
         let meta = dir.join("meta");
         let db = DB::open_cf_descriptors(&o, &meta, cfs).map_err(|e| io_err(&format!("open {}", meta.display()), e))?;
-        let (files, appender) = DataFiles::open(&dir.join("data"))
+        let (files, appender) = DataFiles::open(opts.vfs.clone(), &dir.join("data"), opts.file_roll_bytes)
             .map_err(|e| io_err(&format!("open data files in {}", dir.display()), e))?;
+        let hw = match db.get_cf(db.cf_handle(CF_META).expect("cf"), HW_KEY) {
+            Ok(Some(v)) => {
+                u64::from_be_bytes(v[..].try_into().map_err(|_| ShoalError::Io("corrupt hw record".into()))?)
+            }
+            Ok(None) => 0,
+            Err(e) => return Err(io_err("read hw record", e)),
+        };
+        let shared = Arc::new(Shared::default());
+        shared.hw.store(hw, Ordering::Release);
+        shared.active_file.store(appender.file_no(), Ordering::Release);
+        // Nothing is known of what changed before the restart: the first
+        // aggregation looks at everything.
+        shared.dirty_overflow.store(true, Ordering::Release);
         let db = Arc::new(db);
         let files = Arc::new(files);
         let poisoned = Arc::new(AtomicBool::new(false));
         // Unbounded: callers bound the queue (the service admits a fixed
         // number of writes per target), so a send never blocks a runtime thread.
         let (tx, rx) = channel::unbounded();
-        let w = Writer { id, db: db.clone(), files: files.clone(), poisoned: poisoned.clone(), appender, opts };
+        let w = Writer {
+            id,
+            db: db.clone(),
+            files: files.clone(),
+            poisoned: poisoned.clone(),
+            shared: shared.clone(),
+            appender,
+            opts,
+        };
         let writer = std::thread::Builder::new()
             .name(format!("shoal-writer-{id}"))
             .spawn(move || w.run(rx))
             .map_err(|e| io_err("spawn writer thread", e))?;
         info!(target_id = id, dir = %dir.display(), "target store open");
-        Ok(TargetStore { id, db, files, poisoned, tx: Some(tx), writer: Some(writer) })
+        Ok(TargetStore { id, db, files, poisoned, shared, tx: Some(tx), writer: Some(writer) })
+    }
+
+    /// The newest epoch this target has committed.
+    pub fn max_epoch(&self) -> Epoch {
+        self.shared.hw.load(Ordering::Acquire)
+    }
+
+    /// Whether `cont` is known to be destroyed here.
+    pub fn is_tombstoned(&self, cont: ContId) -> bool {
+        self.shared.tombstones.read().expect("lock").contains(&cont)
     }
 
     /// This target's number.
@@ -199,15 +316,16 @@ impl TargetStore {
         dkey: &[u8],
         epoch: Epoch,
         iods: &[FetchIod],
-    ) -> Result<(Vec<Fetched>, Vec<Bytes>)> {
+    ) -> Result<(Vec<Fetched>, Vec<Bytes>, Vec<u32>)> {
         self.check_poison()?;
         View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, epoch, iods)
     }
 
     /// Lists visible dkeys of an object (`dkey` = None) or akeys of one
-    /// dkey as of `epoch`, after `anchor`, at most `limit`, in (length,
-    /// bytes) order. Returns the keys and the anchor to continue from
-    /// (`None` when done).
+    /// dkey as of `epoch`, after `anchor`, at most `limit` keys and about
+    /// `max_bytes` of them, in (length, bytes) order. Returns the keys and
+    /// the anchor to continue from (`None` when done).
+    #[allow(clippy::too_many_arguments)]
     pub fn list(
         &self,
         cont: ContId,
@@ -216,14 +334,15 @@ impl TargetStore {
         dkey: Option<&[u8]>,
         anchor: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<ListPage> {
         self.check_poison()?;
-        View::new(&self.db, &self.files, self.id).list(cont, oid, epoch, dkey, anchor, limit)
+        View::new(&self.db, &self.files, self.id).list(cont, oid, epoch, dkey, anchor, limit, max_bytes)
     }
 
     /// Space used by data files and free on the file system.
     pub fn usage(&self) -> Usage {
-        Usage { data_bytes: self.files.total_bytes(), free_bytes: free_space(self.files.dir()).unwrap_or(0) }
+        Usage { data_bytes: self.files.total_bytes(), free_bytes: self.files.free_space().unwrap_or(0) }
     }
 
     /// Stops the writer thread after it has finished every submitted job.
@@ -245,18 +364,6 @@ impl Drop for TargetStore {
     }
 }
 
-fn free_space(dir: &Path) -> std::io::Result<u64> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out pointer.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 /// A record waiting for the group's write batch: column family, key, value.
 type Staged = (&'static str, Vec<u8>, Vec<u8>);
 
@@ -266,8 +373,47 @@ struct Writer {
     db: Arc<DB>,
     files: Arc<DataFiles>,
     poisoned: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     appender: Appender,
     opts: StoreOptions,
+}
+
+/// What the mutations of one group have touched so far: a mutation that
+/// reads what an earlier one of the group wrote (conflict checks, max-u64
+/// values) makes the group commit first, so that it reads it.
+#[derive(Default)]
+struct GroupState {
+    /// Values of max-u64 akeys written earlier in this group.
+    maxes: HashMap<Vec<u8>, (u64, Epoch)>,
+    /// Objects written or punched other than by max-u64 values.
+    touched: HashSet<(ContId, Oid)>,
+    /// (object, dkey) pairs written.
+    dkeys: HashSet<(ContId, Oid, Vec<u8>)>,
+    /// Objects punched whole or by dkey.
+    punched: HashSet<(ContId, Oid)>,
+    /// Newest epoch written per object in this group.
+    obj_hw: HashMap<(ContId, Oid), Epoch>,
+    /// Newest epoch of the group.
+    hw: Epoch,
+    /// Akey prefixes written, with their newest epoch.
+    dirty: Vec<(Vec<u8>, Epoch)>,
+}
+
+impl GroupState {
+    /// Whether `m` must not share a group commit with what this group holds.
+    fn clashes(&self, m: &Mutation) -> bool {
+        match m {
+            Mutation::Update { cont, oid, dkey, iods, .. } => {
+                let obj = (*cont, *oid);
+                let has_max = iods.iter().any(|i| i.kind == ValueKind::MaxU64);
+                (has_max && self.touched.contains(&obj))
+                    || self.punched.contains(&obj)
+                    || self.dkeys.contains(&(*cont, *oid, dkey.clone()))
+            }
+            Mutation::Punch { cont, oid, .. } => self.touched.contains(&(*cont, *oid)),
+            Mutation::Tombstone { .. } => false,
+        }
+    }
 }
 
 impl Writer {
@@ -291,46 +437,60 @@ impl Writer {
     }
 
     fn commit(&mut self, group: Vec<Job>) {
-        let mut free = free_space(self.files.dir()).unwrap_or_else(|e| {
+        let mut free = self.files.free_space().unwrap_or_else(|e| {
             warn!(target_id = self.id, "statvfs failed, writing without a space check: {e}");
             u64::MAX
         });
         let mut batch = WriteBatch::default();
         let mut accepted = Vec::with_capacity(group.len());
-        // Values of max-u64 akeys written earlier in this group, which the
-        // database does not show yet.
-        let mut maxes: HashMap<Vec<u8>, (u64, Epoch)> = HashMap::new();
-        // Objects this batch writes or punches other than by max-u64 values.
-        let mut touched: HashSet<(ContId, Oid)> = HashSet::new();
+        let mut gs = GroupState::default();
         for job in group {
             if self.poisoned.load(Ordering::Acquire) {
                 let _ = job.reply.send(Err(ShoalError::Poisoned(self.id)));
                 continue;
             }
-            let (obj, max_only, has_max) = job.m.shape();
-            if has_max && touched.contains(&obj) {
-                // A max-u64 update reads the value it raises; commit what
-                // this batch already holds for the object first, so that the
-                // read sees it (a truncating write or a punch).
-                self.flush(std::mem::take(&mut batch), std::mem::take(&mut accepted));
-                maxes.clear();
-                touched.clear();
+            if gs.clashes(&job.m) {
+                self.flush(std::mem::take(&mut batch), std::mem::take(&mut accepted), std::mem::take(&mut gs));
                 if self.poisoned.load(Ordering::Acquire) {
                     let _ = job.reply.send(Err(ShoalError::Poisoned(self.id)));
                     continue;
                 }
             }
+            let (obj, max_only, _) = job.m.shape();
             let mut staged = Vec::new();
             let mut new_maxes = Vec::new();
-            match self.prepare(&job.m, &mut staged, &mut free, &maxes, &mut new_maxes) {
+            match self.prepare(&job.m, &mut staged, &mut free, &gs, &mut new_maxes) {
                 Ok(epoch) => {
                     for (cf, k, v) in staged {
                         batch.put_cf(self.db.cf_handle(cf).expect("cf"), k, v);
                     }
-                    maxes.extend(new_maxes);
-                    if !max_only {
-                        touched.insert(obj);
+                    gs.maxes.extend(new_maxes);
+                    match &job.m {
+                        Mutation::Update { cont, oid, dkey, iods, .. } => {
+                            if !max_only {
+                                gs.touched.insert(obj);
+                            }
+                            gs.dkeys.insert((*cont, *oid, dkey.clone()));
+                            for iod in iods {
+                                gs.dirty.push((keys::akey_prefix(*cont, *oid, dkey, &iod.akey), epoch));
+                            }
+                        }
+                        Mutation::Punch { .. } => {
+                            gs.touched.insert(obj);
+                            gs.punched.insert(obj);
+                        }
+                        Mutation::Tombstone { .. } => {}
                     }
+                    // The object index keeps the newest update of each
+                    // object (punches are ordered by the floors they set).
+                    if matches!(job.m, Mutation::Update { .. }) {
+                        let stored = match gs.obj_hw.get(&obj) {
+                            Some(e) => *e,
+                            None => self.object_hw(obj.0, obj.1).unwrap_or(0),
+                        };
+                        gs.obj_hw.insert(obj, stored.max(epoch));
+                    }
+                    gs.hw = gs.hw.max(epoch);
                     accepted.push((job.reply, epoch));
                 }
                 Err(e) => {
@@ -338,15 +498,20 @@ impl Writer {
                 }
             }
         }
-        self.flush(batch, accepted);
+        self.flush(batch, accepted, gs);
     }
 
     /// Makes a batch durable (data files first, then the synced metadata
     /// write) and answers its mutations.
-    fn flush(&mut self, batch: WriteBatch, accepted: Vec<(oneshot::Sender<Result<Epoch>>, Epoch)>) {
+    fn flush(&mut self, mut batch: WriteBatch, accepted: Vec<(oneshot::Sender<Result<Epoch>>, Epoch)>, gs: GroupState) {
         if accepted.is_empty() {
             return;
         }
+        for (obj, hw) in &gs.obj_hw {
+            batch.put_cf(self.db.cf_handle(CF_OBJECTS).expect("cf"), keys::obj_prefix(obj.0, obj.1), hw.to_be_bytes());
+        }
+        let hw = self.shared.hw.load(Ordering::Acquire).max(gs.hw);
+        batch.put_cf(self.db.cf_handle(CF_META).expect("cf"), HW_KEY, hw.to_be_bytes());
         let result = self.files.sync(&mut self.appender).map_err(|e| self.poison("data fdatasync", e)).and_then(|()| {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
@@ -354,29 +519,62 @@ impl Writer {
             fail::fail_point!("store::meta_write", |_| Err(self.poison("metadata write", "injected failure")));
             self.db.write_opt(batch, &wo).map_err(|e| self.poison("metadata write", e))
         });
+        if result.is_ok() {
+            self.shared.hw.store(hw, Ordering::Release);
+            self.shared.active_file.store(self.appender.file_no(), Ordering::Release);
+            let mut dirty = self.shared.dirty.lock().expect("lock");
+            for (akp, e) in gs.dirty {
+                if dirty.len() >= MAX_DIRTY && !dirty.contains_key(&akp) {
+                    self.shared.dirty_overflow.store(true, Ordering::Release);
+                    continue;
+                }
+                let d = dirty.entry(akp).or_default();
+                *d = (*d).max(e);
+            }
+        }
         for (reply, epoch) in accepted {
             let _ = reply.send(result.clone().map(|()| epoch));
         }
     }
 
-    /// Checks one mutation, appends its large values to the data file and
-    /// stages its records. An error here fails only this mutation: its staged
-    /// records are dropped and bytes it appended stay unreferenced.
+    /// Checks one mutation (destroyed container, epoch order, condition,
+    /// checksums, space), appends its large values to the data file and
+    /// stages its records. An error here fails only this mutation: its
+    /// staged records are dropped and bytes it appended stay unreferenced.
     fn prepare(
         &mut self,
         m: &Mutation,
         staged: &mut Vec<Staged>,
         free: &mut u64,
-        maxes: &HashMap<Vec<u8>, (u64, Epoch)>,
+        gs: &GroupState,
         new_maxes: &mut Vec<(Vec<u8>, (u64, Epoch))>,
     ) -> Result<Epoch> {
+        let destroyed = |cont: &ContId| -> Result<()> {
+            if self.shared.tombstones.read().expect("lock").contains(cont) {
+                return Err(ShoalError::NotFound(format!("container {cont} was destroyed")));
+            }
+            Ok(())
+        };
         match m {
+            Mutation::Tombstone { cont } => {
+                self.shared.tombstones.write().expect("lock").insert(*cont);
+                Ok(0)
+            }
             Mutation::Punch { cont, oid, epoch, dkey, akey } => {
+                destroyed(cont)?;
+                let newest = self.object_hw(*cont, *oid)?.max(gs.obj_hw.get(&(*cont, *oid)).copied().unwrap_or(0));
+                if newest >= *epoch {
+                    return Err(conflict(
+                        newest,
+                        format!("object {oid} holds a version at epoch {newest}, not older than the punch at {epoch}"),
+                    ));
+                }
                 let p = keys::punch_prefix(*cont, *oid, dkey.as_deref(), akey.as_deref());
                 staged.push((CF_PUNCHES, keys::with_epoch(&p, *epoch), Vec::new()));
                 Ok(*epoch)
             }
             Mutation::Update { cont, oid, dkey, epoch, iods, data } => {
+                destroyed(cont)?;
                 check_update_overlap(iods)?;
                 let need: u64 = data.iter().map(|d| d.len() as u64).sum::<u64>() + 4096 * iods.len() as u64;
                 if need.saturating_add(self.opts.reserve_bytes) > *free {
@@ -385,21 +583,68 @@ impl Writer {
                         self.id, free, self.opts.reserve_bytes
                     )));
                 }
+                let view = View::new(&self.db, &self.files, self.id);
+                for iod in iods {
+                    let range = match iod.kind {
+                        ValueKind::MaxU64 => continue,
+                        ValueKind::Single => None,
+                        ValueKind::Array { rec_size, start, nr } => {
+                            Some((start * rec_size as u64, (start + nr) * rec_size as u64))
+                        }
+                    };
+                    let newest = view.newest_version(*cont, *oid, dkey, &iod.akey, range)?;
+                    if let Some(base) = iod.cond {
+                        if newest > base {
+                            return Err(conflict(
+                                newest,
+                                format!(
+                                    "akey {:?} of object {oid} changed at epoch {newest}, after the version {base} this update is based on",
+                                    String::from_utf8_lossy(&iod.akey)
+                                ),
+                            ));
+                        }
+                    }
+                    if newest >= *epoch {
+                        return Err(conflict(
+                            newest,
+                            format!(
+                                "akey {:?} of object {oid} holds a version at epoch {newest}, not older than the update at {epoch}",
+                                String::from_utf8_lossy(&iod.akey)
+                            ),
+                        ));
+                    }
+                }
+                drop(view);
                 *free -= need;
                 for (iod, seg) in iods.iter().zip(data) {
+                    #[cfg(feature = "failpoints")]
+                    let seg = &flip_bit_failpoint(seg);
                     let akp = keys::akey_prefix(*cont, *oid, dkey, &iod.akey);
+                    let bad_crc = || {
+                        ShoalError::Checksum(format!(
+                            "akey {:?} of object {oid} arrived with a bad crc32c; nothing was stored",
+                            String::from_utf8_lossy(&iod.akey)
+                        ))
+                    };
                     match iod.kind {
                         ValueKind::Single => {
-                            let rec = self.store_bytes(seg, 0)?;
+                            let crc = crc32c::crc32c(seg);
+                            if crc != iod.crc {
+                                return Err(bad_crc());
+                            }
+                            let rec = self.store_bytes(seg, 0, crc)?;
                             staged.push((CF_VALUES, keys::single_key(&akp, *epoch), rec.encode()));
                         }
                         ValueKind::MaxU64 => {
+                            if crc32c::crc32c(seg) != iod.crc {
+                                return Err(bad_crc());
+                            }
                             let given = u64::from_le_bytes(
                                 seg[..]
                                     .try_into()
                                     .map_err(|_| ShoalError::invalid("a max-u64 value is exactly 8 bytes"))?,
                             );
-                            let (current, newest) = match maxes.get(&akp) {
+                            let (current, newest) = match gs.maxes.get(&akp) {
                                 Some(v) => *v,
                                 None => self.stored_u64(*cont, *oid, dkey, &iod.akey)?,
                             };
@@ -408,26 +653,47 @@ impl Writer {
                             // order): raise that one instead, or a read of
                             // the latest would miss this maximum.
                             let (v, at) = (current.max(given), newest.max(*epoch));
-                            let rec = self.store_bytes(&Bytes::copy_from_slice(&v.to_le_bytes()), 0)?;
+                            let b = Bytes::copy_from_slice(&v.to_le_bytes());
+                            let rec = self.store_bytes(&b, 0, crc32c::crc32c(&b))?;
                             staged.push((CF_VALUES, keys::single_key(&akp, at), rec.encode()));
                             new_maxes.push((akp, (v, at)));
                         }
                         ValueKind::Array { rec_size, start, .. } => {
+                            // Pieces never cross a bucket; their checksums
+                            // combine to the one the client sent.
                             let mut s = start * rec_size as u64;
                             let mut rest = seg.clone();
+                            let mut whole = 0u32;
+                            let mut pieces = Vec::new();
                             while !rest.is_empty() {
                                 let room = (BUCKET_BYTES - s % BUCKET_BYTES).min(rest.len() as u64) as usize;
                                 let piece = rest.split_to(room);
-                                let rec = self.store_bytes(&piece, rec_size)?;
-                                staged.push((CF_VALUES, keys::extent_key(&akp, s, *epoch), rec.encode()));
+                                let crc = crc32c::crc32c(&piece);
+                                whole = crc32c::crc32c_combine(whole, crc, piece.len());
+                                pieces.push((s, piece, crc));
                                 s += room as u64;
+                            }
+                            if whole != iod.crc {
+                                return Err(bad_crc());
+                            }
+                            for (s, piece, crc) in pieces {
+                                let rec = self.store_bytes(&piece, rec_size, crc)?;
+                                staged.push((CF_VALUES, keys::extent_key(&akp, s, *epoch), rec.encode()));
                             }
                         }
                     }
                 }
-                staged.push((CF_OBJECTS, keys::obj_prefix(*cont, *oid), epoch.to_be_bytes().to_vec()));
                 Ok(*epoch)
             }
+        }
+    }
+
+    /// The newest epoch any update of the object carried (0 when none).
+    fn object_hw(&self, cont: ContId, oid: Oid) -> Result<Epoch> {
+        match self.db.get_cf(self.db.cf_handle(CF_OBJECTS).expect("cf"), keys::obj_prefix(cont, oid)) {
+            Ok(Some(v)) => Ok(v[..].try_into().map(u64::from_be_bytes).unwrap_or(0)),
+            Ok(None) => Ok(0),
+            Err(e) => Err(io_err("read the object index", e)),
         }
     }
 
@@ -435,7 +701,7 @@ impl Writer {
     /// none).
     fn stored_u64(&self, cont: ContId, oid: Oid, dkey: &[u8], akey: &[u8]) -> Result<(u64, Epoch)> {
         let iod = FetchIod { akey: akey.to_vec(), kind: ValueKind::Single };
-        let (f, data) = View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, EPOCH_MAX, &[iod])?;
+        let (f, data, _) = View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, EPOCH_MAX, &[iod])?;
         match (&f[0], data[0].len()) {
             (Fetched::Single { epoch }, 8) => {
                 Ok((u64::from_le_bytes(data[0][..].try_into().expect("8 bytes")), *epoch))
@@ -447,8 +713,8 @@ impl Writer {
         }
     }
 
-    fn store_bytes(&mut self, b: &Bytes, rec_size: u32) -> Result<Record> {
-        let crc = crc32c::crc32c(b);
+    /// Stores one value or extent piece whose crc32c is `crc`.
+    fn store_bytes(&mut self, b: &Bytes, rec_size: u32, crc: u32) -> Result<Record> {
         let loc = if b.len() <= self.opts.inline_threshold {
             Location::Inline(b.clone())
         } else {
@@ -460,6 +726,18 @@ impl Writer {
         };
         Ok(Record { rec_size, len: b.len() as u64, crc, loc })
     }
+}
+
+/// Failpoint `store::flip_bit`: flips a bit of a received value, as a
+/// fault in the server's memory would, before the checksum is verified.
+#[cfg(feature = "failpoints")]
+fn flip_bit_failpoint(seg: &Bytes) -> Bytes {
+    fail::fail_point!("store::flip_bit", !seg.is_empty(), |_| {
+        let mut v = seg.to_vec();
+        v[0] ^= 1;
+        Bytes::from(v)
+    });
+    seg.clone()
 }
 
 /// Refuses an update that names one akey twice as a single value, or gives

@@ -5,13 +5,34 @@ use bytes::Bytes;
 use rocksdb::{DBRawIterator, ReadOptions, Snapshot, DB};
 use shoal_common::limits::MAX_SEGMENT;
 use shoal_common::msg::{FetchIod, Fetched, ValueKind};
-use shoal_common::{ContId, Epoch, Oid, Result, ShoalError};
+use shoal_common::{ContId, Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 use tracing::error;
 
 use super::data::DataFiles;
 use super::keys::{self, BUCKET_BYTES};
+use super::pieces::Pieces;
 use super::record::{Location, Record};
 use super::{io_err, ListPage, CF_PUNCHES, CF_VALUES};
+
+/// What a fetch answers for a value with nothing visible.
+fn nothing(floor: Epoch) -> Fetched {
+    if floor > 0 {
+        Fetched::Punched { epoch: floor }
+    } else {
+        Fetched::Missing
+    }
+}
+
+/// Continues a crc32c over `n` zero bytes.
+fn crc_zeros(mut crc: u32, mut n: u64) -> u32 {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        crc = crc32c::crc32c_append(crc, &ZEROS[..k]);
+        n -= k as u64;
+    }
+    crc
+}
 
 fn too_big() -> ShoalError {
     ShoalError::invalid(format!(
@@ -32,7 +53,7 @@ impl<'a> View<'a> {
         View { db, files, id, snap: db.snapshot() }
     }
 
-    fn iter(&self, cf: &str) -> DBRawIterator<'a> {
+    pub(super) fn iter(&self, cf: &str) -> DBRawIterator<'a> {
         let mut ro = ReadOptions::default();
         ro.set_snapshot(&self.snap);
         self.db.raw_iterator_cf_opt(self.db.cf_handle(cf).expect("column family created at open"), ro)
@@ -40,7 +61,7 @@ impl<'a> View<'a> {
 
     /// The newest punch at or below `epoch` among the given punch prefixes
     /// (0 when none).
-    fn punch_floor(&self, prefixes: &[Vec<u8>], epoch: Epoch) -> Result<Epoch> {
+    pub(super) fn punch_floor(&self, prefixes: &[Vec<u8>], epoch: Epoch) -> Result<Epoch> {
         let mut it = self.iter(CF_PUNCHES);
         let mut floor = 0;
         for p in prefixes {
@@ -71,6 +92,9 @@ impl<'a> View<'a> {
         Ok(bytes)
     }
 
+    /// Reads values under one dkey as of `epoch`: per iod what was found,
+    /// the bytes, and their crc32c (the stored checksum where a reply
+    /// segment is one stored value, so it is checked end to end).
     pub fn fetch(
         &self,
         cont: ContId,
@@ -78,13 +102,14 @@ impl<'a> View<'a> {
         dkey: &[u8],
         epoch: Epoch,
         iods: &[FetchIod],
-    ) -> Result<(Vec<Fetched>, Vec<Bytes>)> {
+    ) -> Result<(Vec<Fetched>, Vec<Bytes>, Vec<u32>)> {
         let dfloor = self.punch_floor(
             &[keys::punch_prefix(cont, oid, None, None), keys::punch_prefix(cont, oid, Some(dkey), None)],
             epoch,
         )?;
         let mut out = Vec::with_capacity(iods.len());
         let mut segs = Vec::with_capacity(iods.len());
+        let mut crcs = Vec::with_capacity(iods.len());
         // Bytes this reply may still carry: a fetch never reads more than
         // one reply can hold, however many akeys it names.
         let mut room = MAX_SEGMENT as u64;
@@ -92,7 +117,7 @@ impl<'a> View<'a> {
             let floor =
                 dfloor.max(self.punch_floor(&[keys::punch_prefix(cont, oid, Some(dkey), Some(&iod.akey))], epoch)?);
             let akp = keys::akey_prefix(cont, oid, dkey, &iod.akey);
-            let (f, b) = match iod.kind {
+            let (f, b, crc) = match iod.kind {
                 ValueKind::Single | ValueKind::MaxU64 => self.fetch_single(&akp, epoch, floor, room)?,
                 ValueKind::Array { rec_size, start, nr } => {
                     let s = start * rec_size as u64;
@@ -102,12 +127,13 @@ impl<'a> View<'a> {
             room = room.checked_sub(b.len() as u64).ok_or_else(too_big)?;
             out.push(f);
             segs.push(b);
+            crcs.push(crc);
         }
-        Ok((out, segs))
+        Ok((out, segs, crcs))
     }
 
     /// The newest visible single value, if it is at most `room` bytes.
-    pub fn fetch_single(&self, akp: &[u8], epoch: Epoch, floor: Epoch, room: u64) -> Result<(Fetched, Bytes)> {
+    pub fn fetch_single(&self, akp: &[u8], epoch: Epoch, floor: Epoch, room: u64) -> Result<(Fetched, Bytes, u32)> {
         let mut it = self.iter(CF_VALUES);
         it.seek(keys::single_key(akp, epoch));
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -119,16 +145,18 @@ impl<'a> View<'a> {
                         return Err(too_big());
                     }
                     let data = self.read_value(&rec, "single value")?;
-                    return Ok((Fetched::Single { epoch: e }, data));
+                    return Ok((Fetched::Single { epoch: e }, data, rec.crc));
                 }
             }
         }
         it.status().map_err(|e| io_err("read values", e))?;
-        Ok((Fetched::Missing, Bytes::new()))
+        Ok((nothing(floor), Bytes::new(), 0))
     }
 
     /// Reads bytes [s, e) of an array value: newest extent wins per byte,
-    /// holes are zeros.
+    /// holes are zeros. Memory: the bytes returned, one stored extent at a
+    /// time, and one entry per piece of the answer, however many versions
+    /// the range has.
     fn fetch_array(
         &self,
         akp: &[u8],
@@ -137,8 +165,61 @@ impl<'a> View<'a> {
         s: u64,
         e: u64,
         rec_size: u32,
-    ) -> Result<(Fetched, Bytes)> {
-        let mut cands: Vec<(Epoch, u64, Record)> = Vec::new();
+    ) -> Result<(Fetched, Bytes, u32)> {
+        let mut winners = Pieces::new(s, e);
+        self.scan_extents(akp, s, e, |ep, start, raw| {
+            if ep <= epoch && ep > floor {
+                let rec = Record::decode(raw)?;
+                winners.offer(start, rec, ep);
+            }
+            Ok(())
+        })?;
+        if winners.is_empty() {
+            return Ok((nothing(floor), Bytes::new(), 0));
+        }
+        let mut buf = vec![0u8; (e - s) as usize];
+        let mut crc = 0u32;
+        let mut at = s;
+        let mut covered_bytes = 0;
+        let mut newest = floor;
+        let mut cached: Option<(usize, Bytes)> = None;
+        for (from, to, piece) in winners.pieces() {
+            crc = crc_zeros(crc, from - at);
+            let (rec, rec_start, id) = winners.record(piece);
+            newest = newest.max(winners.epoch(piece));
+            let data = match &cached {
+                Some((cid, d)) if *cid == id => d.clone(),
+                _ => {
+                    let d = self.read_value(rec, "array extent")?;
+                    cached = Some((id, d.clone()));
+                    d
+                }
+            };
+            let slice = &data[(from - rec_start) as usize..(to - rec_start) as usize];
+            buf[(from - s) as usize..(to - s) as usize].copy_from_slice(slice);
+            crc = if from == rec_start && to == rec_start + rec.len {
+                // The whole stored extent: its checksum as the writer sent it.
+                crc32c::crc32c_combine(crc, rec.crc, slice.len())
+            } else {
+                crc32c::crc32c_append(crc, slice)
+            };
+            covered_bytes += to - from;
+            at = to;
+        }
+        crc = crc_zeros(crc, e - at);
+        let covered = covered_bytes / rec_size as u64;
+        Ok((Fetched::Array { covered, epoch: newest }, Bytes::from(buf), crc))
+    }
+
+    /// Calls `f(epoch, byte_start, record)` for every stored extent of the
+    /// akey in the buckets overlapping [s, e), overlapping or not.
+    pub fn scan_extents(
+        &self,
+        akp: &[u8],
+        s: u64,
+        e: u64,
+        mut f: impl FnMut(Epoch, u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
         let mut it = self.iter(CF_VALUES);
         for bucket in s / BUCKET_BYTES..=(e - 1) / BUCKET_BYTES {
             let bp = keys::extent_bucket_prefix(akp, bucket);
@@ -149,54 +230,57 @@ impl<'a> View<'a> {
                 }
                 let (start, ep) = keys::parse_extent_tail(&k[akp.len() + 1..])
                     .ok_or_else(|| ShoalError::Io("corrupt extent key".into()))?;
-                if ep <= epoch && ep > floor {
-                    let rec = Record::decode(v)?;
-                    if start < e && start + rec.len > s {
-                        cands.push((ep, start, rec));
-                    }
-                }
+                f(ep, start, v)?;
                 it.next();
             }
             it.status().map_err(|e| io_err("read extents", e))?;
         }
-        cands.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        let mut buf = vec![0u8; (e - s) as usize];
-        let mut holes = vec![(s, e)];
-        let mut newest = 0;
-        for (ep, start, rec) in cands {
-            if holes.is_empty() {
-                break;
-            }
-            let end = start + rec.len;
-            if !holes.iter().any(|&(hs, he)| hs < end && start < he) {
-                continue;
-            }
-            let data = self.read_value(&rec, "array extent")?;
-            newest = newest.max(ep);
-            let mut next = Vec::with_capacity(holes.len() + 1);
-            for (hs, he) in holes {
-                let (os, oe) = (hs.max(start), he.min(end));
-                if os >= oe {
-                    next.push((hs, he));
-                    continue;
+        Ok(())
+    }
+
+    /// The newest epoch of anything stored for the akey that overlaps
+    /// [s, e) (extents) or the single value (`None` range), and of the
+    /// punches covering it: the version of the range. 0 when none.
+    pub fn newest_version(
+        &self,
+        cont: ContId,
+        oid: Oid,
+        dkey: &[u8],
+        akey: &[u8],
+        range: Option<(u64, u64)>,
+    ) -> Result<Epoch> {
+        let floor = self.punch_floor(
+            &[
+                keys::punch_prefix(cont, oid, None, None),
+                keys::punch_prefix(cont, oid, Some(dkey), None),
+                keys::punch_prefix(cont, oid, Some(dkey), Some(akey)),
+            ],
+            EPOCH_MAX,
+        )?;
+        let akp = keys::akey_prefix(cont, oid, dkey, akey);
+        let mut newest = floor;
+        match range {
+            None => {
+                let mut it = self.iter(CF_VALUES);
+                it.seek(keys::single_key(&akp, EPOCH_MAX));
+                if let Some(k) = it.key() {
+                    if k.len() == akp.len() + 9 && k.starts_with(&akp) && k[akp.len()] == keys::TAG_SINGLE {
+                        newest = newest.max(keys::epoch_suffix(k).unwrap_or(0));
+                    }
                 }
-                buf[(os - s) as usize..(oe - s) as usize]
-                    .copy_from_slice(&data[(os - start) as usize..(oe - start) as usize]);
-                if hs < os {
-                    next.push((hs, os));
-                }
-                if oe < he {
-                    next.push((oe, he));
-                }
+                it.status().map_err(|e| io_err("read values", e))?;
             }
-            holes = next;
+            Some((s, e)) => self.scan_extents(&akp, s, e, |ep, start, raw| {
+                if ep > newest {
+                    let len = Record::decode(raw)?.len;
+                    if start < e && start + len > s {
+                        newest = ep;
+                    }
+                }
+                Ok(())
+            })?,
         }
-        let hole_bytes: u64 = holes.iter().map(|(a, b)| b - a).sum();
-        let covered = (e - s - hole_bytes) / rec_size as u64;
-        if covered == 0 && hole_bytes == e - s {
-            return Ok((Fetched::Missing, Bytes::new()));
-        }
-        Ok((Fetched::Array { covered, epoch: newest }, Bytes::from(buf)))
+        Ok(newest)
     }
 
     fn akey_visible(&self, it: &mut DBRawIterator<'a>, akp: &[u8], epoch: Epoch, floor: Epoch) -> Result<bool> {
@@ -228,6 +312,7 @@ impl<'a> View<'a> {
         Ok(false)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn list(
         &self,
         cont: ContId,
@@ -236,6 +321,7 @@ impl<'a> View<'a> {
         dkey: Option<&[u8]>,
         anchor: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<ListPage> {
         let obj_floor = self.punch_floor(&[keys::punch_prefix(cont, oid, None, None)], epoch)?;
         let scope = match dkey {
@@ -260,6 +346,7 @@ impl<'a> View<'a> {
             None => obj_floor,
         };
         let mut out = Vec::new();
+        let mut bytes = 0;
         loop {
             scan.seek(&cursor);
             let Some(k) = scan.key() else { break };
@@ -278,8 +365,12 @@ impl<'a> View<'a> {
                 None => self.dkey_visible(&mut probe, cont, oid, &key, &item_prefix, epoch, obj_floor)?,
             };
             if visible {
+                // A page ends at `limit` keys or `max_bytes` of them (with
+                // their encoding overhead), whichever comes first, and
+                // always holds at least one key.
+                bytes += key.len() + 8;
                 out.push(key);
-                if out.len() == limit {
+                if out.len() == limit || bytes >= max_bytes {
                     let anchor = out.last().cloned();
                     return Ok((out, anchor));
                 }

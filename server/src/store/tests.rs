@@ -13,8 +13,50 @@ type Extents = Vec<(Epoch, u64, Vec<u8>)>;
 
 const CONT: ContId = ContId(0x5eed);
 
-fn open(dir: &Path, inline: usize) -> TargetStore {
-    TargetStore::open(dir, 0, StoreOptions { inline_threshold: inline, reserve_bytes: 0, max_group: 8 }).unwrap()
+/// A store whose mutations get their checksums filled in, as a client
+/// computes them.
+struct Store(TargetStore);
+
+impl std::ops::Deref for Store {
+    type Target = TargetStore;
+    fn deref(&self) -> &TargetStore {
+        &self.0
+    }
+}
+
+/// Fills in each iod's crc32c from its data.
+fn crcs(m: Mutation) -> Mutation {
+    match m {
+        Mutation::Update { cont, oid, dkey, epoch, mut iods, data } => {
+            for (i, d) in iods.iter_mut().zip(&data) {
+                i.crc = crc32c::crc32c(d);
+            }
+            Mutation::Update { cont, oid, dkey, epoch, iods, data }
+        }
+        other => other,
+    }
+}
+
+impl Store {
+    fn apply(&self, m: Mutation) -> Result<Epoch> {
+        self.0.apply(crcs(m))
+    }
+
+    fn submit(&self, m: Mutation) -> oneshot::Receiver<Result<Epoch>> {
+        self.0.submit(crcs(m))
+    }
+
+    fn close(self) {
+        self.0.close()
+    }
+}
+
+fn opts(inline: usize) -> StoreOptions {
+    StoreOptions { inline_threshold: inline, reserve_bytes: 0, max_group: 8, ..StoreOptions::default() }
+}
+
+fn open(dir: &Path, inline: usize) -> Store {
+    Store(TargetStore::open(dir, 0, opts(inline)).unwrap())
 }
 
 /// The reference model: every version of every value, and every punch.
@@ -35,6 +77,30 @@ impl Model {
             .map(|p| p.1)
             .max()
             .unwrap_or(0)
+    }
+
+    /// The newest single version of a value (0 when none).
+    fn newest_single(&self, oid: Oid, d: &[u8], a: &[u8]) -> Epoch {
+        self.singles.get(&(oid, d.to_vec(), a.to_vec())).and_then(|v| v.keys().next_back().copied()).unwrap_or(0)
+    }
+
+    /// The newest extent of a value overlapping [s, e) (0 when none).
+    fn newest_extent(&self, oid: Oid, d: &[u8], a: &[u8], s: u64, e: u64) -> Epoch {
+        self.extents
+            .get(&(oid, d.to_vec(), a.to_vec()))
+            .into_iter()
+            .flatten()
+            .filter(|(_, st, v)| *st < e && st + v.len() as u64 > s)
+            .map(|x| x.0)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The newest epoch of any update of the object (0 when none).
+    fn object_newest(&self, oid: Oid) -> Epoch {
+        let singles = self.singles.iter().filter(|(k, _)| k.0 == oid).flat_map(|(_, v)| v.keys().copied());
+        let extents = self.extents.iter().filter(|(k, _)| k.0 == oid).flat_map(|(_, v)| v.iter().map(|x| x.0));
+        singles.chain(extents).max().unwrap_or(0)
     }
 
     fn single(&self, oid: Oid, d: &[u8], a: &[u8], e: Epoch) -> Option<Vec<u8>> {
@@ -148,7 +214,7 @@ fn list_all(s: &TargetStore, oid: Oid, e: Epoch, d: Option<&[u8]>, page: usize) 
     let mut out = Vec::new();
     let mut anchor: Option<Key> = None;
     loop {
-        let (keys, next) = s.list(CONT, oid, e, d, anchor.as_deref(), page).unwrap();
+        let (keys, next) = s.list(CONT, oid, e, d, anchor.as_deref(), page, usize::MAX).unwrap();
         out.extend(keys);
         match next {
             Some(a) => anchor = Some(a),
@@ -169,17 +235,22 @@ fn run(ops: Vec<Op>) {
                 if !used.insert(epoch) {
                     continue;
                 }
-                let iods = vec![UpdateIod { akey: a.clone(), kind: ValueKind::Single }];
+                let iods = vec![UpdateIod { akey: a.clone(), kind: ValueKind::Single, crc: 0, cond: None }];
                 let oid = Oid::new(0, oid);
-                s.apply(Mutation::Update {
+                let r = s.apply(Mutation::Update {
                     cont: CONT,
                     oid,
                     dkey: d.clone(),
                     epoch,
                     iods,
                     data: vec![Bytes::from(val.clone())],
-                })
-                .unwrap();
+                });
+                let newest = model.newest_single(oid, &d, &a).max(model.floor(oid, &d, &a, EPOCH_MAX_));
+                if newest >= epoch {
+                    assert!(matches!(r, Err(ShoalError::Conflict { .. })), "single at {epoch} over {newest}: {r:?}");
+                    continue;
+                }
+                r.unwrap();
                 model.singles.entry((oid, d, a)).or_default().insert(epoch, val);
             }
             Op::Array { oid, d, a, epoch, start, val } => {
@@ -187,17 +258,24 @@ fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let kind = ValueKind::Array { rec_size: 1, start, nr: val.len() as u64 };
-                let iods = vec![UpdateIod { akey: a.clone(), kind }];
+                let iods = vec![UpdateIod { akey: a.clone(), kind, crc: 0, cond: None }];
                 let oid = Oid::new(0, oid);
-                s.apply(Mutation::Update {
+                let r = s.apply(Mutation::Update {
                     cont: CONT,
                     oid,
                     dkey: d.clone(),
                     epoch,
                     iods,
                     data: vec![Bytes::from(val.clone())],
-                })
-                .unwrap();
+                });
+                let newest = model
+                    .newest_extent(oid, &d, &a, start, start + val.len() as u64)
+                    .max(model.floor(oid, &d, &a, EPOCH_MAX_));
+                if newest >= epoch {
+                    assert!(matches!(r, Err(ShoalError::Conflict { .. })), "extent at {epoch} over {newest}: {r:?}");
+                    continue;
+                }
+                r.unwrap();
                 model.extents.entry((oid, d, a)).or_default().push((epoch, start, val));
             }
             Op::Punch { oid, epoch, d, a } => {
@@ -205,15 +283,22 @@ fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let oid = Oid::new(0, oid);
-                s.apply(Mutation::Punch { cont: CONT, oid, epoch, dkey: d.clone(), akey: a.clone() }).unwrap();
+                let r = s.apply(Mutation::Punch { cont: CONT, oid, epoch, dkey: d.clone(), akey: a.clone() });
+                let newest = model.object_newest(oid);
+                if newest >= epoch {
+                    assert!(matches!(r, Err(ShoalError::Conflict { .. })), "punch at {epoch} over {newest}: {r:?}");
+                    continue;
+                }
+                r.unwrap();
                 model.punches.push((oid, epoch, d, a));
             }
             Op::ReadSingle { oid, d, a, epoch } => {
                 let oid = Oid::new(0, oid);
-                let (f, data) =
+                let (f, data, crcs) =
                     s.fetch(CONT, oid, &d, epoch, &[FetchIod { akey: a.clone(), kind: ValueKind::Single }]).unwrap();
+                assert_eq!(crcs[0], crc32c::crc32c(&data[0]), "reply checksum");
                 let got = match f[0] {
-                    Fetched::Missing => None,
+                    Fetched::Missing | Fetched::Punched { .. } => None,
                     _ => Some(data[0].to_vec()),
                 };
                 assert_eq!(got, model.single(oid, &d, &a, epoch), "single {d:?}/{a:?} at {epoch}");
@@ -221,9 +306,10 @@ fn run(ops: Vec<Op>) {
             Op::ReadArray { oid, d, a, epoch, start, len } => {
                 let oid = Oid::new(0, oid);
                 let kind = ValueKind::Array { rec_size: 1, start, nr: len };
-                let (f, data) = s.fetch(CONT, oid, &d, epoch, &[FetchIod { akey: a.clone(), kind }]).unwrap();
+                let (f, data, crcs) = s.fetch(CONT, oid, &d, epoch, &[FetchIod { akey: a.clone(), kind }]).unwrap();
+                assert_eq!(crcs[0], crc32c::crc32c(&data[0]), "reply checksum");
                 let got = match f[0] {
-                    Fetched::Missing => None,
+                    Fetched::Missing | Fetched::Punched { .. } => None,
                     _ => Some(data[0].to_vec()),
                 };
                 assert_eq!(got, model.array(oid, &d, &a, epoch, start, len), "array {d:?}/{a:?} at {epoch}");
@@ -254,7 +340,7 @@ fn a_corrupted_data_file_gives_a_checksum_error() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 16);
     let val = Bytes::from(vec![7u8; 4096]);
-    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single, crc: 0, cond: None }];
     s.apply(Mutation::Update { cont: CONT, oid: Oid::new(0, 1), dkey: b"d".to_vec(), epoch: 5, iods, data: vec![val] })
         .unwrap();
     let file = dir.path().join("data/00000000.dat");
@@ -269,9 +355,11 @@ fn a_corrupted_data_file_gives_a_checksum_error() {
 #[test]
 fn a_write_that_does_not_fit_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = TargetStore::open(dir.path(), 0, StoreOptions { reserve_bytes: u64::MAX / 2, ..StoreOptions::default() })
-        .unwrap();
-    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+    let s = Store(
+        TargetStore::open(dir.path(), 0, StoreOptions { reserve_bytes: u64::MAX / 2, ..StoreOptions::default() })
+            .unwrap(),
+    );
+    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single, crc: 0, cond: None }];
     let r = s.apply(Mutation::Update {
         cont: CONT,
         oid: Oid::new(0, 1),
@@ -281,7 +369,7 @@ fn a_write_that_does_not_fit_is_refused_and_leaves_nothing() {
         data: vec![Bytes::from_static(b"v")],
     });
     assert!(matches!(r, Err(ShoalError::NoSpace(_))), "{r:?}");
-    let (f, _) = s
+    let (f, _, _) = s
         .fetch(CONT, Oid::new(0, 1), b"d", EPOCH_MAX_, &[FetchIod { akey: b"a".to_vec(), kind: ValueKind::Single }])
         .unwrap();
     assert_eq!(f[0], Fetched::Missing);
@@ -293,7 +381,10 @@ fn overlapping_extents_in_one_update_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 16);
     let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 4 };
-    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind }, UpdateIod { akey: b"a".to_vec(), kind }];
+    let iods = vec![
+        UpdateIod { akey: b"a".to_vec(), kind, crc: 0, cond: None },
+        UpdateIod { akey: b"a".to_vec(), kind, crc: 0, cond: None },
+    ];
     let data = vec![Bytes::from_static(b"abcd"), Bytes::from_static(b"efgh")];
     let r = s.apply(Mutation::Update { cont: CONT, oid: Oid::new(0, 1), dkey: b"d".to_vec(), epoch: 5, iods, data });
     assert!(matches!(r, Err(ShoalError::InvalidArgument(_))), "{r:?}");
@@ -304,7 +395,7 @@ fn max_u64_values_only_grow_even_within_one_group() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 16);
     let put = |epoch: Epoch, v: u64| {
-        let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::MaxU64 }];
+        let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::MaxU64, crc: 0, cond: None }];
         let data = vec![Bytes::copy_from_slice(&v.to_le_bytes())];
         s.submit(Mutation::Update { cont: CONT, oid: Oid::new(0, 1), dkey: b"m".to_vec(), epoch, iods, data })
     };
@@ -314,7 +405,7 @@ fn max_u64_values_only_grow_even_within_one_group() {
         r.blocking_recv().unwrap().unwrap();
     }
     let get = || {
-        let (f, d) = s
+        let (f, d, _) = s
             .fetch(
                 CONT,
                 Oid::new(0, 1),
@@ -328,7 +419,7 @@ fn max_u64_values_only_grow_even_within_one_group() {
     };
     assert_eq!(get(), 70);
     // A plain single value may lower it (truncation); max applies from there.
-    let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::Single }];
+    let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::Single, crc: 0, cond: None }];
     s.apply(Mutation::Update {
         cont: CONT,
         oid: Oid::new(0, 1),
@@ -348,7 +439,7 @@ fn max_u64_values_only_grow_even_within_one_group() {
 
     // A truncation and a smaller max submitted together: the max reads the
     // truncated value, not the one before it.
-    let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::Single }];
+    let iods = vec![UpdateIod { akey: b"size".to_vec(), kind: ValueKind::Single, crc: 0, cond: None }];
     let cut = s.submit(Mutation::Update {
         cont: CONT,
         oid: Oid::new(0, 1),
@@ -376,7 +467,7 @@ fn a_failed_fdatasync_poisons_the_target() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path(), 16);
     let write = |epoch: Epoch| {
-        let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single }];
+        let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single, crc: 0, cond: None }];
         s.apply(Mutation::Update {
             cont: CONT,
             oid: Oid::new(0, 1),
@@ -397,7 +488,7 @@ fn a_failed_fdatasync_poisons_the_target() {
     drop(s);
     // A restart replays and serves what was acknowledged.
     let s = open(dir.path(), 16);
-    let (f, _) = s
+    let (f, _, _) = s
         .fetch(CONT, Oid::new(0, 1), b"d", EPOCH_MAX_, &[FetchIod { akey: b"a".to_vec(), kind: ValueKind::Single }])
         .unwrap();
     assert_eq!(f[0], Fetched::Single { epoch: 1 });

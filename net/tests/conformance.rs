@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use shoal_client::transport::{tcp, Handler, TcpTransport, Transport};
 use shoal_common::msg::reply_frame;
 use shoal_common::wire::Frame;
 use shoal_common::ShoalError;
+use shoal_net::{tcp, Handler, TcpTransport, Transport};
 use tokio_util::sync::CancellationToken;
 
 /// Echoes the body (as a postcard `Ok(Vec<u8>)` reply) and segments back after sleeping the number of
@@ -46,7 +46,7 @@ async fn serve_at(addr: &str) -> Served {
     let addr = l.local_addr().unwrap().to_string();
     let stop = CancellationToken::new();
     let echo = Arc::new(Echo::default());
-    let task = tokio::spawn(tcp::serve(l, echo.clone(), stop.clone()));
+    let task = tokio::spawn(tcp::serve(l, echo.clone(), stop.clone(), tcp::ServeOptions::default()));
     Served { addr, stop, task, echo }
 }
 
@@ -125,7 +125,7 @@ async fn tcp_transport_conforms() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_swallows_connects_fails_fast_after_one_timeout() {
-    use shoal_client::transport::tcp::TcpOptions;
+    use shoal_net::tcp::TcpOptions;
     // A listener with a one-slot backlog that never accepts: once the
     // backlog is full, further connects hang until they time out.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();

@@ -6,10 +6,24 @@
 //! A broken connection fails its pending calls with `Unreachable` and is
 //! replaced on the next call.
 //!
+//! Dead peers: every socket has TCP keepalive and a user timeout (a crashed
+//! host or a cut link is noticed by the kernel within about ten seconds),
+//! and a connection with calls waiting that has heard nothing for
+//! [`PING_AFTER`] sends a transport ping ([`FLAG_PING`]), which the server
+//! answers at once whatever it is busy with; no answer within
+//! [`PING_TIMEOUT`] (a frozen or partitioned peer, whose kernel may still
+//! acknowledge bytes) fails the connection's calls with `Unreachable`. A
+//! client connection idle for [`IDLE_CLOSE`] is closed; a server closes
+//! connections that sent nothing for [`ServeOptions::idle_timeout`].
+//!
 //! Server side: [`serve`] accepts connections until its cancellation token
 //! fires, runs up to [`MAX_INFLIGHT_PER_CONN`] requests per connection
 //! concurrently and closes a connection that sends a malformed frame.
-//! Shutdown stops accepting, lets in-flight requests finish, and returns.
+//! Memory: before it reads a frame past its header, a connection takes the
+//! frame's size from the server's [`Budget`], and keeps it until the reply
+//! is written; while the budget is used up it stops reading, so senders
+//! wait (TCP back-pressure) rather than get errors. Shutdown stops
+//! accepting, lets in-flight requests finish, and returns.
 //!
 //! # Examples
 //!
@@ -17,8 +31,8 @@
 //! # async fn demo() -> shoal_common::Result<()> {
 //! use std::time::{Duration, Instant};
 //!
-//! use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
-//! use shoal_client::transport::Transport;
+//! use shoal_net::tcp::{TcpOptions, TcpTransport};
+//! use shoal_net::Transport;
 //! use shoal_common::msg::{decode_reply, request_frame, PingReply, PingReq};
 //!
 //! let t = TcpTransport::new(TcpOptions { conns_per_peer: 4, ..TcpOptions::default() });
@@ -33,13 +47,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use shoal_common::msg::reply_frame;
-use shoal_common::wire::{Frame, FrameDecoder};
+use shoal_common::wire::{frame_len, Frame, FrameDecoder, Header, FLAG_PING, FLAG_REPLY};
 use shoal_common::{Result, ShoalError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -51,7 +65,7 @@ use super::{Handler, Transport};
 /// # Examples
 ///
 /// ```
-/// use shoal_client::transport::tcp::{TcpOptions, MAX_INFLIGHT_PER_CONN};
+/// use shoal_net::tcp::{TcpOptions, MAX_INFLIGHT_PER_CONN};
 ///
 /// // Requests of one client transport that one server runs at once.
 /// let parallel = TcpOptions::default().conns_per_peer * MAX_INFLIGHT_PER_CONN;
@@ -71,14 +85,52 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// # Examples
 ///
 /// ```
-/// use shoal_client::transport::tcp::{TcpOptions, MAX_CONNECTIONS};
+/// use shoal_net::tcp::{TcpOptions, MAX_CONNECTIONS};
 ///
 /// // Client processes with default options that one server serves at once.
 /// assert_eq!(MAX_CONNECTIONS / TcpOptions::default().conns_per_peer, 512);
 /// ```
 pub const MAX_CONNECTIONS: usize = 1024;
 
+/// A connection with calls waiting that heard nothing for this long
+/// pings its peer.
+pub const PING_AFTER: Duration = Duration::from_secs(1);
+/// A ping unanswered for this long fails the connection.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// A client connection without calls for this long is closed.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(60);
+/// Keepalive probes start after this much silence...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// ...repeat this often...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and this many unanswered ones break the connection.
+const KEEPALIVE_PROBES: u32 = 3;
+/// Bytes sent but not acknowledged for this long break the connection.
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Turns on keepalive and the user timeout of a socket, so that the kernel
+/// notices a crashed peer or a cut link by itself.
+fn tune(stream: &TcpStream) {
+    stream.set_nodelay(true).ok();
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        debug!("cannot turn on TCP keepalive: {e}");
+    }
+    if let Err(e) = sock.set_tcp_user_timeout(Some(USER_TIMEOUT)) {
+        debug!("cannot set the TCP user timeout: {e}");
+    }
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Frame>>>>>;
+
+/// Milliseconds since `base`, for lock-free activity stamps.
+fn ms_since(base: Instant) -> u64 {
+    base.elapsed().as_millis() as u64
+}
 
 struct Conn {
     tx: mpsc::Sender<Frame>,
@@ -86,6 +138,8 @@ struct Conn {
     next_id: AtomicU64,
     dead: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    base: Instant,
+    last_call: Arc<AtomicU64>,
 }
 
 impl Drop for Conn {
@@ -103,7 +157,7 @@ impl Drop for Conn {
 /// ```
 /// use std::time::{Duration, Instant};
 ///
-/// use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
+/// use shoal_net::tcp::{TcpOptions, TcpTransport};
 ///
 /// let opts = TcpOptions { conns_per_peer: 8, connect_timeout: Duration::from_secs(1) };
 /// let transport = TcpTransport::new(opts);
@@ -128,17 +182,15 @@ impl Default for TcpOptions {
 ///
 /// ```no_run
 /// # async fn demo() -> shoal_common::Result<()> {
-/// use std::sync::Arc;
+/// use std::time::Duration;
 ///
-/// use shoal_client::transport::TcpTransport;
-/// use shoal_client::ServerClient;
-/// use shoal_common::Hlc;
+/// use shoal_common::msg::PingReq;
+/// use shoal_net::{call, TcpTransport};
 ///
-/// // One transport per process, shared by every client.
-/// let transport = Arc::new(TcpTransport::default());
-/// let hlc = Arc::new(Hlc::new());
+/// // One transport per process, shared by every caller.
+/// let transport = TcpTransport::default();
 /// for addr in ["10.0.0.1:10001", "10.0.0.2:10001"] {
-///     let pong = ServerClient::new(transport.clone(), addr, hlc.clone()).ping().await?;
+///     let (pong, _) = call(&transport, addr, &PingReq {}, vec![], 0, 0, Duration::from_secs(5)).await?;
 ///     println!("{addr}: {} targets", pong.targets);
 /// }
 /// # Ok(()) }
@@ -164,7 +216,7 @@ impl TcpTransport {
     /// ```
     /// use std::time::{Duration, Instant};
     ///
-    /// use shoal_client::transport::tcp::{TcpOptions, TcpTransport};
+    /// use shoal_net::tcp::{TcpOptions, TcpTransport};
     ///
     /// let opts = TcpOptions { connect_timeout: Duration::from_millis(500), ..TcpOptions::default() };
     /// let transport = TcpTransport::new(opts);
@@ -201,7 +253,7 @@ impl TcpTransport {
             }
         };
         self.silent.lock().expect("lock").remove(addr);
-        stream.set_nodelay(true).ok();
+        tune(&stream);
         let conn = Arc::new(spawn_client_conn(stream, addr.to_string()));
         let mut peers = self.peers.lock().expect("lock");
         let list = peers.entry(addr.to_string()).or_default();
@@ -215,6 +267,10 @@ fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
     let (tx, rx) = mpsc::channel::<Frame>(256);
     let pending: Pending = Arc::default();
     let dead = Arc::new(AtomicBool::new(false));
+    let base = Instant::now();
+    // When a frame last arrived, and when a call last started (ms since base).
+    let last_rx = Arc::new(AtomicU64::new(0));
+    let last_call = Arc::new(AtomicU64::new(0));
     let fail_all = {
         let pending = pending.clone();
         let dead = dead.clone();
@@ -229,20 +285,23 @@ fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
     let writer = {
         let fail_all = fail_all.clone();
         tokio::spawn(async move {
-            if let Err(e) = write_frames(wr, rx).await {
+            if let Err(e) = write_frames(wr, rx, None).await {
                 fail_all(format!("send failed: {e}"));
             }
         })
     };
     let reader = {
         let pending = pending.clone();
+        let fail_all = fail_all.clone();
+        let last_rx = last_rx.clone();
         tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 << 10);
             let mut dec = FrameDecoder;
             let mut rd = rd;
             let why = loop {
-                match read_frame(&mut rd, &mut buf, &mut dec, None).await {
-                    Ok(Some(f)) => {
+                match read_frame(&mut rd, &mut buf, &mut dec, None, None, None).await {
+                    Ok(Some((f, _))) => {
+                        last_rx.store(ms_since(base), Ordering::Release);
                         let waiter = pending.lock().expect("lock").remove(&f.header.request_id);
                         match waiter {
                             Some(w) => {
@@ -258,37 +317,160 @@ fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
             fail_all(why);
         })
     };
-    Conn { tx, pending, next_id: AtomicU64::new(1), dead, tasks: vec![writer, reader] }
+    // Liveness: pings a peer that keeps callers waiting in silence, and
+    // closes the connection once it has been idle for long.
+    let watchdog = {
+        let (pending, dead, tx, last_call) = (pending.clone(), dead.clone(), tx.clone(), last_call.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PING_AFTER / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let ping_id = u64::MAX;
+            loop {
+                tick.tick().await;
+                if dead.load(Ordering::Acquire) {
+                    return;
+                }
+                let now = ms_since(base);
+                let waiting = !pending.lock().expect("lock").is_empty();
+                let heard = last_rx.load(Ordering::Acquire).max(last_call.load(Ordering::Acquire));
+                if !waiting {
+                    if now.saturating_sub(heard) >= IDLE_CLOSE.as_millis() as u64 {
+                        fail_all("closed after being idle".into());
+                        return;
+                    }
+                    continue;
+                }
+                if now.saturating_sub(last_rx.load(Ordering::Acquire)) < PING_AFTER.as_millis() as u64 {
+                    continue;
+                }
+                let (ptx, prx) = oneshot::channel();
+                pending.lock().expect("lock").insert(ping_id, ptx);
+                let ping = Frame {
+                    header: Header { flags: FLAG_PING, request_id: ping_id, ..Header::default() },
+                    body: Bytes::new(),
+                    segments: Vec::new(),
+                };
+                let sent = tokio::time::timeout(PING_TIMEOUT, tx.send(ping)).await;
+                let answered = match sent {
+                    Ok(Ok(())) => matches!(tokio::time::timeout(PING_TIMEOUT, prx).await, Ok(Ok(Ok(_)))),
+                    _ => false,
+                };
+                pending.lock().expect("lock").remove(&ping_id);
+                if !answered && !dead.load(Ordering::Acquire) {
+                    warn!("{addr}: no answer to a ping within {PING_TIMEOUT:?}; failing its calls");
+                    fail_all(format!("peer stopped answering (no reply to a ping within {PING_TIMEOUT:?})"));
+                    return;
+                }
+            }
+        })
+    };
+    Conn { tx, pending, next_id: AtomicU64::new(1), dead, tasks: vec![writer, reader, watchdog], base, last_call }
+}
+
+/// A server's memory budget for frames: bytes of requests being read or
+/// run and of replies waiting to be written.
+///
+/// # Examples
+///
+/// ```
+/// # async fn demo() {
+/// use shoal_net::tcp::Budget;
+///
+/// let budget = Budget::new(256 << 20);
+/// let held = budget.take(1 << 20).await;
+/// assert_eq!(budget.in_use(), 1 << 20);
+/// drop(held);
+/// assert_eq!(budget.in_use(), 0);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Budget {
+    sem: Arc<Semaphore>,
+    total: u64,
+}
+
+/// Bytes taken from a [`Budget`], given back on drop.
+#[derive(Debug)]
+pub struct Held {
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Budget {
+    /// A budget of `total` bytes.
+    pub fn new(total: u64) -> Arc<Budget> {
+        let total = total.min(Semaphore::MAX_PERMITS as u64);
+        Arc::new(Budget { sem: Arc::new(Semaphore::new(total as usize)), total })
+    }
+
+    /// Takes `n` bytes (at most the whole budget), waiting until they are
+    /// free. Cancel safe: a dropped call takes nothing.
+    pub async fn take(&self, n: u64) -> Held {
+        let n = n.min(self.total).min(u32::MAX as u64) as u32;
+        if n == 0 {
+            return Held { _permit: None };
+        }
+        let permit = self.sem.clone().acquire_many_owned(n).await.expect("budget semaphore is never closed");
+        Held { _permit: Some(permit) }
+    }
+
+    /// The whole budget in bytes.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Bytes taken now.
+    pub fn in_use(&self) -> u64 {
+        self.total - self.sem.available_permits() as u64
+    }
 }
 
 /// Reads one frame; `Ok(None)` on a clean end of stream between frames.
 /// With `stall`, a frame must arrive whole within that long of its first
 /// byte: a server must not hold a frame buffer for a silent or trickling
-/// client.
+/// client. With `budget`, the frame's size is taken from it (waiting while
+/// it is used up, which is not stalling) before the frame is read past its
+/// header. With `idle`, waiting for the first byte of a frame ends after
+/// that long with [`ShoalError::Timeout`].
 async fn read_frame<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     dec: &mut FrameDecoder,
     stall: Option<Duration>,
-) -> Result<Option<Frame>> {
+    budget: Option<&Budget>,
+    idle: Option<Duration>,
+) -> Result<Option<(Frame, Option<Held>)>> {
     let mut deadline = None;
+    let mut held: Option<Held> = None;
     loop {
+        if held.is_none() {
+            if let Some(b) = budget {
+                if let Some(total) = frame_len(buf)? {
+                    held = Some(b.take(total as u64).await);
+                    if deadline.is_some() {
+                        deadline = stall.map(|limit| tokio::time::Instant::now() + limit);
+                    }
+                }
+            }
+        }
         if let Some(f) = dec.decode(buf)? {
-            return Ok(Some(f));
+            return Ok(Some((f, held)));
         }
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(64 << 10);
         }
-        let held = buf.len();
-        if held > 0 && deadline.is_none() {
+        let so_far = buf.len();
+        if so_far > 0 && deadline.is_none() {
             deadline = stall.map(|limit| tokio::time::Instant::now() + limit);
         }
         let read = rd.read_buf(buf);
-        let n = match deadline {
-            Some(d) => tokio::time::timeout_at(d, read).await.map_err(|_| {
-                ShoalError::protocol(format!("peer took longer than {stall:?} to send a frame ({held} bytes so far)"))
+        let n = match (deadline, idle) {
+            (Some(d), _) => tokio::time::timeout_at(d, read).await.map_err(|_| {
+                ShoalError::protocol(format!("peer took longer than {stall:?} to send a frame ({so_far} bytes so far)"))
             })?,
-            None => read.await,
+            (None, Some(idle)) if so_far == 0 => tokio::time::timeout(idle, read)
+                .await
+                .map_err(|_| ShoalError::Timeout(format!("peer sent nothing for {idle:?}")))?,
+            (None, _) => read.await,
         }
         .map_err(|e| ShoalError::Unreachable(format!("read: {e}")))?;
         if n == 0 {
@@ -300,15 +482,44 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// A frame on its way out, and the budget it holds until it is written.
+struct Outgoing {
+    frame: Frame,
+    _held: Option<Held>,
+}
+
+impl From<Frame> for Outgoing {
+    fn from(frame: Frame) -> Self {
+        Outgoing { frame, _held: None }
+    }
+}
+
 /// Writes frames from the channel until it closes. Segments are written
-/// as they are, never copied into the frame buffer.
-async fn write_frames<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Frame>) -> std::io::Result<()> {
+/// as they are, never copied into the frame buffer. With `stall`, a frame
+/// that takes longer than that to write (the peer stopped reading) ends the
+/// connection.
+async fn write_frames<W: AsyncWrite + Unpin, T: Into<Outgoing>>(
+    wr: W,
+    mut rx: mpsc::Receiver<T>,
+    stall: Option<Duration>,
+) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(64 << 10, wr);
     while let Some(f) = rx.recv().await {
-        write_one(&mut w, &f).await?;
-        if rx.is_empty() {
-            w.flush().await?;
+        let out: Outgoing = f.into();
+        let write = async {
+            write_one(&mut w, &out.frame).await?;
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        match stall {
+            Some(limit) => tokio::time::timeout(limit, write).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("peer read nothing for {limit:?}"))
+            })??,
+            None => write.await?,
         }
+        drop(out);
     }
     w.flush().await?;
     w.shutdown().await
@@ -328,25 +539,34 @@ impl Transport for TcpTransport {
         "tcp"
     }
 
-    async fn call(&self, addr: &str, mut frame: Frame, timeout: Duration) -> Result<Frame> {
+    async fn call(&self, addr: &str, frame: Frame, timeout: Duration) -> Result<Frame> {
         frame.check_limits()?;
         let fut = async {
-            let conn = self.conn(addr).await?;
-            let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
-            frame.header.request_id = id;
-            let (tx, rx) = oneshot::channel();
-            conn.pending.lock().expect("lock").insert(id, tx);
-            let guard = PendingGuard { pending: &conn.pending, id };
-            // The reader may have failed every waiter just before the insert.
-            if conn.dead.load(Ordering::Acquire) {
-                return Err(ShoalError::Unreachable(format!("{addr}: connection closed")));
+            // A connection found closed before the request was handed to it
+            // (it went idle, or its peer restarted) is replaced and the
+            // request sent on the new one: it never left this process.
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let conn = self.conn(addr).await?;
+                let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+                let mut frame = frame.clone();
+                frame.header.request_id = id;
+                let (tx, rx) = oneshot::channel();
+                conn.pending.lock().expect("lock").insert(id, tx);
+                conn.last_call.store(ms_since(conn.base), Ordering::Release);
+                let guard = PendingGuard { pending: &conn.pending, id };
+                // The reader may have failed every waiter just before the insert.
+                if conn.dead.load(Ordering::Acquire) || conn.tx.send(frame).await.is_err() {
+                    if attempts < 3 {
+                        continue;
+                    }
+                    return Err(ShoalError::Unreachable(format!("{addr}: connection closed")));
+                }
+                let r = rx.await.map_err(|_| ShoalError::Unreachable(format!("{addr}: connection closed")))?;
+                drop(guard);
+                return r;
             }
-            if conn.tx.send(frame).await.is_err() {
-                return Err(ShoalError::Unreachable(format!("{addr}: connection closed")));
-            }
-            let r = rx.await.map_err(|_| ShoalError::Unreachable(format!("{addr}: connection closed")))?;
-            drop(guard);
-            r
         };
         tokio::time::timeout(timeout, fut)
             .await
@@ -376,7 +596,7 @@ impl Drop for PendingGuard<'_> {
 ///
 /// ```no_run
 /// # async fn demo() -> shoal_common::Result<()> {
-/// use shoal_client::transport::tcp::bind;
+/// use shoal_net::tcp::bind;
 ///
 /// // Port 0: the OS picks a free port.
 /// let listener = bind("127.0.0.1:0").await?;
@@ -398,7 +618,7 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 /// # use std::sync::Arc;
 /// #
 /// # use futures::future::{BoxFuture, FutureExt};
-/// # use shoal_client::transport::Handler;
+/// # use shoal_net::Handler;
 /// # use shoal_common::msg::{decode_request, reply_frame, PingReply, PingReq};
 /// # use shoal_common::wire::Frame;
 /// #
@@ -408,30 +628,35 @@ pub async fn bind(addr: &str) -> Result<TcpListener> {
 /// # impl Handler for Pong {
 /// #     fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame> {
 /// #         async move {
-/// #             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1 };
+/// #             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1, rank: None, frame_budget: 0, frame_in_use: 0 };
 /// #             let reply = decode_request::<PingReq>(&frame).map(|_| pong);
 /// #             reply_frame(&frame.header, 0, reply, vec![])
 /// #         }
 /// #         .boxed()
 /// #     }
 /// # }
-/// use shoal_client::transport::tcp::{bind, serve};
+/// use shoal_net::tcp::{bind, serve, ServeOptions};
 /// use tokio_util::sync::CancellationToken;
 ///
 /// let listener = bind("127.0.0.1:0").await?;
 /// let shutdown = CancellationToken::new();
 /// // `Pong` is a `Handler`, as in the `Handler` example.
-/// let server = tokio::spawn(serve(listener, Arc::new(Pong), shutdown.clone()));
+/// let server = tokio::spawn(serve(listener, Arc::new(Pong), shutdown.clone(), ServeOptions::default()));
 /// // ... until it is time to stop:
 /// shutdown.cancel();
 /// server.await.expect("the serve task does not panic");
 /// # Ok(()) }
 /// ```
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown: CancellationToken) {
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    opts: ServeOptions,
+) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let local = listener.local_addr().ok();
-    info!(addr = ?local, "serving TCP");
+    info!(addr = ?local, budget = opts.budget.total(), "serving TCP");
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -448,11 +673,12 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown:
                 }
             },
         };
-        stream.set_nodelay(true).ok();
+        tune(&stream);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let opts = opts.clone();
         tracker.spawn(async move {
-            serve_conn(stream, peer, handler, shutdown).await;
+            serve_conn(stream, peer, handler, shutdown, opts).await;
             drop(permit);
         });
     }
@@ -461,11 +687,47 @@ pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, shutdown:
     info!(addr = ?local, "TCP service stopped");
 }
 
-async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Arc<H>, shutdown: CancellationToken) {
+/// How a server serves its connections.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use shoal_net::tcp::{Budget, ServeOptions};
+///
+/// let opts = ServeOptions { budget: Budget::new(512 << 20), idle_timeout: Duration::from_secs(300) };
+/// ```
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Memory for frames held at once, shared by every connection.
+    pub budget: Arc<Budget>,
+    /// A connection that sends nothing for this long, with no request in
+    /// flight, is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { budget: Budget::new(1 << 30), idle_timeout: Duration::from_secs(300) }
+    }
+}
+
+/// How long a server waits for a peer to take a reply before it drops the
+/// connection.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
+
+async fn serve_conn<H: Handler>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+    opts: ServeOptions,
+) {
     let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel::<Frame>(MAX_INFLIGHT_PER_CONN);
+    let (tx, rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT_PER_CONN);
     let mut writer = tokio::spawn(async move {
-        if let Err(e) = write_frames(wr, rx).await {
+        if let Err(e) = write_frames(wr, rx, Some(WRITE_STALL)).await {
             debug!(%peer, "reply write failed: {e}");
         }
     });
@@ -473,19 +735,39 @@ async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Ar
     let tasks = TaskTracker::new();
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut dec = FrameDecoder;
+    let budget = opts.budget.clone();
     loop {
+        let idle = (inflight.available_permits() == MAX_INFLIGHT_PER_CONN).then_some(opts.idle_timeout);
         let next = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = read_frame(&mut rd, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT)) => r,
+            r = read_frame(&mut rd, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT), Some(&budget), idle) => r,
         };
-        let frame = match next {
+        let (frame, held) = match next {
             Ok(Some(f)) => f,
             Ok(None) => break,
+            Err(e @ ShoalError::Timeout(_)) => {
+                debug!(%peer, "closing an idle connection: {e}");
+                break;
+            }
             Err(e) => {
                 warn!(%peer, "closing connection: {e}");
                 break;
             }
         };
+        if frame.header.is_ping() && !frame.header.is_reply() {
+            // Answered here, ahead of every request, so that a busy server
+            // is never taken for a dead one.
+            let pong = Frame {
+                header: Header { flags: FLAG_PING | FLAG_REPLY, ..frame.header },
+                body: Bytes::new(),
+                segments: Vec::new(),
+            };
+            drop(held);
+            if tx.send(pong.into()).await.is_err() {
+                break;
+            }
+            continue;
+        }
         if frame.header.is_reply() {
             warn!(%peer, "closing connection: client sent a reply frame");
             break;
@@ -496,9 +778,11 @@ async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Ar
         };
         let handler = handler.clone();
         let tx = tx.clone();
+        let budget = budget.clone();
         tasks.spawn(async move {
             let header = frame.header;
             let mut reply = handler.handle(frame).await;
+            drop(held);
             if let Err(e) = reply.check_limits() {
                 // Never let one oversized reply break the connection.
                 warn!(%peer, "reply over the caps replaced by an error: {e}");
@@ -509,7 +793,8 @@ async fn serve_conn<H: Handler>(stream: TcpStream, peer: SocketAddr, handler: Ar
                     vec![],
                 );
             }
-            let _ = tx.send(reply).await;
+            let held = budget.take(reply.encoded_len() as u64).await;
+            let _ = tx.send(Outgoing { frame: reply, _held: Some(held) }).await;
             drop(permit);
         });
     }
@@ -538,7 +823,7 @@ mod tests {
         let f = Frame::default().encode_to_vec().unwrap();
         client.write_all(&f[..10]).await.unwrap();
         let mut buf = BytesMut::new();
-        let r = read_frame(&mut server, &mut buf, &mut FrameDecoder, Some(PARTIAL_FRAME_TIMEOUT)).await;
+        let r = read_frame(&mut server, &mut buf, &mut FrameDecoder, Some(PARTIAL_FRAME_TIMEOUT), None, None).await;
         assert!(matches!(r, Err(ShoalError::Protocol(_))), "{r:?}");
     }
 
@@ -554,7 +839,7 @@ mod tests {
             client
         });
         let mut buf = BytesMut::new();
-        let r = read_frame(&mut server, &mut buf, &mut FrameDecoder, Some(PARTIAL_FRAME_TIMEOUT)).await;
+        let r = read_frame(&mut server, &mut buf, &mut FrameDecoder, Some(PARTIAL_FRAME_TIMEOUT), None, None).await;
         assert!(matches!(r, Err(ShoalError::Protocol(_))), "{r:?}");
         trickle.abort();
     }
@@ -564,7 +849,7 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(1024);
         let mut buf = BytesMut::new();
         let mut dec = FrameDecoder;
-        let read = read_frame(&mut server, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT));
+        let read = read_frame(&mut server, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT), None, None);
         let r = tokio::time::timeout(PARTIAL_FRAME_TIMEOUT * 4, read).await;
         assert!(r.is_err(), "still waiting for a first byte");
         drop(client);

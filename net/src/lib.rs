@@ -1,12 +1,15 @@
-//! Transports: the only module that knows sockets (and, later, verbs).
+//! shoal-net: transports, the only crate that knows sockets (and, later,
+//! verbs).
+//!
+//! Layering: `shoal-common <- shoal-net <- {shoal-server, shoal-client}`.
+//! This crate knows no RocksDB, no placement and no object classes; it
+//! carries frames. The server and the client both build on it and never
+//! import each other.
 //!
 //! A [`Transport`] carries request frames to a peer and brings back the
 //! reply; [`serve`](tcp::serve) runs the accepting side for a server. Both
 //! sides speak the frames of [`shoal_common::wire`], pipelining many
 //! requests per connection, matched by request id.
-//!
-//! The server crate uses this module to listen; the client never imports
-//! the server.
 //!
 //! # Examples
 //!
@@ -14,7 +17,7 @@
 //! # async fn demo() -> shoal_common::Result<()> {
 //! use std::time::Duration;
 //!
-//! use shoal_client::transport::{call, TcpTransport};
+//! use shoal_net::{call, TcpTransport};
 //! use shoal_common::msg::PingReq;
 //!
 //! let t = TcpTransport::default();
@@ -45,7 +48,7 @@ pub use tcp::TcpTransport;
 /// # async fn demo() -> shoal_common::Result<()> {
 /// use std::time::Duration;
 ///
-/// use shoal_client::transport::{call, TcpTransport, Transport};
+/// use shoal_net::{call, TcpTransport, Transport};
 /// use shoal_common::msg::{PingReply, PingReq};
 ///
 /// /// Pings `addr` over any transport.
@@ -63,7 +66,7 @@ pub trait Transport: Send + Sync + 'static {
     /// # Examples
     ///
     /// ```
-    /// use shoal_client::transport::{TcpTransport, Transport};
+    /// use shoal_net::{TcpTransport, Transport};
     ///
     /// assert_eq!(TcpTransport::default().name(), "tcp");
     /// ```
@@ -81,7 +84,7 @@ pub trait Transport: Send + Sync + 'static {
     /// # async fn demo() -> shoal_common::Result<()> {
     /// use std::time::Duration;
     ///
-    /// use shoal_client::transport::{TcpTransport, Transport};
+    /// use shoal_net::{TcpTransport, Transport};
     /// use shoal_common::msg::{decode_reply, request_frame, PingReply, PingReq};
     ///
     /// let t = TcpTransport::default();
@@ -98,16 +101,17 @@ pub trait Transport: Send + Sync + 'static {
     ///
     /// ```no_run
     /// # async fn demo() -> shoal_common::Result<()> {
-    /// use shoal_client::transport::{TcpTransport, Transport};
-    /// use shoal_client::ServerClient;
-    /// use std::sync::Arc;
+    /// use std::time::Duration;
     ///
-    /// let t = Arc::new(TcpTransport::default());
-    /// let c = ServerClient::new(t.clone(), "127.0.0.1:10001", Arc::default());
-    /// c.ping().await?;
+    /// use shoal_common::msg::PingReq;
+    /// use shoal_net::{call, TcpTransport, Transport};
+    ///
+    /// let t = TcpTransport::default();
+    /// let secs = Duration::from_secs(5);
+    /// call(&t, "127.0.0.1:10001", &PingReq {}, vec![], 0, 0, secs).await?;
     /// // Drop the connections (say, after the server restarted); the next call reconnects.
     /// t.close_all();
-    /// c.ping().await?;
+    /// call(&t, "127.0.0.1:10001", &PingReq {}, vec![], 0, 0, secs).await?;
     /// # Ok(()) }
     /// ```
     fn close_all(&self);
@@ -121,7 +125,7 @@ pub trait Transport: Send + Sync + 'static {
 /// use std::sync::Arc;
 ///
 /// use futures::future::{BoxFuture, FutureExt};
-/// use shoal_client::transport::Handler;
+/// use shoal_net::Handler;
 /// use shoal_common::msg::{decode_request, reply_frame, PingReply, PingReq};
 /// use shoal_common::wire::Frame;
 ///
@@ -131,7 +135,7 @@ pub trait Transport: Send + Sync + 'static {
 /// impl Handler for Pong {
 ///     fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame> {
 ///         async move {
-///             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1 };
+///             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1, rank: None, frame_budget: 0, frame_in_use: 0 };
 ///             let reply = decode_request::<PingReq>(&frame).map(|_| pong);
 ///             reply_frame(&frame.header, 0, reply, vec![])
 ///         }
@@ -156,7 +160,7 @@ pub trait Handler: Send + Sync + 'static {
     /// # use std::sync::Arc;
     /// #
     /// # use futures::future::{BoxFuture, FutureExt};
-    /// # use shoal_client::transport::Handler;
+    /// # use shoal_net::Handler;
     /// # use shoal_common::msg::{decode_request, reply_frame, PingReply, PingReq};
     /// # use shoal_common::wire::Frame;
     /// #
@@ -166,7 +170,7 @@ pub trait Handler: Send + Sync + 'static {
     /// # impl Handler for Pong {
     /// #     fn handle(self: Arc<Self>, frame: Frame) -> BoxFuture<'static, Frame> {
     /// #         async move {
-    /// #             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1 };
+    /// #             let pong = PingReply { version: "demo".into(), targets: 0, epoch: 1, rank: None, frame_budget: 0, frame_in_use: 0 };
     /// #             let reply = decode_request::<PingReq>(&frame).map(|_| pong);
     /// #             reply_frame(&frame.header, 0, reply, vec![])
     /// #         }
@@ -194,7 +198,7 @@ pub trait Handler: Send + Sync + 'static {
 /// # async fn demo() -> shoal_common::Result<()> {
 /// use std::time::Duration;
 ///
-/// use shoal_client::transport::{call, TcpTransport};
+/// use shoal_net::{call, TcpTransport};
 /// use shoal_common::msg::TargetQueryReq;
 ///
 /// let t = TcpTransport::default();

@@ -1,0 +1,278 @@
+//! Writes of erasure-coded extents, and why no acknowledged write is lost.
+//!
+//! Every stripe on disk is a whole encoded stripe written at one epoch to
+//! all k + p shards. Full stripes are encoded and written directly. A
+//! partial stripe is read, merged and rewritten whole (read-modify-write,
+//! RMW). Two rules on the targets make this safe against every concurrent
+//! writer and any clock skew:
+//!
+//! 1. Epoch order: a target refuses an update of a range for which it
+//!    already holds a version (or punch) at the same or a newer epoch, with
+//!    a conflict carrying its clock. The writer observes it and sends the
+//!    whole stripe write again with a newer epoch. So on every shard a
+//!    stripe's versions arrive in epoch order, and a write that starts
+//!    after another was acknowledged ends with a larger epoch than it.
+//! 2. Conditional rewrite: an RMW reads every cell of the stripe first and
+//!    notes the version each shard holds; its rewrite of shard j is
+//!    conditional on shard j still holding exactly that (no newer version
+//!    of the cell). If anything wrote the stripe in between (a full-stripe
+//!    writer, or an RMW writer whose lock lapsed), some shard refuses and
+//!    the RMW reads, merges and rewrites again. A writer is acknowledged
+//!    only when every shard took its stripe, so of two writers that raced
+//!    on one stripe, the one acknowledged either read the other's bytes or
+//!    wrote after them with a newer epoch.
+//!
+//! The RMW epoch is taken after the read and after observing the newest
+//! version the read saw, so the rewrite is always newer than the stripe it
+//! merged (rule 1 would otherwise refuse it).
+//!
+//! Stripe locks (at the group's first shard) only keep RMW writers of one
+//! stripe from retrying each other forever; correctness does not depend on
+//! them. The lock's lease is renewed while the write runs, and a write that
+//! ends or is cancelled releases it at once (on drop, if need be).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use shoal_common::msg::{StripeLockReq, StripeUnlockReq, UpdateIod, ValueKind};
+use shoal_common::placement::Shard;
+use shoal_common::{Epoch, Result, ShoalError};
+
+use crate::ec::{codec, Codec};
+use crate::ec_read::{stripes_per_request, RmwBase};
+use crate::object::{conflict_clock, Object, WriteOutcome, CONFLICT_RETRIES};
+use crate::system::PoolState;
+
+/// Lease of a stripe lock; the writer renews it every third of it.
+const STRIPE_LOCK_LEASE: Duration = Duration::from_secs(10);
+
+/// A stripe lock held at the group's first shard; released on
+/// [`StripeLock::release`] or, failing that, when dropped.
+struct StripeLock {
+    obj: Object,
+    st: PoolState,
+    leader: Shard,
+    req: StripeLockReq,
+    released: bool,
+}
+
+impl StripeLock {
+    async fn take(obj: &Object, st: &PoolState, leader: Shard, dkey: &[u8], stripes: Vec<u64>) -> Result<StripeLock> {
+        let owner: u128 = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(shoal_common::hlc::wall_ns());
+            let hi = h.finish();
+            h.write_u64(hi);
+            ((hi as u128) << 64) | h.finish() as u128
+        };
+        let req = StripeLockReq {
+            pool: st.info.uuid,
+            rank: leader.rank,
+            cont: obj.cont.info.uuid,
+            oid: obj.oid(),
+            dkey: dkey.to_vec(),
+            stripes,
+            owner,
+            lease_ms: STRIPE_LOCK_LEASE.as_millis() as u32,
+        };
+        obj.rpc(st, &leader, &req, vec![]).await?;
+        Ok(StripeLock { obj: obj.clone(), st: st.clone(), leader, req, released: false })
+    }
+
+    /// Runs `work` while renewing the lease.
+    async fn hold<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let renew = async {
+            loop {
+                tokio::time::sleep(STRIPE_LOCK_LEASE / 3).await;
+                // A lost renewal costs at most a retry: the rewrite's
+                // conditions keep the data safe without the lock.
+                let _ = self.obj.rpc(&self.st, &self.leader, &self.req, vec![]).await;
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            _ = renew => unreachable!("the renewal loop never ends"),
+        }
+    }
+
+    fn unlock_req(&self) -> StripeUnlockReq {
+        StripeUnlockReq {
+            pool: self.req.pool,
+            rank: self.req.rank,
+            cont: self.req.cont,
+            oid: self.req.oid,
+            dkey: self.req.dkey.clone(),
+            stripes: self.req.stripes.clone(),
+            owner: self.req.owner,
+        }
+    }
+
+    async fn release(mut self) {
+        self.released = true;
+        let _ = self.obj.rpc(&self.st, &self.leader, &self.unlock_req(), vec![]).await;
+    }
+}
+
+impl Drop for StripeLock {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // Cancelled mid-write: free the stripes now rather than at the end
+        // of the lease.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (obj, st, leader, req) = (self.obj.clone(), self.st.clone(), self.leader, self.unlock_req());
+            rt.spawn(async move {
+                let _ = obj.rpc(&st, &leader, &req, vec![]).await;
+            });
+        }
+    }
+}
+
+impl Object {
+    /// Writes stripes covering `[offset, offset + data.len())` (see the
+    /// module docs). Every stripe is written whole, at one epoch, to all
+    /// k + p shards.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn ec_write(
+        &self,
+        st: &PoolState,
+        group: &[Shard],
+        geo: (u32, u32, u64),
+        dkey: &[u8],
+        akey: &[u8],
+        offset: u64,
+        data: Bytes,
+    ) -> Result<Epoch> {
+        let (k, p, cell) = geo;
+        let stripe = k as u64 * cell;
+        let end = offset + data.len() as u64;
+        let (s0, s1) = (offset / stripe, (end - 1) / stripe + 1);
+        let codec = codec(k, p)?;
+        let partial: Vec<u64> = {
+            let mut v: Vec<u64> =
+                [s0, s1 - 1].into_iter().filter(|n| !(offset <= n * stripe && end >= (n + 1) * stripe)).collect();
+            v.dedup();
+            v
+        };
+        let lock = if partial.is_empty() {
+            None
+        } else {
+            Some(StripeLock::take(self, st, group[0], dkey, partial.clone()).await?)
+        };
+        let work = async {
+            for _ in 0..CONFLICT_RETRIES {
+                // Read the partial stripes before taking the epoch, and
+                // take it past every version they hold.
+                let mut bases = HashMap::new();
+                for &s in &partial {
+                    let base = self.read_for_rmw(st, group, geo, dkey, akey, s).await?;
+                    self.observe(base.newest);
+                    bases.insert(s, base);
+                }
+                let epoch = self.epoch().await?;
+                let w = Stripes {
+                    obj: self,
+                    st,
+                    group,
+                    geo,
+                    dkey,
+                    akey,
+                    offset,
+                    data: &data,
+                    bases: &bases,
+                    codec: &*codec,
+                };
+                match w.send(s0, s1, epoch).await {
+                    WriteOutcome::Done => return Ok(epoch),
+                    WriteOutcome::Conflict => self.cont.pool.client.inner.count_conflict(),
+                    WriteOutcome::Failed(e) => return Err(e),
+                }
+            }
+            Err(ShoalError::Busy(format!(
+                "object {}: stripes of dkey {:?} kept changing under this write for {CONFLICT_RETRIES} attempts; try again",
+                self.oid(),
+                String::from_utf8_lossy(dkey)
+            )))
+        };
+        match lock {
+            Some(lock) => {
+                let r = lock.hold(work).await;
+                lock.release().await;
+                r
+            }
+            None => work.await,
+        }
+    }
+}
+
+/// One attempt at writing a run of stripes.
+struct Stripes<'a> {
+    obj: &'a Object,
+    st: &'a PoolState,
+    group: &'a [Shard],
+    geo: (u32, u32, u64),
+    dkey: &'a [u8],
+    akey: &'a [u8],
+    offset: u64,
+    data: &'a Bytes,
+    bases: &'a HashMap<u64, RmwBase>,
+    codec: &'a dyn Codec,
+}
+
+impl Stripes<'_> {
+    async fn send(&self, s0: u64, s1: u64, epoch: Epoch) -> WriteOutcome {
+        let (k, p, cell) = self.geo;
+        let stripe = k as u64 * cell;
+        let end = self.offset + self.data.len() as u64;
+        let batch = stripes_per_request(cell, self.akey);
+        let mut s = s0;
+        while s < s1 {
+            let last = (s + batch).min(s1);
+            let mut per_shard: Vec<(Vec<UpdateIod>, Vec<Bytes>)> = vec![(Vec::new(), Vec::new()); (k + p) as usize];
+            for st_no in s..last {
+                let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
+                let base = self.bases.get(&st_no);
+                let full = match base {
+                    None => self.data.slice((a - self.offset) as usize..(b - self.offset) as usize),
+                    Some(base) => {
+                        let mut buf = BytesMut::from(&base.data[..]);
+                        let (from, to) = (self.offset.max(a), end.min(b));
+                        buf[(from - a) as usize..(to - a) as usize]
+                            .copy_from_slice(&self.data[(from - self.offset) as usize..(to - self.offset) as usize]);
+                        buf.freeze()
+                    }
+                };
+                let cells: Vec<Bytes> =
+                    (0..k as usize).map(|j| full.slice(j * cell as usize..(j + 1) * cell as usize)).collect();
+                let refs: Vec<&[u8]> = cells.iter().map(|c| &c[..]).collect();
+                let parity = match self.codec.encode(&refs) {
+                    Ok(p) => p,
+                    Err(e) => return WriteOutcome::Failed(e),
+                };
+                let kind = ValueKind::Array { rec_size: 1, start: st_no * cell, nr: cell };
+                for (j, c) in cells.into_iter().chain(parity.into_iter().map(Bytes::from)).enumerate() {
+                    let mut iod = UpdateIod::new(self.akey, kind, &c);
+                    iod.cond = base.map(|b| b.expected[j]);
+                    per_shard[j].0.push(iod);
+                    per_shard[j].1.push(c);
+                }
+            }
+            let futs = self.group.iter().zip(per_shard).map(|(sh, (iods, segs))| {
+                let req = self.obj.update_req(self.st, sh, self.dkey, epoch, iods);
+                async move { self.obj.rpc(self.st, sh, &req, segs).await }
+            });
+            let results = join_all(futs).await;
+            conflict_clock(self.obj, &results);
+            match WriteOutcome::of(results, |(r, _)| self.obj.observe(r.now)) {
+                WriteOutcome::Done => {}
+                other => return other,
+            }
+            s = last;
+        }
+        WriteOutcome::Done
+    }
+}
