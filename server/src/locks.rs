@@ -24,6 +24,9 @@ type Key = (ContId, Oid, Vec<u8>, u64);
 
 /// Prune lapsed locks once the table holds this many.
 const PRUNE_AT: usize = 4096;
+/// Most stripes locked at once; beyond it lock requests are refused as
+/// busy, so the table's memory is bounded whatever clients do.
+pub const MAX_LOCKED: usize = 1 << 16;
 
 /// The lock table of one server.
 #[derive(Default)]
@@ -68,6 +71,11 @@ impl StripeLocks {
                     })
                     .collect();
                 if busy.is_empty() {
+                    if held.len() + stripes.len() > MAX_LOCKED {
+                        return Err(ShoalError::Busy(format!(
+                            "this server holds {MAX_LOCKED} stripe locks already; try again"
+                        )));
+                    }
                     for s in stripes {
                         held.insert(key(*s), (owner, now + lease));
                     }
@@ -123,6 +131,20 @@ mod tests {
         t.lock(C, O, b"e", &[2], 3, LONG, LONG).await.unwrap();
         t.unlock(C, O, b"d", &[1, 2], 1);
         waiter.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_table_is_bounded() {
+        let t = StripeLocks::default();
+        let stripes: Vec<u64> = (0..64).collect();
+        for i in 0..(MAX_LOCKED / 64) as u128 {
+            t.lock(C, Oid::new(0, i as u64), b"d", &stripes, i, LONG, LONG).await.unwrap();
+        }
+        let r = t.lock(C, O, b"x", &[1], 9, LONG, LONG).await;
+        assert!(matches!(r, Err(ShoalError::Busy(_))), "{r:?}");
+        // Lapsed leases make room again.
+        tokio::time::sleep(LONG * 2).await;
+        t.lock(C, O, b"x", &[1], 9, LONG, LONG).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -39,6 +39,18 @@ struct Args {
     /// The address others use to reach this server (default: the bound one).
     #[arg(long)]
     advertise: Option<String>,
+    /// Memory for request and reply frames held at once ("1GiB").
+    #[arg(long)]
+    frame_budget: Option<bytesize::ByteSize>,
+    /// How much history aggregation leaves readable ("60s").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    aggregation_delay: Option<std::time::Duration>,
+    /// How often targets aggregate ("10s"; "0s": never).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    aggregation_interval: Option<std::time::Duration>,
+    /// Heartbeat period ("1s").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat: Option<std::time::Duration>,
 }
 
 fn main() {
@@ -49,6 +61,9 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
+    // Test builds read failpoints from $FAILPOINTS ("store::flip_bit=1*return").
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let args = Args::parse();
     let mut cfg = match &args.config {
         Some(p) => ServerConfig::load(p)?,
@@ -77,6 +92,18 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = args.advertise {
         cfg.advertise = Some(v);
+    }
+    if let Some(v) = args.frame_budget {
+        cfg.frame_budget = v;
+    }
+    if let Some(v) = args.aggregation_delay {
+        cfg.aggregation_delay = v;
+    }
+    if let Some(v) = args.aggregation_interval {
+        cfg.aggregation_interval = v;
+    }
+    if let Some(v) = args.heartbeat {
+        cfg.heartbeat = v;
     }
     cfg.validate()?;
     let filter = EnvFilter::try_from_default_env()

@@ -35,6 +35,8 @@ pub struct LocalServer {
     pub addr: String,
     /// Further `shoal-server` flags (`--ms`, `--ms-addr ...`).
     pub extra: Vec<String>,
+    /// Environment variables for the process (tests set `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -47,7 +49,7 @@ impl LocalServer {
 
     /// Starts a server with further flags and waits until it answers.
     pub async fn start_with(dir: &Path, targets: u32, extra: Vec<String>) -> anyhow::Result<LocalServer> {
-        let mut s = LocalServer { dir: dir.to_path_buf(), targets, addr: String::new(), extra, child: None };
+        let mut s = LocalServer { dir: dir.to_path_buf(), targets, addr: String::new(), extra, env: Vec::new(), child: None };
         s.spawn().await?;
         Ok(s)
     }
@@ -77,6 +79,7 @@ impl LocalServer {
             .arg("--log-level")
             .arg("info")
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
