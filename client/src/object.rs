@@ -91,15 +91,16 @@ pub(crate) enum WriteOutcome {
 
 impl WriteOutcome {
     /// Folds per-shard write results. A conflict anywhere means the whole
-    /// write goes again (shards that took it get the newer version too);
-    /// any other error ends the write.
+    /// write goes again (shards that took it get the newer version too), and
+    /// so does a value a target refused because its checksum failed on the
+    /// way (nothing of it was stored); any other error ends the write.
     pub(crate) fn of<T>(results: Vec<Result<T>>, mut ok: impl FnMut(T)) -> WriteOutcome {
         let mut conflict = false;
         let mut failed = None;
         for r in results {
             match r {
                 Ok(v) => ok(v),
-                Err(ShoalError::Conflict { .. }) => conflict = true,
+                Err(ShoalError::Conflict { .. } | ShoalError::Checksum(_)) => conflict = true,
                 Err(e) => {
                     failed.get_or_insert(e);
                 }
@@ -117,6 +118,9 @@ impl WriteOutcome {
 /// them before it takes its next epoch.
 pub(crate) fn conflict_clock<T>(obj: &Object, results: &[Result<T>]) {
     for r in results {
+        if let Err(ShoalError::Checksum(_)) = r {
+            obj.cont.pool.client.inner.count_checksum_error();
+        }
         if let Err(ShoalError::Conflict { server_now, .. }) = r {
             obj.observe(*server_now);
         }

@@ -51,18 +51,28 @@ impl Object {
         iods: Vec<FetchIod>,
     ) -> Result<(Vec<Fetched>, Vec<Bytes>)> {
         let mut errors = Vec::new();
-        for s in shards {
-            let req = self.fetch_req(st, s, dkey, epoch, iods.clone());
-            let r = async {
-                let (r, segs) = self.rpc(st, s, &req, vec![]).await?;
-                let values = checked(self, r, &segs, iods.len()).map_err(|e| crate::object::with_shard(e, s))?;
-                Ok::<_, ShoalError>((values, segs))
+        // A reply damaged on the way (its checksum fails here, not on the
+        // server) is worth one more round over the replicas.
+        for round in 0..2 {
+            let mut damaged = false;
+            for s in shards {
+                let req = self.fetch_req(st, s, dkey, epoch, iods.clone());
+                let r = async {
+                    let (r, segs) = self.rpc(st, s, &req, vec![]).await?;
+                    checked(self, r, &segs, iods.len()).map(|values| (values, segs)).map_err(|e| {
+                        damaged |= matches!(e, ShoalError::Checksum(_));
+                        crate::object::with_shard(e, s)
+                    })
+                }
+                .await;
+                match r {
+                    Ok(v) => return Ok(v),
+                    Err(e) if !try_next(&e) => return Err(e),
+                    Err(e) => errors.push(e),
+                }
             }
-            .await;
-            match r {
-                Ok(v) => return Ok(v),
-                Err(e) if !try_next(&e) => return Err(e),
-                Err(e) => errors.push(e),
+            if !damaged || round == 1 {
+                break;
             }
         }
         Err(no_copy(self.oid(), &format!("read dkey {:?}", String::from_utf8_lossy(dkey)), errors))

@@ -19,12 +19,7 @@ const SEC: i64 = 1_000_000_000;
 
 /// A client whose wall clock is `skew_ns` off the true time.
 async fn skewed(ms: &str, skew_ns: i64) -> Client {
-    Client::builder()
-        .ms([ms])
-        .clock(move || (wall_ns() as i64 + skew_ns) as u64)
-        .connect()
-        .await
-        .unwrap()
+    Client::builder().ms([ms]).clock(move || (wall_ns() as i64 + skew_ns) as u64).connect().await.unwrap()
 }
 
 async fn cont(c: &Client, label: &str) -> Container {

@@ -49,9 +49,37 @@ impl LocalServer {
 
     /// Starts a server with further flags and waits until it answers.
     pub async fn start_with(dir: &Path, targets: u32, extra: Vec<String>) -> anyhow::Result<LocalServer> {
-        let mut s = LocalServer { dir: dir.to_path_buf(), targets, addr: String::new(), extra, env: Vec::new(), child: None };
+        LocalServer::start_env(dir, targets, extra, Vec::new()).await
+    }
+
+    /// Starts a server with further flags and environment variables and
+    /// waits until it answers.
+    pub async fn start_env(
+        dir: &Path,
+        targets: u32,
+        extra: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<LocalServer> {
+        let mut s = LocalServer { dir: dir.to_path_buf(), targets, addr: String::new(), extra, env, child: None };
         s.spawn().await?;
         Ok(s)
+    }
+
+    /// Stops the process with SIGSTOP (it keeps its sockets, answers
+    /// nothing), as a hung host would.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) };
+        }
+    }
+
+    /// Lets a frozen process run again.
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+        }
     }
 
     /// Lets the process run on after this handle is gone; returns its pid.
@@ -156,13 +184,19 @@ impl LocalCluster {
     /// Starts `n` servers under `dir` (`dir/server<i>`), each with
     /// `targets` targets, and waits until all have joined the MS.
     pub async fn start(dir: &Path, n: usize, targets: u32) -> anyhow::Result<LocalCluster> {
+        LocalCluster::start_with(dir, n, targets, &[]).await
+    }
+
+    /// Starts a cluster whose servers all get the further flags `extra`.
+    pub async fn start_with(dir: &Path, n: usize, targets: u32, extra: &[&str]) -> anyhow::Result<LocalCluster> {
         anyhow::ensure!(n >= 1, "a cluster needs at least one server");
         std::fs::create_dir_all(dir)?;
-        let first = LocalServer::start_with(&dir.join("server0"), targets, vec!["--ms".into()]).await?;
+        let more = |v: Vec<String>| v.into_iter().chain(extra.iter().map(|s| s.to_string())).collect::<Vec<_>>();
+        let first = LocalServer::start_with(&dir.join("server0"), targets, more(vec!["--ms".into()])).await?;
         let ms = first.addr.clone();
         let mut servers = vec![first];
         for i in 1..n {
-            let extra = vec!["--ms-addr".into(), ms.clone()];
+            let extra = more(vec!["--ms-addr".into(), ms.clone()]);
             servers.push(LocalServer::start_with(&dir.join(format!("server{i}")), targets, extra).await?);
         }
         let c = LocalCluster { servers };

@@ -109,16 +109,12 @@ impl TargetStore {
         let full = self.shared.dirty_overflow.swap(false, Ordering::AcqRel);
         let dirty: Vec<(Vec<u8>, Epoch)> = {
             let mut d = self.shared.dirty.lock().expect("lock");
-            if full {
-                d.clear();
-                Vec::new()
-            } else {
-                // Akeys whose newest write is past the horizon may have more
-                // to remove later: keep them for the next pass.
-                let all: Vec<(Vec<u8>, Epoch)> = d.iter().map(|(k, e)| (k.clone(), *e)).collect();
-                d.retain(|_, e| *e > horizon);
-                all
-            }
+            let all: Vec<(Vec<u8>, Epoch)> =
+                if full { Vec::new() } else { d.iter().map(|(k, e)| (k.clone(), *e)).collect() };
+            // Akeys whose newest write is past the horizon may have more to
+            // remove later: they stay for the next pass.
+            d.retain(|_, e| *e > horizon);
+            all
         };
         let mut r =
             Reclaim { store: self, batch: WriteBatch::default(), n: 0, holes: Vec::new(), stats: AggStats::default() };
@@ -155,9 +151,15 @@ impl TargetStore {
             }
         }
         r.commit()?;
-        if r.stats.removed > 0 {
-            debug!(target_id = self.id, removed = r.stats.removed, freed = r.stats.freed_bytes, "aggregated");
-        }
+        debug!(
+            target_id = self.id,
+            full,
+            horizon,
+            akeys = r.stats.akeys,
+            removed = r.stats.removed,
+            freed = r.stats.freed_bytes,
+            "aggregated"
+        );
         Ok(r.stats)
     }
 
