@@ -355,3 +355,24 @@ mgmt_rpc!(OidAllocReq, OidAlloc, OidAllocReply, |req| {
     }
     Ok(())
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_join_claiming_too_many_targets_is_refused() {
+        let mut j = JoinReq {
+            uuid: 1,
+            addr: "127.0.0.1:1".into(),
+            fault_domain: "a".into(),
+            targets: 1_000_000_000,
+            host: "h".into(),
+            pid: 1,
+        };
+        let e = j.validate(&[]).unwrap_err().to_string();
+        assert!(e.contains("targets"), "{e}");
+        j.targets = MAX_TARGETS_PER_SERVER;
+        j.validate(&[]).unwrap();
+    }
+}

@@ -406,6 +406,37 @@ mod tests {
     }
 
     #[test]
+    fn a_rejoin_never_lets_two_ranks_share_an_address() {
+        let mut s = MsState::default();
+        join(&mut s, 10);
+        join(&mut s, 11);
+        // Rank 1 comes back claiming rank 0's address.
+        let j = JoinReq {
+            uuid: 11,
+            addr: "127.0.0.1:1010".into(),
+            fault_domain: "host11".into(),
+            targets: 2,
+            host: "h".into(),
+            pid: 2,
+        };
+        let before = s.clone();
+        let e = s.apply(&Command::Join(j)).unwrap_err().to_string();
+        assert!(e.contains("belongs to rank 0"), "{e}");
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn clients_alive_together_get_different_clock_tags() {
+        let mut s = MsState::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..MAX_CLIENT_TAG {
+            let Outcome::ClientTag(t) = s.apply(&Command::ClientHello).unwrap() else { panic!() };
+            assert!(t != 0, "tag 0 is the servers'");
+            assert!(seen.insert(t), "tag {t} handed out twice among {MAX_CLIENT_TAG} clients");
+        }
+    }
+
+    #[test]
     fn ranks_are_stable_across_rejoins() {
         let mut s = MsState::default();
         assert_eq!(join(&mut s, 10), 0);

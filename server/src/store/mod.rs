@@ -776,4 +776,6 @@ pub fn target_dir(data_dir: &Path, id: u32) -> PathBuf {
 }
 
 #[cfg(test)]
+mod lossy;
+#[cfg(test)]
 mod tests;
