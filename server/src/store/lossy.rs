@@ -98,12 +98,14 @@ impl DataFile for LossyFile {
     }
 }
 
+/// Per directory: the names now, and the names made durable.
+type Dirs = HashMap<PathBuf, (BTreeSet<String>, BTreeSet<String>)>;
+
 /// The lossy file system. Cheap to clone; clones share everything.
 #[derive(Clone, Default)]
 pub struct LossyFs {
     files: Arc<Mutex<HashMap<PathBuf, Arc<Mutex<FileState>>>>>,
-    /// Per directory: the names now, and the names made durable.
-    dirs: Arc<Mutex<HashMap<PathBuf, (BTreeSet<String>, BTreeSet<String>)>>>,
+    dirs: Arc<Mutex<Dirs>>,
     power: Arc<Power>,
 }
 
