@@ -26,6 +26,10 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// How far this host's clock may be off the management service's
+    /// before writes are refused ("5s").
+    #[arg(long, global = true, env = "SHOAL_MAX_CLOCK_SKEW", value_parser = humantime::parse_duration)]
+    max_clock_skew: Option<std::time::Duration>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -68,6 +72,7 @@ pub struct Ctx {
     ms: Vec<String>,
     cluster_file: PathBuf,
     pub json: bool,
+    max_clock_skew: Option<std::time::Duration>,
 }
 
 impl Ctx {
@@ -92,7 +97,11 @@ impl Ctx {
     /// A client connected to the management service.
     pub async fn client(&self) -> anyhow::Result<shoal_client::Client> {
         let ms = self.ms()?;
-        shoal_client::Client::connect(ms.clone())
+        let mut b = shoal_client::Client::builder().ms(ms.clone());
+        if let Some(skew) = self.max_clock_skew {
+            b = b.max_clock_skew(skew);
+        }
+        b.connect()
             .await
             .with_context(|| format!("connect to the management service at {}", ms.join(",")))
     }
@@ -113,7 +122,12 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let ctx = Ctx { ms: cli.ms, cluster_file: cli.cluster.unwrap_or_else(default_cluster_file), json: cli.json };
+    let ctx = Ctx {
+        ms: cli.ms,
+        cluster_file: cli.cluster.unwrap_or_else(default_cluster_file),
+        json: cli.json,
+        max_clock_skew: cli.max_clock_skew,
+    };
     let r = match cli.cmd {
         Cmd::Dev(c) => dev::run(&ctx, c).await,
         Cmd::System(c) => admin::system(&ctx, c).await,
@@ -133,6 +147,14 @@ async fn main() {
 
 async fn ping(addr: &str) -> anyhow::Result<()> {
     let r = shoal_client::ServerClient::tcp(addr).ping().await?;
-    println!("{addr}: shoal-server {} with {} targets, epoch {}", r.version, r.targets, r.epoch);
+    let rank = r.rank.map_or("not joined".to_string(), |r| format!("rank {r}"));
+    println!(
+        "{addr}: shoal-server {} ({rank}) with {} targets, epoch {}; frame memory {} of {} in use",
+        r.version,
+        r.targets,
+        r.epoch,
+        bytesize::ByteSize::b(r.frame_in_use),
+        bytesize::ByteSize::b(r.frame_budget)
+    );
     Ok(())
 }
