@@ -101,9 +101,7 @@ impl Ctx {
         if let Some(skew) = self.max_clock_skew {
             b = b.max_clock_skew(skew);
         }
-        b.connect()
-            .await
-            .with_context(|| format!("connect to the management service at {}", ms.join(",")))
+        b.connect().await.with_context(|| format!("connect to the management service at {}", ms.join(",")))
     }
 }
 
