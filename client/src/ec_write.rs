@@ -187,7 +187,10 @@ impl Object {
                     codec: &*codec,
                 };
                 match w.send(s0, s1, epoch).await {
-                    WriteOutcome::Done => return Ok(epoch),
+                    WriteOutcome::Done => {
+                        self.mark_stable(st, group, Some(dkey), epoch);
+                        return Ok(epoch);
+                    }
                     WriteOutcome::Conflict => self.cont.pool.client.inner.count_conflict(),
                     WriteOutcome::Failed(e) => return Err(e),
                 }

@@ -77,6 +77,7 @@ pub(crate) fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
         ShoalError::Timeout(m) => ShoalError::Timeout(format!("{at}: {m}")),
         ShoalError::Io(m) => ShoalError::Io(format!("{at}: {m}")),
         ShoalError::Checksum(m) => ShoalError::Checksum(format!("{at}: {m}")),
+        ShoalError::Damaged(m) => ShoalError::Damaged(format!("{at}: {m}")),
         other => other,
     }
 }
@@ -92,15 +93,15 @@ pub(crate) enum WriteOutcome {
 impl WriteOutcome {
     /// Folds per-shard write results. A conflict anywhere means the whole
     /// write goes again (shards that took it get the newer version too), and
-    /// so does a value a target refused because its checksum failed on the
-    /// way (nothing of it was stored); any other error ends the write.
+    /// so does a value a target refused as damaged on the way (nothing of it
+    /// was stored); any other error ends the write.
     pub(crate) fn of<T>(results: Vec<Result<T>>, mut ok: impl FnMut(T)) -> WriteOutcome {
         let mut conflict = false;
         let mut failed = None;
         for r in results {
             match r {
                 Ok(v) => ok(v),
-                Err(ShoalError::Conflict { .. } | ShoalError::Checksum(_)) => conflict = true,
+                Err(ShoalError::Conflict { .. } | ShoalError::Damaged(_)) => conflict = true,
                 Err(e) => {
                     failed.get_or_insert(e);
                 }
@@ -118,7 +119,7 @@ impl WriteOutcome {
 /// them before it takes its next epoch.
 pub(crate) fn conflict_clock<T>(obj: &Object, results: &[Result<T>]) {
     for r in results {
-        if let Err(ShoalError::Checksum(_)) = r {
+        if let Err(ShoalError::Damaged(_)) = r {
             obj.cont.pool.client.inner.count_checksum_error();
         }
         if let Err(ShoalError::Conflict { server_now, .. }) = r {
@@ -386,6 +387,33 @@ impl Object {
         self.cont.pool.client.inner.epoch().await
     }
 
+    /// Tells `shards` that the write or punch at `epoch` of `dkey` (`None`:
+    /// the whole object) reached all of them, so that aggregation of EC
+    /// cells may remove what it covers. In the background: a mark that is
+    /// lost only delays reclaim.
+    pub(crate) fn mark_stable(&self, st: &PoolState, shards: &[Shard], dkey: Option<&[u8]>, epoch: Epoch) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (obj, st, shards, dkey) = (self.clone(), st.clone(), shards.to_vec(), dkey.map(<[u8]>::to_vec));
+        rt.spawn(async move {
+            let futs = shards.iter().map(|s| {
+                let req = shoal_common::msg::StableReq {
+                    pool: st.info.uuid,
+                    rank: s.rank,
+                    target: s.target,
+                    cont: obj.cont.info.uuid,
+                    oid: obj.oid,
+                    dkey: dkey.clone(),
+                    epoch,
+                };
+                let (obj, st) = (&obj, &st);
+                async move {
+                    let _ = obj.rpc(st, s, &req, vec![]).await;
+                }
+            });
+            join_all(futs).await;
+        });
+    }
+
     /// Runs `send(epoch)` with a fresh epoch until no target answers with
     /// a conflict: a target that holds a version as new as the epoch
     /// refuses, the client observes the target's clock (in `send`'s
@@ -586,7 +614,7 @@ impl Object {
             };
             let st = &st;
             let shards = &shards;
-            self.blind_write(|epoch| async move {
+            let epoch = self.blind_write(|epoch| async move {
                 let futs = shards.iter().map(|s| {
                     let req = PunchReq {
                         pool: st.info.uuid,
@@ -604,7 +632,11 @@ impl Object {
                 conflict_clock(self, &results);
                 WriteOutcome::of(results, |(r, _)| self.observe(r.now))
             })
-            .await
+            .await?;
+            if self.ec_geometry().is_some() {
+                self.mark_stable(st, shards, dkey, epoch);
+            }
+            Ok(epoch)
         })
         .await
     }

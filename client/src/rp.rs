@@ -30,6 +30,9 @@ pub(crate) fn no_copy(oid: Oid, what: &str, errors: Vec<ShoalError>) -> ShoalErr
         Some(ShoalError::Checksum(_)) if errors.iter().all(|e| matches!(e, ShoalError::Checksum(_))) => {
             ShoalError::Checksum(format!("object {oid}: no replica could {what}: {}", why.join("; ")))
         }
+        Some(ShoalError::Damaged(_)) => {
+            ShoalError::Damaged(format!("object {oid}: no replica could {what}: {}", why.join("; ")))
+        }
         Some(ShoalError::NotFound(m)) if errors.len() == 1 => ShoalError::NotFound(m.clone()),
         Some(ShoalError::InvalidArgument(m)) => ShoalError::InvalidArgument(m.clone()),
         Some(ShoalError::Io(_)) if errors.iter().all(|e| matches!(e, ShoalError::Io(_))) => {
@@ -60,7 +63,7 @@ impl Object {
                 let r = async {
                     let (r, segs) = self.rpc(st, s, &req, vec![]).await?;
                     checked(self, r, &segs, iods.len()).map(|values| (values, segs)).map_err(|e| {
-                        damaged |= matches!(e, ShoalError::Checksum(_));
+                        damaged |= matches!(e, ShoalError::Damaged(_));
                         crate::object::with_shard(e, s)
                     })
                 }

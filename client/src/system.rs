@@ -72,6 +72,20 @@ pub(crate) struct Inner {
     skew_refusal: Option<String>,
     checksum_errors: AtomicU64,
     conflict_retries: AtomicU64,
+    /// This client's id for its clock-tag lease.
+    owner: u128,
+    /// Until when (on this host's monotonic clock) the tag is this client's.
+    lease_until: Mutex<std::time::Instant>,
+    /// Renews the tag lease in the background while the client lives.
+    renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(t) = self.renewer.lock().expect("lock").take() {
+            t.abort();
+        }
+    }
 }
 
 impl Inner {
@@ -82,12 +96,37 @@ impl Inner {
         if let Some(why) = &self.skew_refusal {
             return Err(ShoalError::invalid(why.clone()));
         }
+        if std::time::Instant::now() >= *self.lease_until.lock().expect("lock") {
+            // The tag may be someone else's by now: get a lease (maybe on a
+            // new tag) before stamping anything with it.
+            self.hello().await.map_err(|e| {
+                ShoalError::Unreachable(format!(
+                    "this client's clock tag lease lapsed and the management service cannot renew it: {e}"
+                ))
+            })?;
+        }
         loop {
             if let Some(e) = self.hlc.try_now((self.clock)()) {
                 return Ok(e);
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// Says hello to the MS: takes (or renews) the clock tag lease and
+    /// observes the MS's clock. Returns the MS's wall clock and this host's
+    /// before and after.
+    async fn hello(&self) -> Result<(u64, u64, u64)> {
+        let started = std::time::Instant::now();
+        let renew = (self.hlc.tag() != 0).then_some(self.hlc.tag() as u16);
+        let sent = (self.clock)();
+        let hello = ms_call(self, &ClientHelloReq { owner: self.owner, renew }).await?;
+        let back = (self.clock)();
+        self.hlc.set_tag(hello.tag as u64);
+        self.hlc.observe(hello.now);
+        // The lease runs from when the request left, less a margin.
+        *self.lease_until.lock().expect("lock") = started + Duration::from_millis(hello.lease_ms * 2 / 3);
+        Ok((hello.wall_ns, sent, back))
     }
 
     /// Moves this client's clock past a server's.
@@ -232,18 +271,24 @@ impl ClientBuilder {
             skew_refusal: None,
             checksum_errors: AtomicU64::new(0),
             conflict_retries: AtomicU64::new(0),
+            owner: {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u64(wall_ns());
+                let a = h.finish();
+                h.write_u64(a);
+                ((a as u128) << 64) | h.finish() as u128
+            },
+            lease_until: Mutex::new(std::time::Instant::now()),
+            renewer: Mutex::new(None),
         };
-        let sent = (inner.clock)();
-        let hello = ms_call(&inner, &ClientHelloReq {}).await?;
-        let back = (inner.clock)();
-        inner.hlc.set_tag(hello.tag as u64);
-        inner.hlc.observe(hello.now);
+        let (ms_wall, sent, back) = inner.hello().await?;
         // The service read its clock somewhere between `sent` and `back`.
         let (lo, hi) = (sent.min(back), sent.max(back));
-        let off = if hello.wall_ns > hi {
-            Some((hello.wall_ns - hi, "behind"))
-        } else if hello.wall_ns < lo {
-            Some((lo - hello.wall_ns, "ahead of"))
+        let off = if ms_wall > hi {
+            Some((ms_wall - hi, "behind"))
+        } else if ms_wall < lo {
+            Some((lo - ms_wall, "ahead of"))
         } else {
             None
         };
@@ -259,7 +304,21 @@ impl ClientBuilder {
                 inner.skew_refusal = Some(why);
             }
         }
-        Ok(Client { inner: Arc::new(inner) })
+        let inner = Arc::new(inner);
+        // Renews the tag lease while the client lives (a third of the lease
+        // apart); a client that cannot renew in time refuses to write.
+        let weak = Arc::downgrade(&inner);
+        let renewer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = inner.hello().await {
+                    tracing::warn!("cannot renew this client's clock tag lease: {e}");
+                }
+            }
+        });
+        *inner.renewer.lock().expect("lock") = Some(renewer);
+        Ok(Client { inner })
     }
 }
 

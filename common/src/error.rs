@@ -58,6 +58,11 @@ pub enum ShoalError {
     /// update).
     #[error("conflict: {message}")]
     Conflict { server_now: u64, message: String },
+    /// A value arrived with a checksum that does not match its bytes (it
+    /// was damaged on the way, or in the receiver's memory); nothing of it
+    /// was stored. Sending it again may succeed.
+    #[error("damaged in transit: {0}")]
+    Damaged(String),
 }
 
 impl ShoalError {
@@ -88,6 +93,7 @@ impl ShoalError {
             ShoalError::Busy(_) => 12,
             ShoalError::Internal(_) => 13,
             ShoalError::Conflict { .. } => 14,
+            ShoalError::Damaged(_) => 15,
         }
     }
 
@@ -100,6 +106,7 @@ impl ShoalError {
                 | ShoalError::Unreachable(_)
                 | ShoalError::Busy(_)
                 | ShoalError::Conflict { .. }
+                | ShoalError::Damaged(_)
         )
     }
 
@@ -123,7 +130,8 @@ impl ShoalError {
             | ShoalError::Unreachable(m)
             | ShoalError::Busy(m)
             | ShoalError::Internal(m)
-            | ShoalError::Conflict { message: m, .. } => m.clone(),
+            | ShoalError::Conflict { message: m, .. }
+            | ShoalError::Damaged(m) => m.clone(),
             ShoalError::StaleMap { .. } | ShoalError::Poisoned(_) => String::new(),
         };
         WireError { code: self.code(), a, b, message }
@@ -148,6 +156,7 @@ impl ShoalError {
             12 => ShoalError::Busy(m),
             13 => ShoalError::Internal(m),
             14 => ShoalError::Conflict { server_now: ((w.a as u64) << 32) | w.b as u64, message: m },
+            15 => ShoalError::Damaged(m),
             other => ShoalError::Internal(format!("unknown error code {other}: {m}")),
         }
     }
@@ -184,6 +193,7 @@ mod tests {
             ShoalError::Busy("x".into()),
             ShoalError::Internal("x".into()),
             ShoalError::Conflict { server_now: 0x1234_5678_9abc_def0, message: "x".into() },
+            ShoalError::Damaged("x".into()),
         ];
         for e in all {
             assert_eq!(ShoalError::from_wire(e.to_wire()), e);

@@ -21,6 +21,3 @@ pub const MAX_IODS: usize = 1024;
 pub const MAX_LIST: u32 = 4096;
 /// Largest record size of an array value, in bytes.
 pub const MAX_REC_SIZE: u32 = 1 << 20;
-/// Bytes a fetch of one single value is assumed to return when a server
-/// reserves memory for the reply (values are usually far smaller).
-pub const MAX_INLINE_FETCH: u64 = 64 << 10;

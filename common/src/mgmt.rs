@@ -134,6 +134,9 @@ pub struct HeartbeatReq {
     pub period_ms: u32,
     /// How many destroyed containers the sender already knows of.
     pub tombstones_seen: u64,
+    /// The sender's wall clock (ns since the Unix epoch): the MS refuses
+    /// the heartbeat of a server whose clock is too far off its own.
+    pub wall_ns: u64,
 }
 
 /// The current pool-map versions, so servers can refuse stale clients.
@@ -147,15 +150,24 @@ pub struct HeartbeatReply {
     pub tombstone_count: u64,
 }
 
-/// A client introduces itself: it gets a clock tag that no other client
-/// alive at the same time has, and the management service's clock.
+/// A client introduces itself (or renews its lease): it gets a clock tag
+/// that no other client holds while its lease runs, and the management
+/// service's clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientHelloReq {}
+pub struct ClientHelloReq {
+    /// A random id the client keeps for its lifetime.
+    pub owner: u128,
+    /// The tag it holds and wants to keep, if any.
+    pub renew: Option<u16>,
+}
 
-/// A client's clock tag and the service's clock.
+/// A client's clock tag, its lease, and the service's clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientHelloReply {
     pub tag: u16,
+    /// How long the tag is the client's (milliseconds from the request);
+    /// the client renews it well before, and writes nothing once it lapsed.
+    pub lease_ms: u64,
     /// The service's hybrid clock.
     pub now: crate::hlc::Epoch,
     /// The service's wall clock (ns since the Unix epoch), so a client can

@@ -31,6 +31,7 @@ pub enum Opcode {
     TargetQuery = 6,
     StripeLock = 7,
     StripeUnlock = 8,
+    MarkStable = 9,
     SysJoin = 20,
     SysHeartbeat = 21,
     SysQuery = 22,
@@ -59,6 +60,7 @@ impl Opcode {
             6 => Opcode::TargetQuery,
             7 => Opcode::StripeLock,
             8 => Opcode::StripeUnlock,
+            9 => Opcode::MarkStable,
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
@@ -418,7 +420,7 @@ impl FetchReply {
         }
         for (i, (seg, crc)) in segments.iter().zip(&self.crcs).enumerate() {
             if crc32c::crc32c(seg) != *crc {
-                return Err(ShoalError::Checksum(format!(
+                return Err(ShoalError::Damaged(format!(
                     "value {i} of a fetch reply ({} bytes) arrived with a bad crc32c",
                     seg.len()
                 )));
@@ -610,6 +612,46 @@ impl Rpc for StripeUnlockReq {
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_stripes(segments, &self.dkey, &self.stripes)
+    }
+}
+
+/// Tells a target that the write (or punch) at `epoch` of `dkey` (`None`:
+/// a punch of the whole object) reached every shard of its group, as the
+/// writer saw. For EC objects, aggregation may then remove what it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StableReq {
+    pub pool: PoolId,
+    pub rank: u32,
+    pub target: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Option<Vec<u8>>,
+    pub epoch: Epoch,
+}
+
+impl Rpc for StableReq {
+    const OP: Opcode = Opcode::MarkStable;
+    type Reply = ();
+
+    fn rank(&self) -> Option<u32> {
+        (self.rank != ANY_RANK).then_some(self.rank)
+    }
+
+    fn pool(&self) -> Option<PoolId> {
+        (self.pool != PoolId(0)).then_some(self.pool)
+    }
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a stable mark carries no data segments"));
+        }
+        if let Some(d) = &self.dkey {
+            check_key("dkey", d)?;
+        }
+        if self.epoch == 0 || self.epoch == crate::EPOCH_MAX {
+            return Err(ShoalError::invalid("a stable mark's epoch must be between 1 and EPOCH_MAX"));
+        }
+        Ok(())
     }
 }
 

@@ -203,6 +203,8 @@ pub struct TcpTransport {
     /// Peers whose last connect attempt timed out, and until when calls to
     /// them fail at once instead of waiting for another connect timeout.
     silent: Mutex<HashMap<String, Instant>>,
+    /// Liveness probes per peer.
+    probers: Mutex<HashMap<String, Arc<Prober>>>,
 }
 
 /// How long a peer that let a connect time out is not tried again.
@@ -222,7 +224,13 @@ impl TcpTransport {
     /// let transport = TcpTransport::new(opts);
     /// ```
     pub fn new(opts: TcpOptions) -> Self {
-        TcpTransport { opts, peers: Mutex::new(HashMap::new()), rr: AtomicUsize::new(0), silent: Mutex::default() }
+        TcpTransport {
+            opts,
+            peers: Mutex::new(HashMap::new()),
+            rr: AtomicUsize::new(0),
+            silent: Mutex::default(),
+            probers: Mutex::default(),
+        }
     }
 
     async fn conn(&self, addr: &str) -> Result<Arc<Conn>> {
@@ -254,7 +262,14 @@ impl TcpTransport {
         };
         self.silent.lock().expect("lock").remove(addr);
         tune(&stream);
-        let conn = Arc::new(spawn_client_conn(stream, addr.to_string()));
+        let prober = self
+            .probers
+            .lock()
+            .expect("lock")
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(Prober::new(addr)))
+            .clone();
+        let conn = Arc::new(spawn_client_conn(stream, addr.to_string(), prober));
         let mut peers = self.peers.lock().expect("lock");
         let list = peers.entry(addr.to_string()).or_default();
         list.push(conn.clone());
@@ -262,7 +277,65 @@ impl TcpTransport {
     }
 }
 
-fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
+/// Liveness probes of one peer, on a connection of their own.
+#[derive(Default)]
+struct Prober {
+    addr: String,
+    conn: tokio::sync::Mutex<Option<TcpStream>>,
+    /// When a probe last succeeded (ms since `base`), so concurrent
+    /// watchdogs of one peer share it.
+    ok_at: AtomicU64,
+    base: std::sync::OnceLock<Instant>,
+}
+
+impl Prober {
+    fn new(addr: &str) -> Prober {
+        let p = Prober { addr: addr.to_string(), ..Prober::default() };
+        let _ = p.base.set(Instant::now());
+        p
+    }
+
+    /// Whether the peer answers a ping within [`PING_TIMEOUT`].
+    async fn probe(&self) -> bool {
+        let base = *self.base.get().expect("set at creation");
+        let mut conn = self.conn.lock().await;
+        let fresh = ms_since(base).saturating_sub(self.ok_at.load(Ordering::Acquire));
+        if self.ok_at.load(Ordering::Acquire) > 0 && fresh < (PING_AFTER / 2).as_millis() as u64 {
+            return true;
+        }
+        let attempt = async {
+            if conn.is_none() {
+                let s = TcpStream::connect(&self.addr).await?;
+                tune(&s);
+                *conn = Some(s);
+            }
+            let s = conn.as_mut().expect("connected above");
+            let ping = Frame {
+                header: Header { flags: FLAG_PING, request_id: 1, ..Header::default() },
+                body: Bytes::new(),
+                segments: Vec::new(),
+            };
+            let head = ping.encode_head().map_err(std::io::Error::other)?;
+            s.write_all(&head).await?;
+            let mut reply = [0u8; shoal_common::wire::HEADER_LEN];
+            s.read_exact(&mut reply).await?;
+            let flags = reply[5];
+            Ok::<bool, std::io::Error>(flags & FLAG_PING != 0 && flags & FLAG_REPLY != 0)
+        };
+        match tokio::time::timeout(PING_TIMEOUT, attempt).await {
+            Ok(Ok(true)) => {
+                self.ok_at.store(ms_since(base).max(1), Ordering::Release);
+                true
+            }
+            _ => {
+                *conn = None;
+                false
+            }
+        }
+    }
+}
+
+fn spawn_client_conn(stream: TcpStream, addr: String, prober: Arc<Prober>) -> Conn {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Frame>(256);
     let pending: Pending = Arc::default();
@@ -317,46 +390,39 @@ fn spawn_client_conn(stream: TcpStream, addr: String) -> Conn {
             fail_all(why);
         })
     };
-    // Liveness: pings a peer that keeps callers waiting in silence, and
-    // closes the connection once it has been idle for long.
+    // Liveness: probes a peer that keeps callers waiting in silence (on
+    // its own connection, so a busy or back-pressured data connection is
+    // never taken for a dead peer), and closes this connection once it has
+    // been idle for long.
     let watchdog = {
-        let (pending, dead, tx, last_call) = (pending.clone(), dead.clone(), tx.clone(), last_call.clone());
+        let (pending, dead, last_call) = (pending.clone(), dead.clone(), last_call.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PING_AFTER / 2);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let ping_id = u64::MAX;
             loop {
                 tick.tick().await;
                 if dead.load(Ordering::Acquire) {
                     return;
                 }
                 let now = ms_since(base);
-                let waiting = !pending.lock().expect("lock").is_empty();
-                let heard = last_rx.load(Ordering::Acquire).max(last_call.load(Ordering::Acquire));
-                if !waiting {
-                    if now.saturating_sub(heard) >= IDLE_CLOSE.as_millis() as u64 {
-                        fail_all("closed after being idle".into());
-                        return;
+                {
+                    // Checked and marked under the lock that calls register
+                    // under, so a call either keeps the connection open or
+                    // sees it closed before it sends anything.
+                    let pending = pending.lock().expect("lock");
+                    if pending.is_empty() {
+                        let heard = last_rx.load(Ordering::Acquire).max(last_call.load(Ordering::Acquire));
+                        if now.saturating_sub(heard) >= IDLE_CLOSE.as_millis() as u64 {
+                            dead.store(true, Ordering::Release);
+                            return;
+                        }
+                        continue;
                     }
-                    continue;
                 }
                 if now.saturating_sub(last_rx.load(Ordering::Acquire)) < PING_AFTER.as_millis() as u64 {
                     continue;
                 }
-                let (ptx, prx) = oneshot::channel();
-                pending.lock().expect("lock").insert(ping_id, ptx);
-                let ping = Frame {
-                    header: Header { flags: FLAG_PING, request_id: ping_id, ..Header::default() },
-                    body: Bytes::new(),
-                    segments: Vec::new(),
-                };
-                let sent = tokio::time::timeout(PING_TIMEOUT, tx.send(ping)).await;
-                let answered = match sent {
-                    Ok(Ok(())) => matches!(tokio::time::timeout(PING_TIMEOUT, prx).await, Ok(Ok(Ok(_)))),
-                    _ => false,
-                };
-                pending.lock().expect("lock").remove(&ping_id);
-                if !answered && !dead.load(Ordering::Acquire) {
+                if !prober.probe().await && !dead.load(Ordering::Acquire) {
                     warn!("{addr}: no answer to a ping within {PING_TIMEOUT:?}; failing its calls");
                     fail_all(format!("peer stopped answering (no reply to a ping within {PING_TIMEOUT:?})"));
                     return;
@@ -445,7 +511,9 @@ async fn read_frame<R: AsyncRead + Unpin>(
         if held.is_none() {
             if let Some(b) = budget {
                 if let Some(total) = frame_len(buf)? {
-                    held = Some(b.take(total as u64).await);
+                    // A ping is tiny and answered at once: it takes nothing.
+                    let ping = buf[5] & FLAG_PING != 0;
+                    held = Some(if ping { b.take(0).await } else { b.take(total as u64).await });
                     if deadline.is_some() {
                         deadline = stall.map(|limit| tokio::time::Instant::now() + limit);
                     }
@@ -736,46 +804,50 @@ async fn serve_conn<H: Handler>(
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut dec = FrameDecoder;
     let budget = opts.budget.clone();
-    loop {
-        let idle = (inflight.available_permits() == MAX_INFLIGHT_PER_CONN).then_some(opts.idle_timeout);
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = read_frame(&mut rd, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT), Some(&budget), idle) => r,
-        };
-        let (frame, held) = match next {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e @ ShoalError::Timeout(_)) => {
-                debug!(%peer, "closing an idle connection: {e}");
-                break;
-            }
-            Err(e) => {
-                warn!(%peer, "closing connection: {e}");
-                break;
-            }
-        };
-        if frame.header.is_ping() && !frame.header.is_reply() {
-            // Answered here, ahead of every request, so that a busy server
-            // is never taken for a dead one.
-            let pong = Frame {
-                header: Header { flags: FLAG_PING | FLAG_REPLY, ..frame.header },
-                body: Bytes::new(),
-                segments: Vec::new(),
-            };
-            drop(held);
-            if tx.send(pong.into()).await.is_err() {
-                break;
-            }
-            continue;
-        }
-        if frame.header.is_reply() {
-            warn!(%peer, "closing connection: client sent a reply frame");
-            break;
-        }
+    'conn: loop {
+        // A request slot first, then the frame: a frame's budget is never
+        // held while waiting for a slot.
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
             p = inflight.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
+        let (frame, held) = loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break 'conn,
+                r = read_frame(&mut rd, &mut buf, &mut dec, Some(PARTIAL_FRAME_TIMEOUT), Some(&budget), Some(opts.idle_timeout)) => r,
+            };
+            match next {
+                Ok(Some((frame, held))) if frame.header.is_ping() && !frame.header.is_reply() => {
+                    // Answered here, ahead of every request, so that a busy
+                    // server is never taken for a dead one.
+                    let pong = Frame {
+                        header: Header { flags: FLAG_PING | FLAG_REPLY, ..frame.header },
+                        body: Bytes::new(),
+                        segments: Vec::new(),
+                    };
+                    drop(held);
+                    if tx.send(pong.into()).await.is_err() {
+                        break 'conn;
+                    }
+                }
+                Ok(Some(f)) => break f,
+                Ok(None) => break 'conn,
+                // Silent at a frame boundary: closed if nothing is in flight.
+                Err(ShoalError::Timeout(_)) if !tasks.is_empty() => {}
+                Err(e @ ShoalError::Timeout(_)) => {
+                    debug!(%peer, "closing an idle connection: {e}");
+                    break 'conn;
+                }
+                Err(e) => {
+                    warn!(%peer, "closing connection: {e}");
+                    break 'conn;
+                }
+            }
+        };
+        if frame.header.is_reply() {
+            warn!(%peer, "closing connection: client sent a reply frame");
+            break;
+        }
         let handler = handler.clone();
         let tx = tx.clone();
         let budget = budget.clone();

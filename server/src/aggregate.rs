@@ -22,6 +22,10 @@ pub async fn run(service: Arc<Service>, interval: Duration, delay: Duration, sto
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+        if let Some(why) = service.clock_fault() {
+            warn!("aggregation waits for this server's clock: {why}");
+            continue;
+        }
         let horizon = (wall_ns().saturating_sub(delay.as_nanos() as u64) >> LOGICAL_BITS) << LOGICAL_BITS;
         for store in service.stores() {
             let store = store.clone();

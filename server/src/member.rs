@@ -72,9 +72,11 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                 uuid: id.uuid,
                 period_ms: period.as_millis().min(u32::MAX as u128) as u32,
                 tombstones_seen,
+                wall_ns: shoal_common::hlc::wall_ns(),
             };
             match ask(&t, &ms, &hb).await {
                 Ok(r) => {
+                    service.set_clock_fault(None);
                     service.set_pool_versions(&r.pools);
                     if !r.tombstones.is_empty() {
                         match service.drop_containers(&r.tombstones).await {
@@ -86,6 +88,10 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                     }
                 }
                 Err(ShoalError::NotFound(_)) => continue 'outer,
+                Err(ShoalError::InvalidArgument(m)) if m.contains("clock") => {
+                    tracing::error!("{m}");
+                    service.set_clock_fault(Some(m));
+                }
                 Err(e) => warn!("heartbeat failed: {e}"),
             }
             tokio::select! {

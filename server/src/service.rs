@@ -30,7 +30,7 @@ use shoal_common::mgmt::{
 };
 use shoal_common::msg::{
     decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
-    StripeLockReq, StripeUnlockReq, TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
+    StableReq, StripeLockReq, StripeUnlockReq, TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
 };
 use shoal_common::wire::Frame;
 use shoal_common::{ContId, Epoch, Hlc, PoolId, Result, ShoalError};
@@ -68,6 +68,9 @@ pub struct Service {
     /// This server's rank once it has joined.
     rank: RwLock<Option<u32>>,
     locks: StripeLocks,
+    /// Why this server's clock cannot be trusted (the MS said so), if it
+    /// cannot: updates and punches are refused, aggregation waits.
+    clock_fault: RwLock<Option<String>>,
 }
 
 impl Service {
@@ -92,6 +95,7 @@ impl Service {
             pool_versions: RwLock::new(HashMap::new()),
             rank: RwLock::new(None),
             locks: StripeLocks::default(),
+            clock_fault: RwLock::new(None),
         }
     }
 
@@ -103,6 +107,16 @@ impl Service {
     /// Records this server's rank.
     pub fn set_rank(&self, rank: u32) {
         *self.rank.write().expect("lock") = Some(rank);
+    }
+
+    /// Records whether the MS found this server's clock too far off.
+    pub fn set_clock_fault(&self, why: Option<String>) {
+        *self.clock_fault.write().expect("lock") = why;
+    }
+
+    /// Why this server's clock cannot be trusted now, if so.
+    pub fn clock_fault(&self) -> Option<String> {
+        self.clock_fault.read().expect("lock").clone()
     }
 
     /// This server's clock now.
@@ -194,6 +208,9 @@ impl Service {
     }
 
     fn check_epoch(&self, epoch: Epoch) -> Result<()> {
+        if let Some(why) = self.clock_fault() {
+            return Err(ShoalError::invalid(why));
+        }
         let now = wall_ns();
         let limit = now + self.max_skew.as_nanos() as u64;
         if epoch_to_ns(epoch) > limit {
@@ -240,6 +257,15 @@ impl Service {
             Opcode::List => self.run::<ListReq, _>(&frame, |s, r, _| s.list(r)).await,
             Opcode::TargetQuery => self.run::<TargetQueryReq, _>(&frame, |s, r, _| s.target_query(r)).await,
             Opcode::StripeLock => self.run::<StripeLockReq, _>(&frame, |s, r, _| s.stripe_lock(r)).await,
+            Opcode::MarkStable => {
+                self.run::<StableReq, _>(&frame, |s, r, _| async move {
+                    let store = s.store(r.target)?;
+                    tokio::task::spawn_blocking(move || store.mark_stable(r.cont, r.oid, r.dkey.as_deref(), r.epoch))
+                        .await
+                        .map_err(|e| ShoalError::Internal(format!("stable mark task: {e}")))?
+                })
+                .await
+            }
             Opcode::StripeUnlock => {
                 self.run::<StripeUnlockReq, _>(&frame, |s, r, _| async move {
                     s.locks.unlock(r.cont, r.oid, &r.dkey, &r.stripes, r.owner);
@@ -335,14 +361,14 @@ impl Service {
                 return Err(ShoalError::NotFound(format!("container {} was destroyed", req.cont)));
             }
             // The reply's memory comes from the frame budget before it is
-            // read (single values count at their cap).
-            let want: u64 = req
-                .iods
-                .iter()
-                .map(|i| i.kind.array_bytes().unwrap_or(shoal_common::limits::MAX_INLINE_FETCH))
-                .sum::<u64>()
-                .min(MAX_SEGMENT as u64);
-            let held = self.budget.take(want).await;
+            // read (single values at their stored size).
+            let want = {
+                let (store, req) = (store.clone(), req.clone());
+                tokio::task::spawn_blocking(move || store.fetch_size(req.cont, req.oid, &req.dkey, req.epoch, &req.iods))
+                    .await
+                    .map_err(|e| ShoalError::Internal(format!("fetch task: {e}")))??
+            };
+            let held = self.budget.take(want.min(MAX_SEGMENT as u64)).await;
             let span =
                 tracing::debug_span!("fetch", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
             let r = tokio::task::spawn_blocking(move || {

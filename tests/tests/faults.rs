@@ -363,3 +363,41 @@ async fn old_versions_and_destroyed_containers_give_their_space_back() {
     let r = b.write(0, Bytes::from_static(b"late")).await;
     assert!(matches!(r, Err(ShoalError::NotFound(_))), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_coded_rewrites_give_their_space_back_once_confirmed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster =
+        TestCluster::start_with(tmp.path(), 3, 1, &["--aggregation-delay", "1s", "--aggregation-interval", "1s"])
+            .await
+            .unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let cont = container(&client, "c", "EC_2P1G1").await;
+    let used = || async {
+        let mut total = 0;
+        for s in &cluster.servers {
+            total += s.client().target_query(0).await.unwrap().data_bytes;
+        }
+        total
+    };
+    let a = cont.array_create(None, None).await.unwrap();
+    for i in 0..20u64 {
+        a.write(0, Bytes::from(pattern(i, 1 << 20))).await.unwrap();
+    }
+    let before = used().await;
+    assert!(before >= 20 * (3 << 19), "{before}");
+    // Every write reached all three cells and was marked stable, so all but
+    // the newest stripe version go.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = used().await;
+        if now < 4 << 20 {
+            eprintln!("EC data files: {before} bytes before aggregation, {now} after");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {now} bytes in data files");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.read(0, 1 << 20).await.unwrap() == pattern(19, 1 << 20)[..]);
+}

@@ -31,6 +31,10 @@ use state::{Command, MsState, Outcome};
 /// periods, if longer) is reported unresponsive.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A server whose clock is further than this off the MS's is told so at
+/// every heartbeat, and refuses writes until its clock is fixed.
+pub const SERVER_CLOCK_SKEW: Duration = Duration::from_secs(5);
+
 /// Most destroyed containers one heartbeat reply names.
 const TOMBSTONES_PER_HEARTBEAT: usize = 1024;
 
@@ -127,6 +131,16 @@ impl Ms {
         })?;
         let period = Duration::from_millis(req.period_ms as u64);
         self.heartbeats.lock().expect("lock").insert(req.rank, (Instant::now(), period));
+        let mine = shoal_common::hlc::wall_ns();
+        let off = Duration::from_nanos(mine.abs_diff(req.wall_ns));
+        if off > SERVER_CLOCK_SKEW {
+            let how = if req.wall_ns > mine { "ahead of" } else { "behind" };
+            return Err(ShoalError::invalid(format!(
+                "rank {}'s clock is {off:.1?} {how} the management service's (at most {SERVER_CLOCK_SKEW:?}); \
+                 it refuses writes until time sync (NTP, chrony) fixes it",
+                req.rank
+            )));
+        }
         self.read(|s| {
             let seen = (req.tombstones_seen as usize).min(s.tombstones.len());
             Ok(HeartbeatReply {
@@ -138,9 +152,11 @@ impl Ms {
     }
 
     /// Gives a client its clock tag.
-    pub fn client_hello(&self, _req: ClientHelloReq, now: Epoch) -> Result<ClientHelloReply> {
-        match self.propose(Command::ClientHello)? {
-            Outcome::ClientTag(tag) => Ok(ClientHelloReply { tag, now, wall_ns: shoal_common::hlc::wall_ns() }),
+    pub fn client_hello(&self, req: ClientHelloReq, now: Epoch) -> Result<ClientHelloReply> {
+        let wall_ns = shoal_common::hlc::wall_ns();
+        let cmd = Command::ClientHello { owner: req.owner, renew: req.renew, now_ms: wall_ns / 1_000_000 };
+        match self.propose(cmd)? {
+            Outcome::ClientTag(tag) => Ok(ClientHelloReply { tag, lease_ms: state::TAG_LEASE_MS, now, wall_ns }),
             o => Err(ShoalError::Internal(format!("client hello produced {o:?}"))),
         }
     }
@@ -319,7 +335,7 @@ mod fixture {
 
     fn sample_v2() -> MsState {
         let mut s = sample();
-        s.apply(&Command::ClientHello).unwrap();
+        s.apply(&Command::ClientHello { owner: 77, renew: None, now_ms: 1000 }).unwrap();
         s.apply(&Command::ContDestroy { pool: PoolId(5), cont: ContId(6) }).unwrap();
         s
     }

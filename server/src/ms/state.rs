@@ -46,8 +46,9 @@ pub enum Command {
         cont: ContId,
         count: u64,
     },
-    /// A client asks for a clock tag.
-    ClientHello,
+    /// A client asks for a clock tag (or renews its lease on one), at the
+    /// MS's time `now_ms`.
+    ClientHello { owner: u128, renew: Option<u16>, now_ms: u64 },
 }
 
 /// What applying a command produced.
@@ -95,6 +96,16 @@ pub const FIRST_USER_SEQ: u128 = 16;
 /// is the servers').
 pub const MAX_CLIENT_TAG: u64 = (1 << shoal_common::hlc::TAG_BITS) - 1;
 
+/// How long a client holds its clock tag without renewing it.
+pub const TAG_LEASE_MS: u64 = 60_000;
+
+/// Who holds a clock tag, and until when (MS time, ms since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagLease {
+    pub owner: u128,
+    pub until_ms: u64,
+}
+
 /// The whole MS state (format 2).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsState {
@@ -102,9 +113,12 @@ pub struct MsState {
     pub pools: BTreeMap<PoolId, PoolRec>,
     /// Index of the last applied log entry.
     pub applied: u64,
-    /// Clients that have said hello: the next one gets tag
-    /// `1 + clients % MAX_CLIENT_TAG`.
+    /// Clients that have been given a tag so far; the search for a free tag
+    /// starts at `1 + clients % MAX_CLIENT_TAG`.
     pub clients: u64,
+    /// Clock tags held by clients, with their leases: a tag is never handed
+    /// to a second client while its lease runs.
+    pub tags: BTreeMap<u16, TagLease>,
     /// Destroyed containers, in order of destruction: servers learn of
     /// them from heartbeats, refuse their writes and give back their space.
     pub tombstones: Vec<ContId>,
@@ -123,7 +137,14 @@ impl MsStateV1 {
     /// The same state in the current format: no client has a tag yet and
     /// no destroyed container is remembered.
     pub fn migrate(self) -> MsState {
-        MsState { members: self.members, pools: self.pools, applied: self.applied, clients: 0, tombstones: Vec::new() }
+        MsState {
+            members: self.members,
+            pools: self.pools,
+            applied: self.applied,
+            clients: 0,
+            tags: BTreeMap::new(),
+            tombstones: Vec::new(),
+        }
     }
 }
 
@@ -186,10 +207,28 @@ impl MsState {
                 self.tombstones.push(*cont);
                 Ok(Outcome::Cont(info))
             }
-            Command::ClientHello => {
-                let tag = 1 + self.clients % MAX_CLIENT_TAG;
+            Command::ClientHello { owner, renew, now_ms } => {
+                let until_ms = now_ms + TAG_LEASE_MS;
+                if let Some(t) = renew {
+                    if let Some(l) = self.tags.get_mut(t) {
+                        if l.owner == *owner {
+                            l.until_ms = until_ms;
+                            return Ok(Outcome::ClientTag(*t));
+                        }
+                    }
+                }
+                let start = self.clients % MAX_CLIENT_TAG;
+                let free = (0..MAX_CLIENT_TAG)
+                    .map(|i| (1 + (start + i) % MAX_CLIENT_TAG) as u16)
+                    .find(|t| self.tags.get(t).is_none_or(|l| l.until_ms <= *now_ms));
+                let Some(tag) = free else {
+                    return Err(ShoalError::Busy(format!(
+                        "all {MAX_CLIENT_TAG} client clock tags are leased; try again when clients have gone"
+                    )));
+                };
+                self.tags.insert(tag, TagLease { owner: *owner, until_ms });
                 self.clients += 1;
-                Ok(Outcome::ClientTag(tag as u16))
+                Ok(Outcome::ClientTag(tag))
             }
             Command::OidAlloc { pool, cont, count } => {
                 let c = self
@@ -426,14 +465,32 @@ mod tests {
     }
 
     #[test]
-    fn clients_alive_together_get_different_clock_tags() {
+    fn clients_alive_together_never_share_a_clock_tag() {
         let mut s = MsState::default();
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..MAX_CLIENT_TAG {
-            let Outcome::ClientTag(t) = s.apply(&Command::ClientHello).unwrap() else { panic!() };
+        let hello = |s: &mut MsState, owner: u128, renew: Option<u16>, now_ms: u64| {
+            match s.apply(&Command::ClientHello { owner, renew, now_ms }) {
+                Ok(Outcome::ClientTag(t)) => Ok(t),
+                Ok(o) => panic!("{o:?}"),
+                Err(e) => Err(e),
+            }
+        };
+        // A long-lived client keeps its tag by renewing it...
+        let old = hello(&mut s, 1, None, 0).unwrap();
+        let mut seen = std::collections::HashSet::from([old]);
+        for i in 0..MAX_CLIENT_TAG - 1 {
+            let t = hello(&mut s, 100 + i as u128, None, 1000).unwrap();
             assert!(t != 0, "tag 0 is the servers'");
-            assert!(seen.insert(t), "tag {t} handed out twice among {MAX_CLIENT_TAG} clients");
+            assert!(seen.insert(t), "tag {t} handed out twice");
         }
+        assert_eq!(hello(&mut s, 1, Some(old), 2000).unwrap(), old);
+        // ...and while every lease runs, nobody else gets one.
+        assert!(matches!(hello(&mut s, 9999, None, 3000), Err(ShoalError::Busy(_))));
+        // Leases that lapse free their tags; the renewed one stays taken.
+        let t = hello(&mut s, 9999, None, 1000 + TAG_LEASE_MS).unwrap();
+        assert_ne!(t, old);
+        // Renewing someone else's tag gets a fresh one instead.
+        let other = hello(&mut s, 5, Some(old), 1000 + TAG_LEASE_MS).unwrap();
+        assert_ne!(other, old);
     }
 
     #[test]

@@ -11,10 +11,15 @@
 //! below the horizon is removed. Versions above the horizon are never
 //! touched, and the newest version of any value is never removed.
 //!
-//! EC objects keep one more layer: the versions visible just below each
-//! version kept, so a reader that finds a stripe whose newest write reached
-//! fewer than k cells (a failed write) can still read the stripe as it was
-//! before it.
+//! EC cells are different: a reader that finds a stripe whose newest write
+//! (or punch) reached fewer than k cells reads the stripe as it was before
+//! it, so what lies beneath an unconfirmed version must stay. A client that
+//! saw a write or punch reach every cell of its group marks its epoch
+//! *stable* on those shards ([`TargetStore::mark_stable`]); for EC objects a
+//! version goes only when, at every byte, a newer stable version at or
+//! below the horizon covers it, or a stable punch hides it. A writer that
+//! died before marking leaves its versions (and what they cover) in place
+//! until a later stable write covers them.
 //!
 //! Order of a removal: the record deletions are committed with a synced
 //! write, then the holes are punched in the data files. A crash between the
@@ -34,7 +39,7 @@ use super::keys::{self, BUCKET_BYTES, TAG_EXTENT, TAG_SINGLE};
 use super::pieces::Pieces;
 use super::read::View;
 use super::record::{Location, Record};
-use super::{io_err, Mutation, TargetStore, CF_OBJECTS, CF_PUNCHES, CF_VALUES};
+use super::{io_err, Mutation, TargetStore, CF_META, CF_OBJECTS, CF_PUNCHES, CF_VALUES};
 
 /// Deletions committed per synced batch.
 const DELETES_PER_BATCH: usize = 4096;
@@ -107,48 +112,18 @@ impl TargetStore {
         self.check_poison()?;
         let _one = self.shared.reclaim.lock().expect("lock");
         let full = self.shared.dirty_overflow.swap(false, Ordering::AcqRel);
-        let dirty: Vec<(Vec<u8>, Epoch)> = {
+        let prefixes: Vec<Vec<u8>> = {
             let mut d = self.shared.dirty.lock().expect("lock");
-            let all: Vec<(Vec<u8>, Epoch)> =
-                if full { Vec::new() } else { d.iter().map(|(k, e)| (k.clone(), *e)).collect() };
-            // Akeys whose newest write is past the horizon may have more to
+            let all: Vec<Vec<u8>> = if full { vec![Vec::new()] } else { d.keys().cloned().collect() };
+            // Keys whose newest change is past the horizon may have more to
             // remove later: they stay for the next pass.
             d.retain(|_, e| *e > horizon);
             all
         };
         let mut r =
             Reclaim { store: self, batch: WriteBatch::default(), n: 0, holes: Vec::new(), stats: AggStats::default() };
-        if full {
-            let view = View::new(&self.db, &self.files, self.id);
-            let mut it = view.iter(CF_VALUES);
-            it.seek_to_first();
-            let mut last: Option<Vec<u8>> = None;
-            let mut akps = Vec::new();
-            while let Some(k) = it.key() {
-                if let Some(akp) = akey_prefix_of(k) {
-                    if last.as_deref() != Some(akp) {
-                        last = Some(akp.to_vec());
-                        akps.push(akp.to_vec());
-                    }
-                    // Skip the rest of this akey's versions.
-                    match keys::prefix_successor(akp) {
-                        Some(next) => it.seek(&next),
-                        None => break,
-                    }
-                } else {
-                    it.next();
-                }
-            }
-            it.status().map_err(|e| io_err("scan values", e))?;
-            drop(it);
-            drop(view);
-            for akp in akps {
-                self.aggregate_akey(&akp, horizon, &mut r)?;
-            }
-        } else {
-            for (akp, _) in dirty {
-                self.aggregate_akey(&akp, horizon, &mut r)?;
-            }
+        for prefix in prefixes {
+            self.for_each_akey(&prefix, |akp| self.aggregate_akey(akp, horizon, &mut r))?;
         }
         r.commit()?;
         debug!(
@@ -163,23 +138,63 @@ impl TargetStore {
         Ok(r.stats)
     }
 
+    /// Calls `f` with every akey prefix under `prefix` (an object, dkey or
+    /// akey prefix, or empty for all), a page at a time so that memory
+    /// stays small however many there are.
+    fn for_each_akey(&self, prefix: &[u8], mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let mut cursor = prefix.to_vec();
+        loop {
+            let mut page = Vec::new();
+            {
+                let view = View::new(&self.db, &self.files, self.id);
+                let mut it = view.iter(CF_VALUES);
+                it.seek(&cursor);
+                while let Some(k) = it.key() {
+                    if !k.starts_with(prefix) || page.len() >= 256 {
+                        break;
+                    }
+                    match akey_prefix_of(k) {
+                        Some(akp) => {
+                            page.push(akp.to_vec());
+                            // Skip the rest of this akey's versions.
+                            match keys::prefix_successor(akp) {
+                                Some(next) => it.seek(&next),
+                                None => break,
+                            }
+                        }
+                        None => it.next(),
+                    }
+                }
+                it.status().map_err(|e| io_err("scan values", e))?;
+            }
+            let Some(last) = page.last() else { return Ok(()) };
+            let next = keys::prefix_successor(last);
+            for akp in &page {
+                f(akp)?;
+            }
+            match next {
+                Some(n) if page.len() >= 256 => cursor = n,
+                _ => return Ok(()),
+            }
+        }
+    }
+
     fn aggregate_akey(&self, akp: &[u8], horizon: Epoch, r: &mut Reclaim<'_>) -> Result<()> {
         r.stats.akeys += 1;
         let Some((cont, oid, dkey, akey)) = split_akey_prefix(akp) else { return Ok(()) };
         let ec = matches!(oid_class(oid).map(|c| c.redundancy), Some(Redundancy::Ec { .. }));
         let view = View::new(&self.db, &self.files, self.id);
-        let floor = view.punch_floor(
-            &[
-                keys::punch_prefix(cont, oid, None, None),
-                keys::punch_prefix(cont, oid, Some(&dkey), None),
-                keys::punch_prefix(cont, oid, Some(&dkey), Some(&akey)),
-            ],
-            horizon,
-        )?;
-        // Single values: newest first.
+        let punch_prefixes = [
+            keys::punch_prefix(cont, oid, None, None),
+            keys::punch_prefix(cont, oid, Some(&dkey), None),
+            keys::punch_prefix(cont, oid, Some(&dkey), Some(&akey)),
+        ];
+        let floor = view.punch_floor(&punch_prefixes, horizon)?;
+        // Single values (replicated for every class): newest first; the
+        // newest visible at the horizon stays, older ones go.
         let mut sp = akp.to_vec();
         sp.push(TAG_SINGLE);
-        let mut kept = 0;
+        let mut kept = false;
         let mut doomed = Vec::new();
         {
             let mut it = view.iter(CF_VALUES);
@@ -190,17 +205,52 @@ impl TargetStore {
                 }
                 let e = keys::epoch_suffix(k).unwrap_or(0);
                 if e <= horizon {
-                    let visible = e > floor && kept < if ec { 2 } else { 1 };
-                    if visible {
-                        kept += 1;
+                    if e > floor && !kept {
+                        kept = true;
                     } else {
                         doomed.push((k.to_vec(), Record::decode(v)?));
                     }
                 }
                 it.next();
+                if doomed.len() >= DELETES_PER_BATCH {
+                    for (k, rec) in doomed.drain(..) {
+                        r.delete(&k, &rec)?;
+                    }
+                }
             }
             it.status().map_err(|e| io_err("scan values", e))?;
         }
+        for (k, rec) in doomed.drain(..) {
+            r.delete(&k, &rec)?;
+        }
+        // EC cells: only versions covered by a newer *stable* version (one
+        // the writer confirmed reached every cell) or hidden by a stable
+        // punch may go; a reader whose newest version of a stripe reached
+        // fewer than k cells reads beneath it, so nothing beneath an
+        // unconfirmed version is removed.
+        let stable = if ec { self.stable_epochs(&view, cont, oid, &dkey, horizon)? } else { Default::default() };
+        let stable_floor = if ec {
+            let mut f = 0;
+            for p in &punch_prefixes {
+                // The newest stable punch at or below the horizon.
+                let mut it = view.iter(super::CF_PUNCHES);
+                it.seek(keys::with_epoch(p, horizon));
+                while let Some(k) = it.key() {
+                    if k.len() != p.len() + 8 || !k.starts_with(p) {
+                        break;
+                    }
+                    let e = keys::epoch_suffix(k).unwrap_or(0);
+                    if stable.contains(&e) {
+                        f = f.max(e);
+                        break;
+                    }
+                    it.next();
+                }
+            }
+            f
+        } else {
+            floor
+        };
         // Extents: bucket by bucket.
         let mut ep = akp.to_vec();
         ep.push(TAG_EXTENT);
@@ -224,33 +274,86 @@ impl TargetStore {
         };
         for bucket in buckets {
             let (s, e) = (bucket * BUCKET_BYTES, bucket.saturating_mul(BUCKET_BYTES).saturating_add(BUCKET_BYTES));
-            let visible_at_horizon = |skip: &std::collections::HashSet<(u64, Epoch)>| -> Result<Pieces> {
-                let mut p = Pieces::new(s, e);
-                view.scan_extents(akp, s, e, |ep, start, raw| {
-                    if ep <= horizon && ep > floor && !skip.contains(&(start, ep)) {
-                        p.offer(start, Record::decode(raw)?, ep);
-                    }
-                    Ok(())
-                })?;
-                Ok(p)
-            };
-            let mut keep: std::collections::HashSet<(u64, Epoch)> =
-                visible_at_horizon(&Default::default())?.winners().collect();
-            if ec {
-                let beneath: Vec<(u64, Epoch)> = visible_at_horizon(&keep)?.winners().collect();
-                keep.extend(beneath);
-            }
+            // The versions that cover: all visible ones for replicated
+            // classes, the stable ones for EC.
+            let mut cover = Pieces::new(s, e);
             view.scan_extents(akp, s, e, |ep, start, raw| {
-                if ep <= horizon && !keep.contains(&(start, ep)) {
-                    doomed.push((keys::extent_key(akp, start, ep), Record::decode(raw)?));
+                if ep <= horizon && ep > stable_floor && (!ec || stable.contains(&ep)) {
+                    cover.offer(start, Record::decode(raw)?, ep);
                 }
                 Ok(())
             })?;
+            let winners: std::collections::HashSet<(u64, Epoch)> = cover.winners().collect();
+            view.scan_extents(akp, s, e, |ep, start, raw| {
+                if ep > horizon {
+                    return Ok(());
+                }
+                let rec = Record::decode(raw)?;
+                let gone = if ep <= stable_floor {
+                    true
+                } else if ec {
+                    cover.covered_newer(start, start + rec.len, ep)
+                } else {
+                    !winners.contains(&(start, ep))
+                };
+                if gone {
+                    doomed.push((keys::extent_key(akp, start, ep), rec));
+                }
+                Ok(())
+            })?;
+            for (k, rec) in doomed.drain(..) {
+                r.delete(&k, &rec)?;
+            }
         }
-        drop(view);
-        for (k, rec) in doomed {
-            r.delete(&k, &rec)?;
+        Ok(())
+    }
+
+    /// The epochs at or below `horizon` whose writes (or punches) of the
+    /// dkey, or of the whole object, their writers confirmed complete.
+    fn stable_epochs(
+        &self,
+        view: &View<'_>,
+        cont: ContId,
+        oid: Oid,
+        dkey: &[u8],
+        horizon: Epoch,
+    ) -> Result<std::collections::HashSet<Epoch>> {
+        let mut out = std::collections::HashSet::new();
+        for p in [keys::stable_prefix(cont, oid, Some(dkey)), keys::stable_prefix(cont, oid, None)] {
+            let mut it = view.iter(CF_META);
+            it.seek(&p);
+            while let Some(k) = it.key() {
+                if k.len() != p.len() + 8 || !k.starts_with(&p) {
+                    break;
+                }
+                let e = u64::from_be_bytes(k[p.len()..].try_into().expect("8 bytes"));
+                if e > horizon {
+                    break;
+                }
+                out.insert(e);
+                it.next();
+            }
+            it.status().map_err(|e| io_err("read stable marks", e))?;
         }
+        Ok(out)
+    }
+
+    /// Records that the write or punch at `epoch` of `dkey` (or of the
+    /// whole object) reached every shard of its group, as its writer saw:
+    /// aggregation of EC cells may then remove what it covers.
+    pub fn mark_stable(&self, cont: ContId, oid: Oid, dkey: Option<&[u8]>, epoch: Epoch) -> Result<()> {
+        self.check_poison()?;
+        let mut k = keys::stable_prefix(cont, oid, dkey);
+        k.extend_from_slice(&epoch.to_be_bytes());
+        // Not synced: a mark lost in a crash only delays reclaim.
+        self.db.put_cf(self.db.cf_handle(CF_META).expect("cf"), k, []).map_err(|e| io_err("write a stable mark", e))?;
+        let prefix = match dkey {
+            Some(d) => keys::dkey_prefix(cont, oid, d),
+            None => keys::obj_prefix(cont, oid),
+        };
+        let mut dirty = self.shared.dirty.lock().expect("lock");
+        let d = dirty.entry(prefix).or_default();
+        *d = (*d).max(epoch);
         Ok(())
     }
 
@@ -265,33 +368,56 @@ impl TargetStore {
         let end = keys::prefix_successor(&prefix).unwrap_or_else(|| vec![0xff; 17]);
         let mut r =
             Reclaim { store: self, batch: WriteBatch::default(), n: 0, holes: Vec::new(), stats: AggStats::default() };
-        {
-            let view = View::new(&self.db, &self.files, self.id);
-            let mut it = view.iter(CF_VALUES);
-            it.seek(&prefix);
-            while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                if !k.starts_with(&prefix) {
-                    break;
+        // Values a page at a time: each page's keys are deleted by range and
+        // its extents given back before the next page is read.
+        let mut from = prefix.clone();
+        loop {
+            let mut upto = None;
+            let mut n = 0;
+            {
+                let view = View::new(&self.db, &self.files, self.id);
+                let mut it = view.iter(CF_VALUES);
+                it.seek(&from);
+                while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    if !k.starts_with(&prefix) {
+                        break;
+                    }
+                    if n >= DELETES_PER_BATCH {
+                        upto = Some(k.to_vec());
+                        break;
+                    }
+                    let rec = Record::decode(v)?;
+                    if let Location::External { file, offset } = rec.loc {
+                        r.holes.push((file, offset, rec.len));
+                        r.stats.freed_bytes += rec.len;
+                    }
+                    r.stats.removed += 1;
+                    n += 1;
+                    it.next();
                 }
-                let rec = Record::decode(v)?;
-                if let Location::External { file, offset } = rec.loc {
-                    r.holes.push((file, offset, rec.len));
-                    r.stats.freed_bytes += rec.len;
-                }
-                r.stats.removed += 1;
-                it.next();
+                it.status().map_err(|e| io_err("scan a destroyed container", e))?;
             }
-            it.status().map_err(|e| io_err("scan a destroyed container", e))?;
+            let to = upto.clone().unwrap_or_else(|| end.clone());
+            r.batch.delete_range_cf(self.db.cf_handle(CF_VALUES).expect("cf"), &from, &to);
+            r.n += 1;
+            r.commit()?;
+            match upto {
+                Some(k) => from = k,
+                None => break,
+            }
         }
-        if r.stats.removed == 0 {
-            return Ok(0);
-        }
-        for cf in [CF_VALUES, CF_PUNCHES, CF_OBJECTS] {
+        for cf in [CF_PUNCHES, CF_OBJECTS] {
             r.batch.delete_range_cf(self.db.cf_handle(cf).expect("cf"), &prefix, &end);
         }
-        r.n = 1;
+        let mut sp = keys::stable_prefix_of_cont(cont);
+        let send = keys::prefix_successor(&sp).unwrap_or_else(|| vec![0xff; 20]);
+        r.batch.delete_range_cf(self.db.cf_handle(CF_META).expect("cf"), &sp, &send);
+        sp.clear();
+        r.n += 1;
         r.commit()?;
-        info!(target_id = self.id, %cont, versions = r.stats.removed, freed = r.stats.freed_bytes, "dropped a destroyed container");
+        if r.stats.removed > 0 {
+            info!(target_id = self.id, %cont, versions = r.stats.removed, freed = r.stats.freed_bytes, "dropped a destroyed container");
+        }
         Ok(r.stats.freed_bytes)
     }
 }

@@ -18,7 +18,11 @@
 //!   dkey   = cont oid 'D' dklen dkey !epoch
 //!   akey   = cont oid 'A' dklen dkey aklen akey !epoch
 //! objects CF:
-//!   cont oid -> epoch of the last update (u64 BE), the object index
+//!   cont oid -> newest epoch of any update (u64 BE), the object index
+//! meta CF:
+//!   "hw" -> newest epoch committed (u64 BE)
+//!   "st" cont oid 'D' dklen dkey epoch(u64 BE) -> "" (a stable write of the dkey)
+//!   "st" cont oid 'O' epoch(u64 BE) -> "" (a stable punch of the object)
 //! ```
 
 use shoal_common::{ContId, Epoch, Oid};
@@ -90,6 +94,28 @@ pub fn punch_prefix(cont: ContId, oid: Oid, dkey: Option<&[u8]>, akey: Option<&[
             push_key(&mut k, a);
         }
     }
+    k
+}
+
+/// The prefix of the stable marks of a dkey (or, with `None`, of the whole
+/// object); the mark's key appends the epoch (u64 BE).
+pub fn stable_prefix(cont: ContId, oid: Oid, dkey: Option<&[u8]>) -> Vec<u8> {
+    let mut k = stable_prefix_of_cont(cont);
+    k.extend_from_slice(&oid.to_bytes());
+    match dkey {
+        Some(d) => {
+            k.push(b'D');
+            push_key(&mut k, d);
+        }
+        None => k.push(b'O'),
+    }
+    k
+}
+
+/// The prefix of every stable mark of a container.
+pub fn stable_prefix_of_cont(cont: ContId) -> Vec<u8> {
+    let mut k = b"st".to_vec();
+    k.extend_from_slice(&cont.to_bytes());
     k
 }
 

@@ -321,6 +321,13 @@ impl TargetStore {
         View::new(&self.db, &self.files, self.id).fetch(cont, oid, dkey, epoch, iods)
     }
 
+    /// Bytes a fetch of `iods` would return, from the records alone (a
+    /// newer version may land before the fetch runs).
+    pub fn fetch_size(&self, cont: ContId, oid: Oid, dkey: &[u8], epoch: Epoch, iods: &[FetchIod]) -> Result<u64> {
+        self.check_poison()?;
+        View::new(&self.db, &self.files, self.id).fetch_size(cont, oid, dkey, epoch, iods)
+    }
+
     /// Lists visible dkeys of an object (`dkey` = None) or akeys of one
     /// dkey as of `epoch`, after `anchor`, at most `limit` keys and about
     /// `max_bytes` of them, in (length, bytes) order. Returns the keys and
@@ -475,9 +482,16 @@ impl Writer {
                                 gs.dirty.push((keys::akey_prefix(*cont, *oid, dkey, &iod.akey), epoch));
                             }
                         }
-                        Mutation::Punch { .. } => {
+                        Mutation::Punch { cont, oid, dkey, akey, .. } => {
                             gs.touched.insert(obj);
                             gs.punched.insert(obj);
+                            // What the punch hides can be reclaimed.
+                            let prefix = match (dkey, akey) {
+                                (Some(d), Some(a)) => keys::akey_prefix(*cont, *oid, d, a),
+                                (Some(d), None) => keys::dkey_prefix(*cont, *oid, d),
+                                _ => keys::obj_prefix(*cont, *oid),
+                            };
+                            gs.dirty.push((prefix, epoch));
                         }
                         Mutation::Tombstone { .. } => {}
                     }
@@ -486,7 +500,8 @@ impl Writer {
                     if matches!(job.m, Mutation::Update { .. }) {
                         let stored = match gs.obj_hw.get(&obj) {
                             Some(e) => *e,
-                            None => self.object_hw(obj.0, obj.1).unwrap_or(0),
+                            // Read (and checked) by prepare just now.
+                            None => self.object_hw(obj.0, obj.1).unwrap_or(epoch),
                         };
                         gs.obj_hw.insert(obj, stored.max(epoch));
                     }
@@ -576,6 +591,9 @@ impl Writer {
             Mutation::Update { cont, oid, dkey, epoch, iods, data } => {
                 destroyed(cont)?;
                 check_update_overlap(iods)?;
+                // The object index must be readable: the group's commit
+                // raises it.
+                self.object_hw(*cont, *oid)?;
                 let need: u64 = data.iter().map(|d| d.len() as u64).sum::<u64>() + 4096 * iods.len() as u64;
                 if need.saturating_add(self.opts.reserve_bytes) > *free {
                     return Err(ShoalError::NoSpace(format!(
@@ -586,7 +604,25 @@ impl Writer {
                 let view = View::new(&self.db, &self.files, self.id);
                 for iod in iods {
                     let range = match iod.kind {
-                        ValueKind::MaxU64 => continue,
+                        ValueKind::MaxU64 => {
+                            // A max-u64 value is raised at the newest
+                            // version's epoch, but never under a punch.
+                            let floor = view.punch_floor(
+                                &[
+                                    keys::punch_prefix(*cont, *oid, None, None),
+                                    keys::punch_prefix(*cont, *oid, Some(dkey), None),
+                                    keys::punch_prefix(*cont, *oid, Some(dkey), Some(&iod.akey)),
+                                ],
+                                EPOCH_MAX,
+                            )?;
+                            if floor >= *epoch {
+                                return Err(conflict(
+                                    floor,
+                                    format!("object {oid} was punched at epoch {floor}, not older than the update at {epoch}"),
+                                ));
+                            }
+                            continue;
+                        }
                         ValueKind::Single => None,
                         ValueKind::Array { rec_size, start, nr } => {
                             Some((start * rec_size as u64, (start + nr) * rec_size as u64))
@@ -621,7 +657,7 @@ impl Writer {
                     let seg = &flip_bit_failpoint(seg);
                     let akp = keys::akey_prefix(*cont, *oid, dkey, &iod.akey);
                     let bad_crc = || {
-                        ShoalError::Checksum(format!(
+                        ShoalError::Damaged(format!(
                             "akey {:?} of object {oid} arrived with a bad crc32c; nothing was stored",
                             String::from_utf8_lossy(&iod.akey)
                         ))

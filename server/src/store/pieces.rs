@@ -131,6 +131,30 @@ impl Pieces {
         self.recs[&id].epoch
     }
 
+    /// Whether every byte of [start, end) within the range has a winner
+    /// newer than `epoch`.
+    pub fn covered_newer(&self, start: u64, end: u64, epoch: Epoch) -> bool {
+        let (a, b) = (start.max(self.s), end.min(self.e));
+        if a >= b {
+            return true;
+        }
+        let mut cursor = a;
+        let first = self.frags.range(..=a).next_back().map(|(&s, _)| s).unwrap_or(a);
+        for (&fs, &(fe, id)) in self.frags.range(first..b) {
+            if fe <= cursor {
+                continue;
+            }
+            if fs > cursor || self.recs[&id].epoch <= epoch {
+                return false;
+            }
+            cursor = fe;
+            if cursor >= b {
+                return true;
+            }
+        }
+        cursor >= b
+    }
+
     /// Every winner: (byte start, epoch) — the key of its stored version.
     pub fn winners(&self) -> impl Iterator<Item = (u64, Epoch)> + '_ {
         self.recs.values().map(|e| (e.start, e.epoch))
@@ -181,6 +205,18 @@ mod tests {
             let live: std::collections::HashSet<usize> = p.pieces().iter().map(|x| x.2).collect();
             prop_assert_eq!(live.len(), p.recs.len());
         }
+    }
+
+    #[test]
+    fn coverage_by_newer_winners() {
+        let mut p = Pieces::new(0, 100);
+        p.offer(10, rec(20), 5);
+        p.offer(30, rec(20), 7);
+        assert!(p.covered_newer(10, 50, 4));
+        assert!(!p.covered_newer(10, 50, 5), "bytes 10..30 are only as new as 5");
+        assert!(!p.covered_newer(5, 20, 1), "bytes 5..10 have no winner");
+        assert!(p.covered_newer(35, 45, 6));
+        assert!(p.covered_newer(200, 300, 9), "outside the range nothing needs covering");
     }
 
     #[test]

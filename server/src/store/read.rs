@@ -132,6 +132,29 @@ impl<'a> View<'a> {
         Ok((out, segs, crcs))
     }
 
+    /// Bytes a fetch of `iods` would return (array ranges in full, single
+    /// values at their stored length), read from the records alone.
+    pub fn fetch_size(&self, cont: ContId, oid: Oid, dkey: &[u8], epoch: Epoch, iods: &[FetchIod]) -> Result<u64> {
+        let mut total = 0u64;
+        for iod in iods {
+            total += match iod.kind.array_bytes() {
+                Some(n) => n,
+                None => {
+                    let akp = keys::akey_prefix(cont, oid, dkey, &iod.akey);
+                    let mut it = self.iter(CF_VALUES);
+                    it.seek(keys::single_key(&akp, epoch));
+                    match (it.key(), it.value()) {
+                        (Some(k), Some(v)) if k.len() == akp.len() + 9 && k.starts_with(&akp) && k[akp.len()] == keys::TAG_SINGLE => {
+                            Record::decode(v)?.len
+                        }
+                        _ => 0,
+                    }
+                }
+            };
+        }
+        Ok(total)
+    }
+
     /// The newest visible single value, if it is at most `room` bytes.
     pub fn fetch_single(&self, akp: &[u8], epoch: Epoch, floor: Epoch, room: u64) -> Result<(Fetched, Bytes, u32)> {
         let mut it = self.iter(CF_VALUES);

@@ -784,3 +784,40 @@ proptest! {
         prop_assert!(snapshot(&s) == before);
     }
 }
+
+#[test]
+fn ec_cells_are_aggregated_only_beneath_stable_versions() {
+    use shoal_common::oclass::{make_oid, ObjType};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 16);
+    let oid = make_oid(20, "EC_4P2G1".parse().unwrap(), ObjType::Array);
+    let put = |epoch: Epoch, byte: u8| {
+        let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 8192 };
+        let iods = vec![UpdateIod { akey: b"a".to_vec(), kind, crc: 0, cond: None }];
+        s.apply(Mutation::Update { cont: CONT, oid, dkey: b"d".to_vec(), epoch, iods, data: vec![Bytes::from(vec![byte; 8192])] })
+            .unwrap();
+    };
+    let read = |epoch: Epoch| {
+        let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 8192 };
+        let (f, d, _) = s.fetch(CONT, oid, b"d", epoch, &[FetchIod { akey: b"a".to_vec(), kind }]).unwrap();
+        (f[0].clone(), d[0].first().copied())
+    };
+    put(10, 1);
+    put(20, 2);
+    // A punch that reached only some cells (never marked stable).
+    s.apply(Mutation::Punch { cont: CONT, oid, epoch: 30, dkey: Some(b"d".to_vec()), akey: None }).unwrap();
+    s.aggregate(100).unwrap();
+    // A reader falling back beneath the punch still finds the last write.
+    assert_eq!(read(29).1, Some(2), "the version under an unconfirmed punch must stay");
+    assert_eq!(read(19).1, Some(1), "and so must what the unconfirmed write at 20 covers");
+    // Once write 20 is confirmed stable, what it covers may go.
+    s.mark_stable(CONT, oid, Some(b"d"), 20).unwrap();
+    let st = s.aggregate(100).unwrap();
+    assert_eq!(st.removed, 1, "{st:?}");
+    assert_eq!(read(29).1, Some(2));
+    // Once the punch is confirmed, everything beneath it goes.
+    s.mark_stable(CONT, oid, Some(b"d"), 30).unwrap();
+    let st = s.aggregate(100).unwrap();
+    assert_eq!(st.removed, 1, "{st:?}");
+    assert!(matches!(read(100).0, Fetched::Punched { epoch: 30 }));
+}
