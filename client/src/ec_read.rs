@@ -55,8 +55,9 @@ pub(crate) type StripeCells = Vec<(Epoch, Bytes)>;
 /// reach, or unreadable on that shard: a decode makes up for it) and
 /// returns any other error, such as a stale map, at once.
 fn usable<T>(results: Vec<Result<T>>) -> Result<Vec<Result<T>>> {
-    let lost =
-        |e: &ShoalError| shard_down(e) || matches!(e, ShoalError::Checksum(_) | ShoalError::Damaged(_) | ShoalError::Io(_));
+    let lost = |e: &ShoalError| {
+        shard_down(e) || matches!(e, ShoalError::Checksum(_) | ShoalError::Damaged(_) | ShoalError::Io(_))
+    };
     if let Some(Err(e)) = results.iter().find(|r| matches!(r, Err(e) if !lost(e))) {
         return Err(e.clone());
     }

@@ -614,25 +614,26 @@ impl Object {
             };
             let st = &st;
             let shards = &shards;
-            let epoch = self.blind_write(|epoch| async move {
-                let futs = shards.iter().map(|s| {
-                    let req = PunchReq {
-                        pool: st.info.uuid,
-                        rank: s.rank,
-                        target: s.target,
-                        cont: self.cont.info.uuid,
-                        oid: self.oid,
-                        epoch,
-                        dkey: dkey.map(<[u8]>::to_vec),
-                        akey: akey.map(<[u8]>::to_vec),
-                    };
-                    async move { self.rpc(st, s, &req, vec![]).await }
-                });
-                let results = join_all(futs).await;
-                conflict_clock(self, &results);
-                WriteOutcome::of(results, |(r, _)| self.observe(r.now))
-            })
-            .await?;
+            let epoch = self
+                .blind_write(|epoch| async move {
+                    let futs = shards.iter().map(|s| {
+                        let req = PunchReq {
+                            pool: st.info.uuid,
+                            rank: s.rank,
+                            target: s.target,
+                            cont: self.cont.info.uuid,
+                            oid: self.oid,
+                            epoch,
+                            dkey: dkey.map(<[u8]>::to_vec),
+                            akey: akey.map(<[u8]>::to_vec),
+                        };
+                        async move { self.rpc(st, s, &req, vec![]).await }
+                    });
+                    let results = join_all(futs).await;
+                    conflict_clock(self, &results);
+                    WriteOutcome::of(results, |(r, _)| self.observe(r.now))
+                })
+                .await?;
             if self.ec_geometry().is_some() {
                 self.mark_stable(st, shards, dkey, epoch);
             }

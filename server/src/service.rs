@@ -364,9 +364,11 @@ impl Service {
             // read (single values at their stored size).
             let want = {
                 let (store, req) = (store.clone(), req.clone());
-                tokio::task::spawn_blocking(move || store.fetch_size(req.cont, req.oid, &req.dkey, req.epoch, &req.iods))
-                    .await
-                    .map_err(|e| ShoalError::Internal(format!("fetch task: {e}")))??
+                tokio::task::spawn_blocking(move || {
+                    store.fetch_size(req.cont, req.oid, &req.dkey, req.epoch, &req.iods)
+                })
+                .await
+                .map_err(|e| ShoalError::Internal(format!("fetch task: {e}")))??
             };
             let held = self.budget.take(want.min(MAX_SEGMENT as u64)).await;
             let span =

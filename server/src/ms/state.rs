@@ -48,7 +48,11 @@ pub enum Command {
     },
     /// A client asks for a clock tag (or renews its lease on one), at the
     /// MS's time `now_ms`.
-    ClientHello { owner: u128, renew: Option<u16>, now_ms: u64 },
+    ClientHello {
+        owner: u128,
+        renew: Option<u16>,
+        now_ms: u64,
+    },
 }
 
 /// What applying a command produced.
@@ -467,12 +471,12 @@ mod tests {
     #[test]
     fn clients_alive_together_never_share_a_clock_tag() {
         let mut s = MsState::default();
-        let hello = |s: &mut MsState, owner: u128, renew: Option<u16>, now_ms: u64| {
-            match s.apply(&Command::ClientHello { owner, renew, now_ms }) {
-                Ok(Outcome::ClientTag(t)) => Ok(t),
-                Ok(o) => panic!("{o:?}"),
-                Err(e) => Err(e),
-            }
+        let hello = |s: &mut MsState, owner: u128, renew: Option<u16>, now_ms: u64| match s
+            .apply(&Command::ClientHello { owner, renew, now_ms })
+        {
+            Ok(Outcome::ClientTag(t)) => Ok(t),
+            Ok(o) => panic!("{o:?}"),
+            Err(e) => Err(e),
         };
         // A long-lived client keeps its tag by renewing it...
         let old = hello(&mut s, 1, None, 0).unwrap();

@@ -144,7 +144,9 @@ impl<'a> View<'a> {
                     let mut it = self.iter(CF_VALUES);
                     it.seek(keys::single_key(&akp, epoch));
                     match (it.key(), it.value()) {
-                        (Some(k), Some(v)) if k.len() == akp.len() + 9 && k.starts_with(&akp) && k[akp.len()] == keys::TAG_SINGLE => {
+                        (Some(k), Some(v))
+                            if k.len() == akp.len() + 9 && k.starts_with(&akp) && k[akp.len()] == keys::TAG_SINGLE =>
+                        {
                             Record::decode(v)?.len
                         }
                         _ => 0,

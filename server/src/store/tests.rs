@@ -794,8 +794,15 @@ fn ec_cells_are_aggregated_only_beneath_stable_versions() {
     let put = |epoch: Epoch, byte: u8| {
         let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 8192 };
         let iods = vec![UpdateIod { akey: b"a".to_vec(), kind, crc: 0, cond: None }];
-        s.apply(Mutation::Update { cont: CONT, oid, dkey: b"d".to_vec(), epoch, iods, data: vec![Bytes::from(vec![byte; 8192])] })
-            .unwrap();
+        s.apply(Mutation::Update {
+            cont: CONT,
+            oid,
+            dkey: b"d".to_vec(),
+            epoch,
+            iods,
+            data: vec![Bytes::from(vec![byte; 8192])],
+        })
+        .unwrap();
     };
     let read = |epoch: Epoch| {
         let kind = ValueKind::Array { rec_size: 1, start: 0, nr: 8192 };
