@@ -80,6 +80,20 @@ impl Opcode {
     }
 }
 
+/// The `rank()` and `pool()` of a request with `rank` and `pool` fields
+/// (`ANY_RANK` and `PoolId(0)` meaning "no check").
+macro_rules! addressed {
+    () => {
+        fn rank(&self) -> Option<u32> {
+            (self.rank != ANY_RANK).then_some(self.rank)
+        }
+
+        fn pool(&self) -> Option<PoolId> {
+            (self.pool != PoolId(0)).then_some(self.pool)
+        }
+    };
+}
+
 /// A request type: its opcode, reply type and validity check.
 pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
     const OP: Opcode;
@@ -280,13 +294,7 @@ impl Rpc for UpdateReq {
     const OP: Opcode = Opcode::Update;
     type Reply = UpdateReply;
 
-    fn rank(&self) -> Option<u32> {
-        (self.rank != ANY_RANK).then_some(self.rank)
-    }
-
-    fn pool(&self) -> Option<PoolId> {
-        (self.pool != PoolId(0)).then_some(self.pool)
-    }
+    addressed!();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_key("dkey", &self.dkey)?;
@@ -357,13 +365,7 @@ impl Rpc for FetchReq {
     const OP: Opcode = Opcode::Fetch;
     type Reply = FetchReply;
 
-    fn rank(&self) -> Option<u32> {
-        (self.rank != ANY_RANK).then_some(self.rank)
-    }
-
-    fn pool(&self) -> Option<PoolId> {
-        (self.pool != PoolId(0)).then_some(self.pool)
-    }
+    addressed!();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_key("dkey", &self.dkey)?;
@@ -451,13 +453,7 @@ impl Rpc for PunchReq {
     const OP: Opcode = Opcode::Punch;
     type Reply = UpdateReply;
 
-    fn rank(&self) -> Option<u32> {
-        (self.rank != ANY_RANK).then_some(self.rank)
-    }
-
-    fn pool(&self) -> Option<PoolId> {
-        (self.pool != PoolId(0)).then_some(self.pool)
-    }
+    addressed!();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         if !segments.is_empty() {
@@ -500,13 +496,7 @@ impl Rpc for ListReq {
     const OP: Opcode = Opcode::List;
     type Reply = ListReply;
 
-    fn rank(&self) -> Option<u32> {
-        (self.rank != ANY_RANK).then_some(self.rank)
-    }
-
-    fn pool(&self) -> Option<PoolId> {
-        (self.pool != PoolId(0)).then_some(self.pool)
-    }
+    addressed!();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         if !segments.is_empty() {
@@ -572,9 +562,7 @@ impl Rpc for StripeLockReq {
     const OP: Opcode = Opcode::StripeLock;
     type Reply = ();
 
-    fn rank(&self) -> Option<u32> {
-        (self.rank != ANY_RANK).then_some(self.rank)
-    }
+    addressed!();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_stripes(segments, &self.dkey, &self.stripes)?;
@@ -582,10 +570,6 @@ impl Rpc for StripeLockReq {
             return Err(ShoalError::invalid(format!("lock lease must be 1..={MAX_LOCK_LEASE_MS} ms")));
         }
         Ok(())
-    }
-
-    fn pool(&self) -> Option<PoolId> {
-        (self.pool != PoolId(0)).then_some(self.pool)
     }
 }
 
@@ -606,9 +590,7 @@ impl Rpc for StripeUnlockReq {
     const OP: Opcode = Opcode::StripeUnlock;
     type Reply = ();
 
-    fn rank(&self) -> Option<u32> {
-        (self.rank != ANY_RANK).then_some(self.rank)
-    }
+    addressed!();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_stripes(segments, &self.dkey, &self.stripes)
@@ -633,13 +615,7 @@ impl Rpc for StableReq {
     const OP: Opcode = Opcode::MarkStable;
     type Reply = ();
 
-    fn rank(&self) -> Option<u32> {
-        (self.rank != ANY_RANK).then_some(self.rank)
-    }
-
-    fn pool(&self) -> Option<PoolId> {
-        (self.pool != PoolId(0)).then_some(self.pool)
-    }
+    addressed!();
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         if !segments.is_empty() {

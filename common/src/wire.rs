@@ -146,10 +146,18 @@ impl Frame {
     }
 }
 
-/// The whole length of the frame whose header opens `buf`, once the header
-/// is there (`Ok(None)` before), after checking it as [`FrameDecoder::decode`]
-/// does; lets a receiver reserve memory for the frame before it reads it.
-pub fn frame_len(buf: &[u8]) -> Result<Option<usize>> {
+/// A checked frame header and the frame's whole length.
+struct Head {
+    header: Header,
+    body_len: u32,
+    nsegs: u16,
+    payload_len: u32,
+    total: usize,
+}
+
+/// Parses and checks the header that opens `buf` (`Ok(None)` while fewer
+/// than [`HEADER_LEN`] bytes are there).
+fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -159,17 +167,46 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>> {
     if magic != MAGIC {
         return Err(ShoalError::protocol(format!("bad magic {magic:02x?}")));
     }
-    h.advance(16);
+    let version = h.get_u8();
+    if version != WIRE_VERSION {
+        return Err(ShoalError::protocol(format!(
+            "unsupported protocol version {version} (this peer speaks {WIRE_VERSION})"
+        )));
+    }
+    let flags = h.get_u8();
+    if flags & !(FLAG_REPLY | FLAG_PING) != 0 {
+        return Err(ShoalError::protocol(format!("unknown flags {flags:#x}")));
+    }
+    let opcode = h.get_u16_le();
+    let request_id = h.get_u64_le();
+    let map_version = h.get_u32_le();
     let body_len = h.get_u32_le();
-    h.advance(16);
+    let token = h.get_u128_le();
     let nsegs = h.get_u16_le();
-    h.advance(2);
+    let reserved = h.get_u16_le();
     let payload_len = h.get_u32_le();
+    if reserved != 0 {
+        return Err(ShoalError::protocol("reserved header field is not zero"));
+    }
+    if body_len > MAX_BODY {
+        return Err(ShoalError::protocol(format!("body of {body_len} bytes exceeds {MAX_BODY}")));
+    }
+    if nsegs > MAX_SEGMENTS {
+        return Err(ShoalError::protocol(format!("{nsegs} segments exceed {MAX_SEGMENTS}")));
+    }
     let total = HEADER_LEN as u64 + 4 * nsegs as u64 + body_len as u64 + payload_len as u64;
     if total > MAX_FRAME as u64 {
         return Err(ShoalError::protocol(format!("frame of {total} bytes exceeds {MAX_FRAME}")));
     }
-    Ok(Some(total as usize))
+    let header = Header { flags, opcode, request_id, map_version, token };
+    Ok(Some(Head { header, body_len, nsegs, payload_len, total: total as usize }))
+}
+
+/// The whole length of the frame whose header opens `buf`, once the header
+/// is there (`Ok(None)` before), after checking it as [`FrameDecoder::decode`]
+/// does; lets a receiver reserve memory for the frame before it reads it.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>> {
+    Ok(parse_head(buf)?.map(|h| h.total))
 }
 
 /// Incremental frame decoder over a receive buffer.
@@ -184,47 +221,9 @@ impl FrameDecoder {
     /// the frame removed from `buf`, or an error for malformed input, after
     /// which the stream cannot be resynchronised and should be closed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>> {
-        if buf.len() < HEADER_LEN {
+        let Some(Head { header, body_len, nsegs, payload_len, total }) = parse_head(buf)? else {
             return Ok(None);
-        }
-        let mut h = &buf[..HEADER_LEN];
-        let mut magic = [0u8; 4];
-        h.copy_to_slice(&mut magic);
-        if magic != MAGIC {
-            return Err(ShoalError::protocol(format!("bad magic {magic:02x?}")));
-        }
-        let version = h.get_u8();
-        if version != WIRE_VERSION {
-            return Err(ShoalError::protocol(format!(
-                "unsupported protocol version {version} (this peer speaks {WIRE_VERSION})"
-            )));
-        }
-        let flags = h.get_u8();
-        if flags & !(FLAG_REPLY | FLAG_PING) != 0 {
-            return Err(ShoalError::protocol(format!("unknown flags {flags:#x}")));
-        }
-        let opcode = h.get_u16_le();
-        let request_id = h.get_u64_le();
-        let map_version = h.get_u32_le();
-        let body_len = h.get_u32_le();
-        let token = h.get_u128_le();
-        let nsegs = h.get_u16_le();
-        let reserved = h.get_u16_le();
-        let payload_len = h.get_u32_le();
-        if reserved != 0 {
-            return Err(ShoalError::protocol("reserved header field is not zero"));
-        }
-        if body_len > MAX_BODY {
-            return Err(ShoalError::protocol(format!("body of {body_len} bytes exceeds {MAX_BODY}")));
-        }
-        if nsegs > MAX_SEGMENTS {
-            return Err(ShoalError::protocol(format!("{nsegs} segments exceed {MAX_SEGMENTS}")));
-        }
-        let total = HEADER_LEN as u64 + 4 * nsegs as u64 + body_len as u64 + payload_len as u64;
-        if total > MAX_FRAME as u64 {
-            return Err(ShoalError::protocol(format!("frame of {total} bytes exceeds {MAX_FRAME}")));
-        }
-        let total = total as usize;
+        };
         if buf.len() < total {
             buf.reserve(total - buf.len());
             return Ok(None);
@@ -256,7 +255,7 @@ impl FrameDecoder {
                 s
             })
             .collect();
-        Ok(Some(Frame { header: Header { flags, opcode, request_id, map_version, token }, body, segments }))
+        Ok(Some(Frame { header, body, segments }))
     }
 }
 
