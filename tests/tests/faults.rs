@@ -37,14 +37,18 @@ async fn a_frozen_server_is_found_out_within_seconds() {
     let client = cluster.client().await.unwrap();
     client.pool_create("tank", vec![], 0).await.unwrap();
     let cont = container(&client, "c", "RP_3G1").await;
-    let kv = cont.kv_create(None).await.unwrap();
     // A key whose first replica is not on the MS's server (server 0).
     let ms_rank = client.system_query().await.unwrap().members.iter().find(|m| m.addr == cluster.ms()).unwrap().rank;
+    let key = b"key".to_vec();
+    let mut kv = cont.kv_create(None).await.unwrap();
+    for _ in 0..50 {
+        if kv.object().layout().unwrap().dkey_shards(&key)[0].rank != ms_rank {
+            break;
+        }
+        kv = cont.kv_create(None).await.unwrap();
+    }
     let layout = kv.object().layout().unwrap();
-    let key = (0..100u32)
-        .map(|i| format!("key-{i}").into_bytes())
-        .find(|k| layout.dkey_shards(k)[0].rank != ms_rank)
-        .unwrap();
+    assert_ne!(layout.dkey_shards(&key)[0].rank, ms_rank);
     kv.put(&key, Bytes::from_static(b"value")).await.unwrap();
     let victim = server_of(&cluster, &client, layout.dkey_shards(&key)[0].rank).await;
 
