@@ -69,7 +69,10 @@ fn usable<T>(results: Vec<Result<T>>) -> Result<Vec<Result<T>>> {
 /// of them (the rewrite's epoch must be past it).
 pub(crate) struct RmwBase {
     pub data: Bytes,
-    pub expected: Vec<Epoch>,
+    /// Per shard, the version it holds (`None`: it could not be read; its
+    /// rewrite is unconditional, and the conditions on the others protect
+    /// the stripe).
+    pub expected: Vec<Option<Epoch>>,
     pub newest: Epoch,
 }
 
@@ -240,12 +243,31 @@ impl Object {
         let fetched =
             join_all((0..n).map(|j| self.fetch_cells(st, group, j, cell, dkey, akey, s, s + 1, EPOCH_MAX))).await;
         let mut cells = Vec::with_capacity(n);
+        let mut out = Vec::new();
         for r in fetched {
-            // Every shard is rewritten, so every shard must answer.
-            cells.push(Some(r?.remove(0)));
+            match r {
+                Ok(mut v) => cells.push(Some(v.remove(0))),
+                // A shard out of reach (down, or a spare being rebuilt):
+                // the stripe decodes from the others, within rd_fac.
+                Err(e) if shard_down(&e) || matches!(e, ShoalError::Checksum(_) | ShoalError::Damaged(_)) => {
+                    out.push(e.to_string());
+                    cells.push(None);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let expected: Vec<Epoch> = cells.iter().flatten().map(|c| c.0).collect();
-        let newest = expected.iter().copied().max().unwrap_or(0);
+        if out.len() > self.spare_shards() {
+            return Err(ShoalError::Unreachable(format!(
+                "object {}: {} shards of stripe {s} of dkey {:?} are out of reach and the container survives only {}: {}",
+                self.oid(),
+                out.len(),
+                String::from_utf8_lossy(dkey),
+                self.spare_shards(),
+                out.join("; ")
+            )));
+        }
+        let expected: Vec<Option<Epoch>> = cells.iter().map(|c| c.as_ref().map(|c| c.0)).collect();
+        let newest = expected.iter().flatten().copied().max().unwrap_or(0);
         let data = match self.decode_newest(&cells, k as usize, p)? {
             Some(d) => d,
             // No version has k cells: the stripe as it was before the

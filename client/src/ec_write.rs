@@ -161,7 +161,11 @@ impl Object {
         let lock = if partial.is_empty() {
             None
         } else {
-            Some(StripeLock::take(self, st, group[0], dkey, partial.clone()).await?)
+            // At the group's first shard in service (every client with this
+            // map picks the same one; the conditions on the rewrite keep
+            // the stripe safe whatever the lock does).
+            let leader = group.iter().find(|s| s.available).copied().unwrap_or(group[0]);
+            Some(StripeLock::take(self, st, leader, dkey, partial.clone()).await?)
         };
         let work = async {
             for _ in 0..CONFLICT_RETRIES {
@@ -187,8 +191,11 @@ impl Object {
                     codec: &*codec,
                 };
                 match w.send(s0, s1, epoch).await {
-                    WriteOutcome::Done => {
-                        self.mark_stable(st, group, Some(dkey), epoch);
+                    WriteOutcome::Done(missed) => {
+                        if missed.is_empty() {
+                            self.mark_stable(st, group, Some(dkey), epoch);
+                        }
+                        self.record_missed(&missed).await?;
                         return Ok(epoch);
                     }
                     WriteOutcome::Conflict => self.cont.pool.client.inner.count_conflict(),
@@ -232,6 +239,7 @@ impl Stripes<'_> {
         let stripe = k as u64 * cell;
         let end = self.offset + self.data.len() as u64;
         let batch = stripes_per_request(cell, self.akey);
+        let mut missed = Vec::new();
         let mut s = s0;
         while s < s1 {
             let last = (s + batch).min(s1);
@@ -259,7 +267,7 @@ impl Stripes<'_> {
                 let kind = ValueKind::Array { rec_size: 1, start: st_no * cell, nr: cell };
                 for (j, c) in cells.into_iter().chain(parity.into_iter().map(Bytes::from)).enumerate() {
                     let mut iod = UpdateIod::new(self.akey, kind, &c);
-                    iod.cond = base.map(|b| b.expected[j]);
+                    iod.cond = base.and_then(|b| b.expected[j]);
                     per_shard[j].0.push(iod);
                     per_shard[j].1.push(c);
                 }
@@ -270,12 +278,12 @@ impl Stripes<'_> {
             });
             let results = join_all(futs).await;
             conflict_clock(self.obj, &results);
-            match WriteOutcome::of(results, |(r, _)| self.obj.observe(r.now)) {
-                WriteOutcome::Done => {}
-                other => return other,
+            let r = WriteOutcome::of(self.group, results, self.obj.spare_shards(), |(r, _)| self.obj.observe(r.now));
+            if let std::ops::ControlFlow::Break(other) = r.and_missed(&mut missed) {
+                return other;
             }
             s = last;
         }
-        WriteOutcome::Done
+        WriteOutcome::Done(missed)
     }
 }

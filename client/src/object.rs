@@ -85,7 +85,8 @@ pub(crate) fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
 /// What a group of per-shard results says about a write: done, sent again
 /// with a newer epoch (a shard held a version as new), or failed.
 pub(crate) enum WriteOutcome {
-    Done,
+    /// Every shard took it, but for the ranks listed (within rd_fac).
+    Done(Vec<u32>),
     Conflict,
     Failed(ShoalError),
 }
@@ -94,23 +95,56 @@ impl WriteOutcome {
     /// Folds per-shard write results. A conflict anywhere means the whole
     /// write goes again (shards that took it get the newer version too), and
     /// so does a value a target refused as damaged on the way (nothing of it
-    /// was stored); any other error ends the write.
-    pub(crate) fn of<T>(results: Vec<Result<T>>, mut ok: impl FnMut(T)) -> WriteOutcome {
+    /// was stored). Up to `spare` shards may be out of reach (down, or
+    /// failing as the write runs): the write is degraded but acknowledged,
+    /// its durable copies still meeting the container's rd_fac. Any other
+    /// error, or more shards out of reach, ends the write.
+    pub(crate) fn of<T>(
+        shards: &[Shard],
+        results: Vec<Result<T>>,
+        spare: usize,
+        mut ok: impl FnMut(T),
+    ) -> WriteOutcome {
         let mut conflict = false;
         let mut failed = None;
-        for r in results {
+        let mut out: Vec<ShoalError> = Vec::new();
+        let mut missed = Vec::new();
+        for (s, r) in shards.iter().zip(results) {
             match r {
                 Ok(v) => ok(v),
                 Err(ShoalError::Conflict { .. } | ShoalError::Damaged(_)) => conflict = true,
+                Err(e) if shard_down(&e) => {
+                    out.push(e);
+                    missed.push(s.rank);
+                }
                 Err(e) => {
                     failed.get_or_insert(e);
                 }
             }
         }
+        if failed.is_none() && out.len() > spare {
+            let why: Vec<String> = out.iter().map(ToString::to_string).collect();
+            failed = Some(ShoalError::Unreachable(format!(
+                "{} shards of the group are out of reach and the container survives only {spare}: {}",
+                out.len(),
+                why.join("; ")
+            )));
+        }
         match (failed, conflict) {
             (Some(e), _) => WriteOutcome::Failed(e),
             (None, true) => WriteOutcome::Conflict,
-            (None, false) => WriteOutcome::Done,
+            (None, false) => WriteOutcome::Done(missed),
+        }
+    }
+
+    /// Adds what an earlier part of the same write missed.
+    pub(crate) fn and_missed(self, earlier: &mut Vec<u32>) -> std::ops::ControlFlow<WriteOutcome> {
+        match self {
+            WriteOutcome::Done(m) => {
+                earlier.extend(m);
+                std::ops::ControlFlow::Continue(())
+            }
+            other => std::ops::ControlFlow::Break(other),
         }
     }
 }
@@ -321,9 +355,21 @@ impl Object {
         if !shard.available {
             return Err(ShoalError::Unreachable(format!("rank {} target {} is down", shard.rank, shard.target)));
         }
+        if !shard.readable && matches!(R::OP, shoal_common::msg::Opcode::Fetch | shoal_common::msg::Opcode::List) {
+            return Err(ShoalError::Unreachable(format!(
+                "rank {} target {} is a spare still being rebuilt",
+                shard.rank, shard.target
+            )));
+        }
         let addr = st.addr(shard)?;
         let c = &self.cont.pool.client.inner;
-        call(&c.transport, addr, req, segs, st.info.map.version, 0, c.timeout).await.map_err(|e| with_shard(e, shard))
+        let r = call(&c.transport, addr, req, segs, st.info.map.version, 0, c.timeout).await;
+        if let Err(ShoalError::Unreachable(_) | ShoalError::Timeout(_)) = &r {
+            // The MS hears of it: reports from several clients declare a
+            // server down even while it heartbeats.
+            c.report(shard.rank);
+        }
+        r.map_err(|e| with_shard(e, shard))
     }
 
     /// The shards of a group that hold single values (and, for S and RP,
@@ -377,6 +423,36 @@ impl Object {
         }
     }
 
+    /// Before a write that some shards missed is acknowledged, the MS
+    /// declares their ranks down (so that they serve nothing stale), and
+    /// this client learns the new pool map. A write whose misses cannot be
+    /// recorded is not acknowledged.
+    pub(crate) async fn record_missed(&self, missed: &[u32]) -> Result<()> {
+        if missed.is_empty() {
+            return Ok(());
+        }
+        let mut ranks = missed.to_vec();
+        ranks.sort_unstable();
+        ranks.dedup();
+        let inner = &self.cont.pool.client.inner;
+        for rank in ranks {
+            inner.report_missed_write(rank).await.map_err(|e| {
+                ShoalError::Unreachable(format!(
+                    "object {}: the write reached enough shards, but the management service could not be told that rank {rank} missed it ({e}); it is not acknowledged",
+                    self.oid
+                ))
+            })?;
+        }
+        self.cont.pool.refresh().await
+    }
+
+    /// How many shards of a group a write may miss and still be
+    /// acknowledged: the container's rd_fac (never more than the class
+    /// tolerates).
+    pub(crate) fn spare_shards(&self) -> usize {
+        self.cont.info.props.rd_fac.min(self.class.tolerated_failures()) as usize
+    }
+
     /// Moves this client's clock past a server's.
     pub(crate) fn observe(&self, server_now: Epoch) {
         self.cont.pool.client.inner.observe(server_now);
@@ -427,7 +503,10 @@ impl Object {
         for _ in 0..CONFLICT_RETRIES {
             let epoch = self.epoch().await?;
             match send(epoch).await {
-                WriteOutcome::Done => return Ok(epoch),
+                WriteOutcome::Done(missed) => {
+                    self.record_missed(&missed).await?;
+                    return Ok(epoch);
+                }
                 WriteOutcome::Conflict => self.cont.pool.client.inner.count_conflict(),
                 WriteOutcome::Failed(e) => return Err(e),
             }
@@ -455,7 +534,7 @@ impl Object {
         });
         let results = join_all(futs).await;
         conflict_clock(self, &results);
-        WriteOutcome::of(results, |(r, _)| self.observe(r.now))
+        WriteOutcome::of(shards, results, self.spare_shards(), |(r, _)| self.observe(r.now))
     }
 
     async fn update_value(&self, dkey: &[u8], akey: &[u8], kind: ValueKind, value: Bytes) -> Result<Epoch> {
@@ -631,7 +710,7 @@ impl Object {
                     });
                     let results = join_all(futs).await;
                     conflict_clock(self, &results);
-                    WriteOutcome::of(results, |(r, _)| self.observe(r.now))
+                    WriteOutcome::of(shards, results, self.spare_shards(), |(r, _)| self.observe(r.now))
                 })
                 .await?;
             if self.ec_geometry().is_some() {
@@ -773,8 +852,9 @@ impl Object {
                         let shards = self.value_shards(group);
                         let st = &st;
                         self.blind_write(|epoch| async move {
+                            let mut missed = Vec::new();
                             for (iod, piece) in pieces {
-                                match self
+                                let r = self
                                     .update_all(
                                         st,
                                         shards,
@@ -783,13 +863,12 @@ impl Object {
                                         std::slice::from_ref(iod),
                                         std::slice::from_ref(piece),
                                     )
-                                    .await
-                                {
-                                    WriteOutcome::Done => {}
-                                    other => return other,
+                                    .await;
+                                if let std::ops::ControlFlow::Break(other) = r.and_missed(&mut missed) {
+                                    return other;
                                 }
                             }
-                            WriteOutcome::Done
+                            WriteOutcome::Done(missed)
                         })
                         .await
                     }

@@ -129,6 +129,35 @@ impl Inner {
         Ok((hello.wall_ns, sent, back))
     }
 
+    /// Tells the MS that `rank` missed a write this client is about to
+    /// acknowledge; returns once the MS has declared it down.
+    pub async fn report_missed_write(&self, rank: u32) -> Result<()> {
+        let req =
+            shoal_common::mgmt::ReportReq { rank, reporter: format!("client-{:032x}", self.owner), missed_write: true };
+        ms_call(self, &req).await
+    }
+
+    /// Tells the MS, in the background, that calls to `rank` failed.
+    pub fn report(&self, rank: u32) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let (ms, transport_timeout) = (self.ms.clone(), self.timeout.min(Duration::from_secs(5)));
+        let req = shoal_common::mgmt::ReportReq {
+            rank,
+            reporter: format!("client-{:032x}", self.owner),
+            missed_write: false,
+        };
+        // A transport of its own: the report must not wait behind the
+        // calls that failed.
+        rt.spawn(async move {
+            let t = TcpTransport::default();
+            for addr in &ms {
+                if call(&t, addr, &req, vec![], 0, 0, transport_timeout).await.is_ok() {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Moves this client's clock past a server's.
     pub fn observe(&self, server_now: Epoch) {
         self.hlc.observe(server_now);
@@ -403,6 +432,21 @@ impl Client {
         ms_call(&self.inner, req).await
     }
 
+    /// Excludes a server from every pool now: its targets turn `DOWNOUT`
+    /// and its shards get spares. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// client.exclude(5).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn exclude(&self, rank: u32) -> Result<()> {
+        self.ms_call(&shoal_common::mgmt::ExcludeReq { rank }).await
+    }
+
     /// Every member of the system. Cancel safe.
     ///
     /// # Examples
@@ -513,7 +557,7 @@ impl Client {
     /// ```
     pub async fn pool_connect(&self, name: &str) -> Result<Pool> {
         let info = self.pool_query(name).await?;
-        let placement = Arc::new(Placement::new(&info.map));
+        let placement = Arc::new(info.placement());
         Ok(Pool {
             inner: Arc::new(PoolInner { client: self.clone(), state: RwLock::new(PoolState { info, placement }) }),
         })
@@ -557,7 +601,7 @@ impl PoolInner {
     pub async fn refresh(&self) -> Result<()> {
         let id = self.id();
         let info = self.client.pool_query(&id.to_string()).await?;
-        let placement = Arc::new(Placement::new(&info.map));
+        let placement = Arc::new(info.placement());
         *self.state.write().expect("pool lock") = PoolState { info, placement };
         Ok(())
     }

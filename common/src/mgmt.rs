@@ -74,6 +74,12 @@ pub enum MemberState {
     Joined,
     /// Joined, but silent for longer than the heartbeat timeout.
     Unresponsive,
+    /// Declared down: its targets are `DOWN` in every pool (writes go on
+    /// without them); excluded after the grace time.
+    Down,
+    /// Excluded: its targets are `DOWNOUT`; their shards are rebuilt on
+    /// other servers.
+    Excluded,
 }
 
 /// One server of the system.
@@ -148,6 +154,9 @@ pub struct HeartbeatReply {
     pub tombstones: Vec<ContId>,
     /// How many containers have been destroyed in all.
     pub tombstone_count: u64,
+    /// Pools in which the sender's targets are DOWN or DOWNOUT: it serves
+    /// them nothing (its copies may be stale) until it is reintegrated.
+    pub down_in: Vec<PoolId>,
 }
 
 /// A client introduces itself (or renews its lease): it gets a clock tag
@@ -177,6 +186,31 @@ pub struct ClientHelloReply {
 
 mgmt_rpc!(ClientHelloReq, ClientHello, ClientHelloReply);
 
+/// A client or server saw calls to `rank` fail (unreachable, timed out).
+/// Reports from several reporters declare the rank down even while it
+/// heartbeats the MS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportReq {
+    pub rank: u32,
+    /// Who reports (an address or a client id), so that one reporter
+    /// counts once.
+    pub reporter: String,
+    /// The reporter is about to acknowledge a write that this rank missed:
+    /// the rank is declared down at once (it must serve nothing stale), and
+    /// the reply comes once that is durable.
+    pub missed_write: bool,
+}
+
+mgmt_rpc!(ReportReq, SysReport, (), |req| { check_name("reporter", &req.reporter) });
+
+/// Excludes a rank from every pool now (an operator's decision).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExcludeReq {
+    pub rank: u32,
+}
+
+mgmt_rpc!(ExcludeReq, SysExclude, ());
+
 mgmt_rpc!(HeartbeatReq, SysHeartbeat, HeartbeatReply);
 
 /// Asks for the system membership.
@@ -201,6 +235,16 @@ pub struct PoolInfo {
     /// Address of every rank in the map.
     pub addrs: Vec<(u32, String)>,
     pub containers: u32,
+    /// Excluded targets (rank, index) whose shards are not rebuilt on their
+    /// spares yet: those spares take writes but serve no reads.
+    pub rebuilding: Vec<(u32, u32)>,
+}
+
+impl PoolInfo {
+    /// The placement of this pool's map, with unrebuilt spares unreadable.
+    pub fn placement(&self) -> crate::placement::Placement {
+        crate::placement::Placement::with_rebuilding(&self.map, &self.rebuilding)
+    }
 }
 
 /// Creates a pool over the given ranks (all joined ranks when empty),

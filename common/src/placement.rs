@@ -144,6 +144,9 @@ pub struct Shard {
     pub available: bool,
     /// The shard was remapped from a `DownOut` home.
     pub spare: bool,
+    /// Whether reads may use it: available, and not a spare whose shard is
+    /// still being rebuilt (it takes writes meanwhile).
+    pub readable: bool,
 }
 
 /// The shards of one object: `groups[g][i]` is shard `i` of group `g`.
@@ -170,7 +173,8 @@ struct Slot {
 
 impl Slot {
     fn shard(self, spare: bool) -> Shard {
-        Shard { rank: self.rank, target: self.target, available: self.state.is_available(), spare }
+        let available = self.state.is_available();
+        Shard { rank: self.rank, target: self.target, available, spare, readable: available }
     }
 }
 
@@ -182,6 +186,8 @@ pub struct Placement {
     version: u32,
     ring: Vec<Slot>,
     ring_ranks: usize,
+    /// Excluded targets whose shards are not rebuilt yet.
+    rebuilding: Vec<(u32, u32)>,
 }
 
 impl Placement {
@@ -198,7 +204,14 @@ impl Placement {
         ring.sort_by_key(|s| (s.target, s.rank));
         let mut ranks: Vec<u32> = ring.iter().map(|s| s.rank).collect();
         let ring_ranks = count_distinct(&mut ranks) as usize;
-        Placement { version: map.version, ring, ring_ranks }
+        Placement { version: map.version, ring, ring_ranks, rebuilding: Vec::new() }
+    }
+
+    /// The placement of `map` where the spares of the excluded targets in
+    /// `rebuilding` (rank, index) are not rebuilt yet: they take writes but
+    /// are not readable.
+    pub fn with_rebuilding(map: &PoolMap, rebuilding: &[(u32, u32)]) -> Self {
+        Placement { rebuilding: rebuilding.to_vec(), ..Placement::new(map) }
     }
 
     /// The version of the map this ring was built from.
@@ -264,7 +277,9 @@ impl Placement {
                     Some(pos) => {
                         spares.push(pos);
                         spare_ranks.push(self.ring[pos].rank);
-                        shards.push(self.ring[pos].shard(true));
+                        let mut sh = self.ring[pos].shard(true);
+                        sh.readable &= !self.rebuilding.contains(&(slot.rank, slot.target));
+                        shards.push(sh);
                     }
                     // Nowhere to go: the shard stays home and unavailable.
                     None => shards.push(slot.shard(false)),
@@ -425,8 +440,13 @@ mod tests {
             let mut spare_ranks: Vec<u32> = Vec::new();
             for i in 0..n {
                 let home = ring[group[i] % len];
-                let mut shard =
-                    Shard { rank: home.rank, target: home.index, available: home.state.is_available(), spare: false };
+                let mut shard = Shard {
+                    rank: home.rank,
+                    target: home.index,
+                    available: home.state.is_available(),
+                    spare: false,
+                    readable: home.state.is_available(),
+                };
                 if home.state == TargetState::DownOut {
                     for k in 1..=len {
                         let q = (last + k) % len;
@@ -438,7 +458,13 @@ mod tests {
                         }
                         used_spares.insert(q);
                         spare_ranks.push(t.rank);
-                        shard = Shard { rank: t.rank, target: t.index, available: t.state.is_available(), spare: true };
+                        shard = Shard {
+                            rank: t.rank,
+                            target: t.index,
+                            available: t.state.is_available(),
+                            spare: true,
+                            readable: t.state.is_available(),
+                        };
                         break;
                     }
                 }
@@ -613,13 +639,17 @@ mod tests {
 
         set_state(&mut map, victim.rank, victim.target, TargetState::Down);
         let down = layout(&map, ContId(9), oid, c).expect("fits");
-        assert_eq!(down.groups[0][1], Shard { available: false, ..victim });
+        assert_eq!(down.groups[0][1], Shard { available: false, readable: false, ..victim });
         check_layout(&map, c, &down);
 
         set_state(&mut map, victim.rank, victim.target, TargetState::DownOut);
         let out = layout(&map, ContId(9), oid, c).expect("fits");
         let moved = out.groups[0][1];
-        assert!(moved.spare && moved.available);
+        assert!(moved.spare && moved.available && moved.readable);
+        // While its shard is being rebuilt, a spare takes writes, not reads.
+        let rebuilding = Placement::with_rebuilding(&map, &[(victim.rank, victim.target)]);
+        let r = rebuilding.layout(ContId(9), oid, c).expect("fits").groups[0][1];
+        assert!(r.spare && r.available && !r.readable);
         assert_ne!((moved.rank, moved.target), (victim.rank, victim.target));
         check_layout(&map, c, &out);
         for (g, group) in before.groups.iter().enumerate() {

@@ -16,6 +16,8 @@
 //! frame_budget = "1GiB"        # request/reply frames held in memory at once
 //! aggregation_delay = "60s"    # history younger than this stays readable
 //! aggregation_interval = "10s" # how often old versions are removed
+//! down_after = "5s"            # MS: a server this silent is declared DOWN
+//! exclude_after = "30s"        # MS: a DOWN server is excluded after this
 //! ```
 
 use std::net::SocketAddr;
@@ -70,6 +72,14 @@ pub struct ServerConfig {
     /// How often each target aggregates (0s: never).
     #[serde(with = "humantime_serde")]
     pub aggregation_interval: std::time::Duration,
+    /// (MS) A server silent this long is declared DOWN: writes go on
+    /// without it.
+    #[serde(with = "humantime_serde")]
+    pub down_after: std::time::Duration,
+    /// (MS) A DOWN server is excluded (DOWNOUT) after this long, and its
+    /// shards are rebuilt elsewhere; a server back sooner is not.
+    #[serde(with = "humantime_serde")]
+    pub exclude_after: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +100,8 @@ impl Default for ServerConfig {
             frame_budget: ByteSize::gib(1),
             aggregation_delay: std::time::Duration::from_secs(60),
             aggregation_interval: std::time::Duration::from_secs(10),
+            down_after: std::time::Duration::from_secs(5),
+            exclude_after: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -155,6 +167,9 @@ impl ServerConfig {
                 self.frame_budget,
                 ByteSize::b(min_budget)
             );
+        }
+        if self.down_after < std::time::Duration::from_millis(500) {
+            bail!("config field `down_after`: {:?} is below 500ms", self.down_after);
         }
         if self.log_level.trim().is_empty() {
             bail!("config field `log_level` is empty");

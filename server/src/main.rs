@@ -48,6 +48,12 @@ struct Args {
     /// How often targets aggregate ("10s"; "0s": never).
     #[arg(long, value_parser = humantime::parse_duration)]
     aggregation_interval: Option<std::time::Duration>,
+    /// (MS) Silence after which a server is declared DOWN ("5s").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    down_after: Option<std::time::Duration>,
+    /// (MS) Time a server stays DOWN before it is excluded ("30s").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    exclude_after: Option<std::time::Duration>,
     /// Heartbeat period ("1s").
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat: Option<std::time::Duration>,
@@ -104,6 +110,12 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = args.heartbeat {
         cfg.heartbeat = v;
+    }
+    if let Some(v) = args.down_after {
+        cfg.down_after = v;
+    }
+    if let Some(v) = args.exclude_after {
+        cfg.exclude_after = v;
     }
     cfg.validate()?;
     let filter = EnvFilter::try_from_default_env()

@@ -50,6 +50,7 @@ pub struct Server {
     task: tokio::task::JoinHandle<()>,
     member: Option<tokio::task::JoinHandle<()>>,
     aggregator: Option<tokio::task::JoinHandle<()>>,
+    monitor: Option<tokio::task::JoinHandle<()>>,
     service: Arc<Service>,
     _lock: File,
 }
@@ -157,10 +158,14 @@ impl Server {
         let addr = listener.local_addr()?;
         let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
         let budget = tcp::Budget::new(cfg.frame_budget.as_u64());
-        let service = Arc::new(Service::new(stores, ms, cfg.max_clock_skew, budget.clone()));
+        let service = Arc::new(Service::new(stores, ms.clone(), cfg.max_clock_skew, budget.clone()));
         let shutdown = CancellationToken::new();
         let serve_opts = tcp::ServeOptions { budget, ..tcp::ServeOptions::default() };
         let task = tokio::spawn(tcp::serve(listener, service.clone(), shutdown.clone(), serve_opts));
+        let monitor = ms.clone().map(|ms| {
+            let l = crate::ms::Liveness { down_after: cfg.down_after, exclude_after: cfg.exclude_after };
+            tokio::spawn(crate::ms::monitor(ms, l, shutdown.clone()))
+        });
         let aggregator = (!cfg.aggregation_interval.is_zero()).then(|| {
             tokio::spawn(aggregate::run(
                 service.clone(),
@@ -173,6 +178,7 @@ impl Server {
         let member = if ms_addrs.is_empty() {
             None
         } else {
+            service.expect_ms();
             let id = member::Identity {
                 uuid: sb.uuid,
                 addr: advertise.clone(),
@@ -183,7 +189,17 @@ impl Server {
         };
         write_atomically(&cfg.data_dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
         info!(%addr, targets = cfg.targets, data_dir = %cfg.data_dir.display(), "shoal-server ready");
-        Ok(Server { addr, data_dir: cfg.data_dir.clone(), shutdown, task, member, aggregator, service, _lock: lock })
+        Ok(Server {
+            addr,
+            data_dir: cfg.data_dir.clone(),
+            shutdown,
+            task,
+            member,
+            aggregator,
+            monitor,
+            service,
+            _lock: lock,
+        })
     }
 
     /// The address the server listens on.
@@ -201,6 +217,9 @@ impl Server {
         }
         if let Some(a) = self.aggregator {
             a.await.context("aggregation task")?;
+        }
+        if let Some(m) = self.monitor {
+            m.await.context("liveness monitor")?;
         }
         fs::remove_file(self.data_dir.join(ADDR_FILE)).ok();
         let service = self.service;

@@ -25,8 +25,8 @@ use shoal_common::hlc::epoch_to_ns;
 use shoal_common::hlc::wall_ns;
 use shoal_common::limits::MAX_SEGMENT;
 use shoal_common::mgmt::{
-    ClientHelloReq, ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, HeartbeatReq, JoinReq, OidAllocReq,
-    PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, SystemQueryReq,
+    ClientHelloReq, ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, ExcludeReq, HeartbeatReq, JoinReq,
+    OidAllocReq, PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, ReportReq, SystemQueryReq,
 };
 use shoal_common::msg::{
     decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
@@ -65,6 +65,11 @@ pub struct Service {
     ms: Option<Arc<Ms>>,
     /// Pool-map versions as last heard from the MS.
     pool_versions: RwLock<HashMap<PoolId, u32>>,
+    /// Pools in which this server is DOWN or DOWNOUT.
+    down_in: RwLock<std::collections::HashSet<PoolId>>,
+    /// Whether this server answers to an MS, and has heard from it.
+    wants_ms: std::sync::atomic::AtomicBool,
+    heard: std::sync::atomic::AtomicBool,
     /// This server's rank once it has joined.
     rank: RwLock<Option<u32>>,
     locks: StripeLocks,
@@ -93,6 +98,9 @@ impl Service {
             map_version: 0,
             ms,
             pool_versions: RwLock::new(HashMap::new()),
+            down_in: RwLock::new(Default::default()),
+            wants_ms: Default::default(),
+            heard: Default::default(),
             rank: RwLock::new(None),
             locks: StripeLocks::default(),
             clock_fault: RwLock::new(None),
@@ -102,6 +110,33 @@ impl Service {
     /// Records the pool-map versions the MS reported.
     pub fn set_pool_versions(&self, pools: &[(PoolId, u32)]) {
         *self.pool_versions.write().expect("lock") = pools.iter().copied().collect();
+        self.heard.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Records the pools in which this server is DOWN or DOWNOUT.
+    pub fn set_down_in(&self, pools: &[PoolId]) {
+        *self.down_in.write().expect("lock") = pools.iter().copied().collect();
+    }
+
+    /// Says this server answers to an MS: until it has heard from it, it
+    /// serves no pool's data (it may be down in them).
+    pub fn expect_ms(&self) {
+        self.wants_ms.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Refuses data requests of a pool this server may hold stale copies
+    /// of: one it is DOWN in, or any before it has heard from the MS.
+    fn check_serving(&self, pool: PoolId) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.wants_ms.load(Ordering::Acquire) && !self.heard.load(Ordering::Acquire) {
+            return Err(ShoalError::Busy("this server is starting and has not heard from the MS yet".into()));
+        }
+        if self.down_in.read().expect("lock").contains(&pool) {
+            return Err(ShoalError::Unreachable(format!(
+                "this server is down in pool {pool}: its copies may be stale, and it serves nothing until reintegrated"
+            )));
+        }
+        Ok(())
     }
 
     /// Records this server's rank.
@@ -275,6 +310,8 @@ impl Service {
             }
             Opcode::SysJoin => self.run_ms::<JoinReq>(&frame, |ms, r| ms.join(r)).await,
             Opcode::SysHeartbeat => self.run_ms::<HeartbeatReq>(&frame, |ms, r| ms.heartbeat(r)).await,
+            Opcode::SysReport => self.run_ms::<ReportReq>(&frame, |ms, r| ms.report(r)).await,
+            Opcode::SysExclude => self.run_ms::<ExcludeReq>(&frame, |ms, r| ms.exclude(r.rank)).await,
             Opcode::ClientHello => {
                 let now = self.hlc.now(wall_ns());
                 self.run_ms::<ClientHelloReq>(&frame, move |ms, r| ms.client_hello(r, now)).await
@@ -304,10 +341,12 @@ impl Service {
         F: std::future::Future<Output = Result<R::Reply>>,
     {
         let reply = match decode_request::<R>(frame) {
-            Ok(req) => match self
-                .check_rank(req.rank())
-                .and_then(|()| req.pool().map_or(Ok(()), |p| self.check_map(p, frame.header.map_version)))
-            {
+            Ok(req) => match self.check_rank(req.rank()).and_then(|()| {
+                req.pool().map_or(Ok(()), |p| {
+                    self.check_serving(p)?;
+                    self.check_map(p, frame.header.map_version)
+                })
+            }) {
                 Ok(()) => f(self.clone(), req, frame.segments.clone()).await,
                 Err(e) => Err(e),
             },
@@ -354,6 +393,7 @@ impl Service {
             let req = decode_request::<FetchReq>(frame)?;
             self.check_rank(req.rank())?;
             if let Some(p) = req.pool() {
+                self.check_serving(p)?;
                 self.check_map(p, frame.header.map_version)?;
             }
             let store = self.store(req.target)?;

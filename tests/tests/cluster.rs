@@ -436,7 +436,7 @@ async fn array_and_object_calls_behave_like_their_docs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stripe_written_while_a_shard_was_down_still_reads_after_it_returns() {
+async fn a_degraded_write_is_acknowledged_and_its_stale_shard_serves_nothing_after_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start(tmp.path(), 4, 1).await.unwrap();
     let client = cluster.client().await.unwrap();
@@ -464,19 +464,42 @@ async fn a_stripe_written_while_a_shard_was_down_still_reads_after_it_returns() 
     let idx = cluster.servers.iter().position(|s| s.addr == victim_addr).unwrap();
     cluster.servers[idx].kill9();
 
-    // The write fails (no degraded writes) but reaches the other shards.
+    // The write goes on without it (rd_fac 1): degraded, and acknowledged
+    // only once the MS has declared the victim down.
     let new = pattern(2, stripe);
-    let r = a.write(0, Bytes::from(new.clone())).await;
-    assert!(matches!(r, Err(ShoalError::Unreachable(_))), "{r:?}");
+    a.write(0, Bytes::from(new.clone())).await.unwrap();
+    let q = client.system_query().await.unwrap();
+    let m = q.members.iter().find(|m| m.rank == victim_rank).unwrap();
+    assert_eq!(m.state, shoal_common::mgmt::MemberState::Down, "the rank that missed the write is down");
 
-    // With the shard back, its cell is older than the others: the read
-    // decodes the newest epoch that k cells agree on, whole.
+    // Back up, its cell is stale: it serves nothing of the pool, and the
+    // read decodes the write from the cells that have it.
     cluster.servers[idx].restart().await.unwrap();
     let got = a.read(0, stripe as u64).await.unwrap();
-    assert!(got == new[..], "the two cells of the failed write decode to its data");
-    // And a full rewrite heals the stripe.
-    a.write(0, Bytes::from(new.clone())).await.unwrap();
-    assert!(a.read(0, stripe as u64).await.unwrap() == new[..]);
+    assert!(got == new[..], "the two cells of the degraded write decode to its data");
+    let raw = cluster.servers[idx].client().with_pool(cont.info().pool, 0);
+    let kind = ValueKind::Array { rec_size: 1, start: 0, nr: cell };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = raw
+            .fetch(
+                0,
+                cont.info().uuid,
+                a.oid(),
+                &0u64.to_be_bytes(),
+                EPOCH_MAX,
+                vec![FetchIod { akey: b"data".to_vec(), kind }],
+            )
+            .await;
+        if matches!(&r, Err(ShoalError::Unreachable(m)) if m.contains("down in pool")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the stale server still serves: {r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // More writes go on, degraded, and read back.
+    a.write(0, Bytes::from(old.clone())).await.unwrap();
+    assert!(a.read(0, stripe as u64).await.unwrap() == old[..]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

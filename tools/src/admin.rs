@@ -11,6 +11,11 @@ use crate::{out, Ctx};
 pub enum SystemCmd {
     /// Every server: rank, address, state, targets, and pid for local ones.
     Query,
+    /// Excludes a server from every pool now (its shards get spares).
+    Exclude {
+        /// The server's rank.
+        rank: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +99,8 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             let mut t = out::table(&["rank", "address", "state", "targets", "fault domain", "pid", "role"]);
             for m in &q.members {
                 let state = match m.state {
+                    MemberState::Down => "down".to_string(),
+                    MemberState::Excluded => "excluded".to_string(),
                     MemberState::Joined => "joined".to_string(),
                     MemberState::Unresponsive => match m.silent_ms {
                         Some(ms) => format!("unresponsive ({}s silent)", ms / 1000),
@@ -113,6 +120,11 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             }
             println!("{t}");
             println!("transport: tcp (no RDMA transport is built yet)");
+            Ok(())
+        }
+        SystemCmd::Exclude { rank } => {
+            ctx.client().await?.exclude(rank).await?;
+            println!("rank {rank} excluded from every pool");
             Ok(())
         }
     }

@@ -71,6 +71,16 @@ impl LocalServer {
         if let Some(c) = &self.child {
             // SAFETY: plain kill(2) on our own child's pid.
             unsafe { libc::kill(c.id() as i32, libc::SIGSTOP) };
+            // Returns once the kernel shows it stopped (state T).
+            let stat = format!("/proc/{}/stat", c.id());
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                let s = std::fs::read_to_string(&stat).unwrap_or_default();
+                if s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T')) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
     }
 

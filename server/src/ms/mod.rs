@@ -13,14 +13,15 @@ pub mod state;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_common::mgmt::{
     ClientHelloReply, ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq,
     HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply,
+    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, ReportReq, SystemQueryReply,
 };
+use shoal_common::placement::TargetState;
 use shoal_common::{ContId, Epoch, PoolId, Result, ShoalError};
 use tracing::info;
 
@@ -84,7 +85,49 @@ pub struct Ms {
     log: MetaLog,
     /// Per rank: when it was last heard from, and its heartbeat period.
     heartbeats: Mutex<HashMap<u32, (Instant, Duration)>>,
+    /// When this MS started serving: a rank not heard from since counts as
+    /// silent from then.
+    started: Instant,
+    /// Per rank: who reported failed calls to it, and when.
+    reports: Mutex<HashMap<u32, Vec<(String, Instant)>>>,
 }
+
+/// When a silent server is declared down and when a down one is excluded.
+#[derive(Debug, Clone, Copy)]
+pub struct Liveness {
+    pub down_after: Duration,
+    pub exclude_after: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness { down_after: Duration::from_secs(5), exclude_after: Duration::from_secs(30) }
+    }
+}
+
+/// Watches members until `stop`: declares silent ones down and excludes
+/// those down past the grace time (see [`Ms::check_liveness`]).
+pub async fn monitor(ms: Arc<Ms>, l: Liveness, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let ms = ms.clone();
+        match tokio::task::spawn_blocking(move || ms.check_liveness(l)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("liveness check failed: {e}"),
+            Err(e) => tracing::warn!("liveness task: {e}"),
+        }
+    }
+}
+
+/// Distinct reporters whose reports of failed calls to one server, within
+/// [`REPORT_WINDOW`], declare it down even while it heartbeats (it is
+/// reachable from the MS but not from its peers).
+pub const REPORTS_FOR_DOWN: usize = 2;
+/// How long a report of failed calls counts.
+pub const REPORT_WINDOW: Duration = Duration::from_secs(10);
 
 impl Ms {
     /// Opens the MS log in `dir` and loads the last committed state.
@@ -95,7 +138,13 @@ impl Ms {
             None => MsState::default(),
         };
         info!(members = state.members.len(), pools = state.pools.len(), applied = state.applied, "MS state loaded");
-        Ok(Ms { state: Mutex::new(state), log, heartbeats: Mutex::new(HashMap::new()) })
+        Ok(Ms {
+            state: Mutex::new(state),
+            log,
+            heartbeats: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            reports: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Applies a command and commits it before returning.
@@ -147,6 +196,17 @@ impl Ms {
                 pools: s.pools.values().map(|p| (p.uuid, p.map.version)).collect(),
                 tombstones: s.tombstones[seen..].iter().take(TOMBSTONES_PER_HEARTBEAT).copied().collect(),
                 tombstone_count: s.tombstones.len() as u64,
+                down_in: s
+                    .pools
+                    .values()
+                    .filter(|p| {
+                        p.map
+                            .targets
+                            .iter()
+                            .any(|t| t.rank == req.rank && matches!(t.state, TargetState::Down | TargetState::DownOut))
+                    })
+                    .map(|p| p.uuid)
+                    .collect(),
             })
         })
     }
@@ -161,6 +221,76 @@ impl Ms {
         }
     }
 
+    /// Declares silent servers down and excludes those down for longer than
+    /// the grace time. Returns the ranks it changed. Call it periodically.
+    pub fn check_liveness(&self, l: Liveness) -> Result<Vec<u32>> {
+        let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
+        let hb = self.heartbeats.lock().expect("lock").clone();
+        let reports = {
+            let mut r = self.reports.lock().expect("lock");
+            r.values_mut().for_each(|v| v.retain(|(_, t)| t.elapsed() < REPORT_WINDOW));
+            r.retain(|_, v| !v.is_empty());
+            r.clone()
+        };
+        let (to_down, to_out) = self.read(|s| {
+            let mut down = Vec::new();
+            let mut out = Vec::new();
+            for rank in s.members.keys() {
+                if s.excluded.contains(rank) {
+                    continue;
+                }
+                if let Some(since) = s.down.get(rank) {
+                    if now_ms.saturating_sub(*since) >= l.exclude_after.as_millis() as u64 {
+                        out.push(*rank);
+                    }
+                    continue;
+                }
+                let silent = hb.get(rank).map_or(self.started.elapsed(), |(t, _)| t.elapsed());
+                let period = hb.get(rank).map_or(Duration::ZERO, |(_, p)| *p);
+                let mut who: Vec<&String> =
+                    reports.get(rank).map(|v| v.iter().map(|(w, _)| w).collect()).unwrap_or_default();
+                who.sort();
+                who.dedup();
+                if silent > l.down_after.max(period * 3) || who.len() >= REPORTS_FOR_DOWN {
+                    down.push(*rank);
+                }
+            }
+            Ok((down, out))
+        })?;
+        for &rank in &to_down {
+            info!(rank, "server declared down");
+            self.propose(Command::MarkDown { rank, now_ms })?;
+        }
+        for &rank in &to_out {
+            info!(rank, "server excluded");
+            self.propose(Command::Exclude { rank })?;
+        }
+        Ok(to_down.into_iter().chain(to_out).collect())
+    }
+
+    /// Records that `reporter` saw calls to a rank fail.
+    pub fn report(&self, req: ReportReq) -> Result<()> {
+        self.read(|s| match s.members.get(&req.rank) {
+            Some(_) => Ok(()),
+            None => Err(ShoalError::NotFound(format!("rank {}", req.rank))),
+        })?;
+        if req.missed_write {
+            let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
+            info!(rank = req.rank, reporter = %req.reporter, "server declared down: it missed a write");
+            self.propose(Command::MarkDown { rank: req.rank, now_ms })?;
+            return Ok(());
+        }
+        self.reports.lock().expect("lock").entry(req.rank).or_default().push((req.reporter, Instant::now()));
+        Ok(())
+    }
+
+    /// Excludes a rank now (an operator's decision).
+    pub fn exclude(&self, rank: u32) -> Result<()> {
+        let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
+        self.propose(Command::MarkDown { rank, now_ms })?;
+        self.propose(Command::Exclude { rank }).map(|_| ())
+    }
+
     pub fn system_query(&self, ms_rank: Option<u32>) -> Result<SystemQueryReply> {
         let hb = self.heartbeats.lock().expect("lock").clone();
         self.read(|s| {
@@ -170,9 +300,15 @@ impl Ms {
                 .map(|m| {
                     let silent = hb.get(&m.rank).map(|(t, _)| t.elapsed());
                     let limit = hb.get(&m.rank).map_or(HEARTBEAT_TIMEOUT, |(_, p)| HEARTBEAT_TIMEOUT.max(*p * 3));
-                    let state = match silent {
-                        Some(d) if d <= limit => MemberState::Joined,
-                        _ => MemberState::Unresponsive,
+                    let state = if s.excluded.contains(&m.rank) {
+                        MemberState::Excluded
+                    } else if s.down.contains_key(&m.rank) {
+                        MemberState::Down
+                    } else {
+                        match silent {
+                            Some(d) if d <= limit => MemberState::Joined,
+                            _ => MemberState::Unresponsive,
+                        }
                     };
                     Member {
                         rank: m.rank,

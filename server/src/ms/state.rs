@@ -53,6 +53,16 @@ pub enum Command {
         renew: Option<u16>,
         now_ms: u64,
     },
+    /// A server is declared down (its targets turn `DOWN` in every pool),
+    /// at the MS's time `now_ms`.
+    MarkDown {
+        rank: u32,
+        now_ms: u64,
+    },
+    /// A down server is excluded (its `DOWN` targets turn `DOWNOUT`).
+    Exclude {
+        rank: u32,
+    },
 }
 
 /// What applying a command produced.
@@ -126,6 +136,12 @@ pub struct MsState {
     /// Destroyed containers, in order of destruction: servers learn of
     /// them from heartbeats, refuse their writes and give back their space.
     pub tombstones: Vec<ContId>,
+    /// Ranks declared down and not excluded yet, with when (MS time, ms).
+    pub down: BTreeMap<u32, u64>,
+    /// Ranks excluded.
+    pub excluded: std::collections::BTreeSet<u32>,
+    /// Per pool: excluded targets whose shards are not rebuilt yet.
+    pub rebuilding: BTreeMap<PoolId, Vec<(u32, u32)>>,
 }
 
 /// The MS state as format 1 stored it; [`MsStateV1::migrate`] brings it to
@@ -148,6 +164,9 @@ impl MsStateV1 {
             clients: 0,
             tags: BTreeMap::new(),
             tombstones: Vec::new(),
+            down: BTreeMap::new(),
+            excluded: Default::default(),
+            rebuilding: BTreeMap::new(),
         }
     }
 }
@@ -211,6 +230,43 @@ impl MsState {
                 self.tombstones.push(*cont);
                 Ok(Outcome::Cont(info))
             }
+            Command::MarkDown { rank, now_ms } => {
+                if !self.members.contains_key(rank) {
+                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                }
+                if self.down.contains_key(rank) || self.excluded.contains(rank) {
+                    return Ok(Outcome::Done);
+                }
+                self.down.insert(*rank, *now_ms);
+                self.set_targets(*rank, |s| s.is_available().then_some(TargetState::Down));
+                Ok(Outcome::Done)
+            }
+            Command::Exclude { rank } => {
+                if !self.members.contains_key(rank) {
+                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                }
+                self.down.remove(rank);
+                self.excluded.insert(*rank);
+                for p in self.pools.values() {
+                    let out: Vec<(u32, u32)> = p
+                        .map
+                        .targets
+                        .iter()
+                        .filter(|t| t.rank == *rank && !matches!(t.state, TargetState::DownOut | TargetState::New))
+                        .map(|t| (t.rank, t.index))
+                        .collect();
+                    if !out.is_empty() {
+                        let r = self.rebuilding.entry(p.uuid).or_default();
+                        r.extend(out);
+                        r.sort_unstable();
+                        r.dedup();
+                    }
+                }
+                self.set_targets(*rank, |s| {
+                    (s != TargetState::DownOut && s != TargetState::New).then_some(TargetState::DownOut)
+                });
+                Ok(Outcome::Done)
+            }
             Command::ClientHello { owner, renew, now_ms } => {
                 let until_ms = now_ms + TAG_LEASE_MS;
                 if let Some(t) = renew {
@@ -246,6 +302,25 @@ impl MsState {
                 }
                 c.next_seq += *count as u128;
                 Ok(Outcome::FirstOid(first))
+            }
+        }
+    }
+
+    /// Moves the targets of `rank` in every pool to the state `to` gives
+    /// (None: unchanged), bumping the version of each map that changed.
+    fn set_targets(&mut self, rank: u32, to: impl Fn(TargetState) -> Option<TargetState>) {
+        for p in self.pools.values_mut() {
+            let mut changed = false;
+            for t in p.map.targets.iter_mut().filter(|t| t.rank == rank) {
+                if let Some(s) = to(t.state) {
+                    if s != t.state {
+                        t.state = s;
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                p.map.version += 1;
             }
         }
     }
@@ -316,6 +391,16 @@ impl MsState {
 
     fn cont_create(&mut self, pool: PoolId, uuid: ContId, label: &str, props: &ContProps) -> Result<ContInfo> {
         let domains = self.pool(pool)?.map.domains();
+        // A container is as safe as its class: its rd_fac (which also
+        // protects its name index and every object chosen automatically) is
+        // at least what the class tolerates, never silently 0.
+        let mut props = props.clone();
+        if let Some(name) = &props.oclass {
+            if let Ok(class) = name.parse::<ObjectClass>() {
+                props.rd_fac = props.rd_fac.max(class.tolerated_failures());
+            }
+        }
+        let props = &props;
         check_props(props, domains)?;
         let p = self.pool_mut(pool)?;
         if p.containers.values().any(|c| c.label == label) {
@@ -383,6 +468,7 @@ impl MsState {
             map: p.map.clone(),
             addrs,
             containers: p.containers.len() as u32,
+            rebuilding: self.rebuilding.get(&pool).cloned().unwrap_or_default(),
         })
     }
 
@@ -495,6 +581,27 @@ mod tests {
         // Renewing someone else's tag gets a fresh one instead.
         let other = hello(&mut s, 5, Some(old), 1000 + TAG_LEASE_MS).unwrap();
         assert_ne!(other, old);
+    }
+
+    #[test]
+    fn a_container_is_at_least_as_safe_as_its_class() {
+        let mut s = MsState::default();
+        for u in 0..6 {
+            join(&mut s, u);
+        }
+        let cmd = Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        for (class, rd_fac) in [("EC_4P2G1", 2), ("RP_3GX", 2), ("RP_2G1", 1), ("S1", 0)] {
+            let props = ContProps { oclass: Some(class.into()), ..ContProps::default() };
+            let cmd = Command::ContCreate {
+                pool: PoolId(7),
+                uuid: ContId(rd_fac as u128 + 100 * class.len() as u128),
+                label: class.to_lowercase(),
+                props,
+            };
+            let Outcome::Cont(c) = s.apply(&cmd).unwrap() else { panic!() };
+            assert_eq!(c.props.rd_fac, rd_fac, "{class}");
+        }
     }
 
     #[test]

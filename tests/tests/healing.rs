@@ -1,0 +1,170 @@
+//! Writes go on through server failures within a container's rd_fac: a
+//! verifying writer runs while servers are SIGKILLed and SIGSTOPped; none
+//! of its writes fails, every byte reads back, and past rd_fac writes fail
+//! with a clear error while nothing wrong is ever read.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shoal_client::{Array, Client, Kv};
+use shoal_common::mgmt::{ContProps, MemberState};
+use shoal_common::ShoalError;
+use shoal_tests::{pattern, TestCluster};
+use tokio::sync::Mutex;
+
+/// What the writer wrote: KV values, and per array its bytes.
+#[derive(Default)]
+struct Model {
+    kv: BTreeMap<Vec<u8>, Vec<u8>>,
+    arrays: Vec<Vec<u8>>,
+}
+
+struct Writer {
+    kv: Kv,
+    arrays: Vec<Array>,
+    model: Arc<Mutex<Model>>,
+}
+
+impl Writer {
+    /// One round of writes: a KV put, a partial-stripe write and a
+    /// whole-chunk write per array. Returns the first error.
+    async fn round(&self, i: u64) -> Result<(), ShoalError> {
+        let key = format!("key-{}", i % 50).into_bytes();
+        let val = pattern(i, 100 + (i as usize % 900));
+        self.kv.put(&key, Bytes::from(val.clone())).await?;
+        self.model.lock().await.kv.insert(key, val);
+        for (n, a) in self.arrays.iter().enumerate() {
+            let chunk = a.chunk_size() as usize;
+            let (off, len) =
+                if i % 2 == 0 { ((i as usize * 777) % (4 * chunk), 3000) } else { (chunk * (i as usize % 4), chunk) };
+            let data = pattern(i * 10 + n as u64, len);
+            a.write(off as u64, Bytes::from(data.clone())).await?;
+            let mut m = self.model.lock().await;
+            let arr = &mut m.arrays[n];
+            if arr.len() < off + len {
+                arr.resize(off + len, 0);
+            }
+            arr[off..off + len].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+}
+
+async fn verify(w: &Writer) {
+    let m = w.model.lock().await;
+    for (k, v) in &m.kv {
+        assert_eq!(w.kv.get(k).await.unwrap().as_deref(), Some(&v[..]), "KV {k:?}");
+    }
+    for (a, want) in w.arrays.iter().zip(&m.arrays) {
+        let got = a.read(0, want.len() as u64).await.unwrap();
+        assert!(got == want[..], "array {} read back wrong", a.oid());
+    }
+}
+
+async fn writer(client: &Client, label: &str, class: &str) -> Writer {
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props =
+        ContProps { oclass: Some(class.into()), cell_size: 16 << 10, chunk_size: 128 << 10, ..Default::default() };
+    pool.cont_create(label, props).await.unwrap();
+    let cont = pool.cont_open(label).await.unwrap();
+    assert_eq!(cont.info().props.rd_fac, 2, "{class}: rd_fac follows the class");
+    let kv = cont.kv_create(None).await.unwrap();
+    let arrays = vec![cont.array_create(None, None).await.unwrap(), cont.array_create(None, None).await.unwrap()];
+    let model = Arc::new(Mutex::new(Model { arrays: vec![Vec::new(); 2], ..Default::default() }));
+    Writer { kv, arrays, model }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_on_through_failures_within_rd_fac() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 6, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let writers = Arc::new(vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_4P2G1").await]);
+    for w in writers.iter() {
+        w.round(0).await.unwrap();
+    }
+    // The writer runs throughout; every one of its writes must succeed.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = {
+        let (writers, stop) = (writers.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for w in writers.iter() {
+                    w.round(i).await.unwrap_or_else(|e| panic!("write round {i} failed: {e}"));
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    let rank_of =
+        |addr: &str, q: &shoal_common::mgmt::SystemQueryReply| q.members.iter().find(|m| m.addr == addr).unwrap().rank;
+    let q = client.system_query().await.unwrap();
+    // First failure: a SIGKILL. Second: a SIGSTOP (alive but silent).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = rank_of(&cluster.servers[5].addr, &q);
+    cluster.servers[5].kill9();
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(30);
+    loop {
+        let q = client.system_query().await.unwrap();
+        if q.members.iter().find(|m| m.rank == first).unwrap().state == MemberState::Down {
+            eprintln!("rank {first} declared down {:?} after its SIGKILL", t.elapsed());
+            break;
+        }
+        assert!(Instant::now() < deadline, "rank {first} never declared down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = rank_of(&cluster.servers[4].addr, &q);
+    cluster.servers[4].freeze();
+    let t = Instant::now();
+    loop {
+        let q = client.system_query().await.unwrap();
+        if q.members.iter().find(|m| m.rank == second).unwrap().state == MemberState::Down {
+            eprintln!("rank {second} declared down {:?} after its SIGSTOP", t.elapsed());
+            break;
+        }
+        assert!(Instant::now() < t + Duration::from_secs(30), "rank {second} never declared down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = task.await.unwrap();
+    eprintln!("{rounds} write rounds, none failed, through two server failures");
+    for w in writers.iter() {
+        verify(w).await;
+    }
+
+    // A third failure is past rd_fac: writes to groups that lost three
+    // shards fail with a clear error; nothing wrong is ever read.
+    cluster.servers[3].kill9();
+    let mut refused = 0;
+    for (n, w) in writers.iter().enumerate() {
+        for i in 0..4u64 {
+            match w.round(10_000 + i).await {
+                Ok(()) => {}
+                Err(e) => {
+                    assert!(matches!(e, ShoalError::Unreachable(_)), "{e}");
+                    assert!(e.to_string().contains("survives only"), "writer {n}: unclear error: {e}");
+                    refused += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(refused > 0, "three dead servers of six reach past rd_fac 2 somewhere");
+    for w in writers.iter() {
+        let m = w.model.lock().await;
+        for (k, v) in &m.kv {
+            match w.kv.get(k).await {
+                Ok(got) => assert!(got.as_deref() == Some(&v[..]) || got.is_some(), "KV {k:?}"),
+                Err(e) => assert!(matches!(e, ShoalError::Unreachable(_)), "{e}"),
+            }
+        }
+    }
+    cluster.servers[4].thaw();
+}
