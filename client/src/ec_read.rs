@@ -30,9 +30,9 @@ use shoal_common::msg::{FetchIod, Fetched, ValueKind};
 use shoal_common::placement::Shard;
 use shoal_common::{Epoch, Result, ShoalError, EPOCH_MAX};
 
-use crate::ec::codec;
 use crate::object::{checked, shard_down, with_shard, Object, MAX_SHARD_REQUEST};
 use crate::system::PoolState;
+use shoal_common::ec::codec;
 
 /// Attempts to read a stripe whose cells disagree on their version.
 const TORN_RETRIES: u32 = 20;

@@ -40,10 +40,10 @@ use shoal_common::msg::{StripeLockReq, StripeUnlockReq, UpdateIod, ValueKind};
 use shoal_common::placement::Shard;
 use shoal_common::{Epoch, Result, ShoalError};
 
-use crate::ec::{codec, Codec};
 use crate::ec_read::{stripes_per_request, RmwBase};
 use crate::object::{conflict_clock, Object, WriteOutcome, CONFLICT_RETRIES};
 use crate::system::PoolState;
+use shoal_common::ec::{codec, Codec};
 
 /// Lease of a stripe lock; the writer renews it every third of it.
 const STRIPE_LOCK_LEASE: Duration = Duration::from_secs(10);

@@ -43,7 +43,6 @@
 //! ```
 
 pub mod array;
-pub mod ec;
 pub mod ec_read;
 pub mod ec_write;
 pub mod kv;
@@ -52,6 +51,7 @@ pub mod rp;
 pub mod server;
 pub mod system;
 
+pub use shoal_common::ec;
 pub use shoal_net as transport;
 
 pub use array::Array;

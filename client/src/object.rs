@@ -332,13 +332,25 @@ impl Object {
         Fut: std::future::Future<Output = Result<T>>,
     {
         let mut attempt = 0;
+        let mut refreshed_on_failure = false;
         loop {
             let st = self.cont.pool.state();
+            let version = st.info.map.version;
             let layout = st.placement.layout(self.cont.info.uuid, self.oid, self.class)?;
             match op(st, layout).await {
                 Err(ShoalError::StaleMap { .. }) if attempt < STALE_RETRIES => {
                     attempt += 1;
                     self.cont.pool.refresh().await?;
+                }
+                // Too many shards out of reach may only mean this map is
+                // old (servers excluded and rebuilt elsewhere, which the
+                // servers asked may not have heard yet): once, fetch the map
+                // and try again if it changed.
+                Err(e @ ShoalError::Unreachable(_)) if !refreshed_on_failure => {
+                    refreshed_on_failure = true;
+                    if self.cont.pool.refresh().await.is_err() || self.cont.pool.state().info.map.version == version {
+                        return Err(e);
+                    }
                 }
                 r => return r,
             }

@@ -16,6 +16,7 @@
 //!   the pool map.
 //! - [`wire`]: framed, versioned binary frames and the typed messages in them.
 
+pub mod ec;
 pub mod error;
 pub mod hlc;
 pub mod ids;

@@ -157,6 +157,8 @@ pub struct HeartbeatReply {
     /// Pools in which the sender's targets are DOWN or DOWNOUT: it serves
     /// them nothing (its copies may be stale) until it is reintegrated.
     pub down_in: Vec<PoolId>,
+    /// Pools with excluded targets whose shards are being rebuilt.
+    pub rebuilding: Vec<PoolId>,
 }
 
 /// A client introduces itself (or renews its lease): it gets a clock tag
@@ -210,6 +212,17 @@ pub struct ExcludeReq {
 }
 
 mgmt_rpc!(ExcludeReq, SysExclude, ());
+
+/// A server has rebuilt, for pool map `version`, every shard it was the
+/// source of for the pool's excluded targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildDoneReq {
+    pub pool: PoolId,
+    pub rank: u32,
+    pub version: u32,
+}
+
+mgmt_rpc!(RebuildDoneReq, RebuildDone, ());
 
 mgmt_rpc!(HeartbeatReq, SysHeartbeat, HeartbeatReply);
 

@@ -32,12 +32,14 @@ pub enum Opcode {
     StripeLock = 7,
     StripeUnlock = 8,
     MarkStable = 9,
+    Restore = 10,
     SysJoin = 20,
     SysHeartbeat = 21,
     SysQuery = 22,
     ClientHello = 23,
     SysReport = 24,
     SysExclude = 25,
+    RebuildDone = 26,
     PoolCreate = 30,
     PoolDestroy = 31,
     PoolList = 32,
@@ -63,12 +65,14 @@ impl Opcode {
             7 => Opcode::StripeLock,
             8 => Opcode::StripeUnlock,
             9 => Opcode::MarkStable,
+            10 => Opcode::Restore,
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
             23 => Opcode::ClientHello,
             24 => Opcode::SysReport,
             25 => Opcode::SysExclude,
+            26 => Opcode::RebuildDone,
             30 => Opcode::PoolCreate,
             31 => Opcode::PoolDestroy,
             32 => Opcode::PoolList,
@@ -630,6 +634,81 @@ impl Rpc for StableReq {
         }
         if self.epoch == 0 || self.epoch == crate::EPOCH_MAX {
             return Err(ShoalError::invalid("a stable mark's epoch must be between 1 and EPOCH_MAX"));
+        }
+        Ok(())
+    }
+}
+
+/// What a restored item is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestoreKind {
+    /// A single-value version (its bytes are the segment).
+    Single,
+    /// An extent piece starting at byte `start` (its bytes are the segment;
+    /// it never crosses a 1 MiB boundary).
+    Extent { start: u64 },
+    /// A punch of the whole object (no segment bytes).
+    PunchObject,
+    /// A punch of the dkey (no segment bytes).
+    PunchDkey,
+    /// A punch of the akey (no segment bytes).
+    PunchAkey,
+}
+
+/// One version or punch put back by rebuild, exactly as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreItem {
+    pub akey: Vec<u8>,
+    pub kind: RestoreKind,
+    pub epoch: Epoch,
+    /// crc32c of the segment (0 for punches).
+    pub crc: u32,
+    /// Record size of an extent (0 for single values).
+    pub rec_size: u32,
+}
+
+/// Puts versions and punches of one dkey back on a target (rebuild): each
+/// at its own epoch and key, whatever the target holds newer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReq {
+    pub pool: PoolId,
+    pub rank: u32,
+    pub target: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Vec<u8>,
+    pub items: Vec<RestoreItem>,
+}
+
+impl Rpc for RestoreReq {
+    const OP: Opcode = Opcode::Restore;
+    type Reply = ();
+
+    addressed!();
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        check_key("dkey", &self.dkey)?;
+        check_iods(self.items.len())?;
+        if segments.len() != self.items.len() {
+            return Err(ShoalError::invalid("a restore carries one segment per item"));
+        }
+        for (it, seg) in self.items.iter().zip(segments) {
+            match it.kind {
+                RestoreKind::Single | RestoreKind::Extent { .. } | RestoreKind::PunchAkey => {
+                    check_key("akey", &it.akey)?
+                }
+                RestoreKind::PunchObject | RestoreKind::PunchDkey => {}
+            }
+            if let RestoreKind::Extent { start } = it.kind {
+                if seg.is_empty() || start / (1 << 20) != (start + seg.len() as u64 - 1) / (1 << 20) {
+                    return Err(ShoalError::invalid(
+                        "a restored extent piece must be 1 byte or more within one 1 MiB bucket",
+                    ));
+                }
+            }
+            if it.epoch == 0 || it.epoch == crate::EPOCH_MAX {
+                return Err(ShoalError::invalid("a restored version's epoch must be between 1 and EPOCH_MAX"));
+            }
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod locks;
 pub mod member;
 pub mod ms;
+pub mod rebuild;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -79,6 +79,7 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                     service.set_clock_fault(None);
                     service.set_pool_versions(&r.pools);
                     service.set_down_in(&r.down_in);
+                    service.set_rebuilding(&r.rebuilding);
                     if !r.tombstones.is_empty() {
                         match service.drop_containers(&r.tombstones).await {
                             Ok(()) => tombstones_seen += r.tombstones.len() as u64,

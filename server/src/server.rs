@@ -51,6 +51,7 @@ pub struct Server {
     member: Option<tokio::task::JoinHandle<()>>,
     aggregator: Option<tokio::task::JoinHandle<()>>,
     monitor: Option<tokio::task::JoinHandle<()>>,
+    rebuilder: Option<tokio::task::JoinHandle<()>>,
     service: Arc<Service>,
     _lock: File,
 }
@@ -185,8 +186,10 @@ impl Server {
                 fault_domain: cfg.fault_domain.clone().unwrap_or_else(|| advertise.clone()),
                 targets: cfg.targets,
             };
-            Some(tokio::spawn(member::run(id, ms_addrs, cfg.heartbeat, service.clone(), shutdown.clone())))
+            Some(tokio::spawn(member::run(id, ms_addrs.clone(), cfg.heartbeat, service.clone(), shutdown.clone())))
         };
+        let rebuilder = (!ms_addrs.is_empty())
+            .then(|| tokio::spawn(crate::rebuild::run(service.clone(), ms_addrs.clone(), shutdown.clone())));
         write_atomically(&cfg.data_dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
         info!(%addr, targets = cfg.targets, data_dir = %cfg.data_dir.display(), "shoal-server ready");
         Ok(Server {
@@ -197,6 +200,7 @@ impl Server {
             member,
             aggregator,
             monitor,
+            rebuilder,
             service,
             _lock: lock,
         })
@@ -220,6 +224,9 @@ impl Server {
         }
         if let Some(m) = self.monitor {
             m.await.context("liveness monitor")?;
+        }
+        if let Some(r) = self.rebuilder {
+            r.await.context("rebuild task")?;
         }
         fs::remove_file(self.data_dir.join(ADDR_FILE)).ok();
         let service = self.service;

@@ -26,11 +26,13 @@ use shoal_common::hlc::wall_ns;
 use shoal_common::limits::MAX_SEGMENT;
 use shoal_common::mgmt::{
     ClientHelloReq, ContCreateReq, ContDestroyReq, ContListReq, ContQueryReq, ExcludeReq, HeartbeatReq, JoinReq,
-    OidAllocReq, PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, ReportReq, SystemQueryReq,
+    OidAllocReq, PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolListReq, PoolQueryReq, RebuildDoneReq, ReportReq,
+    SystemQueryReq,
 };
 use shoal_common::msg::{
-    decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq, Rpc,
-    StableReq, StripeLockReq, StripeUnlockReq, TargetQueryReply, TargetQueryReq, UpdateReply, UpdateReq,
+    decode_request, reply_frame, FetchReply, FetchReq, ListReply, ListReq, Opcode, PingReply, PingReq, PunchReq,
+    RestoreReq, Rpc, StableReq, StripeLockReq, StripeUnlockReq, TargetQueryReply, TargetQueryReq, UpdateReply,
+    UpdateReq,
 };
 use shoal_common::wire::Frame;
 use shoal_common::{ContId, Epoch, Hlc, PoolId, Result, ShoalError};
@@ -67,6 +69,8 @@ pub struct Service {
     pool_versions: RwLock<HashMap<PoolId, u32>>,
     /// Pools in which this server is DOWN or DOWNOUT.
     down_in: RwLock<std::collections::HashSet<PoolId>>,
+    /// Pools being rebuilt.
+    rebuilding: RwLock<Vec<PoolId>>,
     /// Whether this server answers to an MS, and has heard from it.
     wants_ms: std::sync::atomic::AtomicBool,
     heard: std::sync::atomic::AtomicBool,
@@ -99,6 +103,7 @@ impl Service {
             ms,
             pool_versions: RwLock::new(HashMap::new()),
             down_in: RwLock::new(Default::default()),
+            rebuilding: RwLock::new(Vec::new()),
             wants_ms: Default::default(),
             heard: Default::default(),
             rank: RwLock::new(None),
@@ -116,6 +121,21 @@ impl Service {
     /// Records the pools in which this server is DOWN or DOWNOUT.
     pub fn set_down_in(&self, pools: &[PoolId]) {
         *self.down_in.write().expect("lock") = pools.iter().copied().collect();
+    }
+
+    /// Records the pools being rebuilt.
+    pub fn set_rebuilding(&self, pools: &[PoolId]) {
+        *self.rebuilding.write().expect("lock") = pools.to_vec();
+    }
+
+    /// The pools being rebuilt, as last heard from the MS.
+    pub fn rebuilding(&self) -> Vec<PoolId> {
+        self.rebuilding.read().expect("lock").clone()
+    }
+
+    /// This server's rank, once it has joined.
+    pub fn rank(&self) -> Option<u32> {
+        *self.rank.read().expect("lock")
     }
 
     /// Says this server answers to an MS: until it has heard from it, it
@@ -312,6 +332,14 @@ impl Service {
             Opcode::SysHeartbeat => self.run_ms::<HeartbeatReq>(&frame, |ms, r| ms.heartbeat(r)).await,
             Opcode::SysReport => self.run_ms::<ReportReq>(&frame, |ms, r| ms.report(r)).await,
             Opcode::SysExclude => self.run_ms::<ExcludeReq>(&frame, |ms, r| ms.exclude(r.rank)).await,
+            Opcode::RebuildDone => self.run_ms::<RebuildDoneReq>(&frame, |ms, r| ms.rebuild_done(r)).await,
+            Opcode::Restore => {
+                self.run::<RestoreReq, _>(&frame, |s, r, segs| async move {
+                    let m = Mutation::Restore { cont: r.cont, oid: r.oid, dkey: r.dkey, items: r.items, data: segs };
+                    s.write(r.target, m).await.map(|_| ())
+                })
+                .await
+            }
             Opcode::ClientHello => {
                 let now = self.hlc.now(wall_ns());
                 self.run_ms::<ClientHelloReq>(&frame, move |ms, r| ms.client_hello(r, now)).await

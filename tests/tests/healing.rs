@@ -37,8 +37,11 @@ impl Writer {
         self.model.lock().await.kv.insert(key, val);
         for (n, a) in self.arrays.iter().enumerate() {
             let chunk = a.chunk_size() as usize;
-            let (off, len) =
-                if i % 2 == 0 { ((i as usize * 777) % (4 * chunk), 3000) } else { (chunk * (i as usize % 4), chunk) };
+            let (off, len) = if i.is_multiple_of(2) {
+                ((i as usize * 777) % (4 * chunk), 3000)
+            } else {
+                (chunk * (i as usize % 4), chunk)
+            };
             let data = pattern(i * 10 + n as u64, len);
             a.write(off as u64, Bytes::from(data.clone())).await?;
             let mut m = self.model.lock().await;
@@ -167,4 +170,51 @@ async fn writes_go_on_through_failures_within_rd_fac() {
         }
     }
     cluster.servers[4].thaw();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_redundancy_comes_back_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Eight servers: a 6-wide EC group still finds a spare after a loss.
+    let mut cluster = TestCluster::start_with(tmp.path(), 8, 1, &["--exclude-after", "2s"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_4P2G1").await];
+    for i in 0..12u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    // One server dies; writes go on; it is excluded and its shards rebuilt.
+    let q = client.system_query().await.unwrap();
+    let victim = q.members.iter().find(|m| m.addr == cluster.servers[7].addr).unwrap().rank;
+    cluster.servers[7].kill9();
+    let t = Instant::now();
+    for i in 12..16u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    let deadline = t + Duration::from_secs(90);
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        let out =
+            p.map.targets.iter().any(|t| t.rank == victim && t.state == shoal_common::placement::TargetState::DownOut);
+        if out && p.rebuilding.is_empty() {
+            eprintln!("full redundancy again {:?} after the SIGKILL (exclusion after 2s)", t.elapsed());
+            break;
+        }
+        assert!(Instant::now() < deadline, "rebuild never finished: {:?}", p.rebuilding);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for w in &writers {
+        verify(w).await;
+    }
+    // Two more servers die: the classes are at their limit again, and every
+    // byte still reads back, which only the rebuilt shards make possible.
+    cluster.servers[6].kill9();
+    cluster.servers[5].kill9();
+    for w in &writers {
+        verify(w).await;
+    }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use shoal_common::mgmt::{
     ClientHelloReply, ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq,
     HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, ReportReq, SystemQueryReply,
+    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, RebuildDoneReq, ReportReq, SystemQueryReply,
 };
 use shoal_common::placement::TargetState;
 use shoal_common::{ContId, Epoch, PoolId, Result, ShoalError};
@@ -196,6 +196,7 @@ impl Ms {
                 pools: s.pools.values().map(|p| (p.uuid, p.map.version)).collect(),
                 tombstones: s.tombstones[seen..].iter().take(TOMBSTONES_PER_HEARTBEAT).copied().collect(),
                 tombstone_count: s.tombstones.len() as u64,
+                rebuilding: s.rebuilding.keys().copied().collect(),
                 down_in: s
                     .pools
                     .values()
@@ -282,6 +283,11 @@ impl Ms {
         }
         self.reports.lock().expect("lock").entry(req.rank).or_default().push((req.reporter, Instant::now()));
         Ok(())
+    }
+
+    /// Records that a rank rebuilt what it was the source of.
+    pub fn rebuild_done(&self, req: RebuildDoneReq) -> Result<()> {
+        self.propose(Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version }).map(|_| ())
     }
 
     /// Excludes a rank now (an operator's decision).

@@ -63,6 +63,12 @@ pub enum Command {
     Exclude {
         rank: u32,
     },
+    /// A server rebuilt what it was the source of, for pool map `version`.
+    RebuildDone {
+        pool: PoolId,
+        rank: u32,
+        version: u32,
+    },
 }
 
 /// What applying a command produced.
@@ -142,6 +148,9 @@ pub struct MsState {
     pub excluded: std::collections::BTreeSet<u32>,
     /// Per pool: excluded targets whose shards are not rebuilt yet.
     pub rebuilding: BTreeMap<PoolId, Vec<(u32, u32)>>,
+    /// Per pool: the map version being rebuilt for and the ranks done with
+    /// it.
+    pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
 }
 
 /// The MS state as format 1 stored it; [`MsStateV1::migrate`] brings it to
@@ -167,6 +176,7 @@ impl MsStateV1 {
             down: BTreeMap::new(),
             excluded: Default::default(),
             rebuilding: BTreeMap::new(),
+            rebuild_done: BTreeMap::new(),
         }
     }
 }
@@ -265,6 +275,27 @@ impl MsState {
                 self.set_targets(*rank, |s| {
                     (s != TargetState::DownOut && s != TargetState::New).then_some(TargetState::DownOut)
                 });
+                Ok(Outcome::Done)
+            }
+            Command::RebuildDone { pool, rank, version } => {
+                let p = self.pool(*pool)?;
+                if p.map.version != *version || !self.rebuilding.contains_key(pool) {
+                    // Done for an older map: the rank rebuilds again.
+                    return Ok(Outcome::Done);
+                }
+                let live: std::collections::BTreeSet<u32> =
+                    p.map.targets.iter().filter(|t| t.state.is_available()).map(|t| t.rank).collect();
+                let entry = self.rebuild_done.entry(*pool).or_insert_with(|| (*version, Default::default()));
+                if entry.0 != *version {
+                    *entry = (*version, Default::default());
+                }
+                entry.1.insert(*rank);
+                if live.iter().all(|r| entry.1.contains(r)) {
+                    // Every source is done: the spares serve reads now.
+                    self.rebuilding.remove(pool);
+                    self.rebuild_done.remove(pool);
+                    self.pool_mut(*pool)?.map.version += 1;
+                }
                 Ok(Outcome::Done)
             }
             Command::ClientHello { owner, renew, now_ms } => {

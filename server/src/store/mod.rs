@@ -38,6 +38,7 @@ pub mod meta;
 mod pieces;
 mod read;
 mod record;
+pub mod restore;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -131,6 +132,15 @@ pub enum Mutation {
     Tombstone {
         cont: ContId,
     },
+    /// Puts versions and punches back exactly as they were (rebuild); the
+    /// segments hold the values' bytes.
+    Restore {
+        cont: ContId,
+        oid: Oid,
+        dkey: Vec<u8>,
+        items: Vec<shoal_common::msg::RestoreItem>,
+        data: Vec<Bytes>,
+    },
 }
 
 struct Job {
@@ -149,6 +159,7 @@ impl Mutation {
             }
             Mutation::Punch { cont, oid, .. } => ((*cont, *oid), false, false),
             Mutation::Tombstone { cont } => ((*cont, Oid::new(0, 0)), false, false),
+            Mutation::Restore { cont, oid, .. } => ((*cont, *oid), false, false),
         }
     }
 }
@@ -419,6 +430,9 @@ impl GroupState {
             }
             Mutation::Punch { cont, oid, .. } => self.touched.contains(&(*cont, *oid)),
             Mutation::Tombstone { .. } => false,
+            Mutation::Restore { cont, oid, dkey, .. } => {
+                self.punched.contains(&(*cont, *oid)) || self.dkeys.contains(&(*cont, *oid, dkey.clone()))
+            }
         }
     }
 }
@@ -494,10 +508,15 @@ impl Writer {
                             gs.dirty.push((prefix, epoch));
                         }
                         Mutation::Tombstone { .. } => {}
+                        Mutation::Restore { cont, oid, dkey, .. } => {
+                            gs.touched.insert(obj);
+                            gs.dkeys.insert((*cont, *oid, dkey.clone()));
+                            gs.dirty.push((keys::dkey_prefix(*cont, *oid, dkey), epoch));
+                        }
                     }
                     // The object index keeps the newest update of each
                     // object (punches are ordered by the floors they set).
-                    if matches!(job.m, Mutation::Update { .. }) {
+                    if matches!(job.m, Mutation::Update { .. } | Mutation::Restore { .. }) {
                         let stored = match gs.obj_hw.get(&obj) {
                             Some(e) => *e,
                             // Read (and checked) by prepare just now.
@@ -574,6 +593,44 @@ impl Writer {
             Mutation::Tombstone { cont } => {
                 self.shared.tombstones.write().expect("lock").insert(*cont);
                 Ok(0)
+            }
+            Mutation::Restore { cont, oid, dkey, items, data } => {
+                use shoal_common::msg::RestoreKind;
+                destroyed(cont)?;
+                let mut newest = 0;
+                for (it, seg) in items.iter().zip(data) {
+                    newest = newest.max(it.epoch);
+                    let akp = keys::akey_prefix(*cont, *oid, dkey, &it.akey);
+                    match it.kind {
+                        RestoreKind::Single | RestoreKind::Extent { .. } => {
+                            let crc = crc32c::crc32c(seg);
+                            if crc != it.crc {
+                                return Err(ShoalError::Damaged(format!(
+                                    "a rebuilt version of object {oid} arrived with a bad crc32c; nothing was stored"
+                                )));
+                            }
+                            let rec = self.store_bytes(seg, it.rec_size, crc)?;
+                            let key = match it.kind {
+                                RestoreKind::Extent { start } => keys::extent_key(&akp, start, it.epoch),
+                                _ => keys::single_key(&akp, it.epoch),
+                            };
+                            staged.push((CF_VALUES, key, rec.encode()));
+                        }
+                        RestoreKind::PunchObject => {
+                            let p = keys::punch_prefix(*cont, *oid, None, None);
+                            staged.push((CF_PUNCHES, keys::with_epoch(&p, it.epoch), Vec::new()));
+                        }
+                        RestoreKind::PunchDkey => {
+                            let p = keys::punch_prefix(*cont, *oid, Some(dkey), None);
+                            staged.push((CF_PUNCHES, keys::with_epoch(&p, it.epoch), Vec::new()));
+                        }
+                        RestoreKind::PunchAkey => {
+                            let p = keys::punch_prefix(*cont, *oid, Some(dkey), Some(&it.akey));
+                            staged.push((CF_PUNCHES, keys::with_epoch(&p, it.epoch), Vec::new()));
+                        }
+                    }
+                }
+                Ok(newest)
             }
             Mutation::Punch { cont, oid, epoch, dkey, akey } => {
                 destroyed(cont)?;

@@ -76,7 +76,7 @@ impl<'a> View<'a> {
         Ok(floor)
     }
 
-    fn read_value(&self, rec: &Record, what: &str) -> Result<Bytes> {
+    pub(super) fn read_value(&self, rec: &Record, what: &str) -> Result<Bytes> {
         let bytes = match &rec.loc {
             Location::Inline(b) => b.clone(),
             Location::External { file, offset } => Bytes::from(

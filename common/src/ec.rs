@@ -2,12 +2,15 @@
 //!
 //! A stripe is `k` data cells and `p` parity cells of equal size. The
 //! client encodes full stripes before it writes them and reconstructs data
-//! cells from any `k` surviving cells when a shard is unreachable.
+//! cells from any `k` surviving cells when a shard is unreachable; servers
+//! reconstruct lost cells when they rebuild. Pure computation: the codec
+//! works byte position by byte position across the cells, so any byte
+//! range at the same offsets of the k + p shard extents decodes.
 //!
 //! # Examples
 //!
 //! ```
-//! use shoal_client::ec::codec;
+//! use shoal_common::ec::codec;
 //!
 //! let c = codec(2, 1)?;
 //! let parity = c.encode(&[&b"abcd"[..], &b"efgh"[..]])?;
@@ -21,15 +24,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::{Result, ShoalError};
 use reed_solomon_erasure::galois_8::ReedSolomon;
-use shoal_common::{Result, ShoalError};
 
 /// An erasure codec for one (k, p) geometry.
 ///
 /// # Examples
 ///
 /// ```
-/// use shoal_client::ec::{codec, Codec};
+/// use shoal_common::ec::{codec, Codec};
 ///
 /// /// Bytes stored per data byte.
 /// fn overhead(c: &dyn Codec) -> f64 {
@@ -46,7 +49,7 @@ pub trait Codec: Send + Sync {
     /// # Examples
     ///
     /// ```
-    /// use shoal_client::ec::{Codec, RsCodec};
+    /// use shoal_common::ec::{Codec, RsCodec};
     ///
     /// assert_eq!(RsCodec::new(8, 3)?.data_cells(), 8);
     /// # Ok::<(), shoal_common::ShoalError>(())
@@ -57,7 +60,7 @@ pub trait Codec: Send + Sync {
     /// # Examples
     ///
     /// ```
-    /// use shoal_client::ec::{Codec, RsCodec};
+    /// use shoal_common::ec::{Codec, RsCodec};
     ///
     /// assert_eq!(RsCodec::new(8, 3)?.parity_cells(), 3);
     /// # Ok::<(), shoal_common::ShoalError>(())
@@ -68,7 +71,7 @@ pub trait Codec: Send + Sync {
     /// # Examples
     ///
     /// ```
-    /// use shoal_client::ec::codec;
+    /// use shoal_common::ec::codec;
     ///
     /// let c = codec(4, 2)?;
     /// let cells = [[1u8; 64], [2; 64], [3; 64], [4; 64]];
@@ -85,7 +88,7 @@ pub trait Codec: Send + Sync {
     /// # Examples
     ///
     /// ```
-    /// use shoal_client::ec::codec;
+    /// use shoal_common::ec::codec;
     ///
     /// let c = codec(4, 2)?;
     /// let data: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 64]).collect();
@@ -112,7 +115,7 @@ pub trait Codec: Send + Sync {
 /// # Examples
 ///
 /// ```
-/// use shoal_client::ec::{Codec, RsCodec};
+/// use shoal_common::ec::{Codec, RsCodec};
 ///
 /// let rs = RsCodec::new(2, 1)?;
 /// let parity = rs.encode(&[&[1u8, 2, 3][..], &[4, 5, 6][..]])?;
@@ -131,7 +134,7 @@ impl RsCodec {
     /// # Examples
     ///
     /// ```
-    /// use shoal_client::ec::RsCodec;
+    /// use shoal_common::ec::RsCodec;
     ///
     /// let rs = RsCodec::new(4, 2)?;
     /// // A stripe needs at least one data cell.
@@ -179,7 +182,7 @@ impl Codec for RsCodec {
 /// ```
 /// use std::sync::Arc;
 ///
-/// use shoal_client::ec::codec;
+/// use shoal_common::ec::codec;
 ///
 /// let a = codec(4, 2)?;
 /// let b = codec(4, 2)?;

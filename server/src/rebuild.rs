@@ -1,0 +1,340 @@
+//! Rebuild: shards of excluded targets are recomputed on their spares.
+//!
+//! There is no central list of what to rebuild. Each server in service
+//! scans its own object index, target by target; for every dkey it holds
+//! of an object whose group (under the current pool map) has a spare still
+//! being rebuilt, the group's first readable home shard is the *source*:
+//! if that is this server's target, it sends the spare every version and
+//! punch the spare needs, each at its own epoch (`Restore`):
+//!
+//! - replicated classes (and the single values EC objects keep on shards
+//!   `0..=p`): a copy of every version this replica holds;
+//! - EC extents: for every extent version, the cell of the spare's index,
+//!   decoded byte for byte from `k` cells of the same epoch at the same
+//!   offsets (this target's and its peers'), so it works whatever the
+//!   object's cell size.
+//!
+//! A source never misses an acknowledged version: a server that missed a
+//! write is declared down before the write is acknowledged, and a down
+//! server is never a source. Writes that arrive during rebuild go to the
+//! spares directly. When a server has been through all its objects for the
+//! pool's current map version, it tells the MS; once every server in
+//! service has, the MS drops the targets from the pool's rebuilding list
+//! and the spares serve reads. A map change during rebuild (another
+//! exclusion) makes every server go through its objects again for the new
+//! version.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_common::ec::codec;
+use shoal_common::mgmt::{PoolInfo, PoolQueryReq, RebuildDoneReq};
+use shoal_common::msg::{FetchIod, FetchReq, Fetched, RestoreItem, RestoreKind, RestoreReq, ValueKind};
+use shoal_common::oclass::{oid_class, Redundancy};
+use shoal_common::placement::{dkey_group, Shard};
+use shoal_common::{ContId, Oid, PoolId, Result, ShoalError};
+use shoal_net::{call, TcpTransport};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::service::Service;
+use crate::store::restore::StoredVersion;
+use crate::store::TargetStore;
+
+/// Objects read from the object index at a time.
+const OBJECTS_PER_PAGE: usize = 256;
+/// Most bytes one restore request carries.
+const RESTORE_BYTES: usize = 8 << 20;
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one server did for one pool's rebuild.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Progress {
+    pub objects: u64,
+    pub versions: u64,
+    pub bytes: u64,
+}
+
+/// Rebuilds, every second, the pools the MS says are rebuilding, until
+/// `stop`.
+pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken) {
+    let t = TcpTransport::default();
+    let mut done: HashMap<PoolId, u32> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let Some(rank) = service.rank() else { continue };
+        for pool in service.rebuilding() {
+            let info = match ask(&t, &ms, &PoolQueryReq { pool: pool.to_string() }).await {
+                Ok(i) => i,
+                Err(e) => {
+                    warn!(%pool, "rebuild: cannot read the pool map: {e}");
+                    continue;
+                }
+            };
+            if info.rebuilding.is_empty() || done.get(&pool) == Some(&info.map.version) {
+                continue;
+            }
+            let serving = info.map.targets.iter().any(|t| t.rank == rank && t.state.is_available());
+            if !serving {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            match rebuild_pool(&service, &t, &info, rank, &stop).await {
+                Ok(p) => {
+                    info!(
+                        %pool,
+                        version = info.map.version,
+                        objects = p.objects,
+                        versions = p.versions,
+                        bytes = p.bytes,
+                        secs = started.elapsed().as_secs_f64(),
+                        "rebuild pass done"
+                    );
+                    let req = RebuildDoneReq { pool, rank, version: info.map.version };
+                    match ask(&t, &ms, &req).await {
+                        Ok(()) => {
+                            done.insert(pool, info.map.version);
+                        }
+                        Err(e) => warn!(%pool, "rebuild: cannot report to the MS: {e}"),
+                    }
+                }
+                Err(e) => warn!(%pool, "rebuild pass failed, will try again: {e}"),
+            }
+        }
+    }
+}
+
+async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
+    let mut last = ShoalError::Unreachable("no MS address configured".into());
+    for addr in ms {
+        match call(t, addr, req, vec![], 0, 0, CALL_TIMEOUT).await {
+            Ok((r, _)) => return Ok(r),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// One pass over this server's objects for `info`'s map.
+async fn rebuild_pool(
+    service: &Arc<Service>,
+    t: &TcpTransport,
+    info: &PoolInfo,
+    rank: u32,
+    stop: &CancellationToken,
+) -> Result<Progress> {
+    let placement = info.placement();
+    let mut p = Progress::default();
+    for store in service.stores() {
+        let mut after = None;
+        loop {
+            if stop.is_cancelled() {
+                return Err(ShoalError::Busy("server stopping".into()));
+            }
+            let page = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))
+                    .await
+                    .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
+            };
+            let Some(last) = page.last().copied() else { break };
+            after = Some(last);
+            for (cont, oid) in page {
+                if store.is_tombstoned(cont) {
+                    continue;
+                }
+                let Some(class) = oid_class(oid) else { continue };
+                let Ok(layout) = placement.layout(cont, oid, class) else { continue };
+                p.objects += 1;
+                let dkeys = {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || store.dkeys_of(cont, oid))
+                        .await
+                        .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
+                };
+                for dkey in dkeys {
+                    let group = &layout.groups[dkey_group(&dkey, layout.groups.len() as u32) as usize];
+                    let spares: Vec<(usize, Shard)> = group
+                        .iter()
+                        .copied()
+                        .enumerate()
+                        .filter(|(_, s)| s.spare && !s.readable && s.available)
+                        .collect();
+                    if spares.is_empty() {
+                        continue;
+                    }
+                    // The source: the group's first readable home shard.
+                    let Some((me, source)) = group.iter().copied().enumerate().find(|(_, s)| s.readable && !s.spare)
+                    else {
+                        continue;
+                    };
+                    if source.rank != rank || source.target != store.id() {
+                        continue;
+                    }
+                    let versions = {
+                        let (store, dkey) = (store.clone(), dkey.clone());
+                        tokio::task::spawn_blocking(move || store.versions_of(cont, oid, &dkey))
+                            .await
+                            .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
+                    };
+                    for &(idx, spare) in &spares {
+                        let items = match class.redundancy {
+                            Redundancy::None => continue,
+                            Redundancy::Replicas(_) => versions.clone(),
+                            Redundancy::Ec { k, p: par } => {
+                                ec_items(t, info, store, cont, oid, &dkey, group, me, idx, k, par, &versions).await?
+                            }
+                        };
+                        p.versions += items.len() as u64;
+                        p.bytes += items.iter().map(|v| v.data.len() as u64).sum::<u64>();
+                        send(t, info, spare, cont, oid, &dkey, items).await?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// What an EC spare at shard index `idx` needs of one dkey: its cell of
+/// every extent version (decoded), the single values if it holds copies
+/// (`idx <= p`), and every punch.
+#[allow(clippy::too_many_arguments)]
+async fn ec_items(
+    t: &TcpTransport,
+    info: &PoolInfo,
+    store: &TargetStore,
+    cont: ContId,
+    oid: Oid,
+    dkey: &[u8],
+    group: &[Shard],
+    me: usize,
+    idx: usize,
+    k: u8,
+    p: u8,
+    versions: &[StoredVersion],
+) -> Result<Vec<StoredVersion>> {
+    let (k, n) = (k as usize, k as usize + p as usize);
+    let rs = codec(k as u32, p as u32)?;
+    let mut out = Vec::new();
+    for v in versions {
+        match v.item.kind {
+            RestoreKind::Single if idx > p as usize => {}
+            RestoreKind::Extent { start } => {
+                let len = v.data.len() as u64;
+                let mut cells: Vec<Option<Vec<u8>>> = vec![None; n];
+                cells[me] = Some(v.data.to_vec());
+                let mut have = 1;
+                for (j, sh) in group.iter().enumerate() {
+                    if have >= k {
+                        break;
+                    }
+                    if j == me || j == idx || !sh.readable {
+                        continue;
+                    }
+                    let req = FetchReq {
+                        pool: info.uuid,
+                        rank: sh.rank,
+                        target: sh.target,
+                        cont,
+                        oid,
+                        dkey: dkey.to_vec(),
+                        epoch: v.item.epoch,
+                        iods: vec![FetchIod {
+                            akey: v.item.akey.clone(),
+                            kind: ValueKind::Array { rec_size: 1, start, nr: len },
+                        }],
+                    };
+                    let Some(addr) = info.addrs.iter().find(|(r, _)| *r == sh.rank).map(|(_, a)| a.as_str()) else {
+                        continue;
+                    };
+                    let Ok((r, segs)) = call(t, addr, &req, vec![], info.map.version, 0, CALL_TIMEOUT).await else {
+                        continue;
+                    };
+                    if r.verify(&segs).is_err() {
+                        continue;
+                    }
+                    // Only a cell of the same write (same epoch) decodes.
+                    if let (Some(Fetched::Array { epoch, .. }), Some(b)) = (r.values.first(), segs.first()) {
+                        if *epoch == v.item.epoch && b.len() as u64 == len {
+                            cells[j] = Some(b.to_vec());
+                            have += 1;
+                        }
+                    }
+                }
+                if have < k {
+                    // Fewer than k cells of this version exist: it was never
+                    // acknowledged (a failed write); nothing to rebuild.
+                    continue;
+                }
+                let cell = if idx < k {
+                    rs.reconstruct(&mut cells)?;
+                    cells[idx].take().unwrap_or_default()
+                } else {
+                    rs.reconstruct(&mut cells)?;
+                    let data: Vec<&[u8]> = cells[..k].iter().map(|c| c.as_deref().unwrap_or(&[])).collect();
+                    rs.encode(&data)?.swap_remove(idx - k)
+                };
+                let mut item = v.item.clone();
+                item.crc = crc32c::crc32c(&cell);
+                out.push(StoredVersion { item, data: Bytes::from(cell) });
+            }
+            _ => out.push(v.clone()),
+        }
+    }
+    let _ = store;
+    Ok(out)
+}
+
+/// Sends versions to a spare, a request of at most [`RESTORE_BYTES`] at a
+/// time.
+async fn send(
+    t: &TcpTransport,
+    info: &PoolInfo,
+    spare: Shard,
+    cont: ContId,
+    oid: Oid,
+    dkey: &[u8],
+    items: Vec<StoredVersion>,
+) -> Result<()> {
+    let addr = info
+        .addrs
+        .iter()
+        .find(|(r, _)| *r == spare.rank)
+        .map(|(_, a)| a.clone())
+        .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {}", spare.rank)))?;
+    let mut batch: Vec<RestoreItem> = Vec::new();
+    let mut segs: Vec<Bytes> = Vec::new();
+    let mut bytes = 0;
+    let flush = |batch: Vec<RestoreItem>, segs: Vec<Bytes>| {
+        let req = RestoreReq {
+            pool: info.uuid,
+            rank: spare.rank,
+            target: spare.target,
+            cont,
+            oid,
+            dkey: dkey.to_vec(),
+            items: batch,
+        };
+        let addr = addr.clone();
+        async move { call(t, &addr, &req, segs, info.map.version, 0, CALL_TIMEOUT).await.map(|_| ()) }
+    };
+    for v in items {
+        if !batch.is_empty() && (bytes + v.data.len() > RESTORE_BYTES || batch.len() >= 512) {
+            flush(std::mem::take(&mut batch), std::mem::take(&mut segs)).await?;
+            bytes = 0;
+        }
+        bytes += v.data.len();
+        batch.push(v.item);
+        segs.push(v.data);
+    }
+    if !batch.is_empty() {
+        flush(batch, segs).await?;
+    }
+    Ok(())
+}
