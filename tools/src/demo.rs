@@ -2,7 +2,7 @@
 //! pairs and a large EC array, loses a server, and reads everything back.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use bytes::Bytes;
@@ -75,7 +75,9 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     };
     println!("== starting {} shoal-server processes ({} targets each) under {}", a.servers, a.targets, dir.display());
     let t = Instant::now();
-    let mut cluster = LocalCluster::start(&dir, a.servers, a.targets).await?;
+    // A dead server is excluded 3 s after it is declared down (30 s by
+    // default), so the demo shows rebuild without a long wait.
+    let mut cluster = LocalCluster::start_with(&dir, a.servers, a.targets, &["--exclude-after", "3s"]).await?;
     println!("   all joined the management service at {} in {:.2?}", cluster.ms(), t.elapsed());
     let client = cluster.client().await?;
     let pool = client.pool_create("demo", vec![], 0).await?;
@@ -148,6 +150,57 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let listed = kv.list().await?.len() as u64;
     ensure!(listed == a.keys, "listed {listed} keys, wrote {}", a.keys);
     println!("== listed {listed} keys with one server dead");
+
+    // Writes go on without the dead server (rd_fac 1): overwrite every key
+    // and the first 32 MiB of the array.
+    let t = Instant::now();
+    stream::iter(0..a.keys)
+        .map(|i| {
+            let kv = kv.clone();
+            async move { kv.put(format!("key-{i}").as_bytes(), value(i ^ 0x5a5a)).await }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await
+        .context("KV writes with one server dead")?;
+    let rewrite = a.array_mib.min(32);
+    stream::iter(0..rewrite)
+        .map(|i| {
+            let array = array.clone();
+            async move { array.write(i << 20, mib(i ^ 0x5a5a)).await }
+        })
+        .buffer_unordered(4)
+        .try_collect::<Vec<_>>()
+        .await
+        .context("array writes with one server dead")?;
+    println!(
+        "== rewrote {} KV pairs and {rewrite} MiB of the array with one server dead (degraded writes) in {:.2?}",
+        a.keys,
+        t.elapsed()
+    );
+    // The MS excludes the dead server, and the others rebuild its shards.
+    let t = Instant::now();
+    loop {
+        let p = client.pool_query("demo").await?;
+        let out = p.map.targets.iter().any(|t| t.state == shoal_common::placement::TargetState::DownOut);
+        if out && p.rebuilding.is_empty() {
+            break;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(120), "rebuild did not finish within 120s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!("== the dead server was excluded and its shards rebuilt on the others ({:.2?} more)", t.elapsed());
+    let t = Instant::now();
+    for i in 0..a.keys {
+        let got = kv.get(format!("key-{i}").as_bytes()).await?;
+        ensure!(got.as_deref() == Some(&value(i ^ 0x5a5a)[..]), "key {i} read back wrong after rebuild");
+    }
+    for i in 0..a.array_mib {
+        let want = if i < rewrite { mib(i ^ 0x5a5a) } else { mib(i) };
+        let got = array.read(i << 20, 1 << 20).await?;
+        ensure!(got == want, "array MiB {i} read back wrong after rebuild");
+    }
+    println!("== read back every byte after rebuild: correct ({:.2?})", t.elapsed());
 
     for s in cluster.servers.iter_mut().filter(|s| s.pid().is_some()) {
         s.terminate()?;
