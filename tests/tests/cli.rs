@@ -110,6 +110,34 @@ fn the_cli_drives_a_dev_cluster_end_to_end() {
     assert_eq!(o.stdout, data[1000..1010]);
     assert!(cli.fails(&["array", "read", "tank", "c", "conf"]).contains("not an array"));
 
+    // Practising failures: kill a server (not the MS's), write on, see it
+    // declared down, bring it back, add one.
+    let sys = json(&cli.ok(&["system", "query", "--json"]));
+    let victim = sys["members"].as_array().unwrap().iter().map(|m| m["rank"].as_u64().unwrap()).max().unwrap();
+    let victim_s = victim.to_string();
+    cli.ok(&["dev", "kill", &victim_s]);
+    cli.ok(&["kv", "put", "tank", "c", "conf", "colour", "green"]);
+    assert_eq!(cli.ok(&["kv", "get", "tank", "c", "conf", "colour"]), "green");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let sys = json(&cli.ok(&["system", "query", "--json"]));
+        let m = sys["members"].as_array().unwrap().iter().find(|m| m["rank"] == victim).unwrap().clone();
+        if m["state"] == "Down" || m["state"] == "Excluded" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rank {victim} never declared down: {m}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    cli.ok(&["dev", "restart", &victim_s]);
+    assert!(cli.fails(&["dev", "restart", &victim_s]).contains("is running"));
+    cli.ok(&["dev", "add", "--targets", "1"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while json(&cli.ok(&["system", "query", "--json"]))["members"].as_array().unwrap().len() < 5 {
+        assert!(std::time::Instant::now() < deadline, "the added server never joined");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(cli.ok(&["kv", "get", "tank", "c", "conf", "colour"]), "green");
+
     cli.ok(&["dev", "down", "--clean"]);
     assert!(!Path::new(&dir).exists());
     assert!(!cli.cluster_file.exists());

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
-use shoal_tools::local::LocalCluster;
+use shoal_tools::local::{LocalCluster, LocalServer};
 
 use crate::{out, Ctx};
 
@@ -31,6 +31,24 @@ pub enum DevCmd {
         /// Also delete the cluster's data directory.
         #[arg(long)]
         clean: bool,
+    },
+    /// Kills one server of the dev cluster with SIGKILL, as a crash would.
+    Kill {
+        /// The server's rank (`shoal system query`).
+        rank: u32,
+    },
+    /// Starts a killed or stopped server of the dev cluster again, on its
+    /// data directory and address.
+    Restart {
+        /// The server's rank.
+        rank: u32,
+    },
+    /// Adds a server to the dev cluster (it joins the system; `shoal pool
+    /// extend` adds it to a pool).
+    Add {
+        /// Targets of the new server.
+        #[arg(long, default_value_t = 2)]
+        targets: u32,
     },
 }
 
@@ -58,6 +76,9 @@ impl ClusterFile {
 }
 
 fn alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
     // SAFETY: kill(2) with signal 0 only checks that the process exists.
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
@@ -66,7 +87,71 @@ pub async fn run(ctx: &Ctx, cmd: DevCmd) -> anyhow::Result<()> {
     match cmd {
         DevCmd::Up { servers, targets, dir } => up(ctx, servers, targets, &dir).await,
         DevCmd::Down { clean } => down(ctx, clean).await,
+        DevCmd::Kill { rank } => {
+            let (mut f, i) = server_of(ctx, rank).await?;
+            if alive(f.servers[i].pid) {
+                // SAFETY: plain kill(2) on a pid this tool started.
+                unsafe { libc::kill(f.servers[i].pid as i32, libc::SIGKILL) };
+            }
+            f.servers[i].pid = 0;
+            save(ctx, &f)?;
+            println!("killed rank {rank} ({}) with SIGKILL", f.servers[i].addr);
+            Ok(())
+        }
+        DevCmd::Restart { rank } => {
+            let (mut f, i) = server_of(ctx, rank).await?;
+            let s = f.servers[i].clone();
+            if s.pid != 0 && alive(s.pid) {
+                bail!("rank {rank} ({}) is running (pid {}); `shoal dev kill {rank}` first", s.addr, s.pid);
+            }
+            let extra = if i == 0 { vec!["--ms".to_string()] } else { vec!["--ms-addr".to_string(), f.ms[0].clone()] };
+            let mut server = LocalServer::existing(&s.dir, targets_of(&s.dir)?, &s.addr, extra);
+            server.restart().await?;
+            f.servers[i].pid = server.detach().context("server process")?;
+            save(ctx, &f)?;
+            println!("restarted rank {rank} ({}, pid {})", s.addr, f.servers[i].pid);
+            Ok(())
+        }
+        DevCmd::Add { targets } => {
+            let mut f = ClusterFile::load(&ctx.cluster_file).context("no dev cluster")?;
+            let dir = f.dir.join(format!("server{}", f.servers.len()));
+            let server = LocalServer::start_with(&dir, targets, vec!["--ms-addr".into(), f.ms[0].clone()]).await?;
+            let addr = server.addr.clone();
+            let pid = server.detach().context("server process")?;
+            f.servers.push(DevServer { dir, addr: addr.clone(), pid });
+            save(ctx, &f)?;
+            println!(
+                "added a server at {addr} (pid {pid}); it joins the system, and `shoal pool extend` adds it to a pool"
+            );
+            Ok(())
+        }
     }
+}
+
+fn save(ctx: &Ctx, f: &ClusterFile) -> anyhow::Result<()> {
+    std::fs::write(&ctx.cluster_file, serde_json::to_string_pretty(f)?)
+        .with_context(|| format!("write {}", ctx.cluster_file.display()))
+}
+
+/// The cluster file and the index of the server with `rank` in it.
+async fn server_of(ctx: &Ctx, rank: u32) -> anyhow::Result<(ClusterFile, usize)> {
+    let f = ClusterFile::load(&ctx.cluster_file).context("no dev cluster")?;
+    let q = ctx.client().await?.system_query().await?;
+    let m = q.members.iter().find(|m| m.rank == rank).with_context(|| format!("no rank {rank} in the system"))?;
+    let i = f
+        .servers
+        .iter()
+        .position(|s| s.addr == m.addr)
+        .with_context(|| format!("rank {rank} ({}) is not a server of this dev cluster", m.addr))?;
+    Ok((f, i))
+}
+
+/// The number of targets a data directory was formatted with.
+fn targets_of(dir: &Path) -> anyhow::Result<u32> {
+    let text = std::fs::read_to_string(dir.join("superblock.json"))
+        .with_context(|| format!("read the superblock of {}", dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    v["targets"].as_u64().map(|t| t as u32).context("superblock without a target count")
 }
 
 async fn up(ctx: &Ctx, n: usize, targets: u32, dir: &Path) -> anyhow::Result<()> {

@@ -92,6 +92,12 @@ impl LocalServer {
         }
     }
 
+    /// A handle on a server that ran before in `dir` at `addr` (not
+    /// running now); `restart` starts it again there.
+    pub fn existing(dir: &Path, targets: u32, addr: &str, extra: Vec<String>) -> LocalServer {
+        LocalServer { dir: dir.to_path_buf(), targets, addr: addr.to_string(), extra, env: Vec::new(), child: None }
+    }
+
     /// Lets the process run on after this handle is gone; returns its pid.
     pub fn detach(mut self) -> Option<u32> {
         self.child.take().map(|c| c.id())
