@@ -169,6 +169,18 @@ async fn writes_go_on_through_failures_within_rd_fac() {
             }
         }
     }
+    // Three servers lost, rd_fac 2: once the MS has declared the third
+    // down, the containers say they are UNCLEAN.
+    let pool = client.pool_connect("tank").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h: Vec<_> = pool.cont_list().await.unwrap().into_iter().map(|c| c.health).collect();
+        if h.iter().all(|h| *h == shoal_common::mgmt::Health::Unclean) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "containers still {h:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cluster.servers[4].thaw();
 }
 

@@ -249,6 +249,7 @@ impl MsState {
                 }
                 self.down.insert(*rank, *now_ms);
                 self.set_targets(*rank, |s| s.is_available().then_some(TargetState::Down));
+                self.mark_unclean();
                 Ok(Outcome::Done)
             }
             Command::Exclude { rank } => {
@@ -333,6 +334,32 @@ impl MsState {
                 }
                 c.next_seq += *count as u128;
                 Ok(Outcome::FirstOid(first))
+            }
+        }
+    }
+
+    /// Turns UNCLEAN (for good) every container whose pool has lost more
+    /// servers than its rd_fac: ranks down, or excluded and not rebuilt.
+    fn mark_unclean(&mut self) {
+        for p in self.pools.values_mut() {
+            let rebuilding = self.rebuilding.get(&p.uuid);
+            let mut lost: Vec<u32> = p
+                .map
+                .targets
+                .iter()
+                .filter(|t| {
+                    t.state == TargetState::Down
+                        || (t.state == TargetState::DownOut
+                            && rebuilding.is_some_and(|r| r.contains(&(t.rank, t.index))))
+                })
+                .map(|t| t.rank)
+                .collect();
+            lost.sort_unstable();
+            lost.dedup();
+            for c in p.containers.values_mut() {
+                if lost.len() > c.props.rd_fac as usize {
+                    c.health = Health::Unclean;
+                }
             }
         }
     }
@@ -633,6 +660,30 @@ mod tests {
             let Outcome::Cont(c) = s.apply(&cmd).unwrap() else { panic!() };
             assert_eq!(c.props.rd_fac, rd_fac, "{class}");
         }
+    }
+
+    #[test]
+    fn a_container_that_lost_more_servers_than_its_rd_fac_turns_unclean() {
+        let mut s = MsState::default();
+        for u in 0..4 {
+            join(&mut s, u);
+        }
+        let cmd = Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        for (uuid, label, rd_fac) in [(1, "one", 1), (2, "two", 2)] {
+            let props = ContProps { rd_fac, ..ContProps::default() };
+            s.apply(&Command::ContCreate { pool: PoolId(7), uuid: ContId(uuid), label: label.into(), props }).unwrap();
+        }
+        let health = |s: &MsState, c: u128| s.cont_info(PoolId(7), ContId(c)).unwrap().health;
+        s.apply(&Command::MarkDown { rank: 0, now_ms: 1 }).unwrap();
+        assert_eq!(health(&s, 1), Health::Healthy);
+        s.apply(&Command::MarkDown { rank: 1, now_ms: 2 }).unwrap();
+        assert_eq!(health(&s, 1), Health::Unclean, "two lost servers, rd_fac 1");
+        assert_eq!(health(&s, 2), Health::Healthy, "two lost servers, rd_fac 2");
+        // It stays so: data may be gone.
+        s.apply(&Command::Exclude { rank: 0 }).unwrap();
+        s.apply(&Command::Exclude { rank: 1 }).unwrap();
+        assert_eq!(health(&s, 1), Health::Unclean);
     }
 
     #[test]
