@@ -64,6 +64,31 @@ impl FromStr for Oid {
     }
 }
 
+/// Serde for a raw u128 identity: a hyphenated UUID string in
+/// human-readable formats (JSON tools round 128-bit integers), the number in
+/// binary ones (`#[serde(with = "crate::ids::uuid_u128")]`).
+pub mod uuid_u128 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            let h = format!("{v:032x}");
+            s.collect_str(&format_args!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+        } else {
+            s.serialize_u128(*v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            u128::from_str_radix(&s.replace('-', ""), 16).map_err(serde::de::Error::custom)
+        } else {
+            u128::deserialize(d)
+        }
+    }
+}
+
 /// Declares a 128-bit UUID-like identity type that prints and parses in
 /// the canonical 8-4-4-4-12 form.
 macro_rules! uuid_id {

@@ -86,6 +86,7 @@ pub enum MemberState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub rank: u32,
+    #[serde(with = "crate::ids::uuid_u128")]
     pub uuid: u128,
     pub addr: String,
     pub fault_domain: String,
@@ -101,6 +102,7 @@ pub struct Member {
 /// A server asks to join (or rejoin, same uuid = same rank).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinReq {
+    #[serde(with = "crate::ids::uuid_u128")]
     pub uuid: u128,
     pub addr: String,
     pub fault_domain: String,
@@ -134,6 +136,7 @@ pub const MAX_TARGETS_PER_SERVER: u32 = 64;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatReq {
     pub rank: u32,
+    #[serde(with = "crate::ids::uuid_u128")]
     pub uuid: u128,
     /// The sender's heartbeat period in milliseconds; the MS waits a few
     /// periods before it calls the sender unresponsive.
@@ -251,6 +254,10 @@ pub struct PoolInfo {
     /// Excluded targets (rank, index) whose shards are not rebuilt on their
     /// spares yet: those spares take writes but serve no reads.
     pub rebuilding: Vec<(u32, u32)>,
+    /// While rebuilding: the ranks that have been through their objects
+    /// for the current map version (rebuild ends when every rank in service
+    /// has).
+    pub rebuilt_by: Vec<u32>,
 }
 
 impl PoolInfo {

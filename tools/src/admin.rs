@@ -220,6 +220,16 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                 return out::json(&Q { pool: &p, targets: &rows });
             }
             print_pool(&p);
+            if !p.rebuilding.is_empty() {
+                let serving: std::collections::BTreeSet<u32> =
+                    p.map.targets.iter().filter(|t| t.state.is_available()).map(|t| t.rank).collect();
+                println!(
+                    "rebuilding {} excluded targets: {} of {} servers in service have been through their objects",
+                    p.rebuilding.len(),
+                    p.rebuilt_by.iter().filter(|r| serving.contains(r)).count(),
+                    serving.len()
+                );
+            }
             let mut t = out::table(&["rank", "target", "state", "used", "free"]);
             for r in &rows {
                 t.add_row(vec![

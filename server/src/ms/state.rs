@@ -527,6 +527,12 @@ impl MsState {
             addrs,
             containers: p.containers.len() as u32,
             rebuilding: self.rebuilding.get(&pool).cloned().unwrap_or_default(),
+            rebuilt_by: self
+                .rebuild_done
+                .get(&pool)
+                .filter(|(v, _)| *v == p.map.version)
+                .map(|(_, r)| r.iter().copied().collect())
+                .unwrap_or_default(),
         })
     }
 
