@@ -447,6 +447,22 @@ impl Client {
         self.ms_call(&shoal_common::mgmt::ExcludeReq { rank }).await
     }
 
+    /// Brings a down or excluded server back into `pool` (every pool when
+    /// `None`): its targets take writes at once, are rebuilt from the
+    /// others, and serve reads once rebuilt. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// client.reintegrate(Some("tank"), 5).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn reintegrate(&self, pool: Option<&str>, rank: u32) -> Result<()> {
+        self.ms_call(&shoal_common::mgmt::ReintegrateReq { pool: pool.map(str::to_string), rank }).await
+    }
+
     /// Every member of the system. Cancel safe.
     ///
     /// # Examples

@@ -227,6 +227,17 @@ pub struct RebuildDoneReq {
 
 mgmt_rpc!(RebuildDoneReq, RebuildDone, ());
 
+/// Brings a down or excluded server back into a pool (all pools when
+/// `pool` is `None`): its targets turn `UP`, take writes at once, are
+/// rebuilt from the others, and serve reads (`UPIN`) once rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReintegrateReq {
+    pub pool: Option<Name>,
+    pub rank: u32,
+}
+
+mgmt_rpc!(ReintegrateReq, Reintegrate, ());
+
 mgmt_rpc!(HeartbeatReq, SysHeartbeat, HeartbeatReply);
 
 /// Asks for the system membership.

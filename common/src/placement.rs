@@ -264,7 +264,11 @@ impl Placement {
             for (i, &home) in group.iter().enumerate() {
                 let slot = self.ring[home];
                 if slot.state != TargetState::DownOut {
-                    shards.push(slot.shard(false));
+                    // A home being rebuilt (a server coming back) takes
+                    // writes but serves no reads until it is.
+                    let mut sh = slot.shard(false);
+                    sh.readable &= !self.rebuilding.contains(&(slot.rank, slot.target));
+                    shards.push(sh);
                     continue;
                 }
                 let spare = self.next_position_index(last_home, |pos, cand| {
@@ -277,8 +281,10 @@ impl Placement {
                     Some(pos) => {
                         spares.push(pos);
                         spare_ranks.push(self.ring[pos].rank);
-                        let mut sh = self.ring[pos].shard(true);
-                        sh.readable &= !self.rebuilding.contains(&(slot.rank, slot.target));
+                        let cand = self.ring[pos];
+                        let mut sh = cand.shard(true);
+                        sh.readable &= !self.rebuilding.contains(&(slot.rank, slot.target))
+                            && !self.rebuilding.contains(&(cand.rank, cand.target));
                         shards.push(sh);
                     }
                     // Nowhere to go: the shard stays home and unavailable.

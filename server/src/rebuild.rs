@@ -1,9 +1,11 @@
-//! Rebuild: shards of excluded targets are recomputed on their spares.
+//! Rebuild: shards of excluded targets are recomputed on their spares, and
+//! those of reintegrated targets in place.
 //!
 //! There is no central list of what to rebuild. Each server in service
 //! scans its own object index, target by target; for every dkey it holds
-//! of an object whose group (under the current pool map) has a spare still
-//! being rebuilt, the group's first readable home shard is the *source*:
+//! of an object whose group (under the current pool map) has a shard still
+//! being rebuilt (a spare, or a home that came back), the group's first
+//! readable shard is the *source*:
 //! if that is this server's target, it sends the spare every version and
 //! punch the spare needs, each at its own epoch (`Restore`):
 //!
@@ -159,18 +161,14 @@ async fn rebuild_pool(
                 };
                 for dkey in dkeys {
                     let group = &layout.groups[dkey_group(&dkey, layout.groups.len() as u32) as usize];
-                    let spares: Vec<(usize, Shard)> = group
-                        .iter()
-                        .copied()
-                        .enumerate()
-                        .filter(|(_, s)| s.spare && !s.readable && s.available)
-                        .collect();
+                    let spares: Vec<(usize, Shard)> =
+                        group.iter().copied().enumerate().filter(|(_, s)| !s.readable && s.available).collect();
                     if spares.is_empty() {
                         continue;
                     }
-                    // The source: the group's first readable home shard.
-                    let Some((me, source)) = group.iter().copied().enumerate().find(|(_, s)| s.readable && !s.spare)
-                    else {
+                    // The source: the group's first readable shard (a home,
+                    // or a spare rebuilt earlier when a home is away).
+                    let Some((me, source)) = group.iter().copied().enumerate().find(|(_, s)| s.readable) else {
                         continue;
                     };
                     if source.rank != rank || source.target != store.id() {

@@ -145,13 +145,17 @@ impl Service {
     }
 
     /// Refuses data requests of a pool this server may hold stale copies
-    /// of: one it is DOWN in, or any before it has heard from the MS.
-    fn check_serving(&self, pool: PoolId) -> Result<()> {
+    /// of: one it is DOWN in, or any before it has heard from the MS. A
+    /// request made with a newer pool map than this server last heard of
+    /// is served: its sender found this server in service there (it was
+    /// reintegrated, and the next heartbeat will say so).
+    fn check_serving(&self, pool: PoolId, sent: u32) -> Result<()> {
         use std::sync::atomic::Ordering;
         if self.wants_ms.load(Ordering::Acquire) && !self.heard.load(Ordering::Acquire) {
             return Err(ShoalError::Busy("this server is starting and has not heard from the MS yet".into()));
         }
-        if self.down_in.read().expect("lock").contains(&pool) {
+        let known = self.pool_versions.read().expect("lock").get(&pool).copied().unwrap_or(0);
+        if sent <= known && self.down_in.read().expect("lock").contains(&pool) {
             return Err(ShoalError::Unreachable(format!(
                 "this server is down in pool {pool}: its copies may be stale, and it serves nothing until reintegrated"
             )));
@@ -333,6 +337,9 @@ impl Service {
             Opcode::SysReport => self.run_ms::<ReportReq>(&frame, |ms, r| ms.report(r)).await,
             Opcode::SysExclude => self.run_ms::<ExcludeReq>(&frame, |ms, r| ms.exclude(r.rank)).await,
             Opcode::RebuildDone => self.run_ms::<RebuildDoneReq>(&frame, |ms, r| ms.rebuild_done(r)).await,
+            Opcode::Reintegrate => {
+                self.run_ms::<shoal_common::mgmt::ReintegrateReq>(&frame, |ms, r| ms.reintegrate(r)).await
+            }
             Opcode::Restore => {
                 self.run::<RestoreReq, _>(&frame, |s, r, segs| async move {
                     let m = Mutation::Restore { cont: r.cont, oid: r.oid, dkey: r.dkey, items: r.items, data: segs };
@@ -371,7 +378,7 @@ impl Service {
         let reply = match decode_request::<R>(frame) {
             Ok(req) => match self.check_rank(req.rank()).and_then(|()| {
                 req.pool().map_or(Ok(()), |p| {
-                    self.check_serving(p)?;
+                    self.check_serving(p, frame.header.map_version)?;
                     self.check_map(p, frame.header.map_version)
                 })
             }) {
@@ -421,7 +428,7 @@ impl Service {
             let req = decode_request::<FetchReq>(frame)?;
             self.check_rank(req.rank())?;
             if let Some(p) = req.pool() {
-                self.check_serving(p)?;
+                self.check_serving(p, frame.header.map_version)?;
                 self.check_map(p, frame.header.map_version)?;
             }
             let store = self.store(req.target)?;

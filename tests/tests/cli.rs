@@ -130,6 +130,24 @@ fn the_cli_drives_a_dev_cluster_end_to_end() {
     }
     cli.ok(&["dev", "restart", &victim_s]);
     assert!(cli.fails(&["dev", "restart", &victim_s]).contains("is running"));
+    // Back in: it is rebuilt and serves again.
+    assert!(cli.fails(&["system", "reintegrate", "99"]).contains("rank 99"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cli.run(&["system", "reintegrate", &victim_s]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "rank {victim} could never be reintegrated");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(cli.fails(&["pool", "reintegrate", "tank", &victim_s]).contains("neither down nor excluded"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let p = json(&cli.ok(&["pool", "query", "tank", "--json"]));
+        let mine: Vec<_> = p["targets"].as_array().unwrap().iter().filter(|t| t["rank"] == victim).cloned().collect();
+        if p["pool"]["rebuilding"].as_array().unwrap().is_empty() && mine.iter().all(|t| t["state"] == "UPIN") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rank {victim} never served again: {p}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     cli.ok(&["dev", "add", "--targets", "1"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while json(&cli.ok(&["system", "query", "--json"]))["members"].as_array().unwrap().len() < 5 {

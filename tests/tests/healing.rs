@@ -230,3 +230,96 @@ async fn lost_redundancy_comes_back_by_itself() {
         verify(w).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_comes_back_is_rebuilt_and_serves_again() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 7, 1, &["--exclude-after", "2s"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let mut writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_4P2G1").await];
+    let q = client.system_query().await.unwrap();
+    let back = q.members.iter().find(|m| m.addr == cluster.servers[6].addr).unwrap().rank;
+    // An EC array whose one group includes the server that will go away
+    // and come back (the last array of the EC writer).
+    let ec = client.pool_connect("tank").await.unwrap().cont_open("ec").await.unwrap();
+    let a = loop {
+        let a = ec.array_create(None, None).await.unwrap();
+        if a.object().layout().unwrap().groups[0].iter().any(|s| s.rank == back) {
+            break a;
+        }
+    };
+    writers[1].arrays.push(a);
+    writers[1].model.lock().await.arrays.push(Vec::new());
+    for i in 0..8u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    // Reintegrating a server that is in service is refused.
+    let err = client.reintegrate(None, back).await.unwrap_err();
+    assert!(matches!(err, ShoalError::InvalidArgument(_)), "{err}");
+    // It dies, misses writes, is excluded; then it comes back.
+    cluster.servers[6].kill9();
+    for i in 8..14u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    let wait_until = |what: &'static str, f: fn(&shoal_common::mgmt::PoolInfo, u32) -> bool| {
+        let client = client.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let p = client.pool_query("tank").await.unwrap();
+                if f(&p, back) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what} never happened: {:?}", p.map.targets);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    wait_until("exclusion and rebuild", |p, r| {
+        p.rebuilding.is_empty() && p.map.targets.iter().any(|t| t.rank == r && t.state == TargetState::DownOut)
+    })
+    .await;
+    cluster.servers[6].restart().await.unwrap();
+    // Still excluded: it serves nothing of the pool until reintegrated.
+    let p = client.pool_query("tank").await.unwrap();
+    assert!(p.map.targets.iter().filter(|t| t.rank == back).all(|t| t.state == TargetState::DownOut));
+    client.reintegrate(Some("tank"), back).await.unwrap();
+    // It takes writes at once, while it is rebuilt.
+    for i in 14..20u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    wait_until("reintegration", |p, r| {
+        p.rebuilding.is_empty() && p.map.targets.iter().filter(|t| t.rank == r).all(|t| t.state == TargetState::UpIn)
+    })
+    .await;
+    let members = client.system_query().await.unwrap().members;
+    assert_eq!(members.iter().find(|m| m.rank == back).unwrap().state, MemberState::Joined);
+    for w in &writers {
+        verify(w).await;
+    }
+    // Two other servers of the EC array's group die (not the MS host): the
+    // group reads only with the reintegrated server's cells, written
+    // before, while and after it was away.
+    let oid = writers[1].arrays[2].oid();
+    let map = client.pool_query("tank").await.unwrap().placement();
+    let class = shoal_common::oclass::oid_class(oid).unwrap();
+    let group = map.layout(ec.info().uuid, oid, class).unwrap().groups[0].clone();
+    assert!(group.iter().any(|s| s.rank == back && s.readable), "{group:?}");
+    let ms_rank = members.iter().find(|m| m.addr == cluster.servers[0].addr).unwrap().rank;
+    let doomed: Vec<u32> = group.iter().map(|s| s.rank).filter(|&r| r != back && r != ms_rank).take(2).collect();
+    for r in doomed {
+        let addr = &members.iter().find(|m| m.rank == r).unwrap().addr;
+        cluster.servers.iter_mut().find(|s| &s.addr == addr).unwrap().kill9();
+    }
+    for w in &writers {
+        verify(w).await;
+    }
+}

@@ -16,6 +16,13 @@ pub enum SystemCmd {
         /// The server's rank.
         rank: u32,
     },
+    /// Brings a down or excluded server back into every pool: it takes
+    /// writes at once, is rebuilt from the others, and serves reads once
+    /// rebuilt (`shoal pool query` shows the progress).
+    Reintegrate {
+        /// The server's rank.
+        rank: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -37,6 +44,9 @@ pub enum PoolCmd {
         #[arg(long, value_delimiter = ',', required = true)]
         ranks: Vec<u32>,
     },
+    /// Brings a down or excluded server back into this pool (see
+    /// `shoal system reintegrate`).
+    Reintegrate { pool: String, rank: u32 },
     /// Lists pools.
     List,
     /// A pool's map and the space used and free on every target.
@@ -127,6 +137,11 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             println!("rank {rank} excluded from every pool");
             Ok(())
         }
+        SystemCmd::Reintegrate { rank } => {
+            ctx.client().await?.reintegrate(None, rank).await?;
+            println!("rank {rank} reintegrated into every pool it was out of; it serves reads once rebuilt");
+            Ok(())
+        }
     }
 }
 
@@ -159,6 +174,10 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                 return out::json(&p);
             }
             print_pool(&p);
+        }
+        PoolCmd::Reintegrate { pool, rank } => {
+            client.reintegrate(Some(&pool), rank).await?;
+            println!("rank {rank} reintegrated into {pool}; it serves reads once rebuilt");
         }
         PoolCmd::List => {
             let pools = client.pool_list().await?;
@@ -224,7 +243,8 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                 let serving: std::collections::BTreeSet<u32> =
                     p.map.targets.iter().filter(|t| t.state.is_available()).map(|t| t.rank).collect();
                 println!(
-                    "rebuilding {} excluded targets: {} of {} servers in service have been through their objects",
+                    "rebuilding {} targets (excluded, or back in): {} of {} servers in service have been through \
+                     their objects",
                     p.rebuilding.len(),
                     p.rebuilt_by.iter().filter(|r| serving.contains(r)).count(),
                     serving.len()

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use shoal_common::mgmt::{
     ClientHelloReply, ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq,
     HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, RebuildDoneReq, ReportReq, SystemQueryReply,
+    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, RebuildDoneReq, ReintegrateReq, ReportReq,
+    SystemQueryReply,
 };
 use shoal_common::placement::TargetState;
 use shoal_common::{ContId, Epoch, PoolId, Result, ShoalError};
@@ -283,6 +284,34 @@ impl Ms {
         }
         self.reports.lock().expect("lock").entry(req.rank).or_default().push((req.reporter, Instant::now()));
         Ok(())
+    }
+
+    /// Brings a rank back into a pool (or all): see [`Command::Reintegrate`].
+    pub fn reintegrate(&self, req: ReintegrateReq) -> Result<()> {
+        let pool = match &req.pool {
+            Some(name) => Some(self.read(|s| s.find_pool(name))?),
+            None => None,
+        };
+        let heard = self.heartbeats.lock().expect("lock").get(&req.rank).copied();
+        let limit = heard.map_or(HEARTBEAT_TIMEOUT, |(_, p)| HEARTBEAT_TIMEOUT.max(p * 3));
+        match heard.map(|(t, _)| t.elapsed()) {
+            Some(silent) if silent <= limit => {}
+            silent => {
+                self.read(|s| match s.members.contains_key(&req.rank) {
+                    true => Ok(()),
+                    false => Err(ShoalError::NotFound(format!("rank {}", req.rank))),
+                })?;
+                let since = silent.map_or("since this MS started".to_string(), |d| format!("for {d:.0?}"));
+                return Err(ShoalError::invalid(format!(
+                    "rank {} has not been heard from {since}: start it, then reintegrate it",
+                    req.rank
+                )));
+            }
+        }
+        // Old reports of failed calls must not mark it down again.
+        self.reports.lock().expect("lock").remove(&req.rank);
+        info!(rank = req.rank, "server reintegrated");
+        self.propose(Command::Reintegrate { pool, rank: req.rank }).map(|_| ())
     }
 
     /// Records that a rank rebuilt what it was the source of.

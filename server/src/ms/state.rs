@@ -63,6 +63,12 @@ pub enum Command {
     Exclude {
         rank: u32,
     },
+    /// A down or excluded server comes back into a pool (every pool when
+    /// `pool` is `None`): its targets turn `UP` and are rebuilt.
+    Reintegrate {
+        pool: Option<PoolId>,
+        rank: u32,
+    },
     /// A server rebuilt what it was the source of, for pool map `version`.
     RebuildDone {
         pool: PoolId,
@@ -278,6 +284,50 @@ impl MsState {
                 });
                 Ok(Outcome::Done)
             }
+            Command::Reintegrate { pool, rank } => {
+                if !self.members.contains_key(rank) {
+                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                }
+                let pools: Vec<PoolId> = match pool {
+                    Some(p) => vec![self.pool(*p)?.uuid],
+                    None => self.pools.keys().copied().collect(),
+                };
+                let mut any = false;
+                for pid in pools {
+                    let p = self.pools.get_mut(&pid).expect("listed above");
+                    let mut back = Vec::new();
+                    for t in p.map.targets.iter_mut().filter(|t| t.rank == *rank) {
+                        if matches!(t.state, TargetState::Down | TargetState::DownOut) {
+                            t.state = TargetState::Up;
+                            back.push((t.rank, t.index));
+                        }
+                    }
+                    if !back.is_empty() {
+                        any = true;
+                        p.map.version += 1;
+                        let r = self.rebuilding.entry(pid).or_default();
+                        r.extend(back);
+                        r.sort_unstable();
+                        r.dedup();
+                    }
+                }
+                if !any {
+                    return Err(ShoalError::invalid(format!(
+                        "rank {rank} is neither down nor excluded in those pools"
+                    )));
+                }
+                // A member again once no pool has it out.
+                if !self.pools.values().any(|p| {
+                    p.map
+                        .targets
+                        .iter()
+                        .any(|t| t.rank == *rank && matches!(t.state, TargetState::Down | TargetState::DownOut))
+                }) {
+                    self.down.remove(rank);
+                    self.excluded.remove(rank);
+                }
+                Ok(Outcome::Done)
+            }
             Command::RebuildDone { pool, rank, version } => {
                 let p = self.pool(*pool)?;
                 if p.map.version != *version || !self.rebuilding.contains_key(pool) {
@@ -292,10 +342,17 @@ impl MsState {
                 }
                 entry.1.insert(*rank);
                 if live.iter().all(|r| entry.1.contains(r)) {
-                    // Every source is done: the spares serve reads now.
-                    self.rebuilding.remove(pool);
+                    // Every source is done: the spares, and the targets that
+                    // came back, serve reads now.
+                    let rebuilt = self.rebuilding.remove(pool).unwrap_or_default();
                     self.rebuild_done.remove(pool);
-                    self.pool_mut(*pool)?.map.version += 1;
+                    let p = self.pool_mut(*pool)?;
+                    for t in p.map.targets.iter_mut() {
+                        if t.state == TargetState::Up && rebuilt.contains(&(t.rank, t.index)) {
+                            t.state = TargetState::UpIn;
+                        }
+                    }
+                    p.map.version += 1;
                 }
                 Ok(Outcome::Done)
             }
@@ -690,6 +747,54 @@ mod tests {
         s.apply(&Command::Exclude { rank: 0 }).unwrap();
         s.apply(&Command::Exclude { rank: 1 }).unwrap();
         assert_eq!(health(&s, 1), Health::Unclean);
+    }
+
+    #[test]
+    fn a_reintegrated_server_takes_writes_at_once_and_serves_reads_once_rebuilt() {
+        let mut s = MsState::default();
+        for u in 0..4 {
+            join(&mut s, u);
+        }
+        let cmd = Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        let states = |s: &MsState| -> Vec<TargetState> {
+            s.pools[&PoolId(7)].map.targets.iter().filter(|t| t.rank == 3).map(|t| t.state).collect()
+        };
+        let version = |s: &MsState| s.pools[&PoolId(7)].map.version;
+        // In service: nothing to reintegrate, and nothing changes.
+        let before = s.clone();
+        assert!(s.apply(&Command::Reintegrate { pool: None, rank: 3 }).is_err());
+        assert!(matches!(s.apply(&Command::Reintegrate { pool: None, rank: 9 }), Err(ShoalError::NotFound(_))));
+        assert_eq!(s, before);
+        // Rank 3 goes down, is excluded, and its spares are rebuilt.
+        s.apply(&Command::MarkDown { rank: 3, now_ms: 1 }).unwrap();
+        s.apply(&Command::Exclude { rank: 3 }).unwrap();
+        for rank in 0..3 {
+            s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: version(&s) }).unwrap();
+        }
+        assert!(s.rebuilding.is_empty());
+        assert_eq!(states(&s), vec![TargetState::DownOut; 2]);
+        // It comes back: UP (writes), being rebuilt (no reads), a member again.
+        s.apply(&Command::Reintegrate { pool: Some(PoolId(7)), rank: 3 }).unwrap();
+        assert_eq!(states(&s), vec![TargetState::Up; 2]);
+        assert_eq!(s.rebuilding[&PoolId(7)], vec![(3, 0), (3, 1)]);
+        assert!(!s.excluded.contains(&3) && !s.down.contains_key(&3));
+        let placement = s.pool_info(PoolId(7)).unwrap().placement();
+        let class: ObjectClass = "RP_3GX".parse().unwrap();
+        let oid = shoal_common::oclass::make_oid(1 << 20, class, shoal_common::oclass::ObjType::Multi);
+        let shards: Vec<shoal_common::placement::Shard> =
+            placement.layout(ContId(1), oid, class).unwrap().groups.concat();
+        let mine: Vec<&shoal_common::placement::Shard> = shards.iter().filter(|sh| sh.rank == 3).collect();
+        assert!(mine.iter().all(|sh| sh.available && !sh.readable), "{mine:?}");
+        // Every server in service, itself included, must go through its
+        // objects for this map before it serves reads.
+        for rank in 0..3 {
+            s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: version(&s) }).unwrap();
+        }
+        assert_eq!(states(&s), vec![TargetState::Up; 2]);
+        s.apply(&Command::RebuildDone { pool: PoolId(7), rank: 3, version: version(&s) }).unwrap();
+        assert_eq!(states(&s), vec![TargetState::UpIn; 2]);
+        assert!(s.rebuilding.is_empty());
     }
 
     #[test]
