@@ -85,6 +85,10 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             if !serving {
                 continue;
             }
+            // Writes made with an older map may miss the targets being
+            // rebuilt; from here on they are refused, and those already
+            // running finish before the pass looks at what is stored.
+            service.fence_pool_version(pool, info.map.version).await;
             let started = std::time::Instant::now();
             match rebuild_pool(&service, &t, &info, rank, &stop).await {
                 Ok(p) => {

@@ -65,8 +65,14 @@ pub struct Service {
     budget: Arc<Budget>,
     map_version: u32,
     ms: Option<Arc<Ms>>,
-    /// Pool-map versions as last heard from the MS.
+    /// Pool-map versions as last heard from the MS (or by rebuild).
     pool_versions: RwLock<HashMap<PoolId, u32>>,
+    /// Held shared by every update and punch from its map check to its end,
+    /// and taken exclusively by [`Service::fence_pool_version`]: once that
+    /// returns, no request checked against an older map is still running.
+    map_fence: tokio::sync::RwLock<()>,
+    /// Per pool, the newest map version fenced.
+    fenced: RwLock<HashMap<PoolId, u32>>,
     /// Pools in which this server is DOWN or DOWNOUT.
     down_in: RwLock<std::collections::HashSet<PoolId>>,
     /// Pools being rebuilt.
@@ -102,6 +108,8 @@ impl Service {
             map_version: 0,
             ms,
             pool_versions: RwLock::new(HashMap::new()),
+            map_fence: tokio::sync::RwLock::new(()),
+            fenced: RwLock::new(HashMap::new()),
             down_in: RwLock::new(Default::default()),
             rebuilding: RwLock::new(Vec::new()),
             wants_ms: Default::default(),
@@ -114,8 +122,27 @@ impl Service {
 
     /// Records the pool-map versions the MS reported.
     pub fn set_pool_versions(&self, pools: &[(PoolId, u32)]) {
-        *self.pool_versions.write().expect("lock") = pools.iter().copied().collect();
+        let mut known = self.pool_versions.write().expect("lock");
+        // A heartbeat reply never lowers a version rebuild has fenced.
+        *known = pools.iter().map(|&(p, v)| (p, v.max(known.get(&p).copied().unwrap_or(0)))).collect();
+        drop(known);
         self.heard.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Refuses, from now on, requests of `pool` made with a map older than
+    /// `version`, and waits until those already admitted have finished.
+    /// Rebuild calls it before it goes through its objects for a map, so
+    /// that every write it does not see went to the new layout.
+    pub async fn fence_pool_version(&self, pool: PoolId, version: u32) {
+        {
+            let mut known = self.pool_versions.write().expect("lock");
+            let v = known.entry(pool).or_insert(0);
+            *v = (*v).max(version);
+        }
+        drop(self.map_fence.write().await);
+        let mut fenced = self.fenced.write().expect("lock");
+        let v = fenced.entry(pool).or_insert(0);
+        *v = (*v).max(version);
     }
 
     /// Records the pools in which this server is DOWN or DOWNOUT.
@@ -376,15 +403,23 @@ impl Service {
         F: std::future::Future<Output = Result<R::Reply>>,
     {
         let reply = match decode_request::<R>(frame) {
-            Ok(req) => match self.check_rank(req.rank()).and_then(|()| {
-                req.pool().map_or(Ok(()), |p| {
-                    self.check_serving(p, frame.header.map_version)?;
-                    self.check_map(p, frame.header.map_version)
-                })
-            }) {
-                Ok(()) => f(self.clone(), req, frame.segments.clone()).await,
-                Err(e) => Err(e),
-            },
+            Ok(req) => {
+                // Writes hold the map fence (see `fence_pool_version`);
+                // nothing that may wait on another request does.
+                let _fence = match R::OP {
+                    Opcode::Update | Opcode::Punch => Some(self.map_fence.read().await),
+                    _ => None,
+                };
+                match self.check_rank(req.rank()).and_then(|()| {
+                    req.pool().map_or(Ok(()), |p| {
+                        self.check_serving(p, frame.header.map_version)?;
+                        self.check_map(p, frame.header.map_version)
+                    })
+                }) {
+                    Ok(()) => f(self.clone(), req, frame.segments.clone()).await,
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = &reply {
@@ -406,6 +441,15 @@ impl Service {
 
     async fn update(self: Arc<Self>, req: UpdateReq, data: Vec<Bytes>) -> Result<UpdateReply> {
         self.check_epoch(req.epoch)?;
+        // Tests hold updates this many ms ("8000": of dkeys starting
+        // "stall"; "8000:all": every one), to race them against rebuild.
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(arg)) = fail::eval("service::stall_update", |a| a) {
+            let (ms, all) = arg.split_once(':').map_or((arg.as_str(), false), |(ms, w)| (ms, w == "all"));
+            if all || req.dkey.starts_with(b"stall") {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            }
+        }
         let span =
             tracing::debug_span!("update", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
         let m =
@@ -430,6 +474,12 @@ impl Service {
             if let Some(p) = req.pool() {
                 self.check_serving(p, frame.header.map_version)?;
                 self.check_map(p, frame.header.map_version)?;
+                // A read made with a map this server has not fenced yet (a
+                // rebuild source decoding from its peers' cells) sees every
+                // write admitted under an older one.
+                if self.fenced.read().expect("lock").get(&p).copied().unwrap_or(0) < frame.header.map_version {
+                    self.fence_pool_version(p, frame.header.map_version).await;
+                }
             }
             let store = self.store(req.target)?;
             if store.is_tombstoned(req.cont) {

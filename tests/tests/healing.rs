@@ -323,3 +323,117 @@ async fn a_server_that_comes_back_is_rebuilt_and_serves_again() {
         verify(w).await;
     }
 }
+
+/// A write admitted under the old map, still running when rebuild starts
+/// going through the objects, must reach the spare: rebuild waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
+    pool.cont_create("rp", props).await.unwrap();
+    let cont = pool.cont_open("rp").await.unwrap();
+    let members = client.system_query().await.unwrap().members;
+    let index_of = |rank: u32| {
+        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
+        cluster.servers.iter().position(|s| &s.addr == addr).unwrap()
+    };
+    // A KV object on two servers, neither of them the MS's.
+    let (kv, a, b) = loop {
+        let kv = cont.kv_create(None).await.unwrap();
+        let g = kv.object().layout().unwrap().groups[0].clone();
+        let (a, b) = (index_of(g[0].rank), index_of(g[1].rank));
+        if a != 0 && b != 0 {
+            break (kv, a, b);
+        }
+    };
+    // Server a holds updates of "stall..." dkeys for 8 s.
+    cluster.servers[a].env = vec![("FAILPOINTS".into(), "service::stall_update=return(8000)".into())];
+    cluster.servers[a].restart().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kv.put(b"warm", Bytes::from_static(b"up")).await.is_err() {
+        assert!(Instant::now() < deadline, "server {a} never served again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // b dies; the write goes to a (held there) and misses b, which is
+    // excluded and rebuilt on a spare while the write is still running.
+    cluster.servers[b].kill9();
+    let t = Instant::now();
+    kv.put(b"stall-1", Bytes::from_static(b"acknowledged")).await.unwrap();
+    eprintln!("the held write was acknowledged after {:?}", t.elapsed());
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        let out = p.map.targets.iter().any(|t| t.state == TargetState::DownOut);
+        if out && p.rebuilding.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "rebuild never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Only the spare holds the object now.
+    cluster.servers[a].kill9();
+    assert_eq!(kv.get(b"warm").await.unwrap().as_deref(), Some(&b"up"[..]));
+    assert_eq!(kv.get(b"stall-1").await.unwrap().as_deref(), Some(&b"acknowledged"[..]));
+}
+
+/// The same for an erasure-coded write: the rebuild source decodes the
+/// spare's cell from a peer whose cell of the write is still being
+/// written; the peer makes the read wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ec_write_in_flight_on_a_peer_when_rebuild_starts_is_not_lost() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("EC_2P1G1".into()), cell_size: 4096, chunk_size: 8192, ..Default::default() };
+    pool.cont_create("ec", props).await.unwrap();
+    let cont = pool.cont_open("ec").await.unwrap();
+    let members = client.system_query().await.unwrap().members;
+    let index_of = |rank: u32| {
+        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
+        cluster.servers.iter().position(|s| &s.addr == addr).unwrap()
+    };
+    // Shard 0 is the rebuild source, shard 1 the peer, shard 2 dies; none
+    // is the MS's server.
+    let (array, source, peer, victim) = loop {
+        let a = cont.array_create(None, None).await.unwrap();
+        let g = a.object().layout().unwrap().groups[0].clone();
+        let (source, peer, victim) = (index_of(g[0].rank), index_of(g[1].rank), index_of(g[2].rank));
+        if source != 0 && peer != 0 && victim != 0 {
+            break (a, source, peer, victim);
+        }
+    };
+    let first = Bytes::from(pattern(1, 8192));
+    array.write(0, first.clone()).await.unwrap();
+    // The peer holds every update 8 s.
+    cluster.servers[peer].env = vec![("FAILPOINTS".into(), "service::stall_update=return(8000:all)".into())];
+    cluster.servers[peer].restart().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.system_query().await.unwrap().members.iter().any(|m| m.state != MemberState::Joined) {
+        assert!(Instant::now() < deadline, "the peer never rejoined");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.servers[victim].kill9();
+    let second = Bytes::from(pattern(2, 8192));
+    let t = Instant::now();
+    array.write(0, second.clone()).await.unwrap();
+    eprintln!("the held write was acknowledged after {:?}", t.elapsed());
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        let out = p.map.targets.iter().any(|t| t.state == TargetState::DownOut);
+        if out && p.rebuilding.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "rebuild never finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Lose the source: the stripe decodes from the peer and the spare.
+    cluster.servers[source].kill9();
+    assert!(array.read(0, 8192).await.unwrap() == second[..], "the acknowledged write was lost");
+}
