@@ -56,7 +56,7 @@ const PARALLEL_CHUNKS: usize = 8;
 /// assert_eq!(&array.read(7, 5).await?[..], b"world");
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Array {
     obj: Object,
     chunk: u64,

@@ -47,7 +47,7 @@ const VALUE: &[u8] = b"v";
 /// assert_eq!(kv.list().await?, vec![b"alice".to_vec()]);
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Kv {
     obj: Object,
 }

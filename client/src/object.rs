@@ -207,6 +207,16 @@ pub struct Object {
     cell: u64,
 }
 
+impl std::fmt::Debug for Object {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Object")
+            .field("oid", &self.oid)
+            .field("class", &self.class)
+            .field("container", &self.cont.info.uuid)
+            .finish()
+    }
+}
+
 impl Object {
     pub(crate) fn new(cont: Arc<ContInner>, oid: Oid) -> Result<Object> {
         let class =
@@ -373,9 +383,13 @@ impl Object {
                 shard.rank, shard.target
             )));
         }
+        self.cont.check_live()?;
         let addr = st.addr(shard)?;
         let c = &self.cont.pool.client.inner;
         let r = call(&c.transport, addr, req, segs, st.info.map.version, 0, c.timeout).await;
+        if r.as_ref().is_err_and(|e| e.is_cont_destroyed(self.cont.info.uuid)) {
+            self.cont.destroyed.store(true, std::sync::atomic::Ordering::Release);
+        }
         if let Err(ShoalError::Unreachable(_) | ShoalError::Timeout(_)) = &r {
             // The MS hears of it: reports from several clients declare a
             // server down even while it heartbeats.

@@ -34,7 +34,7 @@ use shoal_common::mgmt::{
     SystemQueryReq,
 };
 use shoal_common::msg::{Rpc, TargetQueryReply, TargetQueryReq};
-use shoal_common::oclass::{auto_class, make_oid, oid_class, ObjType, ObjectClass};
+use shoal_common::oclass::{auto_class, make_oid, oid_class, oid_type, ObjType, ObjectClass};
 use shoal_common::placement::{Placement, Shard};
 use shoal_common::{Epoch, Hlc, Oid, PoolId, Result, ShoalError};
 
@@ -387,6 +387,12 @@ pub struct Client {
     pub(crate) inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("ms", &self.inner.ms).field("timeout", &self.inner.timeout).finish()
+    }
+}
+
 impl Client {
     /// Connects to the management service at any of `ms_addrs` and checks
     /// that it answers.
@@ -642,6 +648,17 @@ pub struct Pool {
     pub(crate) inner: Arc<PoolInner>,
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.inner.state();
+        f.debug_struct("Pool")
+            .field("label", &s.info.label)
+            .field("uuid", &s.info.uuid)
+            .field("map_version", &s.info.map.version)
+            .finish()
+    }
+}
+
 impl Pool {
     /// The pool's information as last fetched.
     ///
@@ -764,7 +781,14 @@ impl Pool {
     /// ```
     pub async fn cont_open(&self, name: &str) -> Result<Container> {
         let info = self.cont_query(name).await?;
-        Ok(Container { inner: Arc::new(ContInner { pool: self.inner.clone(), info, oids: Mutex::new((0, 0)) }) })
+        Ok(Container {
+            inner: Arc::new(ContInner {
+                pool: self.inner.clone(),
+                info,
+                oids: Mutex::new((0, 0)),
+                destroyed: Default::default(),
+            }),
+        })
     }
 
     /// Usage of every target of the pool: `(rank, target, usage or error)`.
@@ -816,6 +840,19 @@ pub(crate) struct ContInner {
     pub info: ContInfo,
     /// Reserved object sequence numbers: next, end (exclusive).
     oids: Mutex<(u128, u128)>,
+    /// Set once a server said the container was destroyed: every later
+    /// call of its handles fails at once.
+    pub destroyed: std::sync::atomic::AtomicBool,
+}
+
+impl ContInner {
+    /// Fails once the container is known to be destroyed.
+    pub fn check_live(&self) -> Result<()> {
+        if self.destroyed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(ShoalError::cont_destroyed(self.info.uuid));
+        }
+        Ok(())
+    }
 }
 
 /// The name index of a container is the KV object with this sequence
@@ -853,6 +890,16 @@ const OID_BATCH: u64 = 64;
 #[derive(Clone)]
 pub struct Container {
     pub(crate) inner: Arc<ContInner>,
+}
+
+impl std::fmt::Debug for Container {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Container")
+            .field("pool", &self.inner.pool.id())
+            .field("label", &self.inner.info.label)
+            .field("uuid", &self.inner.info.uuid)
+            .finish()
+    }
 }
 
 impl Container {
@@ -931,6 +978,9 @@ impl Container {
             }
             None => self.class_for(ty)?.0,
         };
+        // Numbers come from a batch reserved earlier, without asking the
+        // MS; a handle that has seen its container destroyed hands out none.
+        self.inner.check_live()?;
         let seq = {
             let mut o = self.inner.oids.lock().expect("oid lock");
             if o.0 < o.1 {
@@ -970,7 +1020,30 @@ impl Container {
     /// obj.update_single(b"dkey", b"akey", Bytes::from_static(b"value")).await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// Refuses the OID of a key-value object or an array (open those with
+    /// [`Container::kv_open`] and [`Container::array_open`]): their keys
+    /// are theirs to manage.
     pub fn object(&self, oid: Oid) -> Result<Object> {
+        self.open_as(oid, ObjType::Multi)
+    }
+
+    /// Opens `oid` as an object of type `want`, refusing any other type.
+    fn open_as(&self, oid: Oid, want: ObjType) -> Result<Object> {
+        let name = |t: Option<ObjType>| match t {
+            Some(ObjType::Multi) => "a generic object",
+            Some(ObjType::Kv) => "a key-value object",
+            Some(ObjType::Array) => "an array",
+            None => "of no known type",
+        };
+        let is = oid_type(oid);
+        if is != Some(want) {
+            return Err(ShoalError::invalid(format!(
+                "object {oid} is {}, not {}; nothing was changed",
+                name(is),
+                name(Some(want))
+            )));
+        }
         Object::new(self.inner.clone(), oid)
     }
 
@@ -993,7 +1066,7 @@ impl Container {
     /// # Ok(()) }
     /// ```
     pub async fn kv_create(&self, class: Option<ObjectClass>) -> Result<Kv> {
-        Ok(Kv::new(self.object(self.alloc_oid(ObjType::Kv, class).await?)?))
+        Ok(Kv::new(self.open_as(self.alloc_oid(ObjType::Kv, class).await?, ObjType::Kv)?))
     }
 
     /// Opens a key-value object.
@@ -1011,8 +1084,10 @@ impl Container {
     /// let value = kv.get(b"key").await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// Refuses an OID that is not a key-value object's.
     pub fn kv_open(&self, oid: Oid) -> Result<Kv> {
-        Ok(Kv::new(self.object(oid)?))
+        Ok(Kv::new(self.open_as(oid, ObjType::Kv)?))
     }
 
     /// Creates an array object with the given class and chunk size,
@@ -1060,7 +1135,12 @@ impl Container {
         cell_size: Option<u64>,
     ) -> Result<Array> {
         let oid = self.alloc_oid(ObjType::Array, class).await?;
-        Array::create(self.object(oid)?, chunk_size.unwrap_or(self.inner.info.props.chunk_size), cell_size).await
+        Array::create(
+            self.open_as(oid, ObjType::Array)?,
+            chunk_size.unwrap_or(self.inner.info.props.chunk_size),
+            cell_size,
+        )
+        .await
     }
 
     /// Opens an array object. Cancel safe.
@@ -1078,8 +1158,10 @@ impl Container {
     /// println!("{} bytes", array.size().await?);
     /// # Ok(()) }
     /// ```
+    ///
+    /// Refuses an OID that is not an array's.
     pub async fn array_open(&self, oid: Oid) -> Result<Array> {
-        Array::open(self.object(oid)?).await
+        Array::open(self.open_as(oid, ObjType::Array)?).await
     }
 
     /// The container's name index: a KV object mapping names to OIDs.

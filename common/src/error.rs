@@ -76,6 +76,16 @@ impl ShoalError {
         ShoalError::Protocol(msg.into())
     }
 
+    /// What a server answers about a container that was destroyed.
+    pub fn cont_destroyed(cont: crate::ids::ContId) -> Self {
+        ShoalError::NotFound(format!("container {cont} was destroyed"))
+    }
+
+    /// Whether this is [`ShoalError::cont_destroyed`] for `cont`.
+    pub fn is_cont_destroyed(&self, cont: crate::ids::ContId) -> bool {
+        *self == ShoalError::cont_destroyed(cont)
+    }
+
     /// The stable wire code of this error.
     pub fn code(&self) -> u16 {
         match self {

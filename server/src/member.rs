@@ -82,11 +82,21 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                     service.set_rebuilding(&r.rebuilding);
                     if !r.tombstones.is_empty() {
                         match service.drop_containers(&r.tombstones).await {
-                            Ok(()) => tombstones_seen += r.tombstones.len() as u64,
-                            Err(e) => warn!("dropping destroyed containers failed: {e}"),
+                            Ok(()) => {
+                                tombstones_seen += r.tombstones.len() as u64;
+                                // Tell the MS at once (a destroy waits for
+                                // it), and catch up without a pause.
+                                continue;
+                            }
+                            Err(e) => {
+                                warn!("dropping destroyed containers failed: {e}");
+                                service.set_heard();
+                            }
                         }
                     } else {
                         tombstones_seen = tombstones_seen.min(r.tombstone_count);
+                        // Caught up: nothing destroyed is served from here.
+                        service.set_heard();
                     }
                 }
                 Err(ShoalError::NotFound(_)) => continue 'outer,

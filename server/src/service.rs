@@ -125,7 +125,11 @@ impl Service {
         let mut known = self.pool_versions.write().expect("lock");
         // A heartbeat reply never lowers a version rebuild has fenced.
         *known = pools.iter().map(|&(p, v)| (p, v.max(known.get(&p).copied().unwrap_or(0)))).collect();
-        drop(known);
+    }
+
+    /// Says this server has heard from the MS (and dropped every container
+    /// it said was destroyed): it may serve pool data now.
+    pub fn set_heard(&self) {
         self.heard.store(true, std::sync::atomic::Ordering::Release);
     }
 
@@ -483,7 +487,7 @@ impl Service {
             }
             let store = self.store(req.target)?;
             if store.is_tombstoned(req.cont) {
-                return Err(ShoalError::NotFound(format!("container {} was destroyed", req.cont)));
+                return Err(ShoalError::cont_destroyed(req.cont));
             }
             // The reply's memory comes from the frame budget before it is
             // read (single values at their stored size).

@@ -91,7 +91,14 @@ pub struct Ms {
     started: Instant,
     /// Per rank: who reported failed calls to it, and when.
     reports: Mutex<HashMap<u32, Vec<(String, Instant)>>>,
+    /// Per rank: how many destroyed containers it has dropped, as it said
+    /// in its last heartbeat.
+    dropped: Mutex<HashMap<u32, u64>>,
 }
+
+/// How long a destroy waits for the servers in service to drop the
+/// container before it answers anyway.
+const DROP_WAIT: Duration = Duration::from_secs(10);
 
 /// When a silent server is declared down and when a down one is excluded.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +152,7 @@ impl Ms {
             heartbeats: Mutex::new(HashMap::new()),
             started: Instant::now(),
             reports: Mutex::new(HashMap::new()),
+            dropped: Mutex::new(HashMap::new()),
         })
     }
 
@@ -181,6 +189,7 @@ impl Ms {
         })?;
         let period = Duration::from_millis(req.period_ms as u64);
         self.heartbeats.lock().expect("lock").insert(req.rank, (Instant::now(), period));
+        self.dropped.lock().expect("lock").insert(req.rank, req.tombstones_seen);
         let mine = shoal_common::hlc::wall_ns();
         let off = Duration::from_nanos(mine.abs_diff(req.wall_ns));
         if off > SERVER_CLOCK_SKEW {
@@ -377,7 +386,41 @@ impl Ms {
 
     pub fn pool_destroy(&self, req: PoolDestroyReq) -> Result<()> {
         let pool = self.read(|s| s.find_pool(&req.pool))?;
-        self.propose(Command::PoolDestroy { pool, force: req.force }).map(|_| ())
+        self.propose(Command::PoolDestroy { pool, force: req.force })?;
+        self.wait_dropped();
+        Ok(())
+    }
+
+    /// Blocks until every server in service (heard from recently, neither
+    /// down nor excluded) has dropped every container destroyed so far, so
+    /// that old handles' next calls fail; at most [`DROP_WAIT`]. A server
+    /// that is down meanwhile catches up before it serves again.
+    fn wait_dropped(&self) {
+        let deadline = Instant::now() + DROP_WAIT;
+        loop {
+            let hb = self.heartbeats.lock().expect("lock").clone();
+            let dropped = self.dropped.lock().expect("lock").clone();
+            let behind: Vec<u32> = self
+                .read(|s| {
+                    let count = s.tombstones.len() as u64;
+                    Ok(s.members
+                        .keys()
+                        .copied()
+                        .filter(|r| !s.excluded.contains(r) && !s.down.contains_key(r))
+                        .filter(|r| hb.get(r).is_some_and(|(t, p)| t.elapsed() <= HEARTBEAT_TIMEOUT.max(*p * 3)))
+                        .filter(|r| dropped.get(r).copied().unwrap_or(0) < count)
+                        .collect())
+                })
+                .unwrap_or_default();
+            if behind.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(?behind, "servers have not dropped destroyed containers yet; answering anyway");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pool_extend(&self, req: PoolExtendReq) -> Result<PoolInfo> {
@@ -411,7 +454,10 @@ impl Ms {
             Ok((p, s.find_cont(p, &req.cont)?))
         })?;
         match self.propose(Command::ContDestroy { pool, cont })? {
-            Outcome::Cont(c) => Ok(c),
+            Outcome::Cont(c) => {
+                self.wait_dropped();
+                Ok(c)
+            }
             o => Err(ShoalError::Internal(format!("container destroy produced {o:?}"))),
         }
     }

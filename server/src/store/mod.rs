@@ -585,7 +585,7 @@ impl Writer {
     ) -> Result<Epoch> {
         let destroyed = |cont: &ContId| -> Result<()> {
             if self.shared.tombstones.read().expect("lock").contains(cont) {
-                return Err(ShoalError::NotFound(format!("container {cont} was destroyed")));
+                return Err(ShoalError::cont_destroyed(*cont));
             }
             Ok(())
         };

@@ -1,0 +1,107 @@
+//! Mistakes a program linking `shoal-client` can make, and that must never
+//! cost data: opening an object as the wrong type, and using handles of a
+//! container or pool that was destroyed meanwhile.
+
+use bytes::Bytes;
+use shoal_common::mgmt::ContProps;
+use shoal_common::oclass::ObjType;
+use shoal_common::ShoalError;
+use shoal_tests::TestCluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_opened_as_the_wrong_type_is_refused_and_keeps_its_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 2, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    pool.cont_create("c", ContProps::default()).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+
+    let array = cont.array_create(None, None).await.unwrap();
+    array.write(0, Bytes::from_static(b"precious")).await.unwrap();
+    let kv = cont.kv_create(None).await.unwrap();
+    kv.put(b"key", Bytes::from_static(b"value")).await.unwrap();
+    let multi = cont.alloc_oid(ObjType::Multi, None).await.unwrap();
+
+    let wrong = |r: Result<_, ShoalError>, what: &str| match r {
+        Err(ShoalError::InvalidArgument(m)) => assert!(m.contains(what), "{m}"),
+        Err(e) => panic!("wrong error: {e:?}"),
+        Ok(_) => panic!("opened as the wrong type"),
+    };
+    wrong(cont.kv_open(array.oid()).map(drop), "is an array");
+    wrong(cont.kv_open(multi).map(drop), "is a generic object");
+    wrong(cont.array_open(kv.oid()).await.map(drop), "is a key-value object");
+    wrong(cont.array_open(multi).await.map(drop), "is a generic object");
+    wrong(cont.object(array.oid()).map(drop), "is an array");
+    wrong(cont.object(kv.oid()).map(drop), "is a key-value object");
+
+    // Nothing was touched.
+    assert_eq!(&array.read(0, 8).await.unwrap()[..], b"precious");
+    assert_eq!(kv.get(b"key").await.unwrap().as_deref(), Some(&b"value"[..]));
+    // The right opens still work.
+    assert_eq!(&cont.array_open(array.oid()).await.unwrap().read(0, 8).await.unwrap()[..], b"precious");
+    assert_eq!(cont.kv_open(kv.oid()).unwrap().get(b"key").await.unwrap().as_deref(), Some(&b"value"[..]));
+    cont.object(multi).unwrap();
+}
+
+fn destroyed<T: std::fmt::Debug>(r: Result<T, ShoalError>, what: &str) {
+    match r {
+        Err(ShoalError::NotFound(m)) => assert!(m.contains(what), "{m}"),
+        other => panic!("a handle still works after destroy ({what}): {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_of_a_destroyed_container_fail_on_their_next_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
+    pool.cont_create("c", props.clone()).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let kv = cont.kv_create(None).await.unwrap();
+    kv.put(b"key", Bytes::from_static(b"value")).await.unwrap();
+    let array = cont.array_create(None, None).await.unwrap();
+    array.write(0, Bytes::from_static(b"old")).await.unwrap();
+
+    // Destroyed through another client; the old handles' very next calls fail.
+    let other = cluster.client().await.unwrap();
+    other.pool_connect("tank").await.unwrap().cont_destroy("c").await.unwrap();
+    destroyed(kv.put(b"key", Bytes::from_static(b"new")).await, "destroyed");
+    destroyed(kv.get(b"key").await, "destroyed");
+    destroyed(array.write(0, Bytes::from_static(b"new")).await, "destroyed");
+    destroyed(array.read(0, 3).await, "destroyed");
+    destroyed(cont.alloc_oid(ObjType::Kv, None).await, "container");
+    destroyed(cont.kv_create(None).await, "container");
+
+    // A new container of the same name shares nothing with the old handles.
+    pool.cont_create("c", props).await.unwrap();
+    let fresh = pool.cont_open("c").await.unwrap();
+    let kv2 = fresh.kv_create(None).await.unwrap();
+    kv2.put(b"key", Bytes::from_static(b"fresh")).await.unwrap();
+    destroyed(kv.get(b"key").await, "destroyed");
+    assert_eq!(kv2.get(b"key").await.unwrap().as_deref(), Some(&b"fresh"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_of_a_destroyed_pool_fail_on_their_next_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    pool.cont_create("c", ContProps::default()).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let kv = cont.kv_create(None).await.unwrap();
+    kv.put(b"key", Bytes::from_static(b"value")).await.unwrap();
+
+    client.pool_destroy("tank", true).await.unwrap();
+    destroyed(kv.put(b"key", Bytes::from_static(b"new")).await, "destroyed");
+    destroyed(kv.get(b"key").await, "destroyed");
+    destroyed(cont.alloc_oid(ObjType::Kv, None).await, "destroyed");
+    destroyed(pool.cont_create("d", ContProps::default()).await, "no pool");
+    destroyed(pool.cont_open("c").await, "no pool");
+}
