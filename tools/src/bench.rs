@@ -23,6 +23,10 @@ pub enum BenchCmd {
     /// A local multi-server cluster: 1 MiB array write/read bandwidth and
     /// KV put/get rates per object class, with dd's figures beside them.
     Cluster(ClusterArgs),
+    /// A local cluster loses a server under a foreground writer: time to
+    /// detect, to exclusion and to full redundancy, rebuild throughput,
+    /// and foreground bandwidth before, during and after rebuild.
+    Rebuild(crate::bench_rebuild::RebuildArgs),
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +77,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Store(a) => store(a).await,
         BenchCmd::Cluster(a) => cluster(a).await,
+        BenchCmd::Rebuild(a) => crate::bench_rebuild::run(a).await,
     }
 }
 
