@@ -54,6 +54,46 @@ pub enum Opcode {
 }
 
 impl Opcode {
+    /// The opcode's name in snake case, as metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Opcode::Ping => "ping",
+            Opcode::Update => "update",
+            Opcode::Fetch => "fetch",
+            Opcode::Punch => "punch",
+            Opcode::List => "list",
+            Opcode::TargetQuery => "target_query",
+            Opcode::StripeLock => "stripe_lock",
+            Opcode::StripeUnlock => "stripe_unlock",
+            Opcode::MarkStable => "mark_stable",
+            Opcode::Restore => "restore",
+            Opcode::SysJoin => "sys_join",
+            Opcode::SysHeartbeat => "sys_heartbeat",
+            Opcode::SysQuery => "sys_query",
+            Opcode::ClientHello => "client_hello",
+            Opcode::SysReport => "sys_report",
+            Opcode::SysExclude => "sys_exclude",
+            Opcode::RebuildDone => "rebuild_done",
+            Opcode::Reintegrate => "reintegrate",
+            Opcode::PoolCreate => "pool_create",
+            Opcode::PoolDestroy => "pool_destroy",
+            Opcode::PoolList => "pool_list",
+            Opcode::PoolQuery => "pool_query",
+            Opcode::PoolExtend => "pool_extend",
+            Opcode::ContCreate => "cont_create",
+            Opcode::ContDestroy => "cont_destroy",
+            Opcode::ContList => "cont_list",
+            Opcode::ContQuery => "cont_query",
+            Opcode::OidAlloc => "oid_alloc",
+        }
+    }
+
+    /// Whether a reply frame carries an error (postcard encodes `Err` of a
+    /// `Result` as variant 1).
+    pub fn reply_failed(reply: &Frame) -> bool {
+        reply.body.first() == Some(&1)
+    }
+
     /// Maps a wire value to an opcode.
     pub fn from_u16(v: u16) -> Option<Self> {
         Some(match v {

@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod http;
 pub mod tcp;
 
 use std::future::Future;

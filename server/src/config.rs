@@ -80,6 +80,8 @@ pub struct ServerConfig {
     /// shards are rebuilt elsewhere; a server back sooner is not.
     #[serde(with = "humantime_serde")]
     pub exclude_after: std::time::Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`), if anywhere.
+    pub metrics: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +104,7 @@ impl Default for ServerConfig {
             aggregation_interval: std::time::Duration::from_secs(10),
             down_after: std::time::Duration::from_secs(5),
             exclude_after: std::time::Duration::from_secs(30),
+            metrics: None,
         }
     }
 }

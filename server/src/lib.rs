@@ -14,6 +14,7 @@ pub mod aggregate;
 pub mod config;
 pub mod locks;
 pub mod member;
+pub mod metrics;
 pub mod ms;
 pub mod rebuild;
 pub mod server;

@@ -57,6 +57,9 @@ struct Args {
     /// Heartbeat period ("1s").
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat: Option<std::time::Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics ("127.0.0.1:9100").
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 fn main() {
@@ -116,6 +119,9 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(v) = args.exclude_after {
         cfg.exclude_after = v;
+    }
+    if let Some(v) = args.metrics {
+        cfg.metrics = Some(v);
     }
     cfg.validate()?;
     let filter = EnvFilter::try_from_default_env()

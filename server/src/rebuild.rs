@@ -92,6 +92,11 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             let started = std::time::Instant::now();
             match rebuild_pool(&service, &t, &info, rank, &stop).await {
                 Ok(p) => {
+                    let m = &service.metrics;
+                    m.rebuild_passes.inc();
+                    m.rebuild_objects.inc_by(p.objects);
+                    m.rebuild_versions.inc_by(p.versions);
+                    m.rebuild_bytes.inc_by(p.bytes);
                     info!(
                         %pool,
                         version = info.map.version,
@@ -109,7 +114,10 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                         Err(e) => warn!(%pool, "rebuild: cannot report to the MS: {e}"),
                     }
                 }
-                Err(e) => warn!(%pool, "rebuild pass failed, will try again: {e}"),
+                Err(e) => {
+                    service.metrics.rebuild_failures.inc();
+                    warn!(%pool, "rebuild pass failed, will try again: {e}");
+                }
             }
         }
     }

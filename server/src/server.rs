@@ -28,6 +28,9 @@ use crate::store::{target_dir, StoreOptions, TargetStore};
 pub const DATA_DIR_FORMAT: u32 = 1;
 /// The file in the data directory where the server publishes its address.
 pub const ADDR_FILE: &str = "listen.addr";
+/// Where a server with `--metrics` writes the address it serves them at
+/// (useful with port 0).
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
 const SUPERBLOCK: &str = "superblock.json";
 const LOCK: &str = "server.lock";
 
@@ -52,6 +55,7 @@ pub struct Server {
     aggregator: Option<tokio::task::JoinHandle<()>>,
     monitor: Option<tokio::task::JoinHandle<()>>,
     rebuilder: Option<tokio::task::JoinHandle<()>>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
     service: Arc<Service>,
     _lock: File,
 }
@@ -133,6 +137,7 @@ impl Server {
         cfg.validate()?;
         let (lock, sb) = prepare_data_dir(&cfg)?;
         fs::remove_file(cfg.data_dir.join(ADDR_FILE)).ok();
+        fs::remove_file(cfg.data_dir.join(METRICS_ADDR_FILE)).ok();
         let opts = StoreOptions {
             inline_threshold: cfg.inline_threshold.as_u64() as usize,
             reserve_bytes: cfg.reserve.as_u64(),
@@ -190,6 +195,19 @@ impl Server {
         };
         let rebuilder = (!ms_addrs.is_empty())
             .then(|| tokio::spawn(crate::rebuild::run(service.clone(), ms_addrs.clone(), shutdown.clone())));
+        let metrics = match &cfg.metrics {
+            Some(at) => {
+                let s = service.clone();
+                let render: shoal_net::http::Render = Arc::new(move || s.render_metrics());
+                let (bound, task) = shoal_net::http::serve_metrics(at, render, shutdown.clone())
+                    .await
+                    .with_context(|| format!("serve metrics at {at}"))?;
+                info!(%bound, "serving Prometheus metrics at /metrics");
+                write_atomically(&cfg.data_dir.join(METRICS_ADDR_FILE), bound.to_string().as_bytes())?;
+                Some(task)
+            }
+            None => None,
+        };
         write_atomically(&cfg.data_dir.join(ADDR_FILE), addr.to_string().as_bytes())?;
         info!(%addr, targets = cfg.targets, data_dir = %cfg.data_dir.display(), "shoal-server ready");
         Ok(Server {
@@ -201,6 +219,7 @@ impl Server {
             aggregator,
             monitor,
             rebuilder,
+            metrics,
             service,
             _lock: lock,
         })
@@ -227,6 +246,9 @@ impl Server {
         }
         if let Some(r) = self.rebuilder {
             r.await.context("rebuild task")?;
+        }
+        if let Some(m) = self.metrics {
+            m.await.context("metrics endpoint")?;
         }
         fs::remove_file(self.data_dir.join(ADDR_FILE)).ok();
         let service = self.service;

@@ -73,6 +73,8 @@ pub struct Service {
     map_fence: tokio::sync::RwLock<()>,
     /// Per pool, the newest map version fenced.
     fenced: RwLock<HashMap<PoolId, u32>>,
+    /// What `--metrics` serves.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Pools in which this server is DOWN or DOWNOUT.
     down_in: RwLock<std::collections::HashSet<PoolId>>,
     /// Pools being rebuilt.
@@ -110,6 +112,7 @@ impl Service {
             pool_versions: RwLock::new(HashMap::new()),
             map_fence: tokio::sync::RwLock::new(()),
             fenced: RwLock::new(HashMap::new()),
+            metrics: Default::default(),
             down_in: RwLock::new(Default::default()),
             rebuilding: RwLock::new(Vec::new()),
             wants_ms: Default::default(),
@@ -118,6 +121,24 @@ impl Service {
             locks: StripeLocks::default(),
             clock_fault: RwLock::new(None),
         }
+    }
+
+    /// This server's metrics in the OpenMetrics text format, gauges read
+    /// now.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        m.budget_used.set(self.budget.in_use() as i64);
+        m.budget_limit.set(self.budget.total() as i64);
+        for s in &self.stores {
+            let u = s.usage();
+            m.target(s.id(), u.data_bytes, u.free_bytes, s.is_poisoned());
+        }
+        m.down_pools.set(self.down_in.read().expect("lock").len() as i64);
+        m.rebuild_active.set(self.rebuilding.read().expect("lock").len() as i64);
+        if let Some(ms) = &self.ms {
+            ms.fill_metrics(m);
+        }
+        m.render()
     }
 
     /// Records the pool-map versions the MS reported.
@@ -334,7 +355,13 @@ impl Service {
             return reply_frame::<()>(&h, mv, Err(e), vec![]);
         };
         let span = tracing::debug_span!("rpc", ?op, request_id = h.request_id);
-        self.dispatch_op(op, frame).instrument(span).await
+        let started = std::time::Instant::now();
+        let size = |f: &Frame| (f.body.len() + f.segments.iter().map(Bytes::len).sum::<usize>()) as u64;
+        let received = size(&frame);
+        let metrics = self.metrics.clone();
+        let reply = self.dispatch_op(op, frame).instrument(span).await;
+        metrics.request(op.name(), started.elapsed(), received, size(&reply), Opcode::reply_failed(&reply));
+        reply
     }
 
     async fn dispatch_op(self: Arc<Self>, op: Opcode, frame: Frame) -> Frame {

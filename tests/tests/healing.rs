@@ -437,3 +437,87 @@ async fn an_ec_write_in_flight_on_a_peer_when_rebuild_starts_is_not_lost() {
     cluster.servers[source].kill9();
     assert!(array.read(0, 8192).await.unwrap() == second[..], "the acknowledged write was lost");
 }
+
+/// GETs `path` from a server's metrics endpoint; returns status line and body.
+async fn scrape(server: &shoal_tests::TestServer, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = std::fs::read_to_string(server.dir.join("metrics.addr")).unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr.trim()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: shoal\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the sample `name` (with its labels) in a scrape.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+/// Every server serves Prometheus metrics; they show requests, the MS's
+/// view of target states, and rebuild passes, scraped over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_requests_target_states_and_rebuild() {
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--exclude-after", "1s", "--metrics", "127.0.0.1:0"];
+    let mut cluster = TestCluster::start_with(tmp.path(), 4, 1, &args).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
+    pool.cont_create("c", props).await.unwrap();
+    let kv = pool.cont_open("c").await.unwrap().kv_create(None).await.unwrap();
+    for i in 0..20u32 {
+        kv.put(&i.to_be_bytes(), Bytes::from(vec![7u8; 10_000])).await.unwrap();
+    }
+    let ms = &cluster.servers[0];
+    let (status, body) = scrape(ms, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(sample(&body, "shoal_ms_members{state=\"joined\"}"), Some(4.0), "{body}");
+    assert_eq!(sample(&body, "shoal_ms_targets{pool=\"tank\",state=\"UPIN\"}"), Some(4.0), "{body}");
+    assert!(body.contains("shoal_rpc_latency_seconds_bucket{"), "{body}");
+    assert!(sample(&body, "shoal_memory_budget_limit_bytes").unwrap() > 0.0);
+    // Updates went to the object's two servers: their counts add up.
+    let mut updates = 0.0;
+    let mut received = 0.0;
+    for s in &cluster.servers {
+        let (_, b) = scrape(s, "/metrics").await;
+        updates += sample(&b, "shoal_rpc_requests_total{op=\"update\"}").unwrap_or(0.0);
+        received += sample(&b, "shoal_rpc_received_bytes_total{op=\"update\"}").unwrap_or(0.0);
+    }
+    assert!(updates >= 40.0, "{updates} updates counted");
+    assert!(received >= 400_000.0, "{received} update bytes counted");
+    assert!(scrape(ms, "/nothing").await.0.contains("404"));
+
+    // A server dies: the MS's metrics show it excluded, and every survivor
+    // counts its rebuild pass.
+    let group = kv.object().layout().unwrap().groups[0].clone();
+    let members = client.system_query().await.unwrap().members;
+    let victim = group
+        .iter()
+        .filter_map(|s| {
+            let addr = &members.iter().find(|m| m.rank == s.rank)?.addr;
+            cluster.servers.iter().position(|x| &x.addr == addr)
+        })
+        .find(|&i| i != 0)
+        .unwrap();
+    cluster.servers[victim].kill9();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = scrape(&cluster.servers[0], "/metrics").await;
+        let out = sample(&body, "shoal_ms_targets{pool=\"tank\",state=\"DOWNOUT\"}") == Some(1.0);
+        if out && sample(&body, "shoal_ms_rebuilding_targets{pool=\"tank\"}") == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never rebuilt: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut sent = 0.0;
+    for (i, s) in cluster.servers.iter().enumerate().filter(|(i, _)| *i != victim) {
+        let (_, b) = scrape(s, "/metrics").await;
+        assert!(sample(&b, "shoal_rebuild_passes_total").unwrap_or(0.0) >= 1.0, "server {i}: {b}");
+        sent += sample(&b, "shoal_rebuild_bytes_total").unwrap_or(0.0);
+    }
+    assert!(sent >= 200_000.0, "rebuild sent {sent} bytes");
+}

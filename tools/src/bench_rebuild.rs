@@ -94,8 +94,7 @@ pub async fn run(a: RebuildArgs) -> anyhow::Result<()> {
     let cont = pool.cont_open("data").await?;
 
     // The data the failure puts at risk.
-    let arrays: Vec<_> =
-        stream::iter(0..8).then(|_| cont.array_create(None, None)).try_collect::<Vec<_>>().await?;
+    let arrays: Vec<_> = stream::iter(0..8).then(|_| cont.array_create(None, None)).try_collect::<Vec<_>>().await?;
     let per = a.mib.div_ceil(8);
     let t = Instant::now();
     stream::iter(0..per * 8)
@@ -107,7 +106,12 @@ pub async fn run(a: RebuildArgs) -> anyhow::Result<()> {
         .try_collect::<Vec<_>>()
         .await?;
     let fill = per * 8;
-    println!("shoal bench rebuild: {} servers x {} targets, {class} (rd_fac {rd_fac}), dir {}", a.servers, a.targets, dir.display());
+    println!(
+        "shoal bench rebuild: {} servers x {} targets, {class} (rd_fac {rd_fac}), dir {}",
+        a.servers,
+        a.targets,
+        dir.display()
+    );
     println!("  wrote {fill} MiB in {:.1?} ({:.0} MiB/s)", t.elapsed(), fill as f64 / t.elapsed().as_secs_f64());
 
     // The victim: a server holding a shard of the foreground array (so
@@ -172,7 +176,8 @@ pub async fn run(a: RebuildArgs) -> anyhow::Result<()> {
         ensure!(now - killed < Duration::from_secs(300), "rebuild did not finish within 300 s");
         if detected.is_none() {
             let q = client.system_query().await?;
-            if q.members.iter().any(|m| m.rank == rank && matches!(m.state, MemberState::Down | MemberState::Excluded)) {
+            if q.members.iter().any(|m| m.rank == rank && matches!(m.state, MemberState::Down | MemberState::Excluded))
+            {
                 detected = Some(now);
             }
         }

@@ -328,6 +328,35 @@ impl Ms {
         self.propose(Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version }).map(|_| ())
     }
 
+    /// Sets the MS's gauges: members per state, and per pool its targets
+    /// per state and those being rebuilt.
+    pub fn fill_metrics(&self, m: &crate::metrics::Metrics) {
+        use crate::metrics::{Pool, PoolState, State};
+        m.ms_members.clear();
+        if let Ok(q) = self.system_query(None) {
+            for st in [MemberState::Joined, MemberState::Unresponsive, MemberState::Down, MemberState::Excluded] {
+                let n = q.members.iter().filter(|x| x.state == st).count();
+                m.ms_members.get_or_create(&State { state: format!("{st:?}").to_lowercase() }).set(n as i64);
+            }
+        }
+        m.ms_targets.clear();
+        m.ms_rebuilding.clear();
+        let _ = self.read(|s| {
+            for p in s.pools.values() {
+                let states =
+                    [TargetState::Up, TargetState::UpIn, TargetState::Down, TargetState::DownOut, TargetState::New];
+                for st in states {
+                    let n = p.map.targets.iter().filter(|t| t.state == st).count();
+                    let l = PoolState { pool: p.label.clone(), state: st.to_string() };
+                    m.ms_targets.get_or_create(&l).set(n as i64);
+                }
+                let n = s.rebuilding.get(&p.uuid).map_or(0, Vec::len);
+                m.ms_rebuilding.get_or_create(&Pool { pool: p.label.clone() }).set(n as i64);
+            }
+            Ok(())
+        });
+    }
+
     /// Excludes a rank now (an operator's decision).
     pub fn exclude(&self, rank: u32) -> Result<()> {
         let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
