@@ -374,6 +374,35 @@ impl Object {
         req: &R,
         segs: Vec<Bytes>,
     ) -> Result<(R::Reply, Vec<Bytes>)> {
+        // While a drain copies the shard to its shadow, writes go to both.
+        let Some((to, shadow_req)) = shard.shadow.and_then(|(r, t)| Some(((r, t), req.retarget(r, t)?))) else {
+            return self.rpc_one(st, shard, req, segs).await;
+        };
+        let shadow = Shard { rank: to.0, target: to.1, available: true, spare: true, readable: false, shadow: None };
+        let (home, copy) =
+            futures::join!(self.rpc_one(st, shard, req, segs.clone()), self.rpc_one(st, &shadow, &shadow_req, segs));
+        let reply = home?;
+        match copy {
+            Ok(_) => Ok(reply),
+            // The shard's own target has it; the shadow's server is
+            // declared down before the write is acknowledged, so the
+            // drain never finishes with a copy that missed it.
+            Err(e) if shard_down(&e) => {
+                self.record_missed(&[shadow.rank]).await?;
+                Ok(reply)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `req` to one shard's target.
+    async fn rpc_one<R: Rpc>(
+        &self,
+        st: &PoolState,
+        shard: &Shard,
+        req: &R,
+        segs: Vec<Bytes>,
+    ) -> Result<(R::Reply, Vec<Bytes>)> {
         if !shard.available {
             return Err(ShoalError::Unreachable(format!("rank {} target {} is down", shard.rank, shard.target)));
         }

@@ -469,6 +469,24 @@ impl Client {
         self.ms_call(&shoal_common::mgmt::ReintegrateReq { pool: pool.map(str::to_string), rank }).await
     }
 
+    /// Drains a server from `pool` (every pool when `None`): it keeps
+    /// serving while its shards are copied to where they go, then its
+    /// targets turn `DOWNOUT` (`pool_query` shows them `DRAIN` meanwhile,
+    /// and the pool as rebuilding). Refused when the pool would be left
+    /// too few servers for its containers' classes. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// client.drain(Some("tank"), 5).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn drain(&self, pool: Option<&str>, rank: u32) -> Result<()> {
+        self.ms_call(&shoal_common::mgmt::DrainReq { pool: pool.map(str::to_string), rank }).await
+    }
+
     /// Every member of the system. Cancel safe.
     ///
     /// # Examples

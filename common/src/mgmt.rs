@@ -238,6 +238,18 @@ pub struct ReintegrateReq {
 
 mgmt_rpc!(ReintegrateReq, Reintegrate, ());
 
+/// Drains a server from a pool (all pools when `pool` is `None`): its
+/// targets keep serving while every shard they hold is copied to where it
+/// goes (and gets every write there too), then they turn `DOWNOUT`; at no
+/// moment does any object have fewer copies than its class keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainReq {
+    pub pool: Option<Name>,
+    pub rank: u32,
+}
+
+mgmt_rpc!(DrainReq, Drain, ());
+
 mgmt_rpc!(HeartbeatReq, SysHeartbeat, HeartbeatReply);
 
 /// Asks for the system membership.

@@ -41,6 +41,7 @@ pub enum Opcode {
     SysExclude = 25,
     RebuildDone = 26,
     Reintegrate = 27,
+    Drain = 28,
     PoolCreate = 30,
     PoolDestroy = 31,
     PoolList = 32,
@@ -75,6 +76,7 @@ impl Opcode {
             Opcode::SysExclude => "sys_exclude",
             Opcode::RebuildDone => "rebuild_done",
             Opcode::Reintegrate => "reintegrate",
+            Opcode::Drain => "drain",
             Opcode::PoolCreate => "pool_create",
             Opcode::PoolDestroy => "pool_destroy",
             Opcode::PoolList => "pool_list",
@@ -115,6 +117,7 @@ impl Opcode {
             25 => Opcode::SysExclude,
             26 => Opcode::RebuildDone,
             27 => Opcode::Reintegrate,
+            28 => Opcode::Drain,
             30 => Opcode::PoolCreate,
             31 => Opcode::PoolDestroy,
             32 => Opcode::PoolList,
@@ -160,6 +163,17 @@ pub trait Rpc: Serialize + DeserializeOwned + Send + 'static {
     /// The rank the sender addressed, if it names one: a server of another
     /// rank refuses the request.
     fn rank(&self) -> Option<u32> {
+        None
+    }
+
+    /// The same write addressed to another target, for a shard's shadow
+    /// while a drain copies it there ([`crate::placement::Shard::shadow`]);
+    /// `None` for requests that are not writes. Conditions are dropped:
+    /// the shard's own target checks them.
+    fn retarget(&self, _rank: u32, _target: u32) -> Option<Self>
+    where
+        Self: Sized,
+    {
         None
     }
 }
@@ -346,6 +360,11 @@ impl Rpc for UpdateReq {
 
     addressed!();
 
+    fn retarget(&self, rank: u32, target: u32) -> Option<Self> {
+        let iods = self.iods.iter().map(|i| UpdateIod { cond: None, ..i.clone() }).collect();
+        Some(UpdateReq { rank, target, iods, ..self.clone() })
+    }
+
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         check_key("dkey", &self.dkey)?;
         check_iods(self.iods.len())?;
@@ -504,6 +523,10 @@ impl Rpc for PunchReq {
     type Reply = UpdateReply;
 
     addressed!();
+
+    fn retarget(&self, rank: u32, target: u32) -> Option<Self> {
+        Some(PunchReq { rank, target, ..self.clone() })
+    }
 
     fn validate(&self, segments: &[Bytes]) -> Result<()> {
         if !segments.is_empty() {

@@ -56,12 +56,16 @@ pub enum TargetState {
     DownOut,
     /// Being added; not part of the layout yet.
     New,
+    /// Being drained: serving as `UpIn`, while every shard it holds is
+    /// also written to, and rebuilt on, the target it will have once the
+    /// drain is done (the shard's `shadow`); then it turns `DownOut`.
+    Drain,
 }
 
 impl TargetState {
     /// Whether a shard on a target in this state can serve I/O.
     pub fn is_available(self) -> bool {
-        matches!(self, TargetState::Up | TargetState::UpIn)
+        matches!(self, TargetState::Up | TargetState::UpIn | TargetState::Drain)
     }
 }
 
@@ -73,6 +77,7 @@ impl fmt::Display for TargetState {
             TargetState::Down => "DOWN",
             TargetState::DownOut => "DOWNOUT",
             TargetState::New => "NEW",
+            TargetState::Drain => "DRAIN",
         })
     }
 }
@@ -147,6 +152,11 @@ pub struct Shard {
     /// Whether reads may use it: available, and not a spare whose shard is
     /// still being rebuilt (it takes writes meanwhile).
     pub readable: bool,
+    /// While a drain is in progress: the (rank, target) this shard will
+    /// live on once the drain is done. It gets every update and punch the
+    /// shard gets, and is rebuilt from it; it serves no reads until then.
+    #[serde(default)]
+    pub shadow: Option<(u32, u32)>,
 }
 
 /// The shards of one object: `groups[g][i]` is shard `i` of group `g`.
@@ -174,7 +184,7 @@ struct Slot {
 impl Slot {
     fn shard(self, spare: bool) -> Shard {
         let available = self.state.is_available();
-        Shard { rank: self.rank, target: self.target, available, spare, readable: available }
+        Shard { rank: self.rank, target: self.target, available, spare, readable: available, shadow: None }
     }
 }
 
@@ -221,9 +231,34 @@ impl Placement {
 
     /// Where the shards of object `oid` of container `cont` live.
     ///
+    /// While targets drain, each shard that will move once they are
+    /// `DownOut` names where it goes as its `shadow`.
+    ///
     /// Errors when the class is invalid, the map has no targets in its
     /// layout, or a group needs more servers than the map has.
     pub fn layout(&self, cont: ContId, oid: Oid, class: ObjectClass) -> Result<Layout, ShoalError> {
+        let mut now = self.layout_as(cont, oid, class, false)?;
+        if self.ring.iter().all(|s| s.state != TargetState::Drain) {
+            return Ok(now);
+        }
+        let then = self.layout_as(cont, oid, class, true)?;
+        for (g, h) in now.groups.iter_mut().zip(&then.groups) {
+            for (s, t) in g.iter_mut().zip(h) {
+                if (s.rank, s.target) != (t.rank, t.target) && t.available {
+                    s.shadow = Some((t.rank, t.target));
+                }
+            }
+        }
+        Ok(now)
+    }
+
+    /// The layout with draining targets in service (`drained` false) or
+    /// treated as `DownOut` (true: where the shards go).
+    fn layout_as(&self, cont: ContId, oid: Oid, class: ObjectClass, drained: bool) -> Result<Layout, ShoalError> {
+        let out = |s: TargetState| s == TargetState::DownOut || (drained && s == TargetState::Drain);
+        // A draining target is in the rebuilding list (its shadows are
+        // being filled) but serves reads until the drain is done.
+        let pending = |s: Slot| s.state != TargetState::Drain && self.rebuilding.contains(&(s.rank, s.target));
         class.validate()?;
         let len = self.ring.len();
         if len == 0 {
@@ -263,16 +298,16 @@ impl Placement {
             let mut shards = Vec::with_capacity(n);
             for (i, &home) in group.iter().enumerate() {
                 let slot = self.ring[home];
-                if slot.state != TargetState::DownOut {
+                if !out(slot.state) {
                     // A home being rebuilt (a server coming back) takes
                     // writes but serves no reads until it is.
                     let mut sh = slot.shard(false);
-                    sh.readable &= !self.rebuilding.contains(&(slot.rank, slot.target));
+                    sh.readable &= !pending(slot);
                     shards.push(sh);
                     continue;
                 }
                 let spare = self.next_position_index(last_home, |pos, cand| {
-                    cand.state != TargetState::DownOut
+                    !out(cand.state)
                         && !spare_ranks.contains(&cand.rank)
                         && !group.iter().enumerate().any(|(j, &h)| j != i && self.ring[h].rank == cand.rank)
                         && !spares.contains(&pos)
@@ -283,12 +318,16 @@ impl Placement {
                         spare_ranks.push(self.ring[pos].rank);
                         let cand = self.ring[pos];
                         let mut sh = cand.shard(true);
-                        sh.readable &= !self.rebuilding.contains(&(slot.rank, slot.target))
-                            && !self.rebuilding.contains(&(cand.rank, cand.target));
+                        sh.readable &= !pending(slot) && !pending(cand);
                         shards.push(sh);
                     }
                     // Nowhere to go: the shard stays home and unavailable.
-                    None => shards.push(slot.shard(false)),
+                    None => shards.push(if drained && slot.state == TargetState::Drain {
+                        // Nowhere to drain to: it stays where it is.
+                        slot.shard(false)
+                    } else {
+                        Shard { available: false, readable: false, ..slot.shard(false) }
+                    }),
                 }
             }
             groups.push(shards);
@@ -452,6 +491,7 @@ mod tests {
                     available: home.state.is_available(),
                     spare: false,
                     readable: home.state.is_available(),
+                    shadow: None,
                 };
                 if home.state == TargetState::DownOut {
                     for k in 1..=len {
@@ -470,6 +510,7 @@ mod tests {
                             available: t.state.is_available(),
                             spare: true,
                             readable: t.state.is_available(),
+                            shadow: None,
                         };
                         break;
                     }
@@ -633,6 +674,47 @@ mod tests {
 
         let invalid = ObjectClass { redundancy: Redundancy::Replicas(9), groups: Groups::Max };
         assert!(layout(&uniform_map(10, 1), ContId(1), oid, invalid).is_err());
+    }
+
+    /// Draining changes no shard's place; each shard names as its shadow
+    /// where it will be once the drain is done, and stays readable.
+    #[test]
+    fn a_drain_moves_nothing_yet_and_shadows_where_shards_go() {
+        let c = class("RP_3G1");
+        let e = class("EC_2P1G1");
+        for (drain, out_before) in [(2u32, None), (4, Some(1u32))] {
+            let mut map = uniform_map(7, 2);
+            if let Some(r) = out_before {
+                (0..2).for_each(|i| set_state(&mut map, r, i, TargetState::DownOut));
+            }
+            let before = Placement::new(&map);
+            let mut draining = map.clone();
+            (0..2).for_each(|i| set_state(&mut draining, drain, i, TargetState::Drain));
+            let rebuilding: Vec<(u32, u32)> = (0..2).map(|i| (drain, i)).collect();
+            let now = Placement::with_rebuilding(&draining, &rebuilding);
+            let mut done = map.clone();
+            (0..2).for_each(|i| set_state(&mut done, drain, i, TargetState::DownOut));
+            let after = Placement::new(&done);
+            let mut shadows = 0;
+            for seq in 0..200u128 {
+                for cl in [c, e] {
+                    let oid = make_oid(seq, cl, ObjType::Array);
+                    let b = before.layout(ContId(5), oid, cl).expect("fits");
+                    let n = now.layout(ContId(5), oid, cl).expect("fits");
+                    let a = after.layout(ContId(5), oid, cl).expect("fits");
+                    for ((bs, ns), as_) in
+                        b.groups.iter().flatten().zip(n.groups.iter().flatten()).zip(a.groups.iter().flatten())
+                    {
+                        assert_eq!((ns.rank, ns.target, ns.readable), (bs.rank, bs.target, bs.readable));
+                        let goes = ns.shadow.unwrap_or((ns.rank, ns.target));
+                        assert_eq!(goes, (as_.rank, as_.target), "object {seq} of {cl}");
+                        assert_ne!(goes.0, drain);
+                        shadows += ns.shadow.is_some() as u32;
+                    }
+                }
+            }
+            assert!(shadows > 0);
+        }
     }
 
     #[test]

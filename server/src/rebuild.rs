@@ -35,7 +35,7 @@ use shoal_common::ec::codec;
 use shoal_common::mgmt::{PoolInfo, PoolQueryReq, RebuildDoneReq};
 use shoal_common::msg::{FetchIod, FetchReq, Fetched, RestoreItem, RestoreKind, RestoreReq, ValueKind};
 use shoal_common::oclass::{oid_class, Redundancy};
-use shoal_common::placement::{dkey_group, Shard};
+use shoal_common::placement::{dkey_group, Shard, TargetState};
 use shoal_common::{ContId, Oid, PoolId, Result, ShoalError};
 use shoal_net::{call, TcpTransport};
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,8 @@ pub struct Progress {
     pub objects: u64,
     pub versions: u64,
     pub bytes: u64,
+    /// Shards on a draining target that have nowhere to go.
+    pub stranded: u64,
 }
 
 /// Rebuilds, every second, the pools the MS says are rebuilding, until
@@ -91,6 +93,15 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             service.fence_pool_version(pool, info.map.version).await;
             let started = std::time::Instant::now();
             match rebuild_pool(&service, &t, &info, rank, &stop).await {
+                Ok(p) if p.stranded > 0 => {
+                    // Not done: the drain would leave these without a copy.
+                    warn!(
+                        %pool,
+                        stranded = p.stranded,
+                        "shards on a draining target have nowhere to go (the pool has too few servers for their \
+                         class); the drain waits until a server is added"
+                    );
+                }
                 Ok(p) => {
                     let m = &service.metrics;
                     m.rebuild_passes.inc();
@@ -173,17 +184,40 @@ async fn rebuild_pool(
                 };
                 for dkey in dkeys {
                     let group = &layout.groups[dkey_group(&dkey, layout.groups.len() as u32) as usize];
-                    let spares: Vec<(usize, Shard)> =
-                        group.iter().copied().enumerate().filter(|(_, s)| !s.readable && s.available).collect();
-                    if spares.is_empty() {
-                        continue;
-                    }
-                    // The source: the group's first readable shard (a home,
-                    // or a spare rebuilt earlier when a home is away).
-                    let Some((me, source)) = group.iter().copied().enumerate().find(|(_, s)| s.readable) else {
-                        continue;
+                    let is_me = |s: &Shard| s.rank == rank && s.target == store.id();
+                    let draining = |s: &Shard| {
+                        info.map
+                            .targets
+                            .iter()
+                            .any(|t| t.rank == s.rank && t.index == s.target && t.state == TargetState::Drain)
                     };
-                    if source.rank != rank || source.target != store.id() {
+                    p.stranded += group.iter().filter(|s| is_me(s) && s.shadow.is_none() && draining(s)).count() as u64;
+                    // The source of a spare: the group's first readable
+                    // shard (a home, or a spare rebuilt earlier when a home
+                    // is away).
+                    let first = group.iter().position(|s| s.readable);
+                    // (shard index, where it goes, index of its source)
+                    let mut jobs: Vec<(usize, Shard, usize)> = Vec::new();
+                    for (i, s) in group.iter().enumerate() {
+                        if !s.readable && s.available {
+                            jobs.extend(first.map(|f| (i, *s, f)));
+                        }
+                        // A shard that moves once a drain is done is copied
+                        // from itself (or, if it is not readable, like a spare).
+                        if let Some((r, t)) = s.shadow {
+                            let to = Shard {
+                                rank: r,
+                                target: t,
+                                available: true,
+                                spare: true,
+                                readable: false,
+                                shadow: None,
+                            };
+                            jobs.extend(if s.readable { Some(i) } else { first }.map(|src| (i, to, src)));
+                        }
+                    }
+                    jobs.retain(|&(_, _, src)| is_me(&group[src]));
+                    if jobs.is_empty() {
                         continue;
                     }
                     let versions = {
@@ -192,8 +226,10 @@ async fn rebuild_pool(
                             .await
                             .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
                     };
-                    for &(idx, spare) in &spares {
+                    for &(idx, spare, me) in &jobs {
                         let items = match class.redundancy {
+                            // The shard itself: what it holds is what goes.
+                            _ if me == idx => versions.clone(),
                             Redundancy::None => continue,
                             Redundancy::Replicas(_) => versions.clone(),
                             Redundancy::Ec { k, p: par } => {

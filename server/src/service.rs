@@ -395,6 +395,7 @@ impl Service {
             Opcode::SysReport => self.run_ms::<ReportReq>(&frame, |ms, r| ms.report(r)).await,
             Opcode::SysExclude => self.run_ms::<ExcludeReq>(&frame, |ms, r| ms.exclude(r.rank)).await,
             Opcode::RebuildDone => self.run_ms::<RebuildDoneReq>(&frame, |ms, r| ms.rebuild_done(r)).await,
+            Opcode::Drain => self.run_ms::<shoal_common::mgmt::DrainReq>(&frame, |ms, r| ms.drain(r)).await,
             Opcode::Reintegrate => {
                 self.run_ms::<shoal_common::mgmt::ReintegrateReq>(&frame, |ms, r| ms.reintegrate(r)).await
             }

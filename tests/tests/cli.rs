@@ -148,6 +148,23 @@ fn the_cli_drives_a_dev_cluster_end_to_end() {
         assert!(std::time::Instant::now() < deadline, "rank {victim} never served again: {p}");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // Drained out: its shards move first, then it is out; data stays.
+    assert!(cli.fails(&["system", "drain", "99"]).contains("rank 99"));
+    cli.ok(&["pool", "drain", "tank", &victim_s]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let p = json(&cli.ok(&["pool", "query", "tank", "--json"]));
+        let mine: Vec<_> = p["targets"].as_array().unwrap().iter().filter(|t| t["rank"] == victim).cloned().collect();
+        if p["pool"]["rebuilding"].as_array().unwrap().is_empty() && mine.iter().all(|t| t["state"] == "DOWNOUT") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rank {victim} never drained: {p}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    cli.ok(&["dev", "kill", &victim_s]);
+    assert_eq!(cli.ok(&["kv", "get", "tank", "c", "conf", "colour"]), "green");
+    cli.ok(&["array", "read", "tank", "c", "big", output.to_str().unwrap()]);
+    assert!(std::fs::read(&output).unwrap() == data, "the array after the drain");
     cli.ok(&["dev", "add", "--targets", "1"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while json(&cli.ok(&["system", "query", "--json"]))["members"].as_array().unwrap().len() < 5 {

@@ -521,3 +521,81 @@ async fn metrics_show_requests_target_states_and_rebuild() {
     }
     assert!(sent >= 200_000.0, "rebuild sent {sent} bytes");
 }
+
+/// A drained server keeps serving while its shards are copied to where
+/// they go (and written there too); then it is out, and the pool still
+/// survives two more failures: no moment had fewer copies than promised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_under_load_moves_every_shard_and_loses_no_redundancy() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 7, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let writers = Arc::new(vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_4P2G1").await]);
+    for i in 0..8u64 {
+        for w in writers.iter() {
+            w.round(i).await.unwrap();
+        }
+    }
+    let members = client.system_query().await.unwrap().members;
+    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
+    let index_of = |rank: u32| {
+        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
+        addrs.iter().position(|a| a == addr).unwrap()
+    };
+    // A server holding a shard of the EC arrays, not the MS's.
+    let ec_group = writers[1].arrays[0].object().layout().unwrap().groups[0].clone();
+    let drained = ec_group.iter().map(|s| s.rank).find(|&r| index_of(r) != 0).unwrap();
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let task = {
+        let (writers, stop) = (writers.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 100;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for w in writers.iter() {
+                    w.round(i).await.unwrap_or_else(|e| panic!("write round {i} failed during the drain: {e}"));
+                }
+                i += 1;
+            }
+            i - 100
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    client.drain(Some("tank"), drained).await.unwrap();
+    let mut saw_drain = false;
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        let mine: Vec<_> = p.map.targets.iter().filter(|t| t.rank == drained).map(|t| t.state).collect();
+        saw_drain |= mine.contains(&TargetState::Drain);
+        if mine.iter().all(|s| *s == TargetState::DownOut) && p.rebuilding.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "the drain never finished: {mine:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("rank {drained} drained in {:?}", t.elapsed());
+    assert!(saw_drain || t.elapsed() < Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = task.await.unwrap();
+    eprintln!("{rounds} write rounds during the drain, none failed");
+    for w in writers.iter() {
+        verify(w).await;
+    }
+    // The drained server holds nothing needed; with it gone and two more
+    // servers of the EC group dead (rd_fac 2), every byte still reads.
+    cluster.servers[index_of(drained)].kill9();
+    let now = writers[1].arrays[0].object().layout().unwrap().groups[0].clone();
+    for s in now.iter().filter(|s| s.rank != drained && index_of(s.rank) != 0).take(2) {
+        cluster.servers[index_of(s.rank)].kill9();
+    }
+    for w in writers.iter() {
+        verify(w).await;
+    }
+    // A drained server cannot be drained again, and a drain that would
+    // leave 6-wide groups nowhere to go is refused.
+    assert!(client.drain(Some("tank"), drained).await.is_err());
+}

@@ -23,6 +23,13 @@ pub enum SystemCmd {
         /// The server's rank.
         rank: u32,
     },
+    /// Drains a server from every pool: it keeps serving while its shards
+    /// are copied elsewhere, then it is out (`shoal pool query` shows the
+    /// progress); no object has fewer copies meanwhile.
+    Drain {
+        /// The server's rank.
+        rank: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +54,8 @@ pub enum PoolCmd {
     /// Brings a down or excluded server back into this pool (see
     /// `shoal system reintegrate`).
     Reintegrate { pool: String, rank: u32 },
+    /// Drains a server from this pool (see `shoal system drain`).
+    Drain { pool: String, rank: u32 },
     /// Lists pools.
     List,
     /// A pool's map and the space used and free on every target.
@@ -137,6 +146,11 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             println!("rank {rank} excluded from every pool");
             Ok(())
         }
+        SystemCmd::Drain { rank } => {
+            ctx.client().await?.drain(None, rank).await?;
+            println!("rank {rank} is draining from every pool; it is out once its shards are elsewhere");
+            Ok(())
+        }
         SystemCmd::Reintegrate { rank } => {
             ctx.client().await?.reintegrate(None, rank).await?;
             println!("rank {rank} reintegrated into every pool it was out of; it serves reads once rebuilt");
@@ -174,6 +188,10 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                 return out::json(&p);
             }
             print_pool(&p);
+        }
+        PoolCmd::Drain { pool, rank } => {
+            client.drain(Some(&pool), rank).await?;
+            println!("rank {rank} is draining from {pool}; it is out once its shards are elsewhere");
         }
         PoolCmd::Reintegrate { pool, rank } => {
             client.reintegrate(Some(&pool), rank).await?;

@@ -295,6 +295,17 @@ impl Ms {
         Ok(())
     }
 
+    /// Starts draining a rank from a pool (or all): see [`Command::Drain`].
+    pub fn drain(&self, req: shoal_common::mgmt::DrainReq) -> Result<()> {
+        let pool = match &req.pool {
+            Some(name) => Some(self.read(|s| s.find_pool(name))?),
+            None => None,
+        };
+        self.propose(Command::Drain { pool, rank: req.rank })?;
+        info!(rank = req.rank, "server draining");
+        Ok(())
+    }
+
     /// Brings a rank back into a pool (or all): see [`Command::Reintegrate`].
     pub fn reintegrate(&self, req: ReintegrateReq) -> Result<()> {
         let pool = match &req.pool {

@@ -75,6 +75,13 @@ pub enum Command {
         rank: u32,
         version: u32,
     },
+    /// A server's targets in a pool (every pool when `pool` is `None`)
+    /// start draining: they keep serving while their shards are copied to
+    /// where they go, then turn `DOWNOUT`.
+    Drain {
+        pool: Option<PoolId>,
+        rank: u32,
+    },
 }
 
 /// What applying a command produced.
@@ -351,8 +358,67 @@ impl MsState {
                         if t.state == TargetState::Up && rebuilt.contains(&(t.rank, t.index)) {
                             t.state = TargetState::UpIn;
                         }
+                        // Drained: its shards live where they went.
+                        if t.state == TargetState::Drain && rebuilt.contains(&(t.rank, t.index)) {
+                            t.state = TargetState::DownOut;
+                        }
                     }
                     p.map.version += 1;
+                }
+                Ok(Outcome::Done)
+            }
+            Command::Drain { pool, rank } => {
+                if !self.members.contains_key(rank) {
+                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                }
+                let pools: Vec<PoolId> = match pool {
+                    Some(p) => vec![self.pool(*p)?.uuid],
+                    None => self.pools.keys().copied().collect(),
+                };
+                // Checked first, so that a refusal changes nothing.
+                let mut draining = Vec::new();
+                for pid in &pools {
+                    let p = self.pool(*pid)?;
+                    let mine: Vec<&PoolTarget> = p.map.targets.iter().filter(|t| t.rank == *rank).collect();
+                    if mine.is_empty()
+                        || mine.iter().all(|t| matches!(t.state, TargetState::DownOut | TargetState::New))
+                    {
+                        continue;
+                    }
+                    if let Some(t) = mine.iter().find(|t| t.state != TargetState::UpIn) {
+                        return Err(ShoalError::invalid(format!(
+                            "rank {rank} has target {} {} in pool {}; only a server whose targets are all UPIN can be \
+                             drained (wait for rebuild, or exclude it)",
+                            t.index, t.state, p.label
+                        )));
+                    }
+                    let left = p.map.domains().saturating_sub(1);
+                    let widest =
+                        p.containers.values().map(|c| widest_group(&c.props, p.map.domains())).max().unwrap_or(1);
+                    if widest > left {
+                        return Err(ShoalError::invalid(format!(
+                            "draining rank {rank} would leave pool {} {left} servers in service, and its containers \
+                             use groups of {widest}: their shards would have nowhere to go; add a server first",
+                            p.label
+                        )));
+                    }
+                    draining.push(*pid);
+                }
+                if draining.is_empty() {
+                    return Err(ShoalError::invalid(format!("rank {rank} holds nothing to drain in those pools")));
+                }
+                for pid in draining {
+                    let p = self.pools.get_mut(&pid).expect("checked above");
+                    let mut going = Vec::new();
+                    for t in p.map.targets.iter_mut().filter(|t| t.rank == *rank && t.state == TargetState::UpIn) {
+                        t.state = TargetState::Drain;
+                        going.push((t.rank, t.index));
+                    }
+                    p.map.version += 1;
+                    let r = self.rebuilding.entry(pid).or_default();
+                    r.extend(going);
+                    r.sort_unstable();
+                    r.dedup();
                 }
                 Ok(Outcome::Done)
             }
@@ -607,6 +673,21 @@ impl MsState {
     }
 }
 
+/// The widest group a container's objects use by default: its class, or
+/// the classes chosen for its arrays and KV objects on `domains` servers.
+fn widest_group(props: &ContProps, domains: u32) -> u32 {
+    use shoal_common::oclass::{auto_class, ObjType};
+    if let Some(c) = props.oclass.as_deref().and_then(|n| n.parse::<ObjectClass>().ok()) {
+        return c.group_size();
+    }
+    [ObjType::Array, ObjType::Kv]
+        .into_iter()
+        .filter_map(|ty| auto_class(props.rd_fac, domains, ty).ok())
+        .map(|(c, _)| c.group_size())
+        .max()
+        .unwrap_or(1)
+}
+
 /// Checks container properties against the pool: rd_fac range, class name
 /// and fit, cell and chunk sizes.
 pub fn check_props(props: &ContProps, domains: u32) -> Result<()> {
@@ -702,6 +783,48 @@ mod tests {
         // Renewing someone else's tag gets a fresh one instead.
         let other = hello(&mut s, 5, Some(old), 1000 + TAG_LEASE_MS).unwrap();
         assert_ne!(other, old);
+    }
+
+    #[test]
+    fn a_drained_server_serves_until_its_shards_are_elsewhere_then_is_out() {
+        let mut s = MsState::default();
+        for u in 0..5 {
+            join(&mut s, u);
+        }
+        let cmd = Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        let props = ContProps { oclass: Some("EC_2P1G1".into()), ..ContProps::default() };
+        s.apply(&Command::ContCreate { pool: PoolId(7), uuid: ContId(1), label: "c".into(), props }).unwrap();
+        let version = |s: &MsState| s.pools[&PoolId(7)].map.version;
+        let states = |s: &MsState, r: u32| -> Vec<TargetState> {
+            s.pools[&PoolId(7)].map.targets.iter().filter(|t| t.rank == r).map(|t| t.state).collect()
+        };
+        let v0 = version(&s);
+        s.apply(&Command::Drain { pool: None, rank: 2 }).unwrap();
+        assert!(states(&s, 2).iter().all(|&t| t == TargetState::Drain));
+        assert!(states(&s, 2).iter().all(|t| t.is_available()), "a draining server still serves");
+        assert!(version(&s) > v0);
+        assert!(!s.rebuilding[&PoolId(7)].is_empty());
+        // Twice is refused, and so is a drain that leaves groups nowhere to go.
+        assert!(s.apply(&Command::Drain { pool: None, rank: 2 }).is_err());
+        // Every server in service (the draining one too) reports its pass.
+        for rank in 0..5 {
+            s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: version(&s) }).unwrap();
+        }
+        assert!(states(&s, 2).iter().all(|&t| t == TargetState::DownOut));
+        assert!(!s.rebuilding.contains_key(&PoolId(7)));
+        // 4 servers left for groups of 3: one more drain fits, then none.
+        s.apply(&Command::Drain { pool: Some(PoolId(7)), rank: 3 }).unwrap();
+        for rank in [0, 1, 3, 4] {
+            s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: version(&s) }).unwrap();
+        }
+        let e = s.apply(&Command::Drain { pool: None, rank: 4 }).unwrap_err();
+        assert!(e.to_string().contains("nowhere to go"), "{e}");
+        // A down server cannot be drained; reintegration brings a drained one back.
+        s.apply(&Command::MarkDown { rank: 4, now_ms: 1 }).unwrap();
+        assert!(s.apply(&Command::Drain { pool: None, rank: 4 }).is_err());
+        s.apply(&Command::Reintegrate { pool: None, rank: 2 }).unwrap();
+        assert!(states(&s, 2).iter().all(|&t| t == TargetState::Up));
     }
 
     #[test]
