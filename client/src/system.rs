@@ -487,6 +487,29 @@ impl Client {
         self.ms_call(&shoal_common::mgmt::DrainReq { pool: pool.map(str::to_string), rank }).await
     }
 
+    /// Stops (`paused: Some(true)`) or starts a pool's rebuild, or sets
+    /// its pace in MiB/s per server (`rate_mib`, 0: automatic); `None`
+    /// leaves a setting as it is. Returns the settings now. A stopped
+    /// rebuild resumes where it was. `pool_query` shows the progress.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// client.rebuild_ctl("tank", None, Some(200)).await?; // at most 200 MiB/s per server
+    /// client.rebuild_ctl("tank", Some(true), None).await?; // stop
+    /// # Ok(()) }
+    /// ```
+    pub async fn rebuild_ctl(
+        &self,
+        pool: &str,
+        paused: Option<bool>,
+        rate_mib: Option<u32>,
+    ) -> Result<shoal_common::mgmt::RebuildCtl> {
+        self.ms_call(&shoal_common::mgmt::RebuildCtlReq { pool: pool.into(), paused, rate_mib }).await
+    }
+
     /// Every member of the system. Cancel safe.
     ///
     /// # Examples

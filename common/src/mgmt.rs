@@ -146,6 +146,88 @@ pub struct HeartbeatReq {
     /// The sender's wall clock (ns since the Unix epoch): the MS refuses
     /// the heartbeat of a server whose clock is too far off its own.
     pub wall_ns: u64,
+    /// The sender's progress through its objects, per pool being rebuilt.
+    pub rebuild: Vec<RebuildProgress>,
+}
+
+/// How rebuild runs in a pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildCtl {
+    /// Stopped by an operator (`shoal pool rebuild stop`): no server goes
+    /// through its objects until it is started again, and then each one
+    /// resumes where it stopped.
+    pub paused: bool,
+    /// MiB per second each server sends to spares at most; 0: automatic
+    /// (rebuild takes at most 30% of a server's time while clients use it,
+    /// all of it otherwise).
+    pub rate_mib: u32,
+}
+
+/// What a server's rebuild pass is doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RebuildState {
+    /// Nothing to rebuild.
+    #[default]
+    Idle,
+    /// Going through objects, none of which needed copying lately.
+    Scanning,
+    /// Sending what spares need.
+    Pulling,
+    /// Waiting to keep the pace set (or to leave clients their share).
+    Throttled,
+    /// Stopped by an operator.
+    Paused,
+    /// Through every object for the current map version.
+    Done,
+}
+
+impl std::fmt::Display for RebuildState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RebuildState::Idle => "idle",
+            RebuildState::Scanning => "scanning",
+            RebuildState::Pulling => "pulling",
+            RebuildState::Throttled => "throttled",
+            RebuildState::Paused => "paused",
+            RebuildState::Done => "done",
+        })
+    }
+}
+
+/// One server's progress through its objects for one pool's rebuild.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildProgress {
+    pub pool: PoolId,
+    /// The pool map version the pass is for.
+    pub version: u32,
+    pub state: RebuildState,
+    /// Objects (shards held by this server) gone through, and in all.
+    pub objects_done: u64,
+    pub objects_total: u64,
+    /// Bytes sent to spares by this pass.
+    pub bytes: u64,
+}
+
+/// A pool's rebuild, summed over its servers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildStatus {
+    /// Paused, pulling or throttled if any server is, else scanning; done
+    /// once every server in service is through.
+    pub state: RebuildState,
+    pub version: u32,
+    pub objects_done: u64,
+    pub objects_total: u64,
+    pub bytes: u64,
+    /// Servers in service through their objects, and in all.
+    pub servers_done: u32,
+    pub servers: u32,
+    /// Milliseconds since the first report for this version, the rate of
+    /// bytes sent, and the seconds left at the rate objects were gone
+    /// through.
+    pub elapsed_ms: u64,
+    pub bytes_per_sec: u64,
+    pub eta_secs: Option<u64>,
+    pub ctl: RebuildCtl,
 }
 
 /// The current pool-map versions, so servers can refuse stale clients.
@@ -162,6 +244,8 @@ pub struct HeartbeatReply {
     pub down_in: Vec<PoolId>,
     /// Pools with excluded targets whose shards are being rebuilt.
     pub rebuilding: Vec<PoolId>,
+    /// How rebuild runs in pools where it is not the default.
+    pub rebuild_ctl: Vec<(PoolId, RebuildCtl)>,
 }
 
 /// A client introduces itself (or renews its lease): it gets a clock tag
@@ -250,6 +334,17 @@ pub struct DrainReq {
 
 mgmt_rpc!(DrainReq, Drain, ());
 
+/// Stops or starts a pool's rebuild, or sets its pace (`None`: unchanged).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildCtlReq {
+    pub pool: Name,
+    pub paused: Option<bool>,
+    /// MiB/s per server; 0: automatic.
+    pub rate_mib: Option<u32>,
+}
+
+mgmt_rpc!(RebuildCtlReq, RebuildCtl, RebuildCtl);
+
 mgmt_rpc!(HeartbeatReq, SysHeartbeat, HeartbeatReply);
 
 /// Asks for the system membership.
@@ -281,6 +376,8 @@ pub struct PoolInfo {
     /// for the current map version (rebuild ends when every rank in service
     /// has).
     pub rebuilt_by: Vec<u32>,
+    /// While rebuilding (or paused): progress, rate and time left.
+    pub rebuild: Option<RebuildStatus>,
 }
 
 impl PoolInfo {

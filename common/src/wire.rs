@@ -45,6 +45,10 @@ pub const FLAG_REPLY: u8 = 1;
 /// whatever else it is doing.
 pub const FLAG_PING: u8 = 2;
 
+/// The token of requests servers send each other for rebuild: not a
+/// client's I/O, so rebuild does not yield to it.
+pub const TOKEN_REBUILD: u128 = u128::MAX;
+
 /// The fixed-width fields of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Header {

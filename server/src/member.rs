@@ -73,6 +73,7 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                 period_ms: period.as_millis().min(u32::MAX as u128) as u32,
                 tombstones_seen,
                 wall_ns: shoal_common::hlc::wall_ns(),
+                rebuild: service.rebuild_progress(),
             };
             match ask(&t, &ms, &hb).await {
                 Ok(r) => {
@@ -80,6 +81,7 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                     service.set_pool_versions(&r.pools);
                     service.set_down_in(&r.down_in);
                     service.set_rebuilding(&r.rebuilding);
+                    service.set_rebuild_ctl(&r.rebuild_ctl);
                     if !r.tombstones.is_empty() {
                         match service.drop_containers(&r.tombstones).await {
                             Ok(()) => {

@@ -33,9 +33,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use shoal_common::ec::codec;
 use shoal_common::mgmt::{PoolInfo, PoolQueryReq, RebuildDoneReq};
+use shoal_common::mgmt::{RebuildProgress, RebuildState};
 use shoal_common::msg::{FetchIod, FetchReq, Fetched, RestoreItem, RestoreKind, RestoreReq, ValueKind};
 use shoal_common::oclass::{oid_class, Redundancy};
 use shoal_common::placement::{dkey_group, Shard, TargetState};
+use shoal_common::wire::TOKEN_REBUILD;
 use shoal_common::{ContId, Oid, PoolId, Result, ShoalError};
 use shoal_net::{call, TcpTransport};
 use tokio_util::sync::CancellationToken;
@@ -87,6 +89,20 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             if !serving {
                 continue;
             }
+            if service.rebuild_ctl(pool).paused {
+                let mut p =
+                    service.rebuild_progress().into_iter().find(|p| p.pool == pool).unwrap_or(RebuildProgress {
+                        pool,
+                        version: info.map.version,
+                        state: RebuildState::Paused,
+                        objects_done: 0,
+                        objects_total: 0,
+                        bytes: 0,
+                    });
+                p.state = RebuildState::Paused;
+                service.set_rebuild_progress(p);
+                continue;
+            }
             // Writes made with an older map may miss the targets being
             // rebuilt; from here on they are refused, and those already
             // running finish before the pass looks at what is stored.
@@ -117,6 +133,14 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                         secs = started.elapsed().as_secs_f64(),
                         "rebuild pass done"
                     );
+                    service.set_rebuild_progress(RebuildProgress {
+                        pool,
+                        version: info.map.version,
+                        state: RebuildState::Done,
+                        objects_done: p.objects,
+                        objects_total: p.objects,
+                        bytes: p.bytes,
+                    });
                     let req = RebuildDoneReq { pool, rank, version: info.map.version };
                     match ask(&t, &ms, &req).await {
                         Ok(()) => {
@@ -125,7 +149,8 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                         Err(e) => warn!(%pool, "rebuild: cannot report to the MS: {e}"),
                     }
                 }
-                Err(e) => {
+                Err(Stopped::Paused) => info!(%pool, "rebuild paused; it resumes where it stopped"),
+                Err(Stopped::Failed(e)) => {
                     service.metrics.rebuild_failures.inc();
                     warn!(%pool, "rebuild pass failed, will try again: {e}");
                 }
@@ -145,21 +170,146 @@ async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R
     Err(last)
 }
 
-/// One pass over this server's objects for `info`'s map.
+/// Why a pass ended before it was through.
+enum Stopped {
+    /// An operator paused the pool's rebuild (or the server is stopping).
+    Paused,
+    Failed(ShoalError),
+}
+
+impl From<ShoalError> for Stopped {
+    fn from(e: ShoalError) -> Self {
+        Stopped::Failed(e)
+    }
+}
+
+/// Where a pass got to on one target, saved so that a restarted server
+/// resumes a pass for the same map version instead of starting over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    version: u32,
+    after: (ContId, Oid),
+    /// Objects of this target gone through up to `after`.
+    done: u64,
+}
+
+impl Cursor {
+    fn path(store: &TargetStore, pool: PoolId) -> std::path::PathBuf {
+        store.dir().join(format!("rebuild-{pool}.cursor"))
+    }
+
+    fn load(store: &TargetStore, pool: PoolId) -> Option<Cursor> {
+        let text = std::fs::read_to_string(Cursor::path(store, pool)).ok()?;
+        let f: Vec<&str> = text.split_whitespace().collect();
+        let [v, c, hi, lo, done] = f[..] else { return None };
+        Some(Cursor {
+            version: v.parse().ok()?,
+            after: (ContId(c.parse().ok()?), Oid::new(hi.parse().ok()?, lo.parse().ok()?)),
+            done: done.parse().ok()?,
+        })
+    }
+
+    /// Best effort: a lost cursor only means going through objects again.
+    fn save(&self, store: &TargetStore, pool: PoolId) {
+        let (c, o) = self.after;
+        let text = format!("{} {} {} {} {}\n", self.version, c.0, o.hi, o.lo, self.done);
+        let path = Cursor::path(store, pool);
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+            warn!(%pool, "cannot save the rebuild cursor: {e}");
+        }
+    }
+
+    fn clear(store: &TargetStore, pool: PoolId) {
+        let _ = std::fs::remove_file(Cursor::path(store, pool));
+    }
+}
+
+/// Keeps rebuild to its pace: a fixed rate, or (automatic) at most 30%
+/// of the server's time while clients are using it.
+struct Pace {
+    started: std::time::Instant,
+    sent: u64,
+    foreground: u64,
+}
+
+impl Pace {
+    fn new(service: &Service) -> Pace {
+        let foreground = service.foreground_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        Pace { started: std::time::Instant::now(), sent: 0, foreground }
+    }
+
+    /// How long to wait after sending `bytes` in `took`.
+    fn wait(&mut self, service: &Service, pool: PoolId, bytes: u64, took: Duration) -> Duration {
+        self.sent += bytes;
+        let rate = service.rebuild_ctl(pool).rate_mib;
+        if rate > 0 {
+            let due = Duration::from_secs_f64(self.sent as f64 / (f64::from(rate) * (1 << 20) as f64));
+            return due.saturating_sub(self.started.elapsed());
+        }
+        let now = service.foreground_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let busy = now != self.foreground;
+        self.foreground = now;
+        if busy {
+            took.mul_f64(7.0 / 3.0)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// Counts the objects of a target (the work of a pass).
+async fn count_objects(store: &Arc<TargetStore>) -> Result<u64> {
+    let mut after = None;
+    let mut n = 0;
+    loop {
+        let page = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))
+                .await
+                .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
+        };
+        let Some(last) = page.last().copied() else { return Ok(n) };
+        n += page.len() as u64;
+        after = Some(last);
+    }
+}
+
+/// One pass over this server's objects for `info`'s map, resumed where a
+/// pass for the same version stopped.
 async fn rebuild_pool(
     service: &Arc<Service>,
     t: &TcpTransport,
     info: &PoolInfo,
     rank: u32,
     stop: &CancellationToken,
-) -> Result<Progress> {
+) -> std::result::Result<Progress, Stopped> {
     let placement = info.placement();
+    let pool = info.uuid;
+    let version = info.map.version;
     let mut p = Progress::default();
+    let mut progress =
+        RebuildProgress { pool, version, state: RebuildState::Scanning, objects_done: 0, objects_total: 0, bytes: 0 };
+    let mut starts = Vec::new();
     for store in service.stores() {
-        let mut after = None;
+        progress.objects_total += count_objects(store).await?;
+        let cursor = Cursor::load(store, pool).filter(|c| c.version == version);
+        progress.objects_done += cursor.map_or(0, |c| c.done);
+        starts.push(cursor);
+    }
+    if starts.iter().any(Option::is_some) {
+        info!(%pool, version, done = progress.objects_done, "rebuild resumes where it stopped");
+    }
+    service.set_rebuild_progress(progress);
+    let mut pace = Pace::new(service);
+    for (store, start) in service.stores().iter().zip(starts) {
+        let mut after = start.map(|c| c.after);
+        let mut done_here = start.map_or(0, |c| c.done);
         loop {
-            if stop.is_cancelled() {
-                return Err(ShoalError::Busy("server stopping".into()));
+            if stop.is_cancelled() || service.rebuild_ctl(pool).paused {
+                progress.state = RebuildState::Paused;
+                service.set_rebuild_progress(progress);
+                return Err(Stopped::Paused);
             }
             let page = {
                 let store = store.clone();
@@ -168,8 +318,14 @@ async fn rebuild_pool(
                     .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
             };
             let Some(last) = page.last().copied() else { break };
-            after = Some(last);
-            for (cont, oid) in page {
+            for (cont, oid) in page.iter().copied() {
+                if stop.is_cancelled() || service.rebuild_ctl(pool).paused {
+                    progress.state = RebuildState::Paused;
+                    service.set_rebuild_progress(progress);
+                    return Err(Stopped::Paused);
+                }
+                progress.objects_done += 1;
+                done_here += 1;
                 if store.is_tombstoned(cont) {
                     continue;
                 }
@@ -236,13 +392,45 @@ async fn rebuild_pool(
                                 ec_items(t, info, store, cont, oid, &dkey, group, me, idx, k, par, &versions).await?
                             }
                         };
+                        let bytes = items.iter().map(|v| v.data.len() as u64).sum::<u64>();
                         p.versions += items.len() as u64;
-                        p.bytes += items.iter().map(|v| v.data.len() as u64).sum::<u64>();
+                        p.bytes += bytes;
+                        progress.bytes += bytes;
+                        progress.state = RebuildState::Pulling;
+                        service.set_rebuild_progress(progress);
+                        let sent = std::time::Instant::now();
                         send(t, info, spare, cont, oid, &dkey, items).await?;
+                        let until = std::time::Instant::now() + pace.wait(service, pool, bytes, sent.elapsed());
+                        while std::time::Instant::now() < until
+                            && !stop.is_cancelled()
+                            && !service.rebuild_ctl(pool).paused
+                        {
+                            progress.state = RebuildState::Throttled;
+                            service.set_rebuild_progress(progress);
+                            let left = until.saturating_duration_since(std::time::Instant::now());
+                            tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+                        }
                     }
                 }
+                if progress.state != RebuildState::Scanning {
+                    // Something was sent for this object: remember it.
+                    if p.stranded == 0 {
+                        Cursor { version, after: (cont, oid), done: done_here }.save(store, pool);
+                    }
+                    progress.state = RebuildState::Scanning;
+                }
+                service.set_rebuild_progress(progress);
+            }
+            after = Some(last);
+            // (A pass that found stranded shards is not resumed: it must
+            // find them again to hold the drain.)
+            if p.stranded == 0 {
+                Cursor { version, after: last, done: done_here }.save(store, pool);
             }
         }
+    }
+    for store in service.stores() {
+        Cursor::clear(store, pool);
     }
     Ok(p)
 }
@@ -299,7 +487,9 @@ async fn ec_items(
                     let Some(addr) = info.addrs.iter().find(|(r, _)| *r == sh.rank).map(|(_, a)| a.as_str()) else {
                         continue;
                     };
-                    let Ok((r, segs)) = call(t, addr, &req, vec![], info.map.version, 0, CALL_TIMEOUT).await else {
+                    let Ok((r, segs)) =
+                        call(t, addr, &req, vec![], info.map.version, TOKEN_REBUILD, CALL_TIMEOUT).await
+                    else {
                         continue;
                     };
                     if r.verify(&segs).is_err() {
@@ -368,7 +558,7 @@ async fn send(
             items: batch,
         };
         let addr = addr.clone();
-        async move { call(t, &addr, &req, segs, info.map.version, 0, CALL_TIMEOUT).await.map(|_| ()) }
+        async move { call(t, &addr, &req, segs, info.map.version, TOKEN_REBUILD, CALL_TIMEOUT).await.map(|_| ()) }
     };
     for v in items {
         if !batch.is_empty() && (bytes + v.data.len() > RESTORE_BYTES || batch.len() >= 512) {

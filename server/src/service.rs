@@ -75,6 +75,13 @@ pub struct Service {
     fenced: RwLock<HashMap<PoolId, u32>>,
     /// What `--metrics` serves.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// How rebuild runs per pool, as last heard from the MS.
+    rebuild_ctl: RwLock<HashMap<PoolId, shoal_common::mgmt::RebuildCtl>>,
+    /// This server's rebuild progress per pool, for its heartbeats.
+    rebuild_progress: std::sync::Mutex<HashMap<PoolId, shoal_common::mgmt::RebuildProgress>>,
+    /// Bytes of client data requests (updates, fetches) served: rebuild
+    /// yields while it grows.
+    pub foreground_bytes: std::sync::atomic::AtomicU64,
     /// Pools in which this server is DOWN or DOWNOUT.
     down_in: RwLock<std::collections::HashSet<PoolId>>,
     /// Pools being rebuilt.
@@ -113,6 +120,9 @@ impl Service {
             map_fence: tokio::sync::RwLock::new(()),
             fenced: RwLock::new(HashMap::new()),
             metrics: Default::default(),
+            rebuild_ctl: Default::default(),
+            rebuild_progress: Default::default(),
+            foreground_bytes: Default::default(),
             down_in: RwLock::new(Default::default()),
             rebuilding: RwLock::new(Vec::new()),
             wants_ms: Default::default(),
@@ -139,6 +149,29 @@ impl Service {
             ms.fill_metrics(m);
         }
         m.render()
+    }
+
+    /// Records how rebuild runs per pool, as the MS says.
+    pub fn set_rebuild_ctl(&self, ctl: &[(PoolId, shoal_common::mgmt::RebuildCtl)]) {
+        *self.rebuild_ctl.write().expect("lock") = ctl.iter().copied().collect();
+    }
+
+    /// How rebuild runs in `pool`.
+    pub fn rebuild_ctl(&self, pool: PoolId) -> shoal_common::mgmt::RebuildCtl {
+        self.rebuild_ctl.read().expect("lock").get(&pool).copied().unwrap_or_default()
+    }
+
+    /// Records this server's rebuild progress in `pool`.
+    pub fn set_rebuild_progress(&self, p: shoal_common::mgmt::RebuildProgress) {
+        self.rebuild_progress.lock().expect("lock").insert(p.pool, p);
+    }
+
+    /// This server's rebuild progress in the pools still being rebuilt.
+    pub fn rebuild_progress(&self) -> Vec<shoal_common::mgmt::RebuildProgress> {
+        let live = self.rebuilding();
+        let mut all = self.rebuild_progress.lock().expect("lock");
+        all.retain(|p, _| live.contains(p));
+        all.values().copied().collect()
     }
 
     /// Records the pool-map versions the MS reported.
@@ -358,9 +391,17 @@ impl Service {
         let started = std::time::Instant::now();
         let size = |f: &Frame| (f.body.len() + f.segments.iter().map(Bytes::len).sum::<usize>()) as u64;
         let received = size(&frame);
-        let metrics = self.metrics.clone();
+        let this = self.clone();
         let reply = self.dispatch_op(op, frame).instrument(span).await;
-        metrics.request(op.name(), started.elapsed(), received, size(&reply), Opcode::reply_failed(&reply));
+        let sent = size(&reply);
+        let client_bytes = match op {
+            _ if h.token == shoal_common::wire::TOKEN_REBUILD => 0,
+            Opcode::Update => received,
+            Opcode::Fetch => sent,
+            _ => 0,
+        };
+        this.foreground_bytes.fetch_add(client_bytes, std::sync::atomic::Ordering::Relaxed);
+        this.metrics.request(op.name(), started.elapsed(), received, sent, Opcode::reply_failed(&reply));
         reply
     }
 
@@ -396,6 +437,9 @@ impl Service {
             Opcode::SysExclude => self.run_ms::<ExcludeReq>(&frame, |ms, r| ms.exclude(r.rank)).await,
             Opcode::RebuildDone => self.run_ms::<RebuildDoneReq>(&frame, |ms, r| ms.rebuild_done(r)).await,
             Opcode::Drain => self.run_ms::<shoal_common::mgmt::DrainReq>(&frame, |ms, r| ms.drain(r)).await,
+            Opcode::RebuildCtl => {
+                self.run_ms::<shoal_common::mgmt::RebuildCtlReq>(&frame, |ms, r| ms.rebuild_ctl(r)).await
+            }
             Opcode::Reintegrate => {
                 self.run_ms::<shoal_common::mgmt::ReintegrateReq>(&frame, |ms, r| ms.reintegrate(r)).await
             }

@@ -599,3 +599,97 @@ async fn a_drain_under_load_moves_every_shard_and_loses_no_redundancy() {
     // leave 6-wide groups nowhere to go is refused.
     assert!(client.drain(Some("tank"), drained).await.is_err());
 }
+
+/// Rebuild runs at the pace set, stops when told (and stays stopped), and
+/// a server restarted meanwhile resumes where it was; then it finishes and
+/// the rebuilt copies hold every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_can_be_paced_stopped_and_resumed() {
+    use shoal_common::mgmt::RebuildState;
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 4, 1, &["--exclude-after", "1s"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
+    pool.cont_create("c", props).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    // 96 objects of 512 KiB: each server is the source of several MiB.
+    let mut kvs = Vec::new();
+    for i in 0..96u64 {
+        let kv = cont.kv_create(None).await.unwrap();
+        kv.put(b"v", Bytes::from(pattern(i, 512 << 10))).await.unwrap();
+        kvs.push(kv);
+    }
+    // 1 MiB/s per server: slow enough to watch.
+    let ctl = client.rebuild_ctl("tank", None, Some(1)).await.unwrap();
+    assert_eq!(ctl.rate_mib, 1);
+    let members = client.system_query().await.unwrap().members;
+    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
+    let index_of = |rank: u32| {
+        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
+        addrs.iter().position(|a| a == addr).unwrap()
+    };
+    let victim = index_of(
+        kvs[0].object().layout().unwrap().groups[0].iter().map(|s| s.rank).find(|&r| index_of(r) != 0).unwrap(),
+    );
+    cluster.servers[victim].kill9();
+    let status = || async { client.pool_query("tank").await.unwrap().rebuild };
+    let t = Instant::now();
+    loop {
+        if let Some(r) = status().await {
+            if r.bytes > 0 {
+                eprintln!("rebuilding: {r:?}");
+                assert!(matches!(r.state, RebuildState::Pulling | RebuildState::Throttled | RebuildState::Scanning));
+                assert!(r.objects_total > 0 && r.servers >= 3, "{r:?}");
+                break;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "rebuild never started: {:?}", status().await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Stopped: it says so, and nothing moves.
+    client.rebuild_ctl("tank", Some(true), None).await.unwrap();
+    let t = Instant::now();
+    let stopped = loop {
+        let r = status().await.expect("still rebuilding");
+        if r.state == RebuildState::Paused && t.elapsed() > Duration::from_secs(2) {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "never stopped: {r:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = status().await.expect("still rebuilding");
+    assert_eq!((later.bytes, later.objects_done), (stopped.bytes, stopped.objects_done), "a stopped rebuild moved");
+    assert!(stopped.objects_done < stopped.objects_total, "{stopped:?}");
+    // The survivors (the MS's too) restart quickly (not declared down,
+    // same map): each resumes its pass where it stopped.
+    for i in (0..4).filter(|&i| i != victim) {
+        cluster.servers[i].terminate().unwrap();
+        cluster.servers[i].restart().await.unwrap();
+    }
+    client.rebuild_ctl("tank", Some(false), Some(0)).await.unwrap();
+    let t = Instant::now();
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        let out = p.map.targets.iter().any(|t| t.state == TargetState::DownOut);
+        if out && p.rebuilding.is_empty() {
+            assert!(p.rebuild.is_none());
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "rebuild never finished: {:?}", p.rebuild);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resumed = (0..4).filter(|&i| i != victim).any(|i| {
+        std::fs::read_to_string(cluster.servers[i].log_path()).unwrap().contains("rebuild resumes where it stopped")
+    });
+    assert!(resumed, "no restarted server resumed its pass");
+    // The rebuilt copies are right: lose another server.
+    let other = (1..4).find(|&i| i != victim).unwrap();
+    cluster.servers[other].kill9();
+    for (i, kv) in kvs.iter().enumerate() {
+        assert!(kv.get(b"v").await.unwrap().unwrap() == pattern(i as u64, 512 << 10)[..], "object {i}");
+    }
+}

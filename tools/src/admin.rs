@@ -56,6 +56,17 @@ pub enum PoolCmd {
     Reintegrate { pool: String, rank: u32 },
     /// Drains a server from this pool (see `shoal system drain`).
     Drain { pool: String, rank: u32 },
+    /// Stops or starts the pool's rebuild (a stopped rebuild resumes where
+    /// it was, on every server).
+    Rebuild {
+        #[arg(value_enum)]
+        action: RebuildAction,
+        pool: String,
+    },
+    /// Sets a pool property: `rebuild-rate` (MiB/s each server sends to
+    /// spares at most, or `auto`: rebuild takes at most 30% of a server's
+    /// time while clients use it).
+    SetProp { pool: String, name: String, value: String },
     /// Lists pools.
     List,
     /// A pool's map and the space used and free on every target.
@@ -67,6 +78,12 @@ pub enum PoolCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RebuildAction {
+    Stop,
+    Start,
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +176,13 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
     }
 }
 
+fn rate_text(rate_mib: u32) -> String {
+    match rate_mib {
+        0 => "automatic: at most 30% of a server's time while clients use it".into(),
+        r => format!("at most {r} MiB/s per server"),
+    }
+}
+
 fn print_pool(p: &PoolInfo) {
     let ranks: std::collections::BTreeSet<u32> = p.map.targets.iter().map(|t| t.rank).collect();
     println!(
@@ -188,6 +212,31 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                 return out::json(&p);
             }
             print_pool(&p);
+        }
+        PoolCmd::Rebuild { action, pool } => {
+            let paused = matches!(action, RebuildAction::Stop);
+            let c = client.rebuild_ctl(&pool, Some(paused), None).await?;
+            if ctx.json {
+                return out::json(&c);
+            }
+            match paused {
+                true => println!("rebuild of {pool} stopped; `shoal pool rebuild start {pool}` resumes it"),
+                false => println!("rebuild of {pool} running ({})", rate_text(c.rate_mib)),
+            }
+        }
+        PoolCmd::SetProp { pool, name, value } => {
+            anyhow::ensure!(name == "rebuild-rate", "unknown pool property {name:?} (known: rebuild-rate)");
+            let rate = match value.as_str() {
+                "auto" | "0" => 0,
+                v => v.parse::<u32>().ok().filter(|r| *r > 0).ok_or_else(|| {
+                    anyhow::anyhow!("rebuild-rate is MiB/s per server (a whole number above 0) or `auto`, not {v:?}")
+                })?,
+            };
+            let c = client.rebuild_ctl(&pool, None, Some(rate)).await?;
+            if ctx.json {
+                return out::json(&c);
+            }
+            println!("rebuild-rate of {pool}: {}", rate_text(c.rate_mib));
         }
         PoolCmd::Drain { pool, rank } => {
             client.drain(Some(&pool), rank).await?;
@@ -257,15 +306,21 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                 return out::json(&Q { pool: &p, targets: &rows });
             }
             print_pool(&p);
-            if !p.rebuilding.is_empty() {
-                let serving: std::collections::BTreeSet<u32> =
-                    p.map.targets.iter().filter(|t| t.state.is_available()).map(|t| t.rank).collect();
+            if let Some(r) = &p.rebuild {
+                let eta = r.eta_secs.map_or("unknown".into(), |s| format!("{s} s"));
                 println!(
-                    "rebuilding {} targets (excluded, or back in): {} of {} servers in service have been through \
-                     their objects",
+                    "rebuild of {} targets (excluded, draining, or back in): {}, {} of {} servers through their \
+                     objects, objects {}/{}, {} sent at {}/s, {:.1} s so far, time left {eta}; pace: {}",
                     p.rebuilding.len(),
-                    p.rebuilt_by.iter().filter(|r| serving.contains(r)).count(),
-                    serving.len()
+                    r.state,
+                    r.servers_done,
+                    r.servers,
+                    r.objects_done,
+                    r.objects_total,
+                    out::size(r.bytes),
+                    out::size(r.bytes_per_sec),
+                    r.elapsed_ms as f64 / 1000.0,
+                    if r.ctl.paused { "stopped".into() } else { rate_text(r.ctl.rate_mib) },
                 );
             }
             let mut t = out::table(&["rank", "target", "state", "used", "free"]);

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use shoal_common::mgmt::{
     ClientHelloReply, ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq,
     HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, RebuildDoneReq, ReintegrateReq, ReportReq,
-    SystemQueryReply,
+    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, RebuildCtl, RebuildCtlReq, RebuildDoneReq,
+    RebuildProgress, RebuildState, RebuildStatus, ReintegrateReq, ReportReq, SystemQueryReply,
 };
 use shoal_common::placement::TargetState;
 use shoal_common::{ContId, Epoch, PoolId, Result, ShoalError};
@@ -94,6 +94,10 @@ pub struct Ms {
     /// Per rank: how many destroyed containers it has dropped, as it said
     /// in its last heartbeat.
     dropped: Mutex<HashMap<u32, u64>>,
+    /// Per pool and rank: its last rebuild progress report.
+    progress: Mutex<HashMap<(PoolId, u32), RebuildProgress>>,
+    /// Per pool: the map version rebuild last reported on, and since when.
+    rebuild_since: Mutex<HashMap<PoolId, (u32, Instant)>>,
 }
 
 /// How long a destroy waits for the servers in service to drop the
@@ -153,6 +157,8 @@ impl Ms {
             started: Instant::now(),
             reports: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+            rebuild_since: Mutex::new(HashMap::new()),
         })
     }
 
@@ -190,6 +196,18 @@ impl Ms {
         let period = Duration::from_millis(req.period_ms as u64);
         self.heartbeats.lock().expect("lock").insert(req.rank, (Instant::now(), period));
         self.dropped.lock().expect("lock").insert(req.rank, req.tombstones_seen);
+        {
+            let mut progress = self.progress.lock().expect("lock");
+            progress.retain(|(_, r), _| *r != req.rank);
+            let mut since = self.rebuild_since.lock().expect("lock");
+            for p in &req.rebuild {
+                progress.insert((p.pool, req.rank), *p);
+                let s = since.entry(p.pool).or_insert((p.version, Instant::now()));
+                if s.0 != p.version {
+                    *s = (p.version, Instant::now());
+                }
+            }
+        }
         let mine = shoal_common::hlc::wall_ns();
         let off = Duration::from_nanos(mine.abs_diff(req.wall_ns));
         if off > SERVER_CLOCK_SKEW {
@@ -207,6 +225,7 @@ impl Ms {
                 tombstones: s.tombstones[seen..].iter().take(TOMBSTONES_PER_HEARTBEAT).copied().collect(),
                 tombstone_count: s.tombstones.len() as u64,
                 rebuilding: s.rebuilding.keys().copied().collect(),
+                rebuild_ctl: s.rebuild_ctl.iter().map(|(p, c)| (*p, *c)).collect(),
                 down_in: s
                     .pools
                     .values()
@@ -472,11 +491,80 @@ impl Ms {
     }
 
     pub fn pool_list(&self, _req: PoolListReq) -> Result<Vec<PoolInfo>> {
-        self.read(|s| s.pools.keys().map(|p| s.pool_info(*p)).collect())
+        let pools: Vec<PoolInfo> = self.read(|s| s.pools.keys().map(|p| s.pool_info(*p)).collect())?;
+        Ok(pools.into_iter().map(|p| self.with_rebuild(p)).collect())
     }
 
     pub fn pool_query(&self, req: PoolQueryReq) -> Result<PoolInfo> {
-        self.read(|s| s.pool_info(s.find_pool(&req.pool)?))
+        let p = self.read(|s| s.pool_info(s.find_pool(&req.pool)?))?;
+        Ok(self.with_rebuild(p))
+    }
+
+    /// Fills in the rebuild status of a pool being rebuilt (or paused)
+    /// from its servers' reports.
+    fn with_rebuild(&self, mut p: PoolInfo) -> PoolInfo {
+        let ctl = self.read(|s| Ok(s.rebuild_ctl.get(&p.uuid).copied().unwrap_or_default())).unwrap_or_default();
+        if p.rebuilding.is_empty() {
+            return p;
+        }
+        let serving: std::collections::BTreeSet<u32> =
+            p.map.targets.iter().filter(|t| t.state.is_available()).map(|t| t.rank).collect();
+        let progress = self.progress.lock().expect("lock");
+        let mine: Vec<&RebuildProgress> =
+            serving.iter().filter_map(|r| progress.get(&(p.uuid, *r))).filter(|x| x.version == p.map.version).collect();
+        let done = serving.iter().filter(|r| p.rebuilt_by.contains(r)).count() as u32;
+        let any = |st: RebuildState| mine.iter().any(|x| x.state == st);
+        // Stopped once no server is sending any more.
+        let state = if ctl.paused && !any(RebuildState::Pulling) && !any(RebuildState::Throttled) {
+            RebuildState::Paused
+        } else if any(RebuildState::Pulling) {
+            RebuildState::Pulling
+        } else if any(RebuildState::Throttled) {
+            RebuildState::Throttled
+        } else {
+            RebuildState::Scanning
+        };
+        let (objects_done, objects_total, bytes) =
+            mine.iter().fold((0, 0, 0), |(d, t, b), x| (d + x.objects_done, t + x.objects_total, b + x.bytes));
+        let elapsed = self
+            .rebuild_since
+            .lock()
+            .expect("lock")
+            .get(&p.uuid)
+            .filter(|(v, _)| *v == p.map.version)
+            .map_or(Duration::ZERO, |(_, t)| t.elapsed());
+        let secs = elapsed.as_secs_f64().max(0.001);
+        let eta_secs = (objects_done > 0 && objects_total >= objects_done)
+            .then(|| ((objects_total - objects_done) as f64 * secs / objects_done as f64).ceil() as u64);
+        p.rebuild = Some(RebuildStatus {
+            state,
+            version: p.map.version,
+            objects_done,
+            objects_total,
+            bytes,
+            servers_done: done,
+            servers: serving.len() as u32,
+            elapsed_ms: elapsed.as_millis() as u64,
+            bytes_per_sec: (bytes as f64 / secs) as u64,
+            eta_secs,
+            ctl,
+        });
+        p
+    }
+
+    /// Stops or starts a pool's rebuild, or sets its pace.
+    pub fn rebuild_ctl(&self, req: RebuildCtlReq) -> Result<RebuildCtl> {
+        let pool = self.read(|s| s.find_pool(&req.pool))?;
+        if req.rate_mib.is_some_and(|r| r > 1 << 20) {
+            return Err(ShoalError::invalid("a rebuild rate is at most 1048576 MiB/s (0: automatic)"));
+        }
+        match self.propose(Command::SetRebuild { pool, paused: req.paused, rate_mib: req.rate_mib })? {
+            Outcome::RebuildCtl(c) => {
+                info!(%pool, paused = c.paused, rate_mib = c.rate_mib, "rebuild control changed");
+                Ok(c)
+            }
+            o => Err(ShoalError::Internal(format!("rebuild control produced {o:?}"))),
+        }
     }
 
     pub fn cont_create(&self, req: ContCreateReq) -> Result<ContInfo> {

@@ -75,6 +75,13 @@ pub enum Command {
         rank: u32,
         version: u32,
     },
+    /// Stops or starts a pool's rebuild, or sets its pace (`None`:
+    /// unchanged).
+    SetRebuild {
+        pool: PoolId,
+        paused: Option<bool>,
+        rate_mib: Option<u32>,
+    },
     /// A server's targets in a pool (every pool when `pool` is `None`)
     /// start draining: they keep serving while their shards are copied to
     /// where they go, then turn `DOWNOUT`.
@@ -92,6 +99,7 @@ pub enum Outcome {
     Cont(ContInfo),
     FirstOid(u128),
     ClientTag(u16),
+    RebuildCtl(shoal_common::mgmt::RebuildCtl),
     Done,
 }
 
@@ -164,6 +172,8 @@ pub struct MsState {
     /// Per pool: the map version being rebuilt for and the ranks done with
     /// it.
     pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
+    /// Per pool: how rebuild runs, where an operator changed it.
+    pub rebuild_ctl: BTreeMap<PoolId, shoal_common::mgmt::RebuildCtl>,
 }
 
 /// The MS state as format 1 stored it; [`MsStateV1::migrate`] brings it to
@@ -190,6 +200,7 @@ impl MsStateV1 {
             excluded: Default::default(),
             rebuilding: BTreeMap::new(),
             rebuild_done: BTreeMap::new(),
+            rebuild_ctl: BTreeMap::new(),
         }
     }
 }
@@ -222,6 +233,9 @@ impl MsState {
                 if let Some(p) = self.pools.remove(pool) {
                     self.tombstones.extend(p.containers.keys());
                 }
+                self.rebuild_ctl.remove(pool);
+                self.rebuilding.remove(pool);
+                self.rebuild_done.remove(pool);
                 Ok(Outcome::Done)
             }
             Command::PoolExtend { pool, ranks } => {
@@ -366,6 +380,21 @@ impl MsState {
                     p.map.version += 1;
                 }
                 Ok(Outcome::Done)
+            }
+            Command::SetRebuild { pool, paused, rate_mib } => {
+                self.pool(*pool)?;
+                let c = self.rebuild_ctl.entry(*pool).or_default();
+                if let Some(p) = paused {
+                    c.paused = *p;
+                }
+                if let Some(r) = rate_mib {
+                    c.rate_mib = *r;
+                }
+                let c = *c;
+                if c == Default::default() {
+                    self.rebuild_ctl.remove(pool);
+                }
+                Ok(Outcome::RebuildCtl(c))
             }
             Command::Drain { pool, rank } => {
                 if !self.members.contains_key(rank) {
@@ -656,6 +685,7 @@ impl MsState {
                 .filter(|(v, _)| *v == p.map.version)
                 .map(|(_, r)| r.iter().copied().collect())
                 .unwrap_or_default(),
+            rebuild: None,
         })
     }
 
@@ -825,6 +855,33 @@ mod tests {
         assert!(s.apply(&Command::Drain { pool: None, rank: 4 }).is_err());
         s.apply(&Command::Reintegrate { pool: None, rank: 2 }).unwrap();
         assert!(states(&s, 2).iter().all(|&t| t == TargetState::Up));
+    }
+
+    #[test]
+    fn rebuild_can_be_stopped_and_paced_per_pool() {
+        use shoal_common::mgmt::RebuildCtl;
+        let mut s = MsState::default();
+        join(&mut s, 0);
+        let cmd = Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        let set = |s: &mut MsState, paused, rate_mib| match s.apply(&Command::SetRebuild {
+            pool: PoolId(7),
+            paused,
+            rate_mib,
+        }) {
+            Ok(Outcome::RebuildCtl(c)) => c,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!(set(&mut s, Some(true), None), RebuildCtl { paused: true, rate_mib: 0 });
+        assert_eq!(set(&mut s, None, Some(50)), RebuildCtl { paused: true, rate_mib: 50 });
+        assert_eq!(set(&mut s, Some(false), None), RebuildCtl { paused: false, rate_mib: 50 });
+        // Back to the defaults: nothing is kept.
+        set(&mut s, None, Some(0));
+        assert!(s.rebuild_ctl.is_empty());
+        set(&mut s, Some(true), None);
+        assert!(s.apply(&Command::SetRebuild { pool: PoolId(9), paused: Some(true), rate_mib: None }).is_err());
+        s.apply(&Command::PoolDestroy { pool: PoolId(7), force: true }).unwrap();
+        assert!(s.rebuild_ctl.is_empty(), "a destroyed pool's settings go with it");
     }
 
     #[test]

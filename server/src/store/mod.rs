@@ -184,6 +184,7 @@ pub struct Usage {
 /// caller's thread, writes go through the target's writer thread.
 pub struct TargetStore {
     id: u32,
+    dir: std::path::PathBuf,
     db: Arc<DB>,
     files: Arc<DataFiles>,
     poisoned: Arc<AtomicBool>,
@@ -264,7 +265,12 @@ impl TargetStore {
             .spawn(move || w.run(rx))
             .map_err(|e| io_err("spawn writer thread", e))?;
         info!(target_id = id, dir = %dir.display(), "target store open");
-        Ok(TargetStore { id, db, files, poisoned, shared, tx: Some(tx), writer: Some(writer) })
+        Ok(TargetStore { id, dir: dir.to_path_buf(), db, files, poisoned, shared, tx: Some(tx), writer: Some(writer) })
+    }
+
+    /// The target's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The newest epoch this target has committed.
