@@ -15,19 +15,24 @@
 //! 3. Shard 0 of group `g` sits at `start + g * n`; each next shard of the
 //!    group sits at the first position after the previous shard whose rank
 //!    the group does not use yet.
-//! 4. A shard whose home is `DownOut` takes a spare: scanning from just after
-//!    the object's last home position, the first target that is neither
-//!    `DownOut` nor `New`, whose rank no other shard of the group uses (home
-//!    or spare) and that this object does not use as a spare already. If no
-//!    target qualifies, the shard stays home, unavailable.
+//! 4. A shard whose home is `DownOut` takes a spare. Exclusions are
+//!    replayed in their order (`PoolTarget::out_seq`; a `Drain` target
+//!    counts as the newest): after each, every shard on a target excluded
+//!    by then (its home, or the spare it had) takes, scanning from just
+//!    after the object's last home position, the first target not excluded
+//!    by then, whose rank no other shard of the group uses (home or spare)
+//!    and that this object does not use as a spare already. If no target
+//!    qualifies, the shard stays home, unavailable. So an exclusion moves
+//!    exactly the shards on the excluded target, never an earlier spare.
 //!
 //! Invariants:
 //! - Pure and deterministic: the same map, container, OID and class give the
 //!   same [`Layout`] everywhere, forever. Changing a hash or a rule here
 //!   moves every object in every pool.
 //! - No two shards of one group share a rank (a server is a fault domain).
-//! - Only shards whose home target is `DownOut` move: excluding a target
-//!   moves exactly the shards it held. Shards on `Down` targets stay home
+//! - Excluding a target moves exactly the shards it held (as home or
+//!   spare); bringing one back may move later exclusions' spares, so the
+//!   MS rebuilds those again. Shards on `Down` targets stay home
 //!   and are marked unavailable; the client degrades, rebuild moves them
 //!   after exclusion.
 //!
@@ -88,6 +93,18 @@ pub struct PoolTarget {
     pub rank: u32,
     pub index: u32,
     pub state: TargetState,
+    /// For a `DownOut` target: when it was excluded, counted per pool (1
+    /// for the first). Spares go to excluded targets' shards in this
+    /// order, so an exclusion never moves an earlier one's spare.
+    #[serde(default)]
+    pub out_seq: u32,
+}
+
+impl PoolTarget {
+    /// A target in `state` that was never excluded.
+    pub fn new(rank: u32, index: u32, state: TargetState) -> PoolTarget {
+        PoolTarget { rank, index, state, out_seq: 0 }
+    }
 }
 
 /// A pool's targets and their states. Every change bumps `version`.
@@ -179,6 +196,7 @@ struct Slot {
     rank: u32,
     target: u32,
     state: TargetState,
+    out_seq: u32,
 }
 
 impl Slot {
@@ -207,7 +225,7 @@ impl Placement {
             .targets
             .iter()
             .filter(|t| t.state != TargetState::New)
-            .map(|t| Slot { rank: t.rank, target: t.index, state: t.state })
+            .map(|t| Slot { rank: t.rank, target: t.index, state: t.state, out_seq: t.out_seq })
             .collect();
         // Round `index`, then ranks in ascending order; the sort is stable so
         // even a map with duplicate targets orders deterministically.
@@ -288,13 +306,42 @@ impl Placement {
             }
         }
 
-        // Spares for shards whose home is excluded.
+        // Spares for shards whose home is excluded, replayed in the order
+        // targets were excluded (a draining one counts as the newest): at
+        // each exclusion, only the shards on the newly excluded targets
+        // (homes or spares) take the first free spare, so an exclusion
+        // never moves a shard that was elsewhere.
         // The spare scan starts just after the object's last home.
         let last_home = homes.last().map_or(0, |&last| last);
-        let mut spares: Vec<usize> = Vec::new();
+        let when = |s: Slot| if s.state == TargetState::Drain { u32::MAX } else { s.out_seq };
+        let mut times: Vec<u32> = self.ring.iter().filter(|s| out(s.state)).map(|s| when(*s)).collect();
+        times.sort_unstable();
+        times.dedup();
+        let mut spare_of: Vec<Option<usize>> = vec![None; homes.len()];
+        for &now in &times {
+            let gone = |s: Slot| out(s.state) && when(s) <= now;
+            for s in 0..homes.len() {
+                let at = spare_of[s].unwrap_or(homes[s]);
+                if !gone(self.ring[at]) {
+                    continue;
+                }
+                let (g, i) = (s / n, s % n);
+                let taken = |rank: u32| {
+                    (0..n).filter(|&j| j != i).any(|j| {
+                        self.ring[homes[g * n + j]].rank == rank
+                            || spare_of[g * n + j].is_some_and(|p| self.ring[p].rank == rank)
+                    })
+                };
+                let spare = self.next_position_index(last_home, |pos, cand| {
+                    !gone(cand) && !taken(cand.rank) && !spare_of.contains(&Some(pos))
+                });
+                if spare.is_some() || spare_of[s].is_some_and(|p| gone(self.ring[p])) {
+                    spare_of[s] = spare;
+                }
+            }
+        }
         let mut groups = Vec::with_capacity(ngroups);
-        for group in homes.chunks(n) {
-            let mut spare_ranks: Vec<u32> = Vec::new();
+        for (g, group) in homes.chunks(n).enumerate() {
             let mut shards = Vec::with_capacity(n);
             for (i, &home) in group.iter().enumerate() {
                 let slot = self.ring[home];
@@ -306,29 +353,18 @@ impl Placement {
                     shards.push(sh);
                     continue;
                 }
-                let spare = self.next_position_index(last_home, |pos, cand| {
-                    !out(cand.state)
-                        && !spare_ranks.contains(&cand.rank)
-                        && !group.iter().enumerate().any(|(j, &h)| j != i && self.ring[h].rank == cand.rank)
-                        && !spares.contains(&pos)
-                });
-                match spare {
+                shards.push(match spare_of[g * n + i] {
                     Some(pos) => {
-                        spares.push(pos);
-                        spare_ranks.push(self.ring[pos].rank);
                         let cand = self.ring[pos];
                         let mut sh = cand.shard(true);
                         sh.readable &= !pending(slot) && !pending(cand);
-                        shards.push(sh);
+                        sh
                     }
+                    // Nowhere to drain to: it stays where it is.
+                    None if drained && slot.state == TargetState::Drain => slot.shard(false),
                     // Nowhere to go: the shard stays home and unavailable.
-                    None => shards.push(if drained && slot.state == TargetState::Drain {
-                        // Nowhere to drain to: it stays where it is.
-                        slot.shard(false)
-                    } else {
-                        Shard { available: false, readable: false, ..slot.shard(false) }
-                    }),
-                }
+                    None => Shard { available: false, readable: false, ..slot.shard(false) },
+                });
             }
             groups.push(shards);
         }
@@ -419,7 +455,7 @@ mod tests {
 
     fn uniform_map(ranks: u32, per_rank: u32) -> PoolMap {
         let targets = (0..ranks)
-            .flat_map(|rank| (0..per_rank).map(move |index| PoolTarget { rank, index, state: TargetState::Up }))
+            .flat_map(|rank| (0..per_rank).map(move |index| PoolTarget::new(rank, index, TargetState::Up)))
             .collect();
         PoolMap { version: 1, targets }
     }
@@ -476,13 +512,51 @@ mod tests {
             homes.push(group);
         }
 
-        // 4. Spares.
+        // 4. Spares: replay the exclusions in order; after each, every
+        // shard sitting on a target excluded by then looks for the first
+        // free target after the last home.
         let last = homes[ngroups - 1][n - 1] % len;
-        let mut used_spares: HashSet<usize> = HashSet::new();
         let mut layout = Layout { groups: Vec::new() };
-        for group in &homes {
+        let mut times: Vec<u32> = ring.iter().filter(|t| t.state == TargetState::DownOut).map(|t| t.out_seq).collect();
+        times.sort();
+        times.dedup();
+        let mut chosen: std::collections::HashMap<(usize, usize), usize> = std::collections::HashMap::new();
+        for now in times {
+            let gone = |t: &PoolTarget| t.state == TargetState::DownOut && t.out_seq <= now;
+            for g in 0..ngroups {
+                for i in 0..n {
+                    let at = chosen.get(&(g, i)).copied().unwrap_or(homes[g][i] % len);
+                    if !gone(&ring[at]) {
+                        continue;
+                    }
+                    let mut found = None;
+                    for k in 1..=len {
+                        let q = (last + k) % len;
+                        let t = ring[q];
+                        let rank_taken = (0..n).any(|j| {
+                            j != i
+                                && (ring[homes[g][j] % len].rank == t.rank
+                                    || chosen.get(&(g, j)).is_some_and(|&c| ring[c].rank == t.rank))
+                        });
+                        let used = chosen.values().any(|&c| c == q);
+                        if !gone(&t) && !rank_taken && !used {
+                            found = Some(q);
+                            break;
+                        }
+                    }
+                    match found {
+                        Some(q) => {
+                            chosen.insert((g, i), q);
+                        }
+                        None => {
+                            chosen.remove(&(g, i));
+                        }
+                    }
+                }
+            }
+        }
+        for (g, group) in homes.iter().enumerate() {
             let mut shards: Vec<Shard> = Vec::new();
-            let mut spare_ranks: Vec<u32> = Vec::new();
             for i in 0..n {
                 let home = ring[group[i] % len];
                 let mut shard = Shard {
@@ -494,16 +568,8 @@ mod tests {
                     shadow: None,
                 };
                 if home.state == TargetState::DownOut {
-                    for k in 1..=len {
-                        let q = (last + k) % len;
+                    if let Some(&q) = chosen.get(&(g, i)) {
                         let t = ring[q];
-                        let rank_taken = (0..n).any(|j| j != i && ring[group[j] % len].rank == t.rank)
-                            || spare_ranks.contains(&t.rank);
-                        if t.state == TargetState::DownOut || rank_taken || used_spares.contains(&q) {
-                            continue;
-                        }
-                        used_spares.insert(q);
-                        spare_ranks.push(t.rank);
                         shard = Shard {
                             rank: t.rank,
                             target: t.index,
@@ -512,7 +578,6 @@ mod tests {
                             readable: t.state.is_available(),
                             shadow: None,
                         };
-                        break;
                     }
                 }
                 shards.push(shard);
@@ -551,7 +616,9 @@ mod tests {
                     15..=17 => TargetState::DownOut,
                     _ => TargetState::New,
                 };
-                targets.push(PoolTarget { rank, index, state });
+                // Excluded targets in a random order.
+                let out_seq = if state == TargetState::DownOut { 1 + rng.below(10) as u32 } else { 0 };
+                targets.push(PoolTarget { rank, index, state, out_seq });
             }
         }
         PoolMap { version: rng.below(100) as u32, targets }
@@ -602,6 +669,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_exclusion_or_a_drain_never_moves_another_shard() {
+        let mut rng = Rng(11);
+        let mut checked = 0;
+        for _ in 0..300 {
+            let map = random_map(&mut rng);
+            let candidates: Vec<usize> =
+                (0..map.targets.len()).filter(|&i| map.targets[i].state.is_available()).collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let pick = candidates[rng.below(candidates.len() as u64) as usize];
+            let next_seq = 1 + map.targets.iter().map(|t| t.out_seq).max().unwrap_or(0);
+            let mut excluded = map.clone();
+            excluded.targets[pick].state = TargetState::DownOut;
+            excluded.targets[pick].out_seq = next_seq;
+            let mut draining = map.clone();
+            draining.targets[pick].state = TargetState::Drain;
+            let gone = (map.targets[pick].rank, map.targets[pick].index);
+            let (before, after, during) = (Placement::new(&map), Placement::new(&excluded), Placement::new(&draining));
+            for _ in 0..20 {
+                let class = random_class(&mut rng);
+                let cont = ContId(u128::from(rng.next()));
+                let oid = random_oid(&mut rng, class);
+                let (Ok(b), Ok(a), Ok(d)) =
+                    (before.layout(cont, oid, class), after.layout(cont, oid, class), during.layout(cont, oid, class))
+                else {
+                    continue;
+                };
+                for g in 0..b.groups.len() {
+                    for (i, (bs, as_)) in b.groups[g].iter().zip(&a.groups[g]).enumerate() {
+                        // Only the shard that was on the excluded target moves.
+                        if (bs.rank, bs.target) != gone {
+                            assert_eq!(
+                                (bs.rank, bs.target),
+                                (as_.rank, as_.target),
+                                "group {g} shard {i} moved; gone {gone:?}\nbefore {b:?}\nafter {a:?}\nmap {map:?}"
+                            );
+                        }
+                        // While draining, nothing moves; the shadow is where it goes.
+                        let ds = d.groups[g][i];
+                        assert_eq!((ds.rank, ds.target), (bs.rank, bs.target));
+                        if as_.available && (as_.rank, as_.target) != (bs.rank, bs.target) {
+                            assert_eq!(ds.shadow, Some((as_.rank, as_.target)));
+                        }
+                    }
+                    // No target holds two shards of a group, shadows included.
+                    let mut places: Vec<(u32, u32)> = d.groups[g].iter().map(|s| (s.rank, s.target)).collect();
+                    places.extend(d.groups[g].iter().filter_map(|s| s.shadow));
+                    let n = places.len();
+                    places.sort_unstable();
+                    places.dedup();
+                    assert_eq!(places.len(), n, "group {g} of {:?}", d.groups[g]);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1000, "{checked}");
     }
 
     #[test]
@@ -771,7 +898,7 @@ mod tests {
         set_state(&mut map, 2, 0, TargetState::Down);
         assert_eq!((map.domains(), map.layout_targets()), (3, 11));
         assert!(map.validate().is_ok());
-        map.targets.push(PoolTarget { rank: 3, index: 2, state: TargetState::Up });
+        map.targets.push(PoolTarget::new(3, 2, TargetState::Up));
         assert!(map.validate().is_err());
     }
 

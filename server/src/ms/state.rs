@@ -181,8 +181,36 @@ pub struct MsState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsStateV1 {
     pub members: BTreeMap<u32, MemberRec>,
-    pub pools: BTreeMap<PoolId, PoolRec>,
+    pub pools: BTreeMap<PoolId, PoolRecV1>,
     pub applied: u64,
+}
+
+/// A pool as format 1 stored it (targets without an exclusion order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecV1 {
+    pub uuid: PoolId,
+    pub label: String,
+    pub map: PoolMapV1,
+    pub containers: BTreeMap<ContId, ContRec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMapV1 {
+    pub version: u32,
+    pub targets: Vec<(u32, u32, TargetState)>,
+}
+
+impl PoolRecV1 {
+    fn migrate(self) -> PoolRec {
+        // Format 1 had no exclusions: every target gets order 0.
+        let targets = self.map.targets.into_iter().map(|(r, i, s)| PoolTarget::new(r, i, s)).collect();
+        PoolRec {
+            uuid: self.uuid,
+            label: self.label,
+            map: PoolMap { version: self.map.version, targets },
+            containers: self.containers,
+        }
+    }
 }
 
 impl MsStateV1 {
@@ -191,7 +219,7 @@ impl MsStateV1 {
     pub fn migrate(self) -> MsState {
         MsState {
             members: self.members,
-            pools: self.pools,
+            pools: self.pools.into_iter().map(|(id, p)| (id, p.migrate())).collect(),
             applied: self.applied,
             clients: 0,
             tags: BTreeMap::new(),
@@ -248,11 +276,7 @@ impl MsState {
                     if p.map.targets.iter().any(|t| t.rank == *r) {
                         return Err(ShoalError::invalid(format!("rank {r} is in pool {} already", p.label)));
                     }
-                    p.map.targets.extend((0..m.join.targets).map(|index| PoolTarget {
-                        rank: *r,
-                        index,
-                        state: TargetState::New,
-                    }));
+                    p.map.targets.extend((0..m.join.targets).map(|index| PoolTarget::new(*r, index, TargetState::New)));
                 }
                 let p = self.pool_mut(*pool)?;
                 p.map.version += 1;
@@ -317,12 +341,27 @@ impl MsState {
                 for pid in pools {
                     let p = self.pools.get_mut(&pid).expect("listed above");
                     let mut back = Vec::new();
+                    let mut earliest = u32::MAX;
                     for t in p.map.targets.iter_mut().filter(|t| t.rank == *rank) {
                         if matches!(t.state, TargetState::Down | TargetState::DownOut) {
+                            if t.state == TargetState::DownOut {
+                                earliest = earliest.min(t.out_seq);
+                            }
                             t.state = TargetState::Up;
+                            t.out_seq = 0;
                             back.push((t.rank, t.index));
                         }
                     }
+                    // Targets excluded after these may find their spares
+                    // elsewhere now that these give theirs back: rebuilt
+                    // again wherever they land.
+                    back.extend(
+                        p.map
+                            .targets
+                            .iter()
+                            .filter(|t| t.state == TargetState::DownOut && t.out_seq > earliest)
+                            .map(|t| (t.rank, t.index)),
+                    );
                     if !back.is_empty() {
                         any = true;
                         p.map.version += 1;
@@ -368,6 +407,7 @@ impl MsState {
                     let rebuilt = self.rebuilding.remove(pool).unwrap_or_default();
                     self.rebuild_done.remove(pool);
                     let p = self.pool_mut(*pool)?;
+                    let next = next_out_seq(&p.map);
                     for t in p.map.targets.iter_mut() {
                         if t.state == TargetState::Up && rebuilt.contains(&(t.rank, t.index)) {
                             t.state = TargetState::UpIn;
@@ -375,6 +415,7 @@ impl MsState {
                         // Drained: its shards live where they went.
                         if t.state == TargetState::Drain && rebuilt.contains(&(t.rank, t.index)) {
                             t.state = TargetState::DownOut;
+                            t.out_seq = next;
                         }
                     }
                     p.map.version += 1;
@@ -521,9 +562,11 @@ impl MsState {
     fn set_targets(&mut self, rank: u32, to: impl Fn(TargetState) -> Option<TargetState>) {
         for p in self.pools.values_mut() {
             let mut changed = false;
+            let next = next_out_seq(&p.map);
             for t in p.map.targets.iter_mut().filter(|t| t.rank == rank) {
                 if let Some(s) = to(t.state) {
                     if s != t.state {
+                        t.out_seq = if s == TargetState::DownOut { next } else { 0 };
                         t.state = s;
                         changed = true;
                     }
@@ -590,7 +633,7 @@ impl MsState {
                     m.join.targets
                 )));
             }
-            targets.extend((0..n).map(|index| PoolTarget { rank: *r, index, state: TargetState::UpIn }));
+            targets.extend((0..n).map(|index| PoolTarget::new(*r, index, TargetState::UpIn)));
         }
         let map = PoolMap { version: 1, targets };
         map.validate()?;
@@ -701,6 +744,11 @@ impl MsState {
             oids_allocated: c.next_seq - FIRST_USER_SEQ,
         })
     }
+}
+
+/// The exclusion sequence number the next excluded target of `map` gets.
+fn next_out_seq(map: &shoal_common::placement::PoolMap) -> u32 {
+    1 + map.targets.iter().map(|t| t.out_seq).max().unwrap_or(0)
 }
 
 /// The widest group a container's objects use by default: its class, or
@@ -855,6 +903,37 @@ mod tests {
         assert!(s.apply(&Command::Drain { pool: None, rank: 4 }).is_err());
         s.apply(&Command::Reintegrate { pool: None, rank: 2 }).unwrap();
         assert!(states(&s, 2).iter().all(|&t| t == TargetState::Up));
+    }
+
+    #[test]
+    fn exclusions_are_ordered_and_a_return_rebuilds_later_ones_too() {
+        let mut s = MsState::default();
+        for u in 0..5 {
+            join(&mut s, u);
+        }
+        let cmd = Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        let seq = |s: &MsState, r: u32| s.pools[&PoolId(7)].map.targets.iter().find(|t| t.rank == r).unwrap().out_seq;
+        for (now, rank) in [(1, 1), (2, 2)] {
+            s.apply(&Command::MarkDown { rank, now_ms: now }).unwrap();
+            s.apply(&Command::Exclude { rank }).unwrap();
+        }
+        assert_eq!((seq(&s, 1), seq(&s, 2)), (1, 2));
+        let v = s.pools[&PoolId(7)].map.version;
+        for rank in [0, 3, 4] {
+            s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: v }).unwrap();
+        }
+        assert!(!s.rebuilding.contains_key(&PoolId(7)));
+        // Rank 1 comes back: its spares are freed, so rank 2's shards may
+        // land elsewhere; both are rebuilt.
+        s.apply(&Command::Reintegrate { pool: None, rank: 1 }).unwrap();
+        assert_eq!(seq(&s, 1), 0);
+        let r = &s.rebuilding[&PoolId(7)];
+        assert!(r.iter().any(|t| t.0 == 1) && r.iter().any(|t| t.0 == 2), "{r:?}");
+        // Rank 2 back first instead would not touch rank 1's.
+        let mut s2 = s.clone();
+        s2.apply(&Command::Exclude { rank: 3 }).unwrap();
+        assert_eq!(seq(&s2, 3), 3);
     }
 
     #[test]
