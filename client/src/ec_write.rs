@@ -165,7 +165,14 @@ impl Object {
             // map picks the same one; the conditions on the rewrite keep
             // the stripe safe whatever the lock does).
             let leader = group.iter().find(|s| s.available).copied().unwrap_or(group[0]);
-            Some(StripeLock::take(self, st, leader, dkey, partial.clone()).await?)
+            match StripeLock::take(self, st, leader, dkey, partial.clone()).await {
+                Ok(l) => Some(l),
+                // The leader died and the MS has not said so yet: the lock
+                // only saves retries, so the write goes on without it
+                // rather than failing within the container's rd_fac.
+                Err(e) if crate::object::shard_down(&e) => None,
+                Err(e) => return Err(e),
+            }
         };
         let work = async {
             for _ in 0..CONFLICT_RETRIES {
