@@ -68,6 +68,8 @@ pub struct Progress {
 pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken) {
     let t = TcpTransport::default();
     let mut done: HashMap<PoolId, u32> = HashMap::new();
+    // Passes made and not reported yet (a draining server reports last).
+    let mut passed: HashMap<PoolId, (u32, Progress)> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -108,7 +110,17 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             // running finish before the pass looks at what is stored.
             service.fence_pool_version(pool, info.map.version).await;
             let started = std::time::Instant::now();
-            match rebuild_pool(&service, &t, &info, rank, &stop).await {
+            // A pass already made for this version only waits to report.
+            let (pass, fresh) = match passed.get(&pool) {
+                Some(&(v, p)) if v == info.map.version => (Ok(p), false),
+                _ => (rebuild_pool(&service, &t, &info, rank, &stop).await, true),
+            };
+            if let Ok(p) = &pass {
+                if p.stranded == 0 {
+                    passed.insert(pool, (info.map.version, *p));
+                }
+            }
+            match pass {
                 Ok(p) if p.stranded > 0 => {
                     // Not done: the drain would leave these without a copy.
                     warn!(
@@ -120,19 +132,21 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                 }
                 Ok(p) => {
                     let m = &service.metrics;
-                    m.rebuild_passes.inc();
-                    m.rebuild_objects.inc_by(p.objects);
-                    m.rebuild_versions.inc_by(p.versions);
-                    m.rebuild_bytes.inc_by(p.bytes);
-                    info!(
-                        %pool,
-                        version = info.map.version,
-                        objects = p.objects,
-                        versions = p.versions,
-                        bytes = p.bytes,
-                        secs = started.elapsed().as_secs_f64(),
-                        "rebuild pass done"
-                    );
+                    if fresh {
+                        m.rebuild_passes.inc();
+                        m.rebuild_objects.inc_by(p.objects);
+                        m.rebuild_versions.inc_by(p.versions);
+                        m.rebuild_bytes.inc_by(p.bytes);
+                        info!(
+                            %pool,
+                            version = info.map.version,
+                            objects = p.objects,
+                            versions = p.versions,
+                            bytes = p.bytes,
+                            secs = started.elapsed().as_secs_f64(),
+                            "rebuild pass done"
+                        );
+                    }
                     service.set_rebuild_progress(RebuildProgress {
                         pool,
                         version: info.map.version,
@@ -141,10 +155,21 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                         objects_total: p.objects,
                         bytes: p.bytes,
                     });
+                    // A draining server reports last: the MS then finishes
+                    // the drain on its report, and it stops serving the pool
+                    // at once, so no reader with an older map gets its
+                    // copies after writers have moved on.
+                    let draining = info.map.targets.iter().any(|t| t.rank == rank && t.state == TargetState::Drain);
+                    if draining && !others_done(&t, &ms, &info, rank, &stop).await {
+                        continue;
+                    }
                     let req = RebuildDoneReq { pool, rank, version: info.map.version };
                     match ask(&t, &ms, &req).await {
                         Ok(()) => {
                             done.insert(pool, info.map.version);
+                            if draining {
+                                service.left_pool(pool, info.map.version + 1);
+                            }
                         }
                         Err(e) => warn!(%pool, "rebuild: cannot report to the MS: {e}"),
                     }
@@ -155,6 +180,29 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                     warn!(%pool, "rebuild pass failed, will try again: {e}");
                 }
             }
+        }
+    }
+}
+
+/// Waits until every other server in service has reported its pass for
+/// `info`'s map version; false if the map changed or the server stops.
+async fn others_done(t: &TcpTransport, ms: &[String], info: &PoolInfo, rank: u32, stop: &CancellationToken) -> bool {
+    loop {
+        let Ok(now) = ask(t, ms, &PoolQueryReq { pool: info.uuid.to_string() }).await else { return false };
+        if now.map.version != info.map.version {
+            return false;
+        }
+        // (Of several draining servers, the highest rank reports last.)
+        let others =
+            now.map.targets.iter().filter(|t| {
+                t.state.is_available() && t.rank != rank && !(t.state == TargetState::Drain && t.rank > rank)
+            });
+        if others.clone().all(|t| now.rebuilt_by.contains(&t.rank)) {
+            return true;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
 }

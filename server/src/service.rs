@@ -203,6 +203,18 @@ impl Service {
         *v = (*v).max(version);
     }
 
+    /// Records that this server's drain from `pool` finished with map
+    /// `version`: from now on it refuses requests made with older maps
+    /// (their senders refresh and go where the shards are) and serves the
+    /// pool nothing, without waiting for its next heartbeat.
+    pub fn left_pool(&self, pool: PoolId, version: u32) {
+        let mut known = self.pool_versions.write().expect("lock");
+        let v = known.entry(pool).or_insert(0);
+        *v = (*v).max(version);
+        drop(known);
+        self.down_in.write().expect("lock").insert(pool);
+    }
+
     /// Records the pools in which this server is DOWN or DOWNOUT.
     pub fn set_down_in(&self, pools: &[PoolId]) {
         *self.down_in.write().expect("lock") = pools.iter().copied().collect();
@@ -486,10 +498,12 @@ impl Service {
                     Opcode::Update | Opcode::Punch => Some(self.map_fence.read().await),
                     _ => None,
                 };
+                // A stale map first: its sender refreshes and goes where the
+                // shard is now (a server that left the pool is not "down").
                 match self.check_rank(req.rank()).and_then(|()| {
                     req.pool().map_or(Ok(()), |p| {
-                        self.check_serving(p, frame.header.map_version)?;
-                        self.check_map(p, frame.header.map_version)
+                        self.check_map(p, frame.header.map_version)?;
+                        self.check_serving(p, frame.header.map_version)
                     })
                 }) {
                     Ok(()) => f(self.clone(), req, frame.segments.clone()).await,
@@ -548,12 +562,14 @@ impl Service {
             let req = decode_request::<FetchReq>(frame)?;
             self.check_rank(req.rank())?;
             if let Some(p) = req.pool() {
-                self.check_serving(p, frame.header.map_version)?;
                 self.check_map(p, frame.header.map_version)?;
-                // A read made with a map this server has not fenced yet (a
-                // rebuild source decoding from its peers' cells) sees every
-                // write admitted under an older one.
-                if self.fenced.read().expect("lock").get(&p).copied().unwrap_or(0) < frame.header.map_version {
+                self.check_serving(p, frame.header.map_version)?;
+                // A rebuild source's read made with a map this server has not
+                // fenced yet (decoding from its peers' cells) sees every
+                // write admitted under an older one. Only rebuild's reads
+                // fence: a client's map version is not trusted to raise ours.
+                let fenced = self.fenced.read().expect("lock").get(&p).copied().unwrap_or(0);
+                if frame.header.token == shoal_common::wire::TOKEN_REBUILD && fenced < frame.header.map_version {
                     self.fence_pool_version(p, frame.header.map_version).await;
                 }
             }

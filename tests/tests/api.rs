@@ -105,3 +105,26 @@ async fn handles_of_a_destroyed_pool_fail_on_their_next_call() {
     destroyed(pool.cont_create("d", ContProps::default()).await, "no pool");
     destroyed(pool.cont_open("c").await, "no pool");
 }
+
+/// A request that claims a pool map version from the future (a buggy or
+/// hostile client) is not trusted: the other clients' writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_version_from_the_future_does_not_lock_writers_out() {
+    use shoal_common::msg::{FetchIod, ValueKind};
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 2, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    pool.cont_create("c", ContProps { oclass: Some("RP_2G1".into()), ..Default::default() }).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let kv = cont.kv_create(None).await.unwrap();
+    kv.put(b"k", Bytes::from_static(b"v1")).await.unwrap();
+    for s in &cluster.servers {
+        let raw = s.client().with_pool(pool.info().uuid, u32::MAX - 1);
+        let iods = vec![FetchIod { akey: b"x".to_vec(), kind: ValueKind::Single }];
+        let _ = raw.fetch(0, cont.info().uuid, kv.oid(), b"k", shoal_common::EPOCH_MAX, iods).await;
+    }
+    kv.put(b"k", Bytes::from_static(b"v2")).await.unwrap();
+    assert_eq!(kv.get(b"k").await.unwrap().as_deref(), Some(&b"v2"[..]));
+}

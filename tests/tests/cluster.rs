@@ -477,7 +477,9 @@ async fn a_degraded_write_is_acknowledged_and_its_stale_shard_serves_nothing_aft
     cluster.servers[idx].restart().await.unwrap();
     let got = a.read(0, stripe as u64).await.unwrap();
     assert!(got == new[..], "the two cells of the degraded write decode to its data");
-    let raw = cluster.servers[idx].client().with_pool(cont.info().pool, 0);
+    // Asked with the current map (an older one gets StaleMap first).
+    let current = client.pool_query(&cont.info().pool.to_string()).await.unwrap().map.version;
+    let raw = cluster.servers[idx].client().with_pool(cont.info().pool, current);
     let kind = ValueKind::Array { rec_size: 1, start: 0, nr: cell };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {

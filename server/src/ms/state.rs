@@ -462,7 +462,16 @@ impl MsState {
                             t.index, t.state, p.label
                         )));
                     }
-                    let left = p.map.domains().saturating_sub(1);
+                    // Ranks draining already leave too.
+                    let leaving = p
+                        .map
+                        .targets
+                        .iter()
+                        .filter(|t| t.state == TargetState::Drain && t.rank != *rank)
+                        .map(|t| t.rank)
+                        .collect::<std::collections::BTreeSet<u32>>()
+                        .len() as u32;
+                    let left = p.map.domains().saturating_sub(1 + leaving);
                     let widest =
                         p.containers.values().map(|c| widest_group(&c.props, p.map.domains())).max().unwrap_or(1);
                     if widest > left {
@@ -883,8 +892,14 @@ mod tests {
         assert!(states(&s, 2).iter().all(|t| t.is_available()), "a draining server still serves");
         assert!(version(&s) > v0);
         assert!(!s.rebuilding[&PoolId(7)].is_empty());
-        // Twice is refused, and so is a drain that leaves groups nowhere to go.
+        // Twice is refused, and so is a drain that leaves groups nowhere to
+        // go, counting the one under way (5 - 2 < 3 + ... : 3 left fits, 2
+        // would not).
         assert!(s.apply(&Command::Drain { pool: None, rank: 2 }).is_err());
+        let mut s2 = s.clone();
+        s2.apply(&Command::Drain { pool: None, rank: 3 }).unwrap();
+        let e = s2.apply(&Command::Drain { pool: None, rank: 4 }).unwrap_err();
+        assert!(e.to_string().contains("nowhere to go"), "{e}");
         // Every server in service (the draining one too) reports its pass.
         for rank in 0..5 {
             s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: version(&s) }).unwrap();
