@@ -288,15 +288,26 @@ impl Service {
     /// Destroys containers on every target: refuses their writes from now
     /// on and gives back their space.
     pub async fn drop_containers(&self, conts: &[ContId]) -> Result<()> {
+        // Refused everywhere at once, even if recording it fails somewhere.
+        for &cont in conts {
+            for store in &self.stores {
+                store.refuse_container(cont);
+            }
+        }
+        let mut first = None;
         for &cont in conts {
             for store in &self.stores {
                 let store = store.clone();
-                tokio::task::spawn_blocking(move || store.drop_container(cont))
+                let r = tokio::task::spawn_blocking(move || store.drop_container(cont))
                     .await
-                    .map_err(|e| ShoalError::Internal(format!("drop task: {e}")))??;
+                    .map_err(|e| ShoalError::Internal(format!("drop task: {e}")))
+                    .and_then(|r| r);
+                if let Err(e) = r {
+                    first.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Refuses a request addressed to another rank: the sender has a stale

@@ -278,6 +278,12 @@ impl TargetStore {
         self.shared.hw.load(Ordering::Acquire)
     }
 
+    /// Refuses, from now on, writes and reads of `cont` (in memory: the
+    /// durable record is [`TargetStore::drop_container`]'s).
+    pub fn refuse_container(&self, cont: ContId) {
+        self.shared.tombstones.write().expect("lock").insert(cont);
+    }
+
     /// Whether `cont` is known to be destroyed here.
     pub fn is_tombstoned(&self, cont: ContId) -> bool {
         self.shared.tombstones.read().expect("lock").contains(&cont)
