@@ -74,7 +74,7 @@ async fn verify(
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
-    ensure!(a.servers >= 3, "the demo needs at least 3 servers");
+    ensure!(a.servers >= 4, "the demo needs at least 4 servers");
     let tmp;
     let dir = match a.dir {
         Some(d) => d,
@@ -231,6 +231,37 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("== restarted server {victim} and reintegrated it (rank {rank}): rebuilt in place in {:.2?}", t.elapsed());
+
+    // A healthy server is retired: drained first, so that no object ever
+    // has fewer copies than promised, then out.
+    let retired = victim - 2;
+    let retired_rank = client
+        .system_query()
+        .await?
+        .members
+        .iter()
+        .find(|m| m.addr == cluster.servers[retired].addr)
+        .map(|m| m.rank)
+        .context("the server to drain is not a member")?;
+    let t = Instant::now();
+    client.drain(Some("demo"), retired_rank).await?;
+    loop {
+        let p = client.pool_query("demo").await?;
+        let mine = p.map.targets.iter().filter(|t| t.rank == retired_rank);
+        if p.rebuilding.is_empty() && mine.clone().all(|t| t.state == shoal_common::placement::TargetState::DownOut) {
+            break;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(120), "the drain did not finish within 120s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let drained = t.elapsed();
+    cluster.servers[retired].terminate()?;
+    let t = Instant::now();
+    verify(&kv, &array, a.keys, a.array_mib, Some(rewrite)).await.context("read back after the drain")?;
+    println!(
+        "== drained server {retired} (rank {retired_rank}): its shards were copied to the others while it served, then it left ({drained:.2?}); stopped it and read back every byte: correct ({:.2?})",
+        t.elapsed()
+    );
     let other = victim - 1;
     cluster.servers[other].kill9();
     let t = Instant::now();
