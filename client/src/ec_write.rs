@@ -170,7 +170,7 @@ impl Object {
                 // The leader died and the MS has not said so yet: the lock
                 // only saves retries, so the write goes on without it
                 // rather than failing within the container's rd_fac.
-                Err(e) if crate::object::shard_down(&e) => None,
+                Err(ShoalError::Unreachable(_)) => None,
                 Err(e) => return Err(e),
             }
         };

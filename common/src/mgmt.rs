@@ -309,7 +309,16 @@ pub struct RebuildDoneReq {
     pub version: u32,
 }
 
-mgmt_rpc!(RebuildDoneReq, RebuildDone, ());
+/// What the MS made of a rebuild report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildDoneReply {
+    /// The reporting server's drain from the pool finished with this
+    /// report: it is out from map `version` on.
+    pub drained: bool,
+    pub version: u32,
+}
+
+mgmt_rpc!(RebuildDoneReq, RebuildDone, RebuildDoneReply);
 
 /// Brings a down or excluded server back into a pool (all pools when
 /// `pool` is `None`): its targets turn `UP`, take writes at once, are

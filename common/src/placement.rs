@@ -318,6 +318,9 @@ impl Placement {
         times.sort_unstable();
         times.dedup();
         let mut spare_of: Vec<Option<usize>> = vec![None; homes.len()];
+        // Per shard: whether a target it left (its home, or a spare it had)
+        // is still being rebuilt; then its place now is not rebuilt yet.
+        let mut left_pending = vec![false; homes.len()];
         for &now in &times {
             let gone = |s: Slot| out(s.state) && when(s) <= now;
             for s in 0..homes.len() {
@@ -335,6 +338,7 @@ impl Placement {
                 let spare = self.next_position_index(last_home, |pos, cand| {
                     !gone(cand) && !taken(cand.rank) && !spare_of.contains(&Some(pos))
                 });
+                left_pending[s] |= pending(self.ring[at]);
                 if spare.is_some() || spare_of[s].is_some_and(|p| gone(self.ring[p])) {
                     spare_of[s] = spare;
                 }
@@ -357,7 +361,7 @@ impl Placement {
                     Some(pos) => {
                         let cand = self.ring[pos];
                         let mut sh = cand.shard(true);
-                        sh.readable &= !pending(slot) && !pending(cand);
+                        sh.readable &= !left_pending[g * n + i] && !pending(cand);
                         sh
                     }
                     // Nowhere to drain to: it stays where it is.
@@ -669,6 +673,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A shard whose spare is excluded in turn moves on, and is not
+    /// readable there until rebuilt, though its home is long rebuilt.
+    #[test]
+    fn a_shard_moved_off_an_excluded_spare_is_not_readable_until_rebuilt() {
+        let c = class("RP_2G1");
+        let mut tried = 0;
+        for seq in 0..50u128 {
+            let mut map = uniform_map(5, 1);
+            let oid = make_oid(seq, c, ObjType::Kv);
+            let home = layout(&map, ContId(3), oid, c).unwrap().groups[0][0];
+            if home.rank == 0 {
+                continue;
+            }
+            map.targets[home.rank as usize].state = TargetState::DownOut;
+            map.targets[home.rank as usize].out_seq = 1;
+            let first = layout(&map, ContId(3), oid, c).unwrap().groups[0][0];
+            assert!(first.spare && first.readable);
+            map.targets[first.rank as usize].state = TargetState::DownOut;
+            map.targets[first.rank as usize].out_seq = 2;
+            let p = Placement::with_rebuilding(&map, &[(first.rank, first.target)]);
+            let second = p.layout(ContId(3), oid, c).unwrap().groups[0][0];
+            assert!(second.spare && second.available && !second.readable, "{second:?}");
+            tried += 1;
+        }
+        assert!(tried > 10);
     }
 
     #[test]

@@ -160,15 +160,15 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                     // at once, so no reader with an older map gets its
                     // copies after writers have moved on.
                     let draining = info.map.targets.iter().any(|t| t.rank == rank && t.state == TargetState::Drain);
-                    if draining && !others_done(&t, &ms, &info, rank, &stop).await {
+                    if draining && !others_done(&t, &ms, &info, rank).await {
                         continue;
                     }
                     let req = RebuildDoneReq { pool, rank, version: info.map.version };
                     match ask(&t, &ms, &req).await {
-                        Ok(()) => {
+                        Ok(r) => {
                             done.insert(pool, info.map.version);
-                            if draining {
-                                service.left_pool(pool, info.map.version + 1);
+                            if r.drained {
+                                service.left_pool(pool, r.version);
                             }
                         }
                         Err(e) => warn!(%pool, "rebuild: cannot report to the MS: {e}"),
@@ -184,27 +184,19 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
     }
 }
 
-/// Waits until every other server in service has reported its pass for
-/// `info`'s map version; false if the map changed or the server stops.
-async fn others_done(t: &TcpTransport, ms: &[String], info: &PoolInfo, rank: u32, stop: &CancellationToken) -> bool {
-    loop {
-        let Ok(now) = ask(t, ms, &PoolQueryReq { pool: info.uuid.to_string() }).await else { return false };
-        if now.map.version != info.map.version {
-            return false;
-        }
-        // (Of several draining servers, the highest rank reports last.)
-        let others =
-            now.map.targets.iter().filter(|t| {
-                t.state.is_available() && t.rank != rank && !(t.state == TargetState::Drain && t.rank > rank)
-            });
-        if others.clone().all(|t| now.rebuilt_by.contains(&t.rank)) {
-            return true;
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return false,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-    }
+/// Whether every other server in service has reported its pass for
+/// `info`'s map version (checked once: the caller tries again on its next
+/// round, without holding up other pools).
+async fn others_done(t: &TcpTransport, ms: &[String], info: &PoolInfo, rank: u32) -> bool {
+    let Ok(now) = ask(t, ms, &PoolQueryReq { pool: info.uuid.to_string() }).await else { return false };
+    // (Of several draining servers, the highest rank reports last.)
+    now.map.version == info.map.version
+        && now
+            .map
+            .targets
+            .iter()
+            .filter(|t| t.state.is_available() && t.rank != rank && !(t.state == TargetState::Drain && t.rank > rank))
+            .all(|t| now.rebuilt_by.contains(&t.rank))
 }
 
 async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
@@ -512,6 +504,9 @@ async fn ec_items(
                 let mut cells: Vec<Option<Vec<u8>>> = vec![None; n];
                 cells[me] = Some(v.data.to_vec());
                 let mut have = 1;
+                // Peers that could not answer: with them, the version might
+                // have had k cells, so it is not skipped but tried again.
+                let mut failed: Vec<String> = Vec::new();
                 for (j, sh) in group.iter().enumerate() {
                     if have >= k {
                         break;
@@ -535,12 +530,16 @@ async fn ec_items(
                     let Some(addr) = info.addrs.iter().find(|(r, _)| *r == sh.rank).map(|(_, a)| a.as_str()) else {
                         continue;
                     };
-                    let Ok((r, segs)) =
-                        call(t, addr, &req, vec![], info.map.version, TOKEN_REBUILD, CALL_TIMEOUT).await
-                    else {
-                        continue;
-                    };
-                    if r.verify(&segs).is_err() {
+                    let (r, segs) =
+                        match call(t, addr, &req, vec![], info.map.version, TOKEN_REBUILD, CALL_TIMEOUT).await {
+                            Ok(x) => x,
+                            Err(e) => {
+                                failed.push(format!("rank {}: {e}", sh.rank));
+                                continue;
+                            }
+                        };
+                    if let Err(e) = r.verify(&segs) {
+                        failed.push(format!("rank {}: {e}", sh.rank));
                         continue;
                     }
                     // Only a cell of the same write (same epoch) decodes.
@@ -552,6 +551,13 @@ async fn ec_items(
                     }
                 }
                 if have < k {
+                    if !failed.is_empty() {
+                        return Err(ShoalError::Unreachable(format!(
+                            "object {oid}: cannot read enough cells of epoch {} to rebuild: {}",
+                            v.item.epoch,
+                            failed.join("; ")
+                        )));
+                    }
                     // Fewer than k cells of this version exist: it was never
                     // acknowledged (a failed write); nothing to rebuild.
                     continue;

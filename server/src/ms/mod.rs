@@ -354,8 +354,18 @@ impl Ms {
     }
 
     /// Records that a rank rebuilt what it was the source of.
-    pub fn rebuild_done(&self, req: RebuildDoneReq) -> Result<()> {
-        self.propose(Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version }).map(|_| ())
+    pub fn rebuild_done(&self, req: RebuildDoneReq) -> Result<shoal_common::mgmt::RebuildDoneReply> {
+        let states = |s: &MsState| -> Result<(Vec<TargetState>, u32)> {
+            let p = s.pool(req.pool)?;
+            Ok((p.map.targets.iter().filter(|t| t.rank == req.rank).map(|t| t.state).collect(), p.map.version))
+        };
+        let (before, _) = self.read(states)?;
+        self.propose(Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version })?;
+        let (after, version) = self.read(states)?;
+        let drained = before.contains(&TargetState::Drain)
+            && !after.is_empty()
+            && after.iter().all(|s| *s == TargetState::DownOut);
+        Ok(shoal_common::mgmt::RebuildDoneReply { drained, version })
     }
 
     /// Sets the MS's gauges: members per state, and per pool its targets

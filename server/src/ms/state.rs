@@ -359,7 +359,7 @@ impl MsState {
                         p.map
                             .targets
                             .iter()
-                            .filter(|t| t.state == TargetState::DownOut && t.out_seq > earliest)
+                            .filter(|t| t.state == TargetState::DownOut && t.out_seq >= earliest)
                             .map(|t| (t.rank, t.index)),
                     );
                     if !back.is_empty() {
