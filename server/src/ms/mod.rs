@@ -42,12 +42,15 @@ const TOMBSTONES_PER_HEARTBEAT: usize = 1024;
 
 /// Format 1: postcard of `MsStateV1` and of commands.
 const FORMAT_V1: u8 = 1;
-/// Format 2: postcard of `MsState` (client tags, tombstones) and of
-/// commands (format-1 commands decode unchanged).
+/// Format 2: postcard of `MsStateV2` (client tags, tombstones, exclusions)
+/// and of commands (format-1 commands decode unchanged).
 const FORMAT_V2: u8 = 2;
+/// Format 3: postcard of `MsState` (targets' exclusion order, rebuild
+/// controls) and of commands (older commands decode unchanged).
+const FORMAT_V3: u8 = 3;
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    let mut out = vec![FORMAT_V2];
+    let mut out = vec![FORMAT_V3];
     out.extend(postcard::to_stdvec(v).map_err(|e| ShoalError::Internal(format!("encode MS record: {e}")))?);
     Ok(out)
 }
@@ -60,7 +63,8 @@ fn postcard_of<T: serde::de::DeserializeOwned>(rest: &[u8]) -> Result<T> {
 fn decode_state(raw: &[u8]) -> Result<MsState> {
     match raw.split_first() {
         Some((&FORMAT_V1, rest)) => Ok(postcard_of::<state::MsStateV1>(rest)?.migrate()),
-        Some((&FORMAT_V2, rest)) => postcard_of(rest),
+        Some((&FORMAT_V2, rest)) => Ok(postcard_of::<state::MsStateV2>(rest)?.migrate()),
+        Some((&FORMAT_V3, rest)) => postcard_of(rest),
         Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
         None => Err(ShoalError::Io("empty MS record".into())),
     }
@@ -70,7 +74,7 @@ fn decode_state(raw: &[u8]) -> Result<MsState> {
 #[cfg(test)]
 fn decode_command(raw: &[u8]) -> Result<Command> {
     match raw.split_first() {
-        Some((&(FORMAT_V1 | FORMAT_V2), rest)) => postcard_of(rest),
+        Some((&(FORMAT_V1 | FORMAT_V2 | FORMAT_V3), rest)) => postcard_of(rest),
         Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
         None => Err(ShoalError::Io("empty MS record".into())),
     }
@@ -708,10 +712,27 @@ mod fixture {
     }
 
     #[test]
-    fn format_2_state_decodes() {
+    fn format_2_state_decodes_and_migrates() {
         let want = sample_v2();
         assert_eq!(want.tombstones, vec![ContId(6)]);
-        assert_eq!(hex(&encode(&want).unwrap()), STATE_V2.trim(), "format 2 encoding changed");
         assert_eq!(decode_state(&unhex(STATE_V2)).unwrap(), want);
+    }
+
+    /// Format 2's sample with a target excluded and a rebuild paused.
+    const STATE_V3: &str = include_str!("fixtures/state-v3.hex");
+
+    fn sample_v3() -> MsState {
+        let mut s = sample_v2();
+        s.apply(&Command::Exclude { rank: 0 }).unwrap();
+        s.apply(&Command::SetRebuild { pool: PoolId(5), paused: Some(true), rate_mib: Some(20) }).unwrap();
+        s
+    }
+
+    #[test]
+    fn format_3_state_decodes() {
+        let want = sample_v3();
+        assert_eq!(want.pools[&PoolId(5)].map.targets[0].out_seq, 1);
+        assert_eq!(hex(&encode(&want).unwrap()), STATE_V3.trim(), "format 3 encoding changed");
+        assert_eq!(decode_state(&unhex(STATE_V3)).unwrap(), want);
     }
 }

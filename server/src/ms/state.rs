@@ -147,7 +147,7 @@ pub struct TagLease {
     pub until_ms: u64,
 }
 
-/// The whole MS state (format 2).
+/// The whole MS state (format 3).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsState {
     pub members: BTreeMap<u32, MemberRec>,
@@ -174,6 +174,51 @@ pub struct MsState {
     pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
     /// Per pool: how rebuild runs, where an operator changed it.
     pub rebuild_ctl: BTreeMap<PoolId, shoal_common::mgmt::RebuildCtl>,
+}
+
+/// The MS state as format 2 stored it (targets without an exclusion order,
+/// no rebuild controls); [`MsStateV2::migrate`] brings it to the current
+/// format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsStateV2 {
+    pub members: BTreeMap<u32, MemberRec>,
+    pub pools: BTreeMap<PoolId, PoolRecV1>,
+    pub applied: u64,
+    pub clients: u64,
+    pub tags: BTreeMap<u16, TagLease>,
+    pub tombstones: Vec<ContId>,
+    pub down: BTreeMap<u32, u64>,
+    pub excluded: std::collections::BTreeSet<u32>,
+    pub rebuilding: BTreeMap<PoolId, Vec<(u32, u32)>>,
+    pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
+}
+
+impl MsStateV2 {
+    /// The same state in the current format. Excluded targets get an
+    /// exclusion order by target (format 2 did not keep theirs).
+    pub fn migrate(self) -> MsState {
+        let mut pools: BTreeMap<PoolId, PoolRec> = self.pools.into_iter().map(|(id, p)| (id, p.migrate())).collect();
+        for p in pools.values_mut() {
+            let mut seq = 0;
+            for t in p.map.targets.iter_mut().filter(|t| t.state == TargetState::DownOut) {
+                seq += 1;
+                t.out_seq = seq;
+            }
+        }
+        MsState {
+            members: self.members,
+            pools,
+            applied: self.applied,
+            clients: self.clients,
+            tags: self.tags,
+            tombstones: self.tombstones,
+            down: self.down,
+            excluded: self.excluded,
+            rebuilding: self.rebuilding,
+            rebuild_done: self.rebuild_done,
+            rebuild_ctl: BTreeMap::new(),
+        }
+    }
 }
 
 /// The MS state as format 1 stored it; [`MsStateV1::migrate`] brings it to
