@@ -896,6 +896,40 @@ impl ContInner {
     }
 }
 
+/// What [`Container::check`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ContCheck {
+    /// Objects found on the targets that could be asked.
+    pub objects: u64,
+    /// Objects with a group that has fewer readable shards than its class
+    /// needs: some of their data cannot be read now (lost, if the servers
+    /// holding it do not come back).
+    pub affected: Vec<AffectedObject>,
+    /// Targets (rank, index) that could not be asked: objects only they
+    /// hold are missing from the count, unless they have a name.
+    pub unasked: Vec<(u32, u32)>,
+    /// Whether the name index could be read (named objects are checked
+    /// even when every shard of theirs is gone).
+    pub names_read: bool,
+}
+
+fn oid_text<S: serde::Serializer>(oid: &Oid, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_str(oid)
+}
+
+/// An object some of whose data cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AffectedObject {
+    #[serde(serialize_with = "oid_text")]
+    pub oid: Oid,
+    pub class: String,
+    /// Its name in the container's name index, if it has one.
+    pub name: Option<String>,
+    /// Groups that lost too many shards, of how many.
+    pub groups_lost: u32,
+    pub groups: u32,
+}
+
 /// The name index of a container is the KV object with this sequence
 /// number; the MS never hands it out.
 ///
@@ -1042,6 +1076,106 @@ impl Container {
             }
         };
         Ok(make_oid(seq, class, ty))
+    }
+
+    /// Goes through every object of the container that the targets in
+    /// service hold, and lists those with a group that has fewer readable
+    /// shards than its class needs (after more failures than the
+    /// container's rd_fac, or while their spares are being rebuilt).
+    /// Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let pool = client.pool_connect("tank").await?;
+    /// # let cont = pool.cont_open("data").await?;
+    /// let report = cont.check().await?;
+    /// for a in &report.affected {
+    ///     println!("{} ({}): {} of {} groups cannot be read", a.oid, a.class, a.groups_lost, a.groups);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn check(&self) -> Result<ContCheck> {
+        self.inner.pool.refresh().await?;
+        let st = self.inner.pool.state();
+        let c = &self.inner.pool.client.inner;
+        let mut oids = std::collections::BTreeSet::new();
+        // Down targets cannot be asked (excluded ones hold nothing needed).
+        let mut unasked: Vec<(u32, u32)> = st
+            .info
+            .map
+            .targets
+            .iter()
+            .filter(|t| t.state == shoal_common::placement::TargetState::Down)
+            .map(|t| (t.rank, t.index))
+            .collect();
+        for t in st.info.map.targets.iter().filter(|t| t.state.is_available()) {
+            let shard =
+                Shard { rank: t.rank, target: t.index, available: true, spare: false, readable: true, shadow: None };
+            let mut after = None;
+            let asked: Result<()> = async {
+                let addr = st.addr(&shard)?;
+                loop {
+                    let req = shoal_common::msg::ObjListReq {
+                        pool: st.info.uuid,
+                        rank: t.rank,
+                        target: t.index,
+                        cont: self.inner.info.uuid,
+                        after,
+                        limit: 1024,
+                    };
+                    let (r, _) = call(&c.transport, addr, &req, vec![], st.info.map.version, 0, c.timeout).await?;
+                    after = r.oids.last().copied();
+                    oids.extend(r.oids);
+                    if !r.more {
+                        return Ok(());
+                    }
+                }
+            }
+            .await;
+            if let Err(e) = asked {
+                if e.is_cont_destroyed(self.inner.info.uuid) {
+                    return Err(e);
+                }
+                unasked.push((t.rank, t.index));
+            }
+        }
+        // Named objects are found even when no server in service holds any
+        // of their shards.
+        let mut names: std::collections::HashMap<Oid, String> = std::collections::HashMap::new();
+        let index = self.names()?;
+        let names_read = match index.list().await {
+            Ok(keys) => {
+                for k in keys {
+                    let Ok(Some(v)) = index.get(&k).await else { continue };
+                    if let Some(oid) = std::str::from_utf8(&v).ok().and_then(|s| s.parse::<Oid>().ok()) {
+                        names.insert(oid, String::from_utf8_lossy(&k).into_owned());
+                        oids.insert(oid);
+                    }
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        let mut report = ContCheck { objects: oids.len() as u64, unasked, names_read, ..Default::default() };
+        for oid in oids {
+            let Some(class) = oid_class(oid) else { continue };
+            let Ok(layout) = st.placement.layout(self.inner.info.uuid, oid, class) else { continue };
+            let need = class.group_size().saturating_sub(u32::from(class.tolerated_failures())) as usize;
+            let lost = layout.groups.iter().filter(|g| g.iter().filter(|s| s.readable).count() < need).count();
+            if lost > 0 {
+                report.affected.push(AffectedObject {
+                    oid,
+                    class: class.to_string(),
+                    name: names.get(&oid).cloned(),
+                    groups_lost: lost as u32,
+                    groups: layout.groups.len() as u32,
+                });
+            }
+        }
+        Ok(report)
     }
 
     /// A handle on an existing object.

@@ -33,6 +33,7 @@ pub enum Opcode {
     StripeUnlock = 8,
     MarkStable = 9,
     Restore = 10,
+    ObjList = 11,
     SysJoin = 20,
     SysHeartbeat = 21,
     SysQuery = 22,
@@ -69,6 +70,7 @@ impl Opcode {
             Opcode::StripeUnlock => "stripe_unlock",
             Opcode::MarkStable => "mark_stable",
             Opcode::Restore => "restore",
+            Opcode::ObjList => "obj_list",
             Opcode::SysJoin => "sys_join",
             Opcode::SysHeartbeat => "sys_heartbeat",
             Opcode::SysQuery => "sys_query",
@@ -111,6 +113,7 @@ impl Opcode {
             8 => Opcode::StripeUnlock,
             9 => Opcode::MarkStable,
             10 => Opcode::Restore,
+            11 => Opcode::ObjList,
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
@@ -777,6 +780,42 @@ impl Rpc for RestoreReq {
             if it.epoch == 0 || it.epoch == crate::EPOCH_MAX {
                 return Err(ShoalError::invalid("a restored version's epoch must be between 1 and EPOCH_MAX"));
             }
+        }
+        Ok(())
+    }
+}
+
+/// Lists the objects of a container a target holds shards of, in OID
+/// order, after `after`: at most `limit` (at most [`MAX_LIST`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjListReq {
+    pub pool: PoolId,
+    pub rank: u32,
+    pub target: u32,
+    pub cont: ContId,
+    pub after: Option<Oid>,
+    pub limit: u32,
+}
+
+/// A page of a target's objects; `more` when the listing goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjListReply {
+    pub oids: Vec<Oid>,
+    pub more: bool,
+}
+
+impl Rpc for ObjListReq {
+    const OP: Opcode = Opcode::ObjList;
+    type Reply = ObjListReply;
+
+    addressed!();
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("an object listing carries no data segments"));
+        }
+        if self.limit == 0 || self.limit > MAX_LIST {
+            return Err(ShoalError::invalid(format!("an object listing returns 1 to {MAX_LIST} objects")));
         }
         Ok(())
     }

@@ -437,6 +437,20 @@ impl Service {
             Opcode::Fetch => self.fetch(&frame).await,
             Opcode::List => self.run::<ListReq, _>(&frame, |s, r, _| s.list(r)).await,
             Opcode::TargetQuery => self.run::<TargetQueryReq, _>(&frame, |s, r, _| s.target_query(r)).await,
+            Opcode::ObjList => {
+                self.run::<shoal_common::msg::ObjListReq, _>(&frame, |s, r, _| async move {
+                    let store = s.store(r.target)?;
+                    if store.is_tombstoned(r.cont) {
+                        return Err(ShoalError::cont_destroyed(r.cont));
+                    }
+                    let (oids, more) =
+                        tokio::task::spawn_blocking(move || store.objects_of(r.cont, r.after, r.limit as usize))
+                            .await
+                            .map_err(|e| ShoalError::Internal(format!("list task: {e}")))??;
+                    Ok(shoal_common::msg::ObjListReply { oids, more })
+                })
+                .await
+            }
             Opcode::StripeLock => self.run::<StripeLockReq, _>(&frame, |s, r, _| s.stripe_lock(r)).await,
             Opcode::MarkStable => {
                 self.run::<StableReq, _>(&frame, |s, r, _| async move {

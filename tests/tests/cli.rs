@@ -165,6 +165,10 @@ fn the_cli_drives_a_dev_cluster_end_to_end() {
     assert_eq!(cli.ok(&["kv", "get", "tank", "c", "conf", "colour"]), "green");
     cli.ok(&["array", "read", "tank", "c", "big", output.to_str().unwrap()]);
     assert!(std::fs::read(&output).unwrap() == data, "the array after the drain");
+    let check = json(&cli.ok(&["cont", "check", "tank", "c", "--json"]));
+    assert!(check["objects"].as_u64().unwrap() >= 3, "{check}");
+    assert_eq!(check["affected"].as_array().unwrap().len(), 0, "{check}");
+    assert!(cli.ok(&["cont", "check", "tank", "c"]).contains("0 with data that cannot be read"));
     cli.ok(&["dev", "add", "--targets", "1"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while json(&cli.ok(&["system", "query", "--json"]))["members"].as_array().unwrap().len() < 5 {

@@ -784,3 +784,61 @@ async fn a_spare_reused_for_another_shard_never_mixes_their_cells() {
     cluster.servers[index_of(group[2].rank)].kill9();
     assert!(array.read(0, want.len() as u64).await.unwrap() == want[..], "cells of two shards mixed");
 }
+
+/// Past rd_fac, `check` lists exactly the objects that cannot be read:
+/// every object it lists fails to read, every other one reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 5, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
+    pool.cont_create("c", props).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let mut kvs = Vec::new();
+    for i in 0..30u64 {
+        let kv = cont.kv_create(None).await.unwrap();
+        kv.put(b"k", Bytes::from(pattern(i, 100))).await.unwrap();
+        cont.name_put(&format!("kv-{i}"), kv.oid()).await.unwrap();
+        kvs.push(kv);
+    }
+    let clean = cont.check().await.unwrap();
+    assert_eq!(clean.objects, 30 + 1, "30 KV objects and the name index: {clean:?}");
+    assert!(clean.affected.is_empty() && clean.unasked.is_empty() && clean.names_read, "{clean:?}");
+    // Two servers die (not the MS's, nor the name index's): past rd_fac 1
+    // for the objects that had both copies there.
+    let members = client.system_query().await.unwrap().members;
+    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
+    let index_of = |rank: u32| {
+        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
+        addrs.iter().position(|a| a == addr).unwrap()
+    };
+    let index_servers: Vec<usize> =
+        cont.names().unwrap().object().layout().unwrap().groups[0].iter().map(|s| index_of(s.rank)).collect();
+    let victims: Vec<usize> = (1..5).filter(|i| !index_servers.contains(i)).take(2).collect();
+    assert_eq!(victims.len(), 2);
+    for &v in &victims {
+        cluster.servers[v].kill9();
+    }
+    let t = Instant::now();
+    while client.system_query().await.unwrap().members.iter().filter(|m| m.state == MemberState::Down).count() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "never declared down");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = cont.check().await.unwrap();
+    eprintln!("{} objects, {} affected, unasked {:?}", report.objects, report.affected.len(), report.unasked);
+    assert!(!report.affected.is_empty(), "two of five servers hold both copies of some objects");
+    assert!(report.names_read && report.objects == 31 && report.unasked.len() == 2, "{report:?}");
+    assert!(report.affected.iter().all(|a| a.name.as_deref().is_some_and(|n| n.starts_with("kv-"))));
+    let lost: std::collections::HashSet<_> = report.affected.iter().map(|a| a.oid).collect();
+    for (i, kv) in kvs.iter().enumerate() {
+        let r = kv.get(b"k").await;
+        if lost.contains(&kv.oid()) {
+            assert!(r.is_err(), "object {i} is listed as lost but reads: {r:?}");
+        } else {
+            assert_eq!(r.unwrap().unwrap(), pattern(i as u64, 100), "object {i}");
+        }
+    }
+}

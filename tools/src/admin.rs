@@ -112,6 +112,10 @@ pub enum ContCmd {
     List { pool: String },
     /// A container's properties, and the classes `auto` picks and why.
     Query { pool: String, cont: String },
+    /// Goes through every object of a container and lists those some of
+    /// whose data cannot be read now (more servers lost than the class
+    /// survives, or spares still being rebuilt).
+    Check { pool: String, cont: String },
     /// Destroys a container.
     Destroy { pool: String, cont: String },
 }
@@ -428,6 +432,36 @@ pub async fn cont(ctx: &Ctx, cmd: ContCmd) -> anyhow::Result<()> {
                 t.add_row(vec![format!("class for {ty} objects"), why.clone()]);
             }
             println!("{t}");
+            if c.health == shoal_common::mgmt::Health::Unclean {
+                println!("the pool lost more servers than rd_fac {}: `shoal cont check {pool} {cont}` lists the objects affected", c.props.rd_fac);
+            }
+        }
+        ContCmd::Check { pool, cont } => {
+            let handle = client.pool_connect(&pool).await?.cont_open(&cont).await?;
+            let report = handle.check().await?;
+            if ctx.json {
+                return out::json(&report);
+            }
+            println!("{} objects checked; {} with data that cannot be read now", report.objects, report.affected.len());
+            if !report.names_read {
+                println!("the name index cannot be read: objects whose shards are all gone are not listed");
+            }
+            if !report.unasked.is_empty() {
+                let t: Vec<String> = report.unasked.iter().map(|(r, i)| format!("rank {r} target {i}")).collect();
+                println!("could not ask {} (objects only they hold are not counted)", t.join(", "));
+            }
+            if !report.affected.is_empty() {
+                let mut t = out::table(&["object", "name", "class", "groups that cannot be read"]);
+                for a in &report.affected {
+                    t.add_row(vec![
+                        a.oid.to_string(),
+                        a.name.clone().unwrap_or_default(),
+                        a.class.clone(),
+                        format!("{} of {}", a.groups_lost, a.groups),
+                    ]);
+                }
+                println!("{t}");
+            }
         }
         ContCmd::Destroy { pool, cont } => {
             let c = client.pool_connect(&pool).await?.cont_destroy(&cont).await?;

@@ -48,6 +48,37 @@ impl TargetStore {
         Ok(out)
     }
 
+    /// The objects of `cont` this target holds, after `after`: at most
+    /// `limit`, and whether more follow.
+    pub fn objects_of(&self, cont: ContId, after: Option<Oid>, limit: usize) -> Result<(Vec<Oid>, bool)> {
+        self.check_poison()?;
+        let view = View::new(&self.db, &self.files, self.id);
+        let mut it = view.iter(CF_OBJECTS);
+        let prefix = cont.to_bytes();
+        match after {
+            Some(o) => match keys::prefix_successor(&keys::obj_prefix(cont, o)) {
+                Some(k) => it.seek(k),
+                None => return Ok((Vec::new(), false)),
+            },
+            None => it.seek(prefix),
+        }
+        let mut out = Vec::new();
+        while let Some(k) = it.key() {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if out.len() >= limit {
+                return Ok((out, true));
+            }
+            if k.len() == 32 {
+                out.push(Oid::from_bytes(k[16..].try_into().expect("16 bytes")));
+            }
+            it.next();
+        }
+        it.status().map_err(|e| io_err("scan the object index", e))?;
+        Ok((out, false))
+    }
+
     /// The dkeys this target holds values of for an object.
     pub fn dkeys_of(&self, cont: ContId, oid: Oid) -> Result<Vec<Vec<u8>>> {
         self.check_poison()?;
