@@ -911,6 +911,12 @@ pub struct ContCheck {
     /// Whether the name index could be read (named objects are checked
     /// even when every shard of theirs is gone).
     pub names_read: bool,
+    /// Every object found, and every name read, for tools that go on
+    /// (`shoal cont check --salvage`).
+    #[serde(skip)]
+    pub found: Vec<Oid>,
+    #[serde(skip)]
+    pub names: Vec<(String, Oid)>,
 }
 
 fn oid_text<S: serde::Serializer>(oid: &Oid, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -1159,7 +1165,15 @@ impl Container {
             }
             Err(_) => false,
         };
-        let mut report = ContCheck { objects: oids.len() as u64, unasked, names_read, ..Default::default() };
+        let mut report = ContCheck {
+            objects: oids.len() as u64,
+            unasked,
+            names_read,
+            found: oids.iter().copied().collect(),
+            names: names.iter().map(|(o, n)| (n.clone(), *o)).collect(),
+            ..Default::default()
+        };
+        report.names.sort();
         for oid in oids {
             let Some(class) = oid_class(oid) else { continue };
             let Ok(layout) = st.placement.layout(self.inner.info.uuid, oid, class) else { continue };

@@ -790,7 +790,9 @@ async fn a_spare_reused_for_another_shard_never_mixes_their_cells() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = TestCluster::start(tmp.path(), 5, 1).await.unwrap();
+    // Six servers: some object's two copies always avoid both the MS's
+    // server and the name index's two.
+    let mut cluster = TestCluster::start(tmp.path(), 6, 1).await.unwrap();
     let client = cluster.client().await.unwrap();
     client.pool_create("tank", vec![], 0).await.unwrap();
     let pool = client.pool_connect("tank").await.unwrap();
@@ -817,8 +819,12 @@ async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
     };
     let index_servers: Vec<usize> =
         cont.names().unwrap().object().layout().unwrap().groups[0].iter().map(|s| index_of(s.rank)).collect();
-    let victims: Vec<usize> = (1..5).filter(|i| !index_servers.contains(i)).take(2).collect();
-    assert_eq!(victims.len(), 2);
+    // Both servers of one object's group, neither holding the name index.
+    let victims: Vec<usize> = kvs
+        .iter()
+        .map(|kv| kv.object().layout().unwrap().groups[0].iter().map(|s| index_of(s.rank)).collect::<Vec<_>>())
+        .find(|g| g.iter().all(|i| *i != 0 && !index_servers.contains(i)))
+        .expect("an object whose copies avoid the MS's and the name index's servers");
     for &v in &victims {
         cluster.servers[v].kill9();
     }
@@ -839,6 +845,61 @@ async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
             assert!(r.is_err(), "object {i} is listed as lost but reads: {r:?}");
         } else {
             assert_eq!(r.unwrap().unwrap(), pattern(i as u64, 100), "object {i}");
+        }
+    }
+    // Salvage (through the CLI): what still reads goes to a new container,
+    // with its names; what cannot be read is listed.
+    let out = std::process::Command::new(shoal_tests::server_bin().with_file_name("shoal"))
+        .args(["--ms", &cluster.ms(), "cont", "check", "tank", "c", "--salvage", "saved", "--json"])
+        .env_remove("SHOAL_MS")
+        .env_remove("SHOAL_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Into another pool, on servers in service.
+    let live: Vec<String> =
+        members.iter().filter(|m| !victims.contains(&index_of(m.rank))).map(|m| m.rank.to_string()).collect();
+    let out = std::process::Command::new(shoal_tests::server_bin().with_file_name("shoal"))
+        .args(["--ms", &cluster.ms(), "pool", "create", "spare", "--ranks", &live.join(",")])
+        .env_remove("SHOAL_MS")
+        .env_remove("SHOAL_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = s;
+    let out = std::process::Command::new(shoal_tests::server_bin().with_file_name("shoal"))
+        .args([
+            "--ms",
+            &cluster.ms(),
+            "cont",
+            "check",
+            "tank",
+            "c",
+            "--salvage",
+            "saved",
+            "--to-pool",
+            "spare",
+            "--json",
+        ])
+        .env_remove("SHOAL_MS")
+        .env_remove("SHOAL_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["whole"].as_u64(), Some(30 - lost.len() as u64), "{s}");
+    assert_eq!(s["lost"].as_array().unwrap().len(), lost.len(), "{s}");
+    let saved = client.pool_connect("spare").await.unwrap().cont_open("saved").await.unwrap();
+    for (i, kv) in kvs.iter().enumerate() {
+        let name = format!("kv-{i}");
+        match saved.name_get(&name).await.unwrap() {
+            Some(oid) => {
+                assert!(!lost.contains(&kv.oid()), "{name} was lost, yet salvaged");
+                let got = saved.kv_open(oid).unwrap().get(b"k").await.unwrap();
+                assert_eq!(got.unwrap(), pattern(i as u64, 100), "{name}");
+            }
+            None => assert!(lost.contains(&kv.oid()), "{name} reads, yet was not salvaged"),
         }
     }
 }

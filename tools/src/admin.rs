@@ -115,7 +115,19 @@ pub enum ContCmd {
     /// Goes through every object of a container and lists those some of
     /// whose data cannot be read now (more servers lost than the class
     /// survives, or spares still being rebuilt).
-    Check { pool: String, cont: String },
+    Check {
+        pool: String,
+        cont: String,
+        /// Copies what can still be read into a new container of this
+        /// name (arrays and KV objects, with their names; lost ranges of
+        /// an array are left as holes), and says what it could not copy.
+        #[arg(long, value_name = "NEW_CONT")]
+        salvage: Option<String>,
+        /// Pool of the new container (default: the same pool; another
+        /// pool's servers may be healthier).
+        #[arg(long, requires = "salvage")]
+        to_pool: Option<String>,
+    },
     /// Destroys a container.
     Destroy { pool: String, cont: String },
 }
@@ -436,9 +448,31 @@ pub async fn cont(ctx: &Ctx, cmd: ContCmd) -> anyhow::Result<()> {
                 println!("the pool lost more servers than rd_fac {}: `shoal cont check {pool} {cont}` lists the objects affected", c.props.rd_fac);
             }
         }
-        ContCmd::Check { pool, cont } => {
-            let handle = client.pool_connect(&pool).await?.cont_open(&cont).await?;
+        ContCmd::Check { pool, cont, salvage, to_pool } => {
+            let p = client.pool_connect(&pool).await?;
+            let handle = p.cont_open(&cont).await?;
             let report = handle.check().await?;
+            if let Some(new) = salvage {
+                let dest_pool = match &to_pool {
+                    Some(name) => client.pool_connect(name).await?,
+                    None => p.clone(),
+                };
+                let s = crate::salvage::salvage(&dest_pool, &handle, &report, &new).await?;
+                if ctx.json {
+                    return out::json(&s);
+                }
+                println!(
+                    "salvaged into {new}: {} objects whole, {} in part, {} not at all, {} names",
+                    s.whole,
+                    s.partial.len(),
+                    s.lost.len(),
+                    s.names
+                );
+                for (oid, why) in s.partial.iter().chain(&s.lost) {
+                    println!("  {oid}: {why}");
+                }
+                return Ok(());
+            }
             if ctx.json {
                 return out::json(&report);
             }

@@ -7,6 +7,7 @@ mod data;
 mod demo;
 mod dev;
 mod out;
+mod salvage;
 
 use std::path::PathBuf;
 
