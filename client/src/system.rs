@@ -507,7 +507,22 @@ impl Client {
         paused: Option<bool>,
         rate_mib: Option<u32>,
     ) -> Result<shoal_common::mgmt::RebuildCtl> {
-        self.ms_call(&shoal_common::mgmt::RebuildCtlReq { pool: pool.into(), paused, rate_mib }).await
+        let req = shoal_common::mgmt::RebuildCtlReq { pool: pool.into(), paused, rate_mib, accept_loss: None };
+        self.ms_call(&req).await
+    }
+
+    /// Lets a rebuild finish although the pool lost more servers than a
+    /// container's rd_fac (the MS holds it until the lost servers come
+    /// back, so that data no server kept reads as an error, not as
+    /// missing). From then on that data reads as missing. Not cancel safe.
+    pub async fn rebuild_accept_loss(&self, pool: &str) -> Result<shoal_common::mgmt::RebuildCtl> {
+        let req = shoal_common::mgmt::RebuildCtlReq {
+            pool: pool.into(),
+            paused: None,
+            rate_mib: None,
+            accept_loss: Some(true),
+        };
+        self.ms_call(&req).await
     }
 
     /// Every member of the system. Cancel safe.

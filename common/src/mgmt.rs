@@ -161,6 +161,10 @@ pub struct RebuildCtl {
     /// (rebuild takes at most 30% of a server's time while clients use it,
     /// all of it otherwise).
     pub rate_mib: u32,
+    /// Finish the rebuild even though the pool lost more servers than a
+    /// container's rd_fac (`shoal pool rebuild accept-loss`): the data no
+    /// server kept reads as missing from then on.
+    pub accept_loss: bool,
 }
 
 /// What a server's rebuild pass is doing.
@@ -350,6 +354,8 @@ pub struct RebuildCtlReq {
     pub paused: Option<bool>,
     /// MiB/s per server; 0: automatic.
     pub rate_mib: Option<u32>,
+    /// Finish a rebuild past rd_fac (see [`RebuildCtl::accept_loss`]).
+    pub accept_loss: Option<bool>,
 }
 
 mgmt_rpc!(RebuildCtlReq, RebuildCtl, RebuildCtl);

@@ -903,3 +903,60 @@ async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
         }
     }
 }
+
+/// Past rd_fac, exclusion and rebuild must not turn lost data into empty
+/// data: the spares of a group that kept no copy have nothing to copy
+/// from, and reads of it keep failing with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_lost_past_rd_fac_reads_as_an_error_after_exclusion() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
+    pool.cont_create("c", props).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let members = client.system_query().await.unwrap().members;
+    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
+    let index_of = |rank: u32| {
+        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
+        addrs.iter().position(|a| a == addr).unwrap()
+    };
+    let (kv, victims) = loop {
+        let kv = cont.kv_create(None).await.unwrap();
+        let g: Vec<usize> = kv.object().layout().unwrap().groups[0].iter().map(|s| index_of(s.rank)).collect();
+        if g.iter().all(|&i| i != 0) {
+            break (kv, g);
+        }
+    };
+    kv.put(b"k", Bytes::from_static(b"precious")).await.unwrap();
+    for &v in &victims {
+        cluster.servers[v].kill9();
+    }
+    // Both excluded; whatever the MS does with the rebuild, the value is
+    // never read back as missing or empty.
+    let t = Instant::now();
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        if p.map.targets.iter().filter(|t| t.state == TargetState::DownOut).count() == 2 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "never excluded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    pool.refresh().await.unwrap();
+    let r = kv.get(b"k").await;
+    assert!(r.is_err(), "a value whose every copy is gone read back as {r:?}");
+    let p = client.pool_query("tank").await.unwrap();
+    assert!(!p.rebuilding.is_empty(), "the pool claims full redundancy with data lost");
+    // The operator accepts the loss: the rebuild finishes.
+    assert!(client.rebuild_accept_loss("tank").await.unwrap().accept_loss);
+    let t = Instant::now();
+    while !client.pool_query("tank").await.unwrap().rebuilding.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the rebuild never finished after accept-loss");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -84,6 +84,9 @@ pub enum PoolCmd {
 pub enum RebuildAction {
     Stop,
     Start,
+    /// Let a rebuild finish although the pool lost more servers than a
+    /// container's rd_fac: what no server kept reads as missing from then on.
+    AcceptLoss,
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +231,10 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                 return out::json(&p);
             }
             print_pool(&p);
+        }
+        PoolCmd::Rebuild { action: RebuildAction::AcceptLoss, pool } => {
+            client.rebuild_accept_loss(&pool).await?;
+            println!("rebuild of {pool} will finish; data no server kept now reads as missing");
         }
         PoolCmd::Rebuild { action, pool } => {
             let paused = matches!(action, RebuildAction::Stop);

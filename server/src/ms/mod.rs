@@ -572,7 +572,9 @@ impl Ms {
         if req.rate_mib.is_some_and(|r| r > 1 << 20) {
             return Err(ShoalError::invalid("a rebuild rate is at most 1048576 MiB/s (0: automatic)"));
         }
-        match self.propose(Command::SetRebuild { pool, paused: req.paused, rate_mib: req.rate_mib })? {
+        let cmd =
+            Command::SetRebuild { pool, paused: req.paused, rate_mib: req.rate_mib, accept_loss: req.accept_loss };
+        match self.propose(cmd)? {
             Outcome::RebuildCtl(c) => {
                 info!(%pool, paused = c.paused, rate_mib = c.rate_mib, "rebuild control changed");
                 Ok(c)
@@ -724,7 +726,8 @@ mod fixture {
     fn sample_v3() -> MsState {
         let mut s = sample_v2();
         s.apply(&Command::Exclude { rank: 0 }).unwrap();
-        s.apply(&Command::SetRebuild { pool: PoolId(5), paused: Some(true), rate_mib: Some(20) }).unwrap();
+        let cmd = Command::SetRebuild { pool: PoolId(5), paused: Some(true), rate_mib: Some(20), accept_loss: None };
+        s.apply(&cmd).unwrap();
         s
     }
 

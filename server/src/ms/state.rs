@@ -81,6 +81,7 @@ pub enum Command {
         pool: PoolId,
         paused: Option<bool>,
         rate_mib: Option<u32>,
+        accept_loss: Option<bool>,
     },
     /// A server's targets in a pool (every pool when `pool` is `None`)
     /// start draining: they keep serving while their shards are copied to
@@ -439,35 +440,15 @@ impl MsState {
                     // Done for an older map: the rank rebuilds again.
                     return Ok(Outcome::Done);
                 }
-                let live: std::collections::BTreeSet<u32> =
-                    p.map.targets.iter().filter(|t| t.state.is_available()).map(|t| t.rank).collect();
                 let entry = self.rebuild_done.entry(*pool).or_insert_with(|| (*version, Default::default()));
                 if entry.0 != *version {
                     *entry = (*version, Default::default());
                 }
                 entry.1.insert(*rank);
-                if live.iter().all(|r| entry.1.contains(r)) {
-                    // Every source is done: the spares, and the targets that
-                    // came back, serve reads now.
-                    let rebuilt = self.rebuilding.remove(pool).unwrap_or_default();
-                    self.rebuild_done.remove(pool);
-                    let p = self.pool_mut(*pool)?;
-                    let next = next_out_seq(&p.map);
-                    for t in p.map.targets.iter_mut() {
-                        if t.state == TargetState::Up && rebuilt.contains(&(t.rank, t.index)) {
-                            t.state = TargetState::UpIn;
-                        }
-                        // Drained: its shards live where they went.
-                        if t.state == TargetState::Drain && rebuilt.contains(&(t.rank, t.index)) {
-                            t.state = TargetState::DownOut;
-                            t.out_seq = next;
-                        }
-                    }
-                    p.map.version += 1;
-                }
+                self.try_finish_rebuild(*pool)?;
                 Ok(Outcome::Done)
             }
-            Command::SetRebuild { pool, paused, rate_mib } => {
+            Command::SetRebuild { pool, paused, rate_mib, accept_loss } => {
                 self.pool(*pool)?;
                 let c = self.rebuild_ctl.entry(*pool).or_default();
                 if let Some(p) = paused {
@@ -476,9 +457,16 @@ impl MsState {
                 if let Some(r) = rate_mib {
                     c.rate_mib = *r;
                 }
+                if let Some(a) = accept_loss {
+                    c.accept_loss = *a;
+                }
                 let c = *c;
                 if c == Default::default() {
                     self.rebuild_ctl.remove(pool);
+                }
+                // Accepting a loss may let a held-back rebuild finish now.
+                if self.rebuilding.contains_key(pool) {
+                    self.try_finish_rebuild(*pool)?;
                 }
                 Ok(Outcome::RebuildCtl(c))
             }
@@ -588,27 +576,72 @@ impl MsState {
     /// Turns UNCLEAN (for good) every container whose pool has lost more
     /// servers than its rd_fac: ranks down, or excluded and not rebuilt.
     fn mark_unclean(&mut self) {
-        for p in self.pools.values_mut() {
-            let rebuilding = self.rebuilding.get(&p.uuid);
-            let mut lost: Vec<u32> = p
-                .map
-                .targets
-                .iter()
-                .filter(|t| {
-                    t.state == TargetState::Down
-                        || (t.state == TargetState::DownOut
-                            && rebuilding.is_some_and(|r| r.contains(&(t.rank, t.index))))
-                })
-                .map(|t| t.rank)
-                .collect();
-            lost.sort_unstable();
-            lost.dedup();
-            for c in p.containers.values_mut() {
-                if lost.len() > c.props.rd_fac as usize {
+        let lost: Vec<(PoolId, usize)> = self.pools.keys().map(|p| (*p, self.lost_ranks(*p))).collect();
+        for (pool, lost) in lost {
+            for c in self.pools.get_mut(&pool).expect("listed").containers.values_mut() {
+                if lost > c.props.rd_fac as usize {
                     c.health = Health::Unclean;
                 }
             }
         }
+    }
+
+    /// Finishes a pool's rebuild once every server in service has reported
+    /// its pass for the current map: the spares, and the targets that came
+    /// back, serve reads; drained targets leave.
+    fn try_finish_rebuild(&mut self, pool: PoolId) -> Result<()> {
+        let p = self.pool(pool)?;
+        let live: std::collections::BTreeSet<u32> =
+            p.map.targets.iter().filter(|t| t.state.is_available()).map(|t| t.rank).collect();
+        let Some((version, done)) = self.rebuild_done.get(&pool) else { return Ok(()) };
+        if *version != p.map.version || !live.iter().all(|r| done.contains(r)) {
+            return Ok(());
+        }
+        // Past a redundant container's rd_fac, some groups kept no copy:
+        // their spares have nothing to be filled from, and must not serve
+        // reads (lost data would read as missing). The rebuild waits until
+        // lost servers come back, or an operator accepts the loss.
+        let lost = self.lost_ranks(pool);
+        let past = p.containers.values().any(|c| c.props.rd_fac >= 1 && lost > c.props.rd_fac as usize);
+        if past && !self.rebuild_ctl.get(&pool).is_some_and(|c| c.accept_loss) {
+            return Ok(());
+        }
+        let rebuilt = self.rebuilding.remove(&pool).unwrap_or_default();
+        self.rebuild_done.remove(&pool);
+        let p = self.pool_mut(pool)?;
+        let next = next_out_seq(&p.map);
+        for t in p.map.targets.iter_mut() {
+            if t.state == TargetState::Up && rebuilt.contains(&(t.rank, t.index)) {
+                t.state = TargetState::UpIn;
+            }
+            // Drained: its shards live where they went.
+            if t.state == TargetState::Drain && rebuilt.contains(&(t.rank, t.index)) {
+                t.state = TargetState::DownOut;
+                t.out_seq = next;
+            }
+        }
+        p.map.version += 1;
+        Ok(())
+    }
+
+    /// Servers whose copies a pool has lost for now: down, or excluded and
+    /// not rebuilt yet.
+    fn lost_ranks(&self, pool: PoolId) -> usize {
+        let Some(p) = self.pools.get(&pool) else { return 0 };
+        let rebuilding = self.rebuilding.get(&pool);
+        let mut lost: Vec<u32> = p
+            .map
+            .targets
+            .iter()
+            .filter(|t| {
+                t.state == TargetState::Down
+                    || (t.state == TargetState::DownOut && rebuilding.is_some_and(|r| r.contains(&(t.rank, t.index))))
+            })
+            .map(|t| t.rank)
+            .collect();
+        lost.sort_unstable();
+        lost.dedup();
+        lost.len()
     }
 
     /// Moves the targets of `rank` in every pool to the state `to` gives
@@ -1007,18 +1040,21 @@ mod tests {
             pool: PoolId(7),
             paused,
             rate_mib,
+            accept_loss: None,
         }) {
             Ok(Outcome::RebuildCtl(c)) => c,
             o => panic!("{o:?}"),
         };
-        assert_eq!(set(&mut s, Some(true), None), RebuildCtl { paused: true, rate_mib: 0 });
-        assert_eq!(set(&mut s, None, Some(50)), RebuildCtl { paused: true, rate_mib: 50 });
-        assert_eq!(set(&mut s, Some(false), None), RebuildCtl { paused: false, rate_mib: 50 });
+        let ctl = |paused, rate_mib| RebuildCtl { paused, rate_mib, accept_loss: false };
+        assert_eq!(set(&mut s, Some(true), None), ctl(true, 0));
+        assert_eq!(set(&mut s, None, Some(50)), ctl(true, 50));
+        assert_eq!(set(&mut s, Some(false), None), ctl(false, 50));
         // Back to the defaults: nothing is kept.
         set(&mut s, None, Some(0));
         assert!(s.rebuild_ctl.is_empty());
         set(&mut s, Some(true), None);
-        assert!(s.apply(&Command::SetRebuild { pool: PoolId(9), paused: Some(true), rate_mib: None }).is_err());
+        let cmd = Command::SetRebuild { pool: PoolId(9), paused: Some(true), rate_mib: None, accept_loss: None };
+        assert!(s.apply(&cmd).is_err());
         s.apply(&Command::PoolDestroy { pool: PoolId(7), force: true }).unwrap();
         assert!(s.rebuild_ctl.is_empty(), "a destroyed pool's settings go with it");
     }
