@@ -55,6 +55,20 @@ impl Writer {
     }
 }
 
+/// The members, and a map from a rank to its server's index in `cluster`.
+async fn ranks_to_servers(
+    client: &Client,
+    cluster: &TestCluster,
+) -> (Vec<shoal_common::mgmt::Member>, impl Fn(u32) -> usize) {
+    let members = client.system_query().await.unwrap().members;
+    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
+    let by_rank: BTreeMap<u32, usize> = members
+        .iter()
+        .map(|m| (m.rank, addrs.iter().position(|a| *a == m.addr).expect("a member of this cluster")))
+        .collect();
+    (members, move |rank: u32| by_rank[&rank])
+}
+
 async fn verify(w: &Writer) {
     let m = w.model.lock().await;
     for (k, v) in &m.kv {
@@ -337,11 +351,7 @@ async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
     pool.cont_create("rp", props).await.unwrap();
     let cont = pool.cont_open("rp").await.unwrap();
-    let members = client.system_query().await.unwrap().members;
-    let index_of = |rank: u32| {
-        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
-        cluster.servers.iter().position(|s| &s.addr == addr).unwrap()
-    };
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // A KV object on two servers, neither of them the MS's.
     let (kv, a, b) = loop {
         let kv = cont.kv_create(None).await.unwrap();
@@ -394,11 +404,7 @@ async fn an_ec_write_in_flight_on_a_peer_when_rebuild_starts_is_not_lost() {
     let props = ContProps { oclass: Some("EC_2P1G1".into()), cell_size: 4096, chunk_size: 8192, ..Default::default() };
     pool.cont_create("ec", props).await.unwrap();
     let cont = pool.cont_open("ec").await.unwrap();
-    let members = client.system_query().await.unwrap().members;
-    let index_of = |rank: u32| {
-        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
-        cluster.servers.iter().position(|s| &s.addr == addr).unwrap()
-    };
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // Shard 0 is the rebuild source, shard 1 the peer, shard 2 dies; none
     // is the MS's server.
     let (array, source, peer, victim) = loop {
@@ -538,12 +544,7 @@ async fn a_drain_under_load_moves_every_shard_and_loses_no_redundancy() {
             w.round(i).await.unwrap();
         }
     }
-    let members = client.system_query().await.unwrap().members;
-    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
-    let index_of = |rank: u32| {
-        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
-        addrs.iter().position(|a| a == addr).unwrap()
-    };
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // A server holding a shard of the EC arrays, not the MS's.
     let ec_group = writers[1].arrays[0].object().layout().unwrap().groups[0].clone();
     let drained = ec_group.iter().map(|s| s.rank).find(|&r| index_of(r) != 0).unwrap();
@@ -625,12 +626,7 @@ async fn rebuild_can_be_paced_stopped_and_resumed() {
     // 1 MiB/s per server: slow enough to watch.
     let ctl = client.rebuild_ctl("tank", None, Some(1)).await.unwrap();
     assert_eq!(ctl.rate_mib, 1);
-    let members = client.system_query().await.unwrap().members;
-    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
-    let index_of = |rank: u32| {
-        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
-        addrs.iter().position(|a| a == addr).unwrap()
-    };
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     let victim = index_of(
         kvs[0].object().layout().unwrap().groups[0].iter().map(|s| s.rank).find(|&r| index_of(r) != 0).unwrap(),
     );
@@ -709,12 +705,7 @@ async fn a_spare_reused_for_another_shard_never_mixes_their_cells() {
     let props = ContProps { oclass: Some("EC_2P1G1".into()), cell_size: 4096, chunk_size: 8192, ..Default::default() };
     pool.cont_create("ec", props).await.unwrap();
     let cont = pool.cont_open("ec").await.unwrap();
-    let members = client.system_query().await.unwrap().members;
-    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
-    let index_of = |rank: u32| {
-        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
-        addrs.iter().position(|a| a == addr).unwrap()
-    };
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // An array whose group leaves out the MS's server.
     let array = loop {
         let a = cont.array_create(None, None).await.unwrap();
@@ -811,12 +802,7 @@ async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
     assert!(clean.affected.is_empty() && clean.unasked.is_empty() && clean.names_read, "{clean:?}");
     // Two servers die (not the MS's, nor the name index's): past rd_fac 1
     // for the objects that had both copies there.
-    let members = client.system_query().await.unwrap().members;
-    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
-    let index_of = |rank: u32| {
-        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
-        addrs.iter().position(|a| a == addr).unwrap()
-    };
+    let (members, index_of) = ranks_to_servers(&client, &cluster).await;
     let index_servers: Vec<usize> =
         cont.names().unwrap().object().layout().unwrap().groups[0].iter().map(|s| index_of(s.rank)).collect();
     // Both servers of one object's group, neither holding the name index.
@@ -889,7 +875,8 @@ async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["whole"].as_u64(), Some(30 - lost.len() as u64), "{s}");
-    assert_eq!(s["lost"].as_array().unwrap().len(), lost.len(), "{s}");
+    let not_copied = s["lost"].as_array().unwrap();
+    assert_eq!(not_copied.len(), lost.len(), "{s}");
     let saved = client.pool_connect("spare").await.unwrap().cont_open("saved").await.unwrap();
     for (i, kv) in kvs.iter().enumerate() {
         let name = format!("kv-{i}");
@@ -918,12 +905,7 @@ async fn data_lost_past_rd_fac_reads_as_an_error_after_exclusion() {
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
     pool.cont_create("c", props).await.unwrap();
     let cont = pool.cont_open("c").await.unwrap();
-    let members = client.system_query().await.unwrap().members;
-    let addrs: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
-    let index_of = |rank: u32| {
-        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
-        addrs.iter().position(|a| a == addr).unwrap()
-    };
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     let (kv, victims) = loop {
         let kv = cont.kv_create(None).await.unwrap();
         let g: Vec<usize> = kv.object().layout().unwrap().groups[0].iter().map(|s| index_of(s.rank)).collect();

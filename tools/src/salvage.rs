@@ -53,8 +53,10 @@ pub async fn salvage(pool: &Pool, from: &Container, report: &ContCheck, to: &str
     }
     for (name, oid) in &report.names {
         if let Some((_, new)) = moved.iter().find(|(o, _)| o == oid) {
-            dest.name_put(name, *new).await?;
-            out.names += 1;
+            match dest.name_put(name, *new).await {
+                Ok(()) => out.names += 1,
+                Err(e) => out.lost.push((format!("name {name}"), format!("cannot be recorded: {e}"))),
+            }
         }
     }
     Ok(out)
