@@ -232,6 +232,9 @@ pub struct RebuildStatus {
     pub bytes_per_sec: u64,
     pub eta_secs: Option<u64>,
     pub ctl: RebuildCtl,
+    /// Why the rebuild cannot finish even once every server is through,
+    /// if it cannot (a loss past a container's rd_fac).
+    pub held_back: Option<String>,
 }
 
 /// The current pool-map versions, so servers can refuse stale clients.

@@ -934,6 +934,8 @@ async fn data_lost_past_rd_fac_reads_as_an_error_after_exclusion() {
     assert!(r.is_err(), "a value whose every copy is gone read back as {r:?}");
     let p = client.pool_query("tank").await.unwrap();
     assert!(!p.rebuilding.is_empty(), "the pool claims full redundancy with data lost");
+    let why = p.rebuild.and_then(|r| r.held_back).expect("pool query says why the rebuild waits");
+    assert!(why.contains("accept-loss"), "{why}");
     // The operator accepts the loss: the rebuild finishes.
     assert!(client.rebuild_accept_loss("tank").await.unwrap().accept_loss);
     let t = Instant::now();

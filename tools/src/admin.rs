@@ -345,6 +345,9 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
                     r.elapsed_ms as f64 / 1000.0,
                     if r.ctl.paused { "stopped".into() } else { rate_text(r.ctl.rate_mib) },
                 );
+                if let Some(why) = &r.held_back {
+                    println!("rebuild cannot finish: {why}");
+                }
             }
             let mut t = out::table(&["rank", "target", "state", "used", "free"]);
             for r in &rows {

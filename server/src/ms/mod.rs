@@ -517,7 +517,9 @@ impl Ms {
     /// Fills in the rebuild status of a pool being rebuilt (or paused)
     /// from its servers' reports.
     fn with_rebuild(&self, mut p: PoolInfo) -> PoolInfo {
-        let ctl = self.read(|s| Ok(s.rebuild_ctl.get(&p.uuid).copied().unwrap_or_default())).unwrap_or_default();
+        let (ctl, held_back) = self
+            .read(|s| Ok((s.rebuild_ctl.get(&p.uuid).copied().unwrap_or_default(), s.rebuild_held_back(p.uuid))))
+            .unwrap_or_default();
         if p.rebuilding.is_empty() {
             return p;
         }
@@ -562,6 +564,7 @@ impl Ms {
             bytes_per_sec: (bytes as f64 / secs) as u64,
             eta_secs,
             ctl,
+            held_back,
         });
         p
     }

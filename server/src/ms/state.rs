@@ -624,6 +624,21 @@ impl MsState {
         Ok(())
     }
 
+    /// Why `pool`'s rebuild is held back past its containers' rd_fac, if it is.
+    pub fn rebuild_held_back(&self, pool: PoolId) -> Option<String> {
+        let p = self.pools.get(&pool)?;
+        let lost = self.lost_ranks(pool);
+        let c = p.containers.values().filter(|c| c.props.rd_fac >= 1).find(|c| lost > c.props.rd_fac as usize)?;
+        if self.rebuild_ctl.get(&pool).is_some_and(|c| c.accept_loss) {
+            return None;
+        }
+        Some(format!(
+            "{lost} servers lost and container {} survives {}: held until they are reintegrated, or `shoal pool \
+             rebuild accept-loss {}`",
+            c.label, c.props.rd_fac, p.label
+        ))
+    }
+
     /// Servers whose copies a pool has lost for now: down, or excluded and
     /// not rebuilt yet.
     fn lost_ranks(&self, pool: PoolId) -> usize {
