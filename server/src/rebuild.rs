@@ -346,11 +346,6 @@ async fn rebuild_pool(
         let mut after = start.map(|c| c.after);
         let mut done_here = start.map_or(0, |c| c.done);
         loop {
-            if stop.is_cancelled() || service.rebuild_ctl(pool).paused {
-                progress.state = RebuildState::Paused;
-                service.set_rebuild_progress(progress);
-                return Err(Stopped::Paused);
-            }
             let page = {
                 let store = store.clone();
                 tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))

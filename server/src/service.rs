@@ -97,6 +97,13 @@ pub struct Service {
     clock_fault: RwLock<Option<String>>,
 }
 
+/// Raises `pool`'s version in `versions` to at least `version`.
+fn raise(versions: &RwLock<HashMap<PoolId, u32>>, pool: PoolId, version: u32) {
+    let mut known = versions.write().expect("lock");
+    let v = known.entry(pool).or_insert(0);
+    *v = (*v).max(version);
+}
+
 impl Service {
     /// A service over the given target stores, hosting the MS if given.
     /// Updates more than `max_skew` ahead of this server's clock are
@@ -192,15 +199,9 @@ impl Service {
     /// Rebuild calls it before it goes through its objects for a map, so
     /// that every write it does not see went to the new layout.
     pub async fn fence_pool_version(&self, pool: PoolId, version: u32) {
-        {
-            let mut known = self.pool_versions.write().expect("lock");
-            let v = known.entry(pool).or_insert(0);
-            *v = (*v).max(version);
-        }
+        raise(&self.pool_versions, pool, version);
         drop(self.map_fence.write().await);
-        let mut fenced = self.fenced.write().expect("lock");
-        let v = fenced.entry(pool).or_insert(0);
-        *v = (*v).max(version);
+        raise(&self.fenced, pool, version);
     }
 
     /// Records that this server's drain from `pool` finished with map
@@ -208,10 +209,7 @@ impl Service {
     /// (their senders refresh and go where the shards are) and serves the
     /// pool nothing, without waiting for its next heartbeat.
     pub fn left_pool(&self, pool: PoolId, version: u32) {
-        let mut known = self.pool_versions.write().expect("lock");
-        let v = known.entry(pool).or_insert(0);
-        *v = (*v).max(version);
-        drop(known);
+        raise(&self.pool_versions, pool, version);
         self.down_in.write().expect("lock").insert(pool);
     }
 

@@ -69,6 +69,30 @@ async fn ranks_to_servers(
     (members, move |rank: u32| by_rank[&rank])
 }
 
+/// Queries pool "tank" until `done` holds of it; fails once `limit` has
+/// passed since `since`, saying `what`.
+async fn wait_pool(
+    client: &Client,
+    since: Instant,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&shoal_common::mgmt::PoolInfo) -> bool,
+) -> shoal_common::mgmt::PoolInfo {
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        if done(&p) {
+            return p;
+        }
+        assert!(since.elapsed() < limit, "{what}: {:?}", p.rebuild);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A server is excluded and its shards are rebuilt.
+fn excluded_and_rebuilt(p: &shoal_common::mgmt::PoolInfo) -> bool {
+    p.map.targets.iter().any(|t| t.state == shoal_common::placement::TargetState::DownOut) && p.rebuilding.is_empty()
+}
+
 async fn verify(w: &Writer) {
     let m = w.model.lock().await;
     for (k, v) in &m.kv {
@@ -342,7 +366,6 @@ async fn a_server_that_comes_back_is_rebuilt_and_serves_again() {
 /// going through the objects, must reach the spare: rebuild waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
-    use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
     let client = cluster.client().await.unwrap();
@@ -375,15 +398,7 @@ async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
     let t = Instant::now();
     kv.put(b"stall-1", Bytes::from_static(b"acknowledged")).await.unwrap();
     eprintln!("the held write was acknowledged after {:?}", t.elapsed());
-    loop {
-        let p = client.pool_query("tank").await.unwrap();
-        let out = p.map.targets.iter().any(|t| t.state == TargetState::DownOut);
-        if out && p.rebuilding.is_empty() {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "rebuild never finished");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_pool(&client, t, Duration::from_secs(60), "rebuild never finished", excluded_and_rebuilt).await;
     // Only the spare holds the object now.
     cluster.servers[a].kill9();
     assert_eq!(kv.get(b"warm").await.unwrap().as_deref(), Some(&b"up"[..]));
@@ -395,7 +410,6 @@ async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
 /// written; the peer makes the read wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ec_write_in_flight_on_a_peer_when_rebuild_starts_is_not_lost() {
-    use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
     let client = cluster.client().await.unwrap();
@@ -430,15 +444,7 @@ async fn an_ec_write_in_flight_on_a_peer_when_rebuild_starts_is_not_lost() {
     let t = Instant::now();
     array.write(0, second.clone()).await.unwrap();
     eprintln!("the held write was acknowledged after {:?}", t.elapsed());
-    loop {
-        let p = client.pool_query("tank").await.unwrap();
-        let out = p.map.targets.iter().any(|t| t.state == TargetState::DownOut);
-        if out && p.rebuilding.is_empty() {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "rebuild never finished");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_pool(&client, t, Duration::from_secs(60), "rebuild never finished", excluded_and_rebuilt).await;
     // Lose the source: the stripe decodes from the peer and the spare.
     cluster.servers[source].kill9();
     assert!(array.read(0, 8192).await.unwrap() == second[..], "the acknowledged write was lost");
@@ -607,7 +613,6 @@ async fn a_drain_under_load_moves_every_shard_and_loses_no_redundancy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_can_be_paced_stopped_and_resumed() {
     use shoal_common::mgmt::RebuildState;
-    use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 4, 1, &["--exclude-after", "1s"]).await.unwrap();
     let client = cluster.client().await.unwrap();
@@ -668,16 +673,8 @@ async fn rebuild_can_be_paced_stopped_and_resumed() {
     }
     client.rebuild_ctl("tank", Some(false), Some(0)).await.unwrap();
     let t = Instant::now();
-    loop {
-        let p = client.pool_query("tank").await.unwrap();
-        let out = p.map.targets.iter().any(|t| t.state == TargetState::DownOut);
-        if out && p.rebuilding.is_empty() {
-            assert!(p.rebuild.is_none());
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "rebuild never finished: {:?}", p.rebuild);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let p = wait_pool(&client, t, Duration::from_secs(60), "rebuild never finished", excluded_and_rebuilt).await;
+    assert!(p.rebuild.is_none());
     let resumed = (0..4).filter(|&i| i != victim).any(|i| {
         std::fs::read_to_string(cluster.servers[i].log_path()).unwrap().contains("rebuild resumes where it stopped")
     });
@@ -920,14 +917,10 @@ async fn data_lost_past_rd_fac_reads_as_an_error_after_exclusion() {
     // Both excluded; whatever the MS does with the rebuild, the value is
     // never read back as missing or empty.
     let t = Instant::now();
-    loop {
-        let p = client.pool_query("tank").await.unwrap();
-        if p.map.targets.iter().filter(|t| t.state == TargetState::DownOut).count() == 2 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "never excluded");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_pool(&client, t, Duration::from_secs(60), "never excluded", |p| {
+        p.map.targets.iter().filter(|t| t.state == TargetState::DownOut).count() == 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     pool.refresh().await.unwrap();
     let r = kv.get(b"k").await;
