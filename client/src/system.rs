@@ -1034,7 +1034,7 @@ impl Container {
     /// ```
     pub fn class_for(&self, ty: ObjType) -> Result<(ObjectClass, String)> {
         let props = &self.inner.info.props;
-        let domains = self.inner.pool.state().info.map.domains();
+        let domains = self.inner.pool.state().info.map.widest_group();
         match &props.oclass {
             Some(name) => {
                 let class: ObjectClass = name.parse()?;
@@ -1069,7 +1069,7 @@ impl Container {
     pub async fn alloc_oid(&self, ty: ObjType, class: Option<ObjectClass>) -> Result<Oid> {
         let class = match class {
             Some(c) => {
-                c.check(self.inner.info.props.rd_fac, self.inner.pool.state().info.map.domains())?;
+                c.check(self.inner.info.props.rd_fac, self.inner.pool.state().info.map.widest_group())?;
                 c
             }
             None => self.class_for(ty)?.0,

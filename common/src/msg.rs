@@ -34,6 +34,7 @@ pub enum Opcode {
     MarkStable = 9,
     Restore = 10,
     ObjList = 11,
+    RestoreHave = 12,
     SysJoin = 20,
     SysHeartbeat = 21,
     SysQuery = 22,
@@ -71,6 +72,7 @@ impl Opcode {
             Opcode::MarkStable => "mark_stable",
             Opcode::Restore => "restore",
             Opcode::ObjList => "obj_list",
+            Opcode::RestoreHave => "restore_have",
             Opcode::SysJoin => "sys_join",
             Opcode::SysHeartbeat => "sys_heartbeat",
             Opcode::SysQuery => "sys_query",
@@ -114,6 +116,7 @@ impl Opcode {
             9 => Opcode::MarkStable,
             10 => Opcode::Restore,
             11 => Opcode::ObjList,
+            12 => Opcode::RestoreHave,
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
@@ -711,7 +714,7 @@ impl Rpc for StableReq {
 }
 
 /// What a restored item is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RestoreKind {
     /// A single-value version (its bytes are the segment).
     Single,
@@ -780,6 +783,36 @@ impl Rpc for RestoreReq {
             if it.epoch == 0 || it.epoch == crate::EPOCH_MAX {
                 return Err(ShoalError::invalid("a restored version's epoch must be between 1 and EPOCH_MAX"));
             }
+        }
+        Ok(())
+    }
+}
+
+/// Asks a target which of some versions and punches of one dkey it holds
+/// already (their bytes are not sent): a server coming back after an
+/// outage is sent only what it missed. The reply has one flag per item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreHaveReq {
+    pub pool: PoolId,
+    pub rank: u32,
+    pub target: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub dkey: Vec<u8>,
+    pub items: Vec<RestoreItem>,
+}
+
+impl Rpc for RestoreHaveReq {
+    const OP: Opcode = Opcode::RestoreHave;
+    type Reply = Vec<bool>;
+
+    addressed!();
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        check_key("dkey", &self.dkey)?;
+        check_iods(self.items.len())?;
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a restore-have request carries no data segments"));
         }
         Ok(())
     }

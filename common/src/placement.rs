@@ -3,11 +3,15 @@
 //! anybody.
 //!
 //! The algorithm:
-//! 1. The **ring** lists every target of the map except `New` ones, round
-//!    robin over servers: round `i` takes target `i` of each rank in
-//!    ascending rank order (ranks without such a target are skipped), so
+//! 1. The **ring** lists the targets the pool was created with (`added`
+//!    0), round robin over servers: round `i` takes target `i` of each rank
+//!    in ascending rank order (ranks without such a target are skipped), so
 //!    neighbouring positions sit on different servers. `Down` and `DownOut`
 //!    targets keep their positions, so a failure never shifts the ring.
+//!    Targets added by `pool extend` follow, by the order they joined in
+//!    (then by index and rank), and joining ones (`New` and in the
+//!    rebuilding list) last; homes are only laid out over the first part,
+//!    so an extension never shifts them either.
 //! 2. An object has `G` groups of `n` shards ([`ObjectClass::groups_in`] and
 //!    [`ObjectClass::group_size`]) and starts at ring position
 //!    `(h(container, oid type and class) + seq * G * n) mod L`. Sequential
@@ -15,9 +19,14 @@
 //! 3. Shard 0 of group `g` sits at `start + g * n`; each next shard of the
 //!    group sits at the first position after the previous shard whose rank
 //!    the group does not use yet.
-//! 4. A shard whose home is `DownOut` takes a spare. Exclusions are
-//!    replayed in their order (`PoolTarget::out_seq`; a `Drain` target
-//!    counts as the newest): after each, every shard on a target excluded
+//! 4. The pool's history is replayed in order (exclusions by
+//!    `PoolTarget::out_seq`, extensions by `PoolTarget::added`, one counter;
+//!    a joining extension, then a `Drain` target, count as the newest and
+//!    only for shadows). At an extension adding `a` targets to `b`, each
+//!    shard, by a hash of the object and the shard, moves with probability
+//!    `a / (a + b)` to one of the new targets whose rank its group does not
+//!    use (its new home; it leaves a spare it had). A shard whose home is
+//!    `DownOut` takes a spare: after each exclusion, every shard on a target excluded
 //!    by then (its home, or the spare it had) takes, scanning from just
 //!    after the object's last home position, the first target not excluded
 //!    by then, whose rank no other shard of the group uses (home or spare)
@@ -32,7 +41,10 @@
 //! - No two shards of one group share a rank (a server is a fault domain).
 //! - Excluding a target moves exactly the shards it held (as home or
 //!   spare); bringing one back may move later exclusions' spares, so the
-//!   MS rebuilds those again. Shards on `Down` targets stay home
+//!   MS rebuilds those again. An extension moves shards only onto its
+//!   new targets, about the share of the pool they add; it does not widen
+//!   objects (a group is never wider than the servers the pool was created
+//!   with: [`PoolMap::widest_group`]). Shards on `Down` targets stay home
 //!   and are marked unavailable; the client degrades, rebuild moves them
 //!   after exclusion.
 //!
@@ -59,7 +71,9 @@ pub enum TargetState {
     Down,
     /// Excluded; its shards live on spares once rebuilt.
     DownOut,
-    /// Being added; not part of the layout yet.
+    /// Added by `pool extend`, not part of the layout yet. While it is
+    /// in the pool's rebuilding list, the shards that will move to it get
+    /// it as their `shadow` and are copied there; then it turns `UpIn`.
     New,
     /// Being drained: serving as `UpIn`, while every shard it holds is
     /// also written to, and rebuilt on, the target it will have once the
@@ -98,12 +112,17 @@ pub struct PoolTarget {
     /// order, so an exclusion never moves an earlier one's spare.
     #[serde(default)]
     pub out_seq: u32,
+    /// 0 for a target the pool was created with; for one added by `pool
+    /// extend`, when it joined the layout (counted with `out_seq`). Each
+    /// such extension moves a fair share of the shards onto its targets.
+    #[serde(default)]
+    pub added: u32,
 }
 
 impl PoolTarget {
     /// A target in `state` that was never excluded.
     pub fn new(rank: u32, index: u32, state: TargetState) -> PoolTarget {
-        PoolTarget { rank, index, state, out_seq: 0 }
+        PoolTarget { rank, index, state, out_seq: 0, added: 0 }
     }
 }
 
@@ -127,9 +146,25 @@ impl PoolMap {
         count_distinct(&mut ranks)
     }
 
-    /// Targets in the layout (every state but `New`).
+    /// The widest group an object can have: the fault domains in service,
+    /// but no more than the pool was created with (homes are laid out over
+    /// those; `pool extend` moves shards onto new servers without widening
+    /// objects).
+    pub fn widest_group(&self) -> u32 {
+        let mut base: Vec<u32> =
+            self.targets.iter().filter(|t| t.state != TargetState::New && t.added == 0).map(|t| t.rank).collect();
+        self.domains().min(count_distinct(&mut base))
+    }
+
+    /// The next exclusion or extension order number.
+    pub fn next_seq(&self) -> u32 {
+        1 + self.targets.iter().map(|t| t.out_seq.max(t.added)).max().unwrap_or(0)
+    }
+
+    /// Targets homes are laid out over: those the pool was created with
+    /// (every state but `New`).
     pub fn layout_targets(&self) -> u32 {
-        let n = self.targets.iter().filter(|t| t.state != TargetState::New).count();
+        let n = self.targets.iter().filter(|t| t.state != TargetState::New && t.added == 0).count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
@@ -169,8 +204,8 @@ pub struct Shard {
     /// Whether reads may use it: available, and not a spare whose shard is
     /// still being rebuilt (it takes writes meanwhile).
     pub readable: bool,
-    /// While a drain is in progress: the (rank, target) this shard will
-    /// live on once the drain is done. It gets every update and punch the
+    /// While a drain or an extension is in progress: the (rank, target)
+    /// this shard will live on once it is done. It gets every update and punch the
     /// shard gets, and is rebuilt from it; it serves no reads until then.
     #[serde(default)]
     pub shadow: Option<(u32, u32)>,
@@ -197,6 +232,7 @@ struct Slot {
     target: u32,
     state: TargetState,
     out_seq: u32,
+    added: u32,
 }
 
 impl Slot {
@@ -212,7 +248,12 @@ impl Slot {
 #[derive(Clone, Debug)]
 pub struct Placement {
     version: u32,
+    /// The pool's first targets (where homes are), then the targets of
+    /// each extension in order, then those of an extension in progress.
     ring: Vec<Slot>,
+    /// How many of `ring` the pool was created with.
+    base: usize,
+    /// Distinct ranks among those.
     ring_ranks: usize,
     /// Excluded targets whose shards are not rebuilt yet.
     rebuilding: Vec<(u32, u32)>,
@@ -221,25 +262,33 @@ pub struct Placement {
 impl Placement {
     /// Builds the ring of `map`.
     pub fn new(map: &PoolMap) -> Self {
-        let mut ring: Vec<Slot> = map
-            .targets
-            .iter()
-            .filter(|t| t.state != TargetState::New)
-            .map(|t| Slot { rank: t.rank, target: t.index, state: t.state, out_seq: t.out_seq })
-            .collect();
-        // Round `index`, then ranks in ascending order; the sort is stable so
-        // even a map with duplicate targets orders deterministically.
-        ring.sort_by_key(|s| (s.target, s.rank));
-        let mut ranks: Vec<u32> = ring.iter().map(|s| s.rank).collect();
-        let ring_ranks = count_distinct(&mut ranks) as usize;
-        Placement { version: map.version, ring, ring_ranks, rebuilding: Vec::new() }
+        Placement::with_rebuilding(map, &[])
     }
 
     /// The placement of `map` where the spares of the excluded targets in
     /// `rebuilding` (rank, index) are not rebuilt yet: they take writes but
-    /// are not readable.
+    /// are not readable. `New` targets in `rebuilding` are an extension in
+    /// progress: shards that will move to them name them as their shadow.
     pub fn with_rebuilding(map: &PoolMap, rebuilding: &[(u32, u32)]) -> Self {
-        Placement { rebuilding: rebuilding.to_vec(), ..Placement::new(map) }
+        let slot =
+            |t: &PoolTarget| Slot { rank: t.rank, target: t.index, state: t.state, out_seq: t.out_seq, added: t.added };
+        let joining = |t: &PoolTarget| t.state == TargetState::New && rebuilding.contains(&(t.rank, t.index));
+        // Round `index`, then ranks in ascending order; the sorts are stable
+        // so even a map with duplicate targets orders deterministically.
+        let mut ring: Vec<Slot> =
+            map.targets.iter().filter(|t| t.state != TargetState::New && t.added == 0).map(slot).collect();
+        ring.sort_by_key(|s| (s.target, s.rank));
+        let base = ring.len();
+        let mut ranks: Vec<u32> = ring.iter().map(|s| s.rank).collect();
+        let ring_ranks = count_distinct(&mut ranks) as usize;
+        let mut extended: Vec<Slot> =
+            map.targets.iter().filter(|t| t.state != TargetState::New && t.added > 0).map(slot).collect();
+        extended.sort_by_key(|s| (s.added, s.target, s.rank));
+        let mut pending: Vec<Slot> = map.targets.iter().filter(|t| joining(t)).map(slot).collect();
+        pending.sort_by_key(|s| (s.target, s.rank));
+        ring.extend(extended);
+        ring.extend(pending);
+        Placement { version: map.version, ring, base, ring_ranks, rebuilding: rebuilding.to_vec() }
     }
 
     /// The version of the map this ring was built from.
@@ -249,14 +298,14 @@ impl Placement {
 
     /// Where the shards of object `oid` of container `cont` live.
     ///
-    /// While targets drain, each shard that will move once they are
-    /// `DownOut` names where it goes as its `shadow`.
+    /// While targets drain, or an extension is in progress, each shard
+    /// that will move once it is done names where it goes as its `shadow`.
     ///
     /// Errors when the class is invalid, the map has no targets in its
     /// layout, or a group needs more servers than the map has.
     pub fn layout(&self, cont: ContId, oid: Oid, class: ObjectClass) -> Result<Layout, ShoalError> {
         let mut now = self.layout_as(cont, oid, class, false)?;
-        if self.ring.iter().all(|s| s.state != TargetState::Drain) {
+        if self.ring.iter().all(|s| !matches!(s.state, TargetState::Drain | TargetState::New)) {
             return Ok(now);
         }
         let then = self.layout_as(cont, oid, class, true)?;
@@ -270,58 +319,118 @@ impl Placement {
         Ok(now)
     }
 
-    /// The layout with draining targets in service (`drained` false) or
-    /// treated as `DownOut` (true: where the shards go).
-    fn layout_as(&self, cont: ContId, oid: Oid, class: ObjectClass, drained: bool) -> Result<Layout, ShoalError> {
-        let out = |s: TargetState| s == TargetState::DownOut || (drained && s == TargetState::Drain);
+    /// The layout with draining targets in service and an extension in
+    /// progress not done (`then` false), or with both done (true: where
+    /// the shards go).
+    fn layout_as(&self, cont: ContId, oid: Oid, class: ObjectClass, then: bool) -> Result<Layout, ShoalError> {
+        let out = |s: TargetState| s == TargetState::DownOut || (then && s == TargetState::Drain);
         // A draining target is in the rebuilding list (its shadows are
-        // being filled) but serves reads until the drain is done.
-        let pending = |s: Slot| s.state != TargetState::Drain && self.rebuilding.contains(&(s.rank, s.target));
+        // being filled) but serves reads until the drain is done; so does
+        // a joining one, which serves nothing until then.
+        let pending = |s: Slot| {
+            !matches!(s.state, TargetState::Drain | TargetState::New) && self.rebuilding.contains(&(s.rank, s.target))
+        };
+        // When a target joined the layout: 0 for the first ones; a joining
+        // one just before draining ones leave, and only in `then`.
+        let joined = |s: Slot| match s.state {
+            TargetState::New if then => u32::MAX - 1,
+            TargetState::New => u32::MAX,
+            _ => s.added,
+        };
         class.validate()?;
-        let len = self.ring.len();
+        let len = self.base;
         if len == 0 {
             return Err(ShoalError::invalid(format!("pool map version {} has no targets in its layout", self.version)));
         }
         let n = class.group_size() as usize;
         if n > self.ring_ranks {
             return Err(ShoalError::invalid(format!(
-                "class {class} needs {n} fault domains (servers) but pool map version {} has {}",
+                "class {class} needs {n} fault domains (servers) but pool map version {} has {} (servers added by \
+                 `pool extend` take a share of every object's shards but do not make objects wider)",
                 self.version, self.ring_ranks
             )));
         }
         let ngroups = class.groups_in(u32::try_from(len).unwrap_or(u32::MAX)) as usize;
         let start = self.start(cont, oid, ngroups * n);
 
-        // Home positions, group after group.
+        // Home positions, group after group, on the pool's first targets.
         let mut homes: Vec<usize> = Vec::with_capacity(ngroups * n);
         for g in 0..ngroups {
             let mut pos = (start + (g * n) % len) % len;
             homes.push(pos);
             for _ in 1..n {
                 let group = &homes[g * n..];
-                pos = self
-                    .next_position(pos, |slot| group.iter().all(|&h| self.ring[h].rank != slot.rank))
+                pos = (1..=len)
+                    .map(|k| (pos + k) % len)
+                    .find(|&p| group.iter().all(|&h| self.ring[h].rank != self.ring[p].rank))
                     .ok_or_else(|| ShoalError::Internal(format!("class {class}: no free rank in the ring")))?;
                 homes.push(pos);
             }
         }
 
-        // Spares for shards whose home is excluded, replayed in the order
-        // targets were excluded (a draining one counts as the newest): at
-        // each exclusion, only the shards on the newly excluded targets
-        // (homes or spares) take the first free spare, so an exclusion
-        // never moves a shard that was elsewhere.
-        // The spare scan starts just after the object's last home.
+        // Then the pool's history is replayed in order: extensions and
+        // exclusions (a draining target counts as the newest, an extension
+        // in progress just before it). At an extension, each shard moves
+        // to one of its targets with the share of the targets it adds (its
+        // new home, by a hash of the object and shard); at an exclusion,
+        // only the shards on the newly excluded targets (homes or spares)
+        // take the first free spare among the targets in the layout by
+        // then, so an exclusion never moves a shard that was elsewhere.
+        // The spare scan starts just after the object's last first home.
         let last_home = homes.last().map_or(0, |&last| last);
         let when = |s: Slot| if s.state == TargetState::Drain { u32::MAX } else { s.out_seq };
         let mut times: Vec<u32> = self.ring.iter().filter(|s| out(s.state)).map(|s| when(*s)).collect();
+        times.extend(self.ring[len..].iter().map(|s| joined(*s)).filter(|&t| t != u32::MAX));
         times.sort_unstable();
         times.dedup();
         let mut spare_of: Vec<Option<usize>> = vec![None; homes.len()];
+        // Per shard: the ranks it has held (its first home, and places an
+        // extension moved it from). They stay taken for the rest of its
+        // group, like a home that is excluded: no other shard of the group
+        // ever lands where it was (its old copies would mix with theirs).
+        let mut held: Vec<Vec<u32>> = homes.iter().map(|&h| vec![self.ring[h].rank]).collect();
         // Per shard: whether a target it left (its home, or a spare it had)
         // is still being rebuilt; then its place now is not rebuilt yet.
         let mut left_pending = vec![false; homes.len()];
         for &now in &times {
+            // Targets in the layout by then (those joining now included, so
+            // that shards with nowhere to go find a spare on them now, not
+            // at some later exclusion, which must move nothing else).
+            let present = |s: Slot| joined(s) <= now;
+            let joining: Vec<usize> = (len..self.ring.len()).filter(|&p| joined(self.ring[p]) == now).collect();
+            if !joining.is_empty() {
+                let add = joining.len() as u64;
+                let total = add + (0..self.ring.len()).filter(|&p| joined(self.ring[p]) < now).count() as u64;
+                let mut new_ranks: Vec<u32> = joining.iter().map(|&p| self.ring[p].rank).collect();
+                let new_ranks = count_distinct(&mut new_ranks) as u64;
+                let first = self.ring[joining[0]];
+                let salt = mix64((u64::from(first.rank) << 32) | u64::from(first.target));
+                let object = object_hash(cont, oid) ^ mix64(oid.lo ^ mix64(oid.hi));
+                for g in 0..ngroups {
+                    // The group moves `n * add / total` shards on average
+                    // (each to another new rank, so at most `new_ranks`),
+                    // picked by hash.
+                    let h = mix64(object ^ mix64(salt.wrapping_add(g as u64 + 1)));
+                    let share = n as u64 * add;
+                    let count = (share / total + u64::from(h % total < share % total)).min(new_ranks) as usize;
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.sort_by_key(|&i| mix64(h ^ (i as u64 + 1)));
+                    for &i in order.iter().take(count) {
+                        let s = g * n + i;
+                        let c = (mix64(h ^ mix64(i as u64 + 1)) % add) as usize;
+                        let to = (0..joining.len()).map(|k| joining[(c + k) % joining.len()]).find(|&p| {
+                            (0..n).filter(|&j| j != i).all(|j| self.ring[homes[g * n + j]].rank != self.ring[p].rank)
+                        });
+                        if let Some(p) = to {
+                            let at = spare_of[s].unwrap_or(homes[s]);
+                            left_pending[s] |= pending(self.ring[at]);
+                            held[s].push(self.ring[at].rank);
+                            homes[s] = p;
+                            spare_of[s] = None;
+                        }
+                    }
+                }
+            }
             let gone = |s: Slot| out(s.state) && when(s) <= now;
             for s in 0..homes.len() {
                 let at = spare_of[s].unwrap_or(homes[s]);
@@ -333,10 +442,11 @@ impl Placement {
                     (0..n).filter(|&j| j != i).any(|j| {
                         self.ring[homes[g * n + j]].rank == rank
                             || spare_of[g * n + j].is_some_and(|p| self.ring[p].rank == rank)
+                            || held[g * n + j].contains(&rank)
                     })
                 };
                 let spare = self.next_position_index(last_home, |pos, cand| {
-                    !gone(cand) && !taken(cand.rank) && !spare_of.contains(&Some(pos))
+                    present(cand) && !gone(cand) && !taken(cand.rank) && !spare_of.contains(&Some(pos))
                 });
                 left_pending[s] |= pending(self.ring[at]);
                 if spare.is_some() || spare_of[s].is_some_and(|p| gone(self.ring[p])) {
@@ -351,9 +461,11 @@ impl Placement {
                 let slot = self.ring[home];
                 if !out(slot.state) {
                     // A home being rebuilt (a server coming back) takes
-                    // writes but serves no reads until it is.
+                    // writes but serves no reads until it is. A joining
+                    // one (only in `then`) takes the shards' copies.
                     let mut sh = slot.shard(false);
-                    sh.readable &= !pending(slot);
+                    sh.available |= slot.state == TargetState::New;
+                    sh.readable &= !pending(slot) && !left_pending[g * n + i];
                     shards.push(sh);
                     continue;
                 }
@@ -361,11 +473,12 @@ impl Placement {
                     Some(pos) => {
                         let cand = self.ring[pos];
                         let mut sh = cand.shard(true);
+                        sh.available |= cand.state == TargetState::New;
                         sh.readable &= !left_pending[g * n + i] && !pending(cand);
                         sh
                     }
                     // Nowhere to drain to: it stays where it is.
-                    None if drained && slot.state == TargetState::Drain => slot.shard(false),
+                    None if then && slot.state == TargetState::Drain => slot.shard(false),
                     // Nowhere to go: the shard stays home and unavailable.
                     None => Shard { available: false, readable: false, ..slot.shard(false) },
                 });
@@ -375,21 +488,17 @@ impl Placement {
         Ok(Layout { groups })
     }
 
-    /// The object's first ring position: `(h + seq * span) mod L`.
+    /// The object's first ring position: `(h + seq * span) mod L`, over the
+    /// pool's first targets.
     fn start(&self, cont: ContId, oid: Oid, span: usize) -> usize {
-        let len = self.ring.len() as u128;
+        let len = self.base as u128;
         let h = u128::from(object_hash(cont, oid)) % len;
         let step = (oid_seq(oid) % len) * (span as u128 % len) % len;
         ((h + step) % len) as usize
     }
 
     /// The first position after `from` (wrapping, at most one lap) whose
-    /// slot satisfies `ok`.
-    fn next_position(&self, from: usize, ok: impl Fn(Slot) -> bool) -> Option<usize> {
-        self.next_position_index(from, |_, slot| ok(slot))
-    }
-
-    /// Like [`Placement::next_position`], with the position passed to `ok`.
+    /// slot satisfies `ok`, with the position passed to `ok`.
     fn next_position_index(&self, from: usize, ok: impl Fn(usize, Slot) -> bool) -> Option<usize> {
         let len = self.ring.len();
         (1..=len).map(|k| (from + k) % len).find(|&pos| ok(pos, self.ring[pos]))
@@ -622,10 +731,49 @@ mod tests {
                 };
                 // Excluded targets in a random order.
                 let out_seq = if state == TargetState::DownOut { 1 + rng.below(10) as u32 } else { 0 };
-                targets.push(PoolTarget { rank, index, state, out_seq });
+                targets.push(PoolTarget { out_seq, ..PoolTarget::new(rank, index, state) });
             }
         }
         PoolMap { version: rng.below(100) as u32, targets }
+    }
+
+    /// Adds 1 or 2 new ranks (1 to 3 targets each) to `map` as an
+    /// extension that joined the layout; `UpIn`, or now and then excluded
+    /// later.
+    fn extend_randomly(map: &mut PoolMap, rng: &mut Rng) {
+        let added = map.next_seq();
+        let first = 1 + map.targets.iter().map(|t| t.rank).max().unwrap_or(0);
+        for rank in first..first + 1 + rng.below(2) as u32 {
+            for index in 0..1 + rng.below(3) as u32 {
+                let mut t = PoolTarget { added, ..PoolTarget::new(rank, index, TargetState::UpIn) };
+                if rng.below(6) == 0 {
+                    (t.state, t.out_seq) = (TargetState::DownOut, added + 1 + rng.below(3) as u32);
+                }
+                map.targets.push(t);
+            }
+        }
+    }
+
+    /// `map` with 1 or 2 new ranks joining (an extension in progress), the
+    /// targets joining, and the map once they have joined.
+    fn with_joining(map: &PoolMap, rng: &mut Rng) -> (PoolMap, Vec<(u32, u32)>, PoolMap) {
+        let mut joining = map.clone();
+        let first = 1 + map.targets.iter().map(|t| t.rank).max().unwrap_or(0);
+        for rank in first..first + 1 + rng.below(2) as u32 {
+            for index in 0..1 + rng.below(3) as u32 {
+                joining.targets.push(PoolTarget::new(rank, index, TargetState::New));
+            }
+        }
+        joining.version += 1;
+        let new: Vec<(u32, u32)> =
+            joining.targets.iter().filter(|t| t.rank >= first).map(|t| (t.rank, t.index)).collect();
+        let mut joined = joining.clone();
+        let added = map.next_seq();
+        for t in joined.targets.iter_mut().filter(|t| t.rank >= first) {
+            (t.state, t.added) = (TargetState::UpIn, added);
+        }
+        joined.version += 1;
+        (joining, new, joined)
     }
 
     fn random_class(rng: &mut Rng) -> ObjectClass {
@@ -706,15 +854,19 @@ mod tests {
     fn an_exclusion_or_a_drain_never_moves_another_shard() {
         let mut rng = Rng(11);
         let mut checked = 0;
-        for _ in 0..300 {
-            let map = random_map(&mut rng);
+        for round in 0..300 {
+            let mut map = random_map(&mut rng);
+            // Half of the maps were extended before.
+            if round % 2 == 1 {
+                extend_randomly(&mut map, &mut rng);
+            }
             let candidates: Vec<usize> =
                 (0..map.targets.len()).filter(|&i| map.targets[i].state.is_available()).collect();
             if candidates.is_empty() {
                 continue;
             }
             let pick = candidates[rng.below(candidates.len() as u64) as usize];
-            let next_seq = 1 + map.targets.iter().map(|t| t.out_seq).max().unwrap_or(0);
+            let next_seq = map.next_seq();
             let mut excluded = map.clone();
             excluded.targets[pick].state = TargetState::DownOut;
             excluded.targets[pick].out_seq = next_seq;
@@ -760,6 +912,103 @@ mod tests {
             }
         }
         assert!(checked > 1000, "{checked}");
+    }
+
+    /// While an extension is in progress nothing moves, and each shard that
+    /// will move names its new place as its shadow; once it is done, those
+    /// are exactly the places that changed, all on the new targets (but
+    /// for shards that had nowhere to go), and no target ever holds two
+    /// shards of a group (shadows included).
+    #[test]
+    fn an_extension_moves_shards_only_onto_the_new_targets() {
+        let mut rng = Rng(23);
+        let mut checked = 0;
+        for round in 0..300 {
+            let mut map = random_map(&mut rng);
+            if round % 3 == 0 {
+                extend_randomly(&mut map, &mut rng);
+            }
+            let (joining, new, joined) = with_joining(&map, &mut rng);
+            let before = Placement::new(&map);
+            let during = Placement::with_rebuilding(&joining, &new);
+            // A joining server that went down is left out until it is back.
+            let paused = Placement::new(&joining);
+            let after = Placement::new(&joined);
+            for _ in 0..20 {
+                let class = random_class(&mut rng);
+                let cont = ContId(u128::from(rng.next()));
+                let oid = random_oid(&mut rng, class);
+                let Ok(b) = before.layout(cont, oid, class) else { continue };
+                let (d, a) = (during.layout(cont, oid, class).unwrap(), after.layout(cont, oid, class).unwrap());
+                assert_eq!(paused.layout(cont, oid, class).unwrap(), b);
+                check_layout(&joined, class, &a);
+                for g in 0..b.groups.len() {
+                    for (i, (bs, as_)) in b.groups[g].iter().zip(&a.groups[g]).enumerate() {
+                        let ds = d.groups[g][i];
+                        assert_eq!((ds.rank, ds.target), (bs.rank, bs.target), "nothing moves while joining");
+                        if (as_.rank, as_.target) == (bs.rank, bs.target) {
+                            assert_eq!(ds.shadow, None);
+                        } else {
+                            // Onto a new target; or a shard that had nowhere
+                            // to go finds a spare (one freed by a move, too).
+                            assert!(
+                                new.contains(&(as_.rank, as_.target)) || (!bs.available && as_.spare),
+                                "group {g} shard {i} moved to {as_:?}\nbefore {b:?}\nafter {a:?}\nmap {joined:?}"
+                            );
+                            let want = as_.available.then_some((as_.rank, as_.target));
+                            assert_eq!(ds.shadow, want, "group {g} shard {i}\nduring {d:?}\nafter {a:?}");
+                        }
+                    }
+                    let mut places: Vec<(u32, u32)> = d.groups[g].iter().map(|s| (s.rank, s.target)).collect();
+                    places.extend(d.groups[g].iter().filter_map(|s| s.shadow));
+                    let n = places.len();
+                    places.sort_unstable();
+                    places.dedup();
+                    assert_eq!(places.len(), n, "group {g} of {:?}", d.groups[g]);
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1000, "{checked}");
+    }
+
+    /// An extension moves about the share of shards its targets add to the
+    /// pool, spread over them.
+    #[test]
+    fn an_extension_moves_a_fair_share() {
+        for (ranks, per, add) in [(6u32, 1u32, 2u32), (4, 2, 1), (8, 2, 1), (5, 1, 5)] {
+            let map = uniform_map(ranks, per);
+            let mut joined = map.clone();
+            for rank in ranks..ranks + add {
+                joined.targets.extend(
+                    (0..per).map(|index| PoolTarget { added: 1, ..PoolTarget::new(rank, index, TargetState::UpIn) }),
+                );
+            }
+            let (before, after) = (Placement::new(&map), Placement::new(&joined));
+            let mut per_target: std::collections::HashMap<(u32, u32), u32> = Default::default();
+            let (mut moved, mut total) = (0u32, 0u32);
+            for name in ["RP_3G1", "EC_2P1G1", "RP_2GX", "S1"] {
+                let class = class(name);
+                for seq in 0..2000u128 {
+                    let oid = make_oid(seq, class, ObjType::Array);
+                    let b = before.layout(ContId(9), oid, class).unwrap();
+                    let a = after.layout(ContId(9), oid, class).unwrap();
+                    for (bs, as_) in b.groups.iter().flatten().zip(a.groups.iter().flatten()) {
+                        total += 1;
+                        if (bs.rank, bs.target) != (as_.rank, as_.target) {
+                            moved += 1;
+                            *per_target.entry((as_.rank, as_.target)).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            let share = f64::from(add) / f64::from(ranks + add);
+            let got = f64::from(moved) / f64::from(total);
+            assert!(got > share * 0.75 && got < share * 1.1, "{ranks}+{add} ranks: moved {got:.3}, share {share:.3}");
+            assert_eq!(per_target.len() as u32, add * per, "every new target gets shards");
+            let (lo, hi) = (per_target.values().min().unwrap(), per_target.values().max().unwrap());
+            assert!(f64::from(*hi) < f64::from(*lo) * 1.5, "{per_target:?}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::limits::{MAX_BODY, MAX_FRAME, MAX_SEGMENT, MAX_SEGMENTS};
 /// The four bytes that open every frame.
 pub const MAGIC: [u8; 4] = *b"SHOL";
 /// The protocol version this build speaks.
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 48;
 /// Flag bit: this frame is a reply.

@@ -26,7 +26,7 @@
 //! exclusion) makes every server go through its objects again for the new
 //! version.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use bytes::Bytes;
 use shoal_common::ec::codec;
 use shoal_common::mgmt::{PoolInfo, PoolQueryReq, RebuildDoneReq};
 use shoal_common::mgmt::{RebuildProgress, RebuildState};
-use shoal_common::msg::{FetchIod, FetchReq, Fetched, RestoreItem, RestoreKind, RestoreReq, ValueKind};
+use shoal_common::msg::{FetchIod, FetchReq, Fetched, RestoreHaveReq, RestoreItem, RestoreKind, RestoreReq, ValueKind};
 use shoal_common::oclass::{oid_class, Redundancy};
 use shoal_common::placement::{dkey_group, Shard, TargetState};
 use shoal_common::wire::TOKEN_REBUILD;
@@ -59,6 +59,8 @@ pub struct Progress {
     pub objects: u64,
     pub versions: u64,
     pub bytes: u64,
+    /// Versions not sent: a home coming back held them already.
+    pub skipped: u64,
     /// Shards on a draining target that have nowhere to go.
     pub stranded: u64,
 }
@@ -137,12 +139,14 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                         m.rebuild_objects.inc_by(p.objects);
                         m.rebuild_versions.inc_by(p.versions);
                         m.rebuild_bytes.inc_by(p.bytes);
+                        m.rebuild_skipped.inc_by(p.skipped);
                         info!(
                             %pool,
                             version = info.map.version,
                             objects = p.objects,
                             versions = p.versions,
                             bytes = p.bytes,
+                            skipped = p.skipped,
                             secs = started.elapsed().as_secs_f64(),
                             "rebuild pass done"
                         );
@@ -411,18 +415,43 @@ async fn rebuild_pool(
                     if jobs.is_empty() {
                         continue;
                     }
+                    // A home coming back (not a spare) still holds what it
+                    // had before it went away: it is asked which versions
+                    // those are, and sent only the others.
+                    let mut held: Vec<HashSet<VersionKey>> = vec![HashSet::new(); jobs.len()];
+                    if jobs.iter().any(|(_, to, _)| !to.spare) {
+                        let (store, d) = (store.clone(), dkey.clone());
+                        let heads =
+                            tokio::task::spawn_blocking(move || store.versions_where(cont, oid, &d, &|_| false))
+                                .await
+                                .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??;
+                        let heads: Vec<RestoreItem> = heads.into_iter().map(|v| v.item).collect();
+                        for (j, &(_, to, _)) in jobs.iter().enumerate() {
+                            if !to.spare {
+                                held[j] = holds(t, info, to, cont, oid, &dkey, &heads).await?;
+                            }
+                        }
+                    }
                     let versions = {
                         let (store, dkey) = (store.clone(), dkey.clone());
-                        tokio::task::spawn_blocking(move || store.versions_of(cont, oid, &dkey))
+                        let held = held.clone();
+                        let wanted = move |i: &RestoreItem| held.iter().any(|h| !h.contains(&version_key(i)));
+                        tokio::task::spawn_blocking(move || store.versions_where(cont, oid, &dkey, &wanted))
                             .await
                             .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
                     };
-                    for &(idx, spare, me) in &jobs {
+                    for (j, &(idx, spare, me)) in jobs.iter().enumerate() {
+                        let (versions, had): (Vec<StoredVersion>, Vec<StoredVersion>) =
+                            versions.iter().cloned().partition(|v| !held[j].contains(&version_key(&v.item)));
+                        p.skipped += had.len() as u64;
+                        if versions.is_empty() {
+                            continue;
+                        }
                         let items = match class.redundancy {
                             // The shard itself: what it holds is what goes.
-                            _ if me == idx => versions.clone(),
+                            _ if me == idx => versions,
                             Redundancy::None => continue,
-                            Redundancy::Replicas(_) => versions.clone(),
+                            Redundancy::Replicas(_) => versions,
                             Redundancy::Ec { k, p: par } => {
                                 ec_items(t, info, store, cont, oid, &dkey, group, me, idx, k, par, &versions).await?
                             }
@@ -468,6 +497,57 @@ async fn rebuild_pool(
         Cursor::clear(store, pool);
     }
     Ok(p)
+}
+
+/// What tells two copies of a version apart: its akey, kind (with the
+/// extent's start) and epoch. (An EC cell's bytes, and so its checksum,
+/// differ from shard to shard.)
+type VersionKey = (Vec<u8>, RestoreKind, shoal_common::Epoch);
+
+fn version_key(i: &RestoreItem) -> VersionKey {
+    (i.akey.clone(), i.kind, i.epoch)
+}
+
+/// The versions among `heads` that the target of `to` holds already.
+#[allow(clippy::too_many_arguments)]
+async fn holds(
+    t: &TcpTransport,
+    info: &PoolInfo,
+    to: Shard,
+    cont: ContId,
+    oid: Oid,
+    dkey: &[u8],
+    heads: &[RestoreItem],
+) -> Result<HashSet<VersionKey>> {
+    let addr = info
+        .addrs
+        .iter()
+        .find(|(r, _)| *r == to.rank)
+        .map(|(_, a)| a.clone())
+        .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {}", to.rank)))?;
+    let mut out = HashSet::new();
+    for batch in heads.chunks(512) {
+        let req = RestoreHaveReq {
+            pool: info.uuid,
+            rank: to.rank,
+            target: to.target,
+            cont,
+            oid,
+            dkey: dkey.to_vec(),
+            items: batch.to_vec(),
+        };
+        let (have, _) = call(t, &addr, &req, vec![], info.map.version, TOKEN_REBUILD, CALL_TIMEOUT).await?;
+        if have.len() != batch.len() {
+            return Err(ShoalError::protocol(format!(
+                "rank {} answered {} flags for {} versions",
+                to.rank,
+                have.len(),
+                batch.len()
+            )));
+        }
+        out.extend(batch.iter().zip(have).filter(|(_, h)| *h).map(|(i, _)| version_key(i)));
+    }
+    Ok(out)
 }
 
 /// What an EC spare at shard index `idx` needs of one dkey: its cell of

@@ -485,6 +485,15 @@ impl Service {
                 })
                 .await
             }
+            Opcode::RestoreHave => {
+                self.run::<shoal_common::msg::RestoreHaveReq, _>(&frame, |s, r, _| async move {
+                    let store = s.store(r.target)?;
+                    tokio::task::spawn_blocking(move || store.holds(r.cont, r.oid, &r.dkey, &r.items))
+                        .await
+                        .map_err(|e| ShoalError::Internal(format!("restore-have task: {e}")))?
+                })
+                .await
+            }
             Opcode::ClientHello => {
                 let now = self.hlc.now(wall_ns());
                 self.run_ms::<ClientHelloReq>(&frame, move |ms, r| ms.client_hello(r, now)).await

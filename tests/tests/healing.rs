@@ -104,6 +104,28 @@ async fn verify(w: &Writer) {
     }
 }
 
+/// Runs `writers` round after round from round `first`, in the
+/// background, until the returned flag is set; the task returns how many
+/// rounds it made. A failed write fails the test.
+fn keep_writing(
+    writers: Arc<Vec<Writer>>,
+    first: u64,
+) -> (Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<u64>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut i = first;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            for w in writers.iter() {
+                w.round(i).await.unwrap_or_else(|e| panic!("write round {i} failed: {e}"));
+            }
+            i += 1;
+        }
+        i - first
+    });
+    (stop, task)
+}
+
 async fn writer(client: &Client, label: &str, class: &str) -> Writer {
     let pool = client.pool_connect("tank").await.unwrap();
     let props =
@@ -128,20 +150,7 @@ async fn writes_go_on_through_failures_within_rd_fac() {
         w.round(0).await.unwrap();
     }
     // The writer runs throughout; every one of its writes must succeed.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let task = {
-        let (writers, stop) = (writers.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut i = 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for w in writers.iter() {
-                    w.round(i).await.unwrap_or_else(|e| panic!("write round {i} failed: {e}"));
-                }
-                i += 1;
-            }
-            i
-        })
-    };
+    let (stop, task) = keep_writing(writers.clone(), 1);
     let rank_of =
         |addr: &str, q: &shoal_common::mgmt::SystemQueryReply| q.members.iter().find(|m| m.addr == addr).unwrap().rank;
     let q = client.system_query().await.unwrap();
@@ -555,20 +564,7 @@ async fn a_drain_under_load_moves_every_shard_and_loses_no_redundancy() {
     let ec_group = writers[1].arrays[0].object().layout().unwrap().groups[0].clone();
     let drained = ec_group.iter().map(|s| s.rank).find(|&r| index_of(r) != 0).unwrap();
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let task = {
-        let (writers, stop) = (writers.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut i = 100;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for w in writers.iter() {
-                    w.round(i).await.unwrap_or_else(|e| panic!("write round {i} failed during the drain: {e}"));
-                }
-                i += 1;
-            }
-            i - 100
-        })
-    };
+    let (stop, task) = keep_writing(writers.clone(), 100);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();
     client.drain(Some("tank"), drained).await.unwrap();
@@ -936,4 +932,168 @@ async fn data_lost_past_rd_fac_reads_as_an_error_after_exclusion() {
         assert!(t.elapsed() < Duration::from_secs(30), "the rebuild never finished after accept-loss");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The sum of a counter over every live server's metrics.
+async fn sum_metric(servers: &[&shoal_tests::TestServer], name: &str) -> f64 {
+    let mut total = 0.0;
+    for s in servers {
+        total += sample(&scrape(s, "/metrics").await.1, name).unwrap_or(0.0);
+    }
+    total
+}
+
+/// A server back after a short outage is sent only what it missed (its
+/// epochs tell what it has), not every shard it holds; what it has then
+/// is right: with two other servers dead, every byte reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_back_from_a_short_outage_is_sent_only_what_it_missed() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ["--exclude-after", "60s", "--metrics", "127.0.0.1:0"];
+    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &args).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_2P2G1").await];
+    // 16 MiB of bulk that stays as it is, plus the writers' rounds.
+    let bulk = client.pool_connect("tank").await.unwrap().cont_open("rp").await.unwrap();
+    let mut arrays = Vec::new();
+    for i in 0..16u64 {
+        let a = bulk.array_create(None, None).await.unwrap();
+        a.write(0, Bytes::from(pattern(1000 + i, 1 << 20))).await.unwrap();
+        arrays.push(a);
+    }
+    for i in 0..6u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    let (members, index_of) = ranks_to_servers(&client, &cluster).await;
+    let back = members.iter().map(|m| m.rank).find(|&r| index_of(r) == 4).unwrap();
+    cluster.servers[4].kill9();
+    // It misses a little: about 1 MiB of new writes.
+    for i in 6..14u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    let p = client.pool_query("tank").await.unwrap();
+    assert!(p.map.targets.iter().any(|t| t.rank == back && t.state == TargetState::Down), "{:?}", p.map);
+    cluster.servers[4].restart().await.unwrap();
+    client.reintegrate(Some("tank"), back).await.unwrap();
+    let t = Instant::now();
+    wait_pool(&client, t, Duration::from_secs(60), "resync", |p| {
+        p.rebuilding.is_empty() && p.map.targets.iter().all(|t| t.state == TargetState::UpIn)
+    })
+    .await;
+    eprintln!("rank {back} resynced in {:?}", t.elapsed());
+    let live: Vec<&shoal_tests::TestServer> = cluster.servers.iter().collect();
+    let sent = sum_metric(&live, "shoal_rebuild_bytes_total").await;
+    let skipped = sum_metric(&live, "shoal_rebuild_skipped_versions_total").await;
+    eprintln!("resync sent {sent} bytes and skipped {skipped} versions the server had");
+    // It holds about 3/5 of the 16 MiB bulk: none of it is sent again.
+    assert!(skipped >= 16.0, "{skipped} versions skipped");
+    assert!(sent < 4.0 * 1048576.0, "resync sent {sent} bytes");
+    assert!(sent > 0.0, "the writes it missed are sent");
+    // Two other servers die (not the MS's): groups that held the returning
+    // server's shards read from it, for data written before and during
+    // its outage.
+    let others: Vec<usize> = (1..4).take(2).collect();
+    for &i in &others {
+        cluster.servers[i].kill9();
+    }
+    for w in &writers {
+        verify(w).await;
+    }
+    for (i, a) in arrays.iter().enumerate() {
+        assert!(a.read(0, 1 << 20).await.unwrap() == pattern(1000 + i as u64, 1 << 20), "bulk array {i}");
+    }
+}
+
+/// `pool extend` under load: the new server's targets join once the
+/// shards that move there (about its share) are copied; no write fails,
+/// and the copies are right: with two original servers dead, every byte
+/// reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extending_a_pool_moves_a_share_of_the_data_onto_the_new_server() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--metrics", "127.0.0.1:0"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let (members, index_of) = ranks_to_servers(&client, &cluster).await;
+    let new = members.iter().map(|m| m.rank).find(|&r| index_of(r) == 4).unwrap();
+    let first: Vec<u32> = members.iter().map(|m| m.rank).filter(|&r| r != new).collect();
+    client.pool_create("tank", first.clone(), 0).await.unwrap();
+    let writers = Arc::new(vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_2P2G1").await]);
+    let bulk = client.pool_connect("tank").await.unwrap().cont_open("rp").await.unwrap();
+    let mut arrays = Vec::new();
+    for i in 0..24u64 {
+        let a = bulk.array_create(None, None).await.unwrap();
+        a.write(0, Bytes::from(pattern(2000 + i, 256 << 10))).await.unwrap();
+        arrays.push(a);
+    }
+    for i in 0..4u64 {
+        for w in writers.iter() {
+            w.round(i).await.unwrap();
+        }
+    }
+    let (stop, task) = keep_writing(writers.clone(), 100);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let p = client.pool_extend("tank", vec![new]).await.unwrap();
+    assert!(p.map.targets.iter().any(|t| t.rank == new && t.state == TargetState::New));
+    assert!(p.rebuilding.iter().any(|&(r, _)| r == new), "the new server's targets join: {:?}", p.rebuilding);
+    // Draining while the pool is being extended is refused.
+    let busy = client.drain(Some("tank"), first_rank(&p, new)).await;
+    let joined = wait_pool(&client, t, Duration::from_secs(90), "extension", |p| {
+        p.rebuilding.is_empty() && p.map.targets.iter().all(|t| t.state == TargetState::UpIn)
+    })
+    .await;
+    eprintln!("rank {new} joined in {:?}", t.elapsed());
+    if let Err(e) = busy {
+        assert!(e.to_string().contains("extended"), "{e}");
+    }
+    assert!(joined.map.targets.iter().any(|t| t.rank == new && t.added > 0));
+    // Objects are not made wider than the servers the pool was created
+    // with: a 5-wide class is refused on these 4 + 1.
+    let err = bulk.array_create(Some("EC_4P1G1".parse().unwrap()), None).await.unwrap_err();
+    assert!(err.to_string().contains("needs 5 fault domains"), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = task.await.unwrap();
+    eprintln!("{rounds} write rounds during the extension, none failed");
+    // The new server holds a share of the objects now.
+    let placement = joined.placement();
+    let cont = bulk.info().uuid;
+    let on_new = arrays
+        .iter()
+        .filter(|a| {
+            let class = shoal_common::oclass::oid_class(a.oid()).unwrap();
+            placement.layout(cont, a.oid(), class).unwrap().groups[0].iter().any(|s| s.rank == new)
+        })
+        .count();
+    eprintln!("{on_new} of {} bulk arrays have a shard on the new server", arrays.len());
+    assert!(on_new >= 3, "{on_new} arrays moved");
+    let usage = client.pool_connect("tank").await.unwrap().target_usage().await;
+    let used = usage.iter().find(|(r, _, _)| *r == new).map(|(_, _, u)| u.as_ref().unwrap().data_bytes).unwrap();
+    assert!(used >= 3 * (256 << 10), "the new server holds {used} bytes");
+    for w in writers.iter() {
+        verify(w).await;
+    }
+    // Two original servers die (not the MS's): shards that moved are read
+    // from the new server.
+    for r in first.iter().filter(|&&r| index_of(r) != 0).take(2) {
+        cluster.servers[index_of(*r)].kill9();
+    }
+    for w in writers.iter() {
+        verify(w).await;
+    }
+    for (i, a) in arrays.iter().enumerate() {
+        assert!(a.read(0, 256 << 10).await.unwrap() == pattern(2000 + i as u64, 256 << 10), "bulk array {i}");
+    }
+}
+
+/// A rank of `p` other than `not`.
+fn first_rank(p: &shoal_common::mgmt::PoolInfo, not: u32) -> u32 {
+    p.map.targets.iter().map(|t| t.rank).find(|&r| r != not).unwrap()
 }

@@ -44,7 +44,9 @@ pub enum PoolCmd {
         #[arg(long, default_value_t = 0)]
         targets_per_server: u32,
     },
-    /// Adds servers to a pool; their targets join the map as NEW.
+    /// Adds servers to a pool: their targets join the map as NEW, the
+    /// shards that move to them are copied (throttled like rebuild; see
+    /// `pool query`), then they turn UPIN.
     Extend {
         pool: String,
         /// Ranks to add, comma separated.
@@ -332,7 +334,7 @@ pub async fn pool(ctx: &Ctx, cmd: PoolCmd) -> anyhow::Result<()> {
             if let Some(r) = &p.rebuild {
                 let eta = r.eta_secs.map_or("unknown".into(), |s| format!("{s} s"));
                 println!(
-                    "rebuild of {} targets (excluded, draining, or back in): {}, {} of {} servers through their \
+                    "rebuild of {} targets (excluded, draining, joining, or back in): {}, {} of {} servers through their \
                      objects, objects {}/{}, {} sent at {}/s, {:.1} s so far, time left {eta}; pace: {}",
                     p.rebuilding.len(),
                     r.state,
@@ -430,7 +432,7 @@ pub async fn cont(ctx: &Ctx, cmd: ContCmd) -> anyhow::Result<()> {
         ContCmd::Query { pool, cont } => {
             let handle = client.pool_connect(&pool).await?;
             let c = handle.cont_query(&cont).await?;
-            let choices = auto_choices(&c, handle.info().map.domains());
+            let choices = auto_choices(&c, handle.info().map.widest_group());
             if ctx.json {
                 #[derive(Serialize)]
                 struct Q<'a> {

@@ -48,9 +48,12 @@ const FORMAT_V2: u8 = 2;
 /// Format 3: postcard of `MsState` (targets' exclusion order, rebuild
 /// controls) and of commands (older commands decode unchanged).
 const FORMAT_V3: u8 = 3;
+/// Format 4: postcard of `MsState` (targets' extension order) and of
+/// commands (older commands decode unchanged).
+const FORMAT_V4: u8 = 4;
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    let mut out = vec![FORMAT_V3];
+    let mut out = vec![FORMAT_V4];
     out.extend(postcard::to_stdvec(v).map_err(|e| ShoalError::Internal(format!("encode MS record: {e}")))?);
     Ok(out)
 }
@@ -64,7 +67,8 @@ fn decode_state(raw: &[u8]) -> Result<MsState> {
     match raw.split_first() {
         Some((&FORMAT_V1, rest)) => Ok(postcard_of::<state::MsStateV1>(rest)?.migrate()),
         Some((&FORMAT_V2, rest)) => Ok(postcard_of::<state::MsStateV2>(rest)?.migrate()),
-        Some((&FORMAT_V3, rest)) => postcard_of(rest),
+        Some((&FORMAT_V3, rest)) => Ok(postcard_of::<state::MsStateV3>(rest)?.migrate()),
+        Some((&FORMAT_V4, rest)) => postcard_of(rest),
         Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
         None => Err(ShoalError::Io("empty MS record".into())),
     }
@@ -74,7 +78,7 @@ fn decode_state(raw: &[u8]) -> Result<MsState> {
 #[cfg(test)]
 fn decode_command(raw: &[u8]) -> Result<Command> {
     match raw.split_first() {
-        Some((&(FORMAT_V1 | FORMAT_V2 | FORMAT_V3), rest)) => postcard_of(rest),
+        Some((&(FORMAT_V1 | FORMAT_V2 | FORMAT_V3 | FORMAT_V4), rest)) => postcard_of(rest),
         Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
         None => Err(ShoalError::Io("empty MS record".into())),
     }
@@ -735,10 +739,39 @@ mod fixture {
     }
 
     #[test]
-    fn format_3_state_decodes() {
+    fn format_3_state_decodes_and_migrates() {
         let want = sample_v3();
         assert_eq!(want.pools[&PoolId(5)].map.targets[0].out_seq, 1);
-        assert_eq!(hex(&encode(&want).unwrap()), STATE_V3.trim(), "format 3 encoding changed");
         assert_eq!(decode_state(&unhex(STATE_V3)).unwrap(), want);
+    }
+
+    /// Format 3's sample with a second server that joined the pool by
+    /// `pool extend`.
+    const STATE_V4: &str = include_str!("fixtures/state-v4.hex");
+
+    fn sample_v4() -> MsState {
+        let mut s = sample_v3();
+        let j = JoinReq {
+            uuid: 8,
+            addr: "127.0.0.1:2".into(),
+            fault_domain: "rack2".into(),
+            targets: 1,
+            host: "h".into(),
+            pid: 10,
+        };
+        s.apply(&Command::Join(j)).unwrap();
+        s.apply(&Command::PoolExtend { pool: PoolId(5), ranks: vec![1] }).unwrap();
+        let version = s.pools[&PoolId(5)].map.version;
+        s.apply(&Command::RebuildDone { pool: PoolId(5), rank: 1, version }).unwrap();
+        s
+    }
+
+    #[test]
+    fn format_4_state_decodes() {
+        let want = sample_v4();
+        let joined = want.pools[&PoolId(5)].map.targets.iter().find(|t| t.rank == 1).unwrap();
+        assert_eq!((joined.state, joined.added), (TargetState::UpIn, 2));
+        assert_eq!(hex(&encode(&want).unwrap()), STATE_V4.trim(), "format 4 encoding changed");
+        assert_eq!(decode_state(&unhex(STATE_V4)).unwrap(), want);
     }
 }

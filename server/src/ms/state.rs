@@ -148,7 +148,7 @@ pub struct TagLease {
     pub until_ms: u64,
 }
 
-/// The whole MS state (format 3).
+/// The whole MS state (format 4).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsState {
     pub members: BTreeMap<u32, MemberRec>,
@@ -175,6 +175,73 @@ pub struct MsState {
     pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
     /// Per pool: how rebuild runs, where an operator changed it.
     pub rebuild_ctl: BTreeMap<PoolId, shoal_common::mgmt::RebuildCtl>,
+}
+
+/// The MS state as format 3 stored it (targets without the order they
+/// joined in); [`MsStateV3::migrate`] brings it to the current format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsStateV3 {
+    pub members: BTreeMap<u32, MemberRec>,
+    pub pools: BTreeMap<PoolId, PoolRecV3>,
+    pub applied: u64,
+    pub clients: u64,
+    pub tags: BTreeMap<u16, TagLease>,
+    pub tombstones: Vec<ContId>,
+    pub down: BTreeMap<u32, u64>,
+    pub excluded: std::collections::BTreeSet<u32>,
+    pub rebuilding: BTreeMap<PoolId, Vec<(u32, u32)>>,
+    pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
+    pub rebuild_ctl: BTreeMap<PoolId, shoal_common::mgmt::RebuildCtl>,
+}
+
+/// A pool as format 3 stored it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolRecV3 {
+    pub uuid: PoolId,
+    pub label: String,
+    pub map: PoolMapV3,
+    pub containers: BTreeMap<ContId, ContRec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolMapV3 {
+    pub version: u32,
+    /// (rank, index, state, out_seq)
+    pub targets: Vec<(u32, u32, TargetState, u32)>,
+}
+
+impl MsStateV3 {
+    /// The same state in the current format: every target is one the pool
+    /// was created with (format 3 had no extension that joined).
+    pub fn migrate(self) -> MsState {
+        let pools = self
+            .pools
+            .into_iter()
+            .map(|(id, p)| {
+                let targets = p
+                    .map
+                    .targets
+                    .into_iter()
+                    .map(|(r, i, s, out_seq)| PoolTarget { out_seq, ..PoolTarget::new(r, i, s) })
+                    .collect();
+                let map = PoolMap { version: p.map.version, targets };
+                (id, PoolRec { uuid: p.uuid, label: p.label, map, containers: p.containers })
+            })
+            .collect();
+        MsState {
+            members: self.members,
+            pools,
+            applied: self.applied,
+            clients: self.clients,
+            tags: self.tags,
+            tombstones: self.tombstones,
+            down: self.down,
+            excluded: self.excluded,
+            rebuilding: self.rebuilding,
+            rebuild_done: self.rebuild_done,
+            rebuild_ctl: self.rebuild_ctl,
+        }
+    }
 }
 
 /// The MS state as format 2 stored it (targets without an exclusion order,
@@ -316,16 +383,36 @@ impl MsState {
                 let mut ranks = ranks.clone();
                 ranks.sort_unstable();
                 ranks.dedup();
+                if let Some(t) = self.pool(*pool)?.map.targets.iter().find(|t| t.state == TargetState::Drain) {
+                    return Err(ShoalError::invalid(format!(
+                        "rank {} is being drained from this pool; extend it once the drain is done",
+                        t.rank
+                    )));
+                }
+                // The new servers' targets join the layout once the shards
+                // that move there are copied (a rebuild pass of the servers
+                // in service); one that is down joins when reintegrated.
+                let mut joining = Vec::new();
                 for r in &ranks {
                     let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?.clone();
+                    let up = !self.down.contains_key(r) && !self.excluded.contains(r);
                     let p = self.pool_mut(*pool)?;
                     if p.map.targets.iter().any(|t| t.rank == *r) {
                         return Err(ShoalError::invalid(format!("rank {r} is in pool {} already", p.label)));
                     }
                     p.map.targets.extend((0..m.join.targets).map(|index| PoolTarget::new(*r, index, TargetState::New)));
+                    if up {
+                        joining.extend((0..m.join.targets).map(|index| (*r, index)));
+                    }
                 }
                 let p = self.pool_mut(*pool)?;
                 p.map.version += 1;
+                if !joining.is_empty() {
+                    let r = self.rebuilding.entry(*pool).or_default();
+                    r.extend(joining);
+                    r.sort_unstable();
+                    r.dedup();
+                }
                 self.pool_info(*pool).map(Outcome::Pool)
             }
             Command::ContCreate { pool, uuid, label, props } => {
@@ -346,6 +433,7 @@ impl MsState {
                 }
                 self.down.insert(*rank, *now_ms);
                 self.set_targets(*rank, |s| s.is_available().then_some(TargetState::Down));
+                self.stop_joining(*rank);
                 self.mark_unclean();
                 Ok(Outcome::Done)
             }
@@ -355,6 +443,7 @@ impl MsState {
                 }
                 self.down.remove(rank);
                 self.excluded.insert(*rank);
+                self.stop_joining(*rank);
                 for p in self.pools.values() {
                     let out: Vec<(u32, u32)> = p
                         .map
@@ -398,6 +487,16 @@ impl MsState {
                             back.push((t.rank, t.index));
                         }
                     }
+                    // A server that went down while joining joins again.
+                    let joining = self.rebuilding.get(&pid);
+                    back.extend(
+                        p.map
+                            .targets
+                            .iter()
+                            .filter(|t| t.rank == *rank && t.state == TargetState::New)
+                            .map(|t| (t.rank, t.index))
+                            .filter(|t| !joining.is_some_and(|r| r.contains(t))),
+                    );
                     // Targets excluded after these may find their spares
                     // elsewhere now that these give theirs back: rebuilt
                     // again wherever they land.
@@ -487,6 +586,12 @@ impl MsState {
                         || mine.iter().all(|t| matches!(t.state, TargetState::DownOut | TargetState::New))
                     {
                         continue;
+                    }
+                    if let Some(t) = p.map.targets.iter().find(|t| self.joining(*pid, t)) {
+                        return Err(ShoalError::invalid(format!(
+                            "pool {} is being extended (rank {} joins); drain once that is done",
+                            p.label, t.rank
+                        )));
                     }
                     if let Some(t) = mine.iter().find(|t| t.state != TargetState::UpIn) {
                         return Err(ShoalError::invalid(format!(
@@ -617,7 +722,12 @@ impl MsState {
             // Drained: its shards live where they went.
             if t.state == TargetState::Drain && rebuilt.contains(&(t.rank, t.index)) {
                 t.state = TargetState::DownOut;
-                t.out_seq = next;
+                t.out_seq = next + 1;
+            }
+            // Joined: the shards that move to it are there.
+            if t.state == TargetState::New && rebuilt.contains(&(t.rank, t.index)) {
+                t.state = TargetState::UpIn;
+                t.added = next;
             }
         }
         p.map.version += 1;
@@ -657,6 +767,32 @@ impl MsState {
         lost.sort_unstable();
         lost.dedup();
         lost.len()
+    }
+
+    /// Whether target `t` of `pool` is joining it (an extension in
+    /// progress).
+    fn joining(&self, pool: PoolId, t: &PoolTarget) -> bool {
+        t.state == TargetState::New && self.rebuilding.get(&pool).is_some_and(|r| r.contains(&(t.rank, t.index)))
+    }
+
+    /// A joining server that is down stops joining: shards stop moving
+    /// to it (until it is reintegrated), and the pool's map changes.
+    fn stop_joining(&mut self, rank: u32) {
+        for (pid, p) in self.pools.iter_mut() {
+            let Some(r) = self.rebuilding.get_mut(pid) else { continue };
+            let before = r.len();
+            r.retain(|&(tr, ti)| {
+                tr != rank
+                    || !p.map.targets.iter().any(|t| t.rank == tr && t.index == ti && t.state == TargetState::New)
+            });
+            if r.len() != before {
+                p.map.version += 1;
+                if r.is_empty() {
+                    self.rebuilding.remove(pid);
+                    self.rebuild_done.remove(pid);
+                }
+            }
+        }
     }
 
     /// Moves the targets of `rank` in every pool to the state `to` gives
@@ -745,7 +881,7 @@ impl MsState {
     }
 
     fn cont_create(&mut self, pool: PoolId, uuid: ContId, label: &str, props: &ContProps) -> Result<ContInfo> {
-        let domains = self.pool(pool)?.map.domains();
+        let domains = self.pool(pool)?.map.widest_group();
         // A container is as safe as its class: its rd_fac (which also
         // protects its name index and every object chosen automatically) is
         // at least what the class tolerates, never silently 0.
@@ -848,9 +984,9 @@ impl MsState {
     }
 }
 
-/// The exclusion sequence number the next excluded target of `map` gets.
+/// The order number the next excluded (or extended) target of `map` gets.
 fn next_out_seq(map: &shoal_common::placement::PoolMap) -> u32 {
-    1 + map.targets.iter().map(|t| t.out_seq).max().unwrap_or(0)
+    map.next_seq()
 }
 
 /// The widest group a container's objects use by default: its class, or
@@ -1011,6 +1147,56 @@ mod tests {
         assert!(s.apply(&Command::Drain { pool: None, rank: 4 }).is_err());
         s.apply(&Command::Reintegrate { pool: None, rank: 2 }).unwrap();
         assert!(states(&s, 2).iter().all(|&t| t == TargetState::Up));
+    }
+
+    #[test]
+    fn an_extended_server_joins_once_every_server_has_copied_its_share() {
+        let mut s = MsState::default();
+        for u in 0..4 {
+            join(&mut s, u);
+        }
+        let cmd =
+            Command::PoolCreate { uuid: PoolId(7), label: "tank".into(), ranks: vec![0, 1, 2], targets_per_server: 0 };
+        s.apply(&cmd).unwrap();
+        let pool = |s: &MsState| s.pools[&PoolId(7)].clone();
+        let joining = |s: &MsState| s.rebuilding.get(&PoolId(7)).cloned().unwrap_or_default();
+        s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![3] }).unwrap();
+        assert_eq!(joining(&s), vec![(3, 0), (3, 1)]);
+        // No drain while the pool is being extended.
+        let e = s.apply(&Command::Drain { pool: Some(PoolId(7)), rank: 1 }).unwrap_err();
+        assert!(e.to_string().contains("being extended"), "{e}");
+        // The new server goes down: it stops joining, the map changes, and
+        // nothing is left to rebuild; reintegrated, it joins again.
+        let v = pool(&s).map.version;
+        s.apply(&Command::MarkDown { rank: 3, now_ms: 1 }).unwrap();
+        assert!(joining(&s).is_empty() && !s.rebuilding.contains_key(&PoolId(7)));
+        assert!(pool(&s).map.version > v);
+        assert!(pool(&s).map.targets.iter().filter(|t| t.rank == 3).all(|t| t.state == TargetState::New));
+        s.apply(&Command::Reintegrate { pool: None, rank: 3 }).unwrap();
+        assert_eq!(joining(&s), vec![(3, 0), (3, 1)]);
+        assert!(!s.down.contains_key(&3));
+        // An exclusion meanwhile takes the next order number.
+        s.apply(&Command::MarkDown { rank: 2, now_ms: 2 }).unwrap();
+        s.apply(&Command::Exclude { rank: 2 }).unwrap();
+        // The servers in service report; the new one is not one of them.
+        let v = pool(&s).map.version;
+        for rank in [0, 1] {
+            s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: v }).unwrap();
+        }
+        let p = pool(&s);
+        let excluded = p.map.targets.iter().find(|t| t.rank == 2).unwrap().out_seq;
+        assert!(p
+            .map
+            .targets
+            .iter()
+            .filter(|t| t.rank == 3)
+            .all(|t| t.state == TargetState::UpIn && t.added > excluded));
+        assert!(!s.rebuilding.contains_key(&PoolId(7)));
+        // Extending while a drain is under way is refused.
+        s.apply(&Command::Drain { pool: Some(PoolId(7)), rank: 1 }).unwrap();
+        join(&mut s, 9);
+        let e = s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![4] }).unwrap_err();
+        assert!(e.to_string().contains("drained"), "{e}");
     }
 
     #[test]

@@ -106,6 +106,19 @@ impl TargetStore {
     /// its bytes checked against its checksum, and every punch that covers
     /// the dkey (of the object, the dkey or one of its akeys).
     pub fn versions_of(&self, cont: ContId, oid: Oid, dkey: &[u8]) -> Result<Vec<StoredVersion>> {
+        self.versions_where(cont, oid, dkey, &|_| true)
+    }
+
+    /// Like [`TargetStore::versions_of`], but reads the bytes only of the
+    /// versions `with_data` picks (the others come with empty data): what
+    /// a resync asks its peer about before it reads anything.
+    pub fn versions_where(
+        &self,
+        cont: ContId,
+        oid: Oid,
+        dkey: &[u8],
+        with_data: &dyn Fn(&RestoreItem) -> bool,
+    ) -> Result<Vec<StoredVersion>> {
         self.check_poison()?;
         let view = View::new(&self.db, &self.files, self.id);
         let mut out = Vec::new();
@@ -128,11 +141,9 @@ impl TargetStore {
                 _ => return Err(ShoalError::Io("corrupt value key tag".into())),
             };
             let rec = Record::decode(v)?;
-            let data = view.read_value(&rec, "rebuild source")?;
-            out.push(StoredVersion {
-                item: RestoreItem { akey: akey.to_vec(), kind, epoch, crc: rec.crc, rec_size: rec.rec_size },
-                data,
-            });
+            let item = RestoreItem { akey: akey.to_vec(), kind, epoch, crc: rec.crc, rec_size: rec.rec_size };
+            let data = if with_data(&item) { view.read_value(&rec, "rebuild source")? } else { Bytes::new() };
+            out.push(StoredVersion { item, data });
             it.next();
         }
         it.status().map_err(|e| io_err("scan values", e))?;
@@ -178,6 +189,17 @@ impl TargetStore {
         }
         pit.status().map_err(|e| io_err("scan punches", e))?;
         Ok(out)
+    }
+
+    /// Which of `items` (versions and punches under `dkey`) this target
+    /// holds already: the same akey, kind (and extent start) and epoch.
+    pub fn holds(&self, cont: ContId, oid: Oid, dkey: &[u8], items: &[RestoreItem]) -> Result<Vec<bool>> {
+        let mine: std::collections::HashSet<(Vec<u8>, RestoreKind, Epoch)> = self
+            .versions_where(cont, oid, dkey, &|_| false)?
+            .into_iter()
+            .map(|v| (v.item.akey, v.item.kind, v.item.epoch))
+            .collect();
+        Ok(items.iter().map(|i| mine.contains(&(i.akey.clone(), i.kind, i.epoch))).collect())
     }
 
     /// The newest epoch of the object's updates (for restoring its index).
