@@ -132,7 +132,8 @@ async fn writer(client: &Client, label: &str, class: &str) -> Writer {
         ContProps { oclass: Some(class.into()), cell_size: 16 << 10, chunk_size: 128 << 10, ..Default::default() };
     pool.cont_create(label, props).await.unwrap();
     let cont = pool.cont_open(label).await.unwrap();
-    assert_eq!(cont.info().props.rd_fac, 2, "{class}: rd_fac follows the class");
+    let tolerated = class.parse::<shoal_common::oclass::ObjectClass>().unwrap().tolerated_failures();
+    assert_eq!(cont.info().props.rd_fac, tolerated, "{class}: rd_fac follows the class");
     let kv = cont.kv_create(None).await.unwrap();
     let arrays = vec![cont.array_create(None, None).await.unwrap(), cont.array_create(None, None).await.unwrap()];
     let model = Arc::new(Mutex::new(Model { arrays: vec![Vec::new(); 2], ..Default::default() }));
@@ -238,7 +239,8 @@ async fn lost_redundancy_comes_back_by_itself() {
     let mut cluster = TestCluster::start_with(tmp.path(), 8, 1, &["--exclude-after", "2s"]).await.unwrap();
     let client = cluster.client().await.unwrap();
     client.pool_create("tank", vec![], 0).await.unwrap();
-    let writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_4P2G1").await];
+    let mut writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_4P2G1").await];
+    writers.push(writer(&client, "ec1", "EC_2P1GX").await);
     for i in 0..12u64 {
         for w in &writers {
             w.round(i).await.unwrap();
@@ -269,11 +271,15 @@ async fn lost_redundancy_comes_back_by_itself() {
     for w in &writers {
         verify(w).await;
     }
-    // Two more servers die: the classes are at their limit again, and every
-    // byte still reads back, which only the rebuilt shards make possible.
+    // More servers die: each class is at its limit again (EC_2P1GX after
+    // one, the others after two), and every byte still reads back, which
+    // only the rebuilt shards make possible.
     cluster.servers[6].kill9();
-    cluster.servers[5].kill9();
     for w in &writers {
+        verify(w).await;
+    }
+    cluster.servers[5].kill9();
+    for w in &writers[..2] {
         verify(w).await;
     }
 }
