@@ -210,6 +210,10 @@ pub struct RebuildProgress {
     pub objects_total: u64,
     /// Bytes sent to spares by this pass.
     pub bytes: u64,
+    /// Shards on a draining target that the pass found with nowhere to go
+    /// (their class is wider than the servers that would be left).
+    #[serde(default)]
+    pub stranded: u64,
 }
 
 /// A pool's rebuild, summed over its servers.

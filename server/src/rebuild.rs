@@ -102,6 +102,7 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                         objects_done: 0,
                         objects_total: 0,
                         bytes: 0,
+                        stranded: 0,
                     });
                 p.state = RebuildState::Paused;
                 service.set_rebuild_progress(p);
@@ -125,6 +126,16 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             match pass {
                 Ok(p) if p.stranded > 0 => {
                     // Not done: the drain would leave these without a copy.
+                    // `pool query` says so, and how to get out of it.
+                    service.set_rebuild_progress(RebuildProgress {
+                        pool,
+                        version: info.map.version,
+                        state: RebuildState::Scanning,
+                        objects_done: p.objects,
+                        objects_total: p.objects,
+                        bytes: p.bytes,
+                        stranded: p.stranded,
+                    });
                     warn!(
                         %pool,
                         stranded = p.stranded,
@@ -158,6 +169,7 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                         objects_done: p.objects,
                         objects_total: p.objects,
                         bytes: p.bytes,
+                        stranded: 0,
                     });
                     // A draining server reports last: the MS then finishes
                     // the drain on its report, and it stops serving the pool
@@ -332,8 +344,15 @@ async fn rebuild_pool(
     let pool = info.uuid;
     let version = info.map.version;
     let mut p = Progress::default();
-    let mut progress =
-        RebuildProgress { pool, version, state: RebuildState::Scanning, objects_done: 0, objects_total: 0, bytes: 0 };
+    let mut progress = RebuildProgress {
+        pool,
+        version,
+        state: RebuildState::Scanning,
+        objects_done: 0,
+        objects_total: 0,
+        bytes: 0,
+        stranded: 0,
+    };
     let mut starts = Vec::new();
     for store in service.stores() {
         progress.objects_total += count_objects(store).await?;

@@ -137,7 +137,9 @@ fn the_cli_drives_a_dev_cluster_end_to_end() {
         assert!(std::time::Instant::now() < deadline, "rank {victim} could never be reintegrated");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert!(cli.fails(&["pool", "reintegrate", "tank", &victim_s]).contains("neither down nor excluded"));
+    assert!(cli
+        .fails(&["pool", "reintegrate", "tank", &victim_s])
+        .contains("neither down, excluded, draining nor joining"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let p = json(&cli.ok(&["pool", "query", "tank", "--json"]));

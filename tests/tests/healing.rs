@@ -1103,3 +1103,38 @@ async fn extending_a_pool_moves_a_share_of_the_data_onto_the_new_server() {
 fn first_rank(p: &shoal_common::mgmt::PoolInfo, not: u32) -> u32 {
     p.map.targets.iter().map(|t| t.rank).find(|&r| r != not).unwrap()
 }
+
+/// A drain that would leave some object's shards nowhere to go (its class
+/// is as wide as the servers left) does not finish, and says so in `pool
+/// query`; reintegrating the server cancels it, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_cannot_finish_says_why_and_can_be_cancelled() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 4, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
+    pool.cont_create("c", props).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    // 4 wide on 4 servers: once one is drained, its shards have nowhere to go.
+    let wide = cont.array_create(Some("EC_2P2G1".parse().unwrap()), None).await.unwrap();
+    let data = pattern(7, 300_000);
+    wide.write(0, Bytes::from(data.clone())).await.unwrap();
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
+    let rank = wide.object().layout().unwrap().groups[0].iter().map(|s| s.rank).find(|&r| index_of(r) != 0).unwrap();
+    client.drain(Some("tank"), rank).await.unwrap();
+    let t = Instant::now();
+    let p = wait_pool(&client, t, Duration::from_secs(60), "a reason in pool query", |p| {
+        p.rebuild.as_ref().and_then(|r| r.held_back.as_deref()).is_some_and(|w| w.contains("nowhere to go"))
+    })
+    .await;
+    eprintln!("pool query says: {:?}", p.rebuild.unwrap().held_back);
+    assert!(p.map.targets.iter().filter(|t| t.rank == rank).all(|t| t.state == TargetState::Drain));
+    client.reintegrate(Some("tank"), rank).await.unwrap();
+    let p = client.pool_query("tank").await.unwrap();
+    assert!(p.rebuilding.is_empty() && p.map.targets.iter().all(|t| t.state == TargetState::UpIn), "{:?}", p.map);
+    let wide = cont.array_open(wide.oid()).await.unwrap();
+    assert!(wide.read(0, data.len() as u64).await.unwrap() == data);
+}

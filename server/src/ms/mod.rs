@@ -546,6 +546,19 @@ impl Ms {
         };
         let (objects_done, objects_total, bytes) =
             mine.iter().fold((0, 0, 0), |(d, t, b), x| (d + x.objects_done, t + x.objects_total, b + x.bytes));
+        let stranded: u64 = mine.iter().map(|x| x.stranded).sum();
+        let draining: std::collections::BTreeSet<u32> =
+            p.map.targets.iter().filter(|t| t.state == TargetState::Drain).map(|t| t.rank).collect();
+        let held_back = held_back.or_else(|| {
+            (stranded > 0).then(|| {
+                format!(
+                    "{stranded} shards on draining rank(s) {draining:?} have nowhere to go: their class is wider than \
+                     the servers that would be left; `shoal pool reintegrate {} RANK` cancels the drain (then extend \
+                     the pool and drain again)",
+                    p.label
+                )
+            })
+        });
         let elapsed = self
             .rebuild_since
             .lock()

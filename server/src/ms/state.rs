@@ -487,6 +487,24 @@ impl MsState {
                             back.push((t.rank, t.index));
                         }
                     }
+                    // A drain under way is cancelled: the draining targets
+                    // held and took everything throughout; shards stay.
+                    let mut cancelled = Vec::new();
+                    for t in p.map.targets.iter_mut().filter(|t| t.rank == *rank && t.state == TargetState::Drain) {
+                        t.state = TargetState::UpIn;
+                        cancelled.push((t.rank, t.index));
+                    }
+                    if !cancelled.is_empty() {
+                        any = true;
+                        p.map.version += 1;
+                        if let Some(r) = self.rebuilding.get_mut(&pid) {
+                            r.retain(|t| !cancelled.contains(t));
+                            if r.is_empty() {
+                                self.rebuilding.remove(&pid);
+                                self.rebuild_done.remove(&pid);
+                            }
+                        }
+                    }
                     // A server that went down while joining joins again.
                     let joining = self.rebuilding.get(&pid);
                     back.extend(
@@ -518,7 +536,7 @@ impl MsState {
                 }
                 if !any {
                     return Err(ShoalError::invalid(format!(
-                        "rank {rank} is neither down nor excluded in those pools"
+                        "rank {rank} is neither down, excluded, draining nor joining in those pools"
                     )));
                 }
                 // A member again once no pool has it out.
@@ -1197,6 +1215,13 @@ mod tests {
         join(&mut s, 9);
         let e = s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![4] }).unwrap_err();
         assert!(e.to_string().contains("drained"), "{e}");
+        // Reintegrating the draining server cancels the drain; then the
+        // pool can be extended.
+        let v = pool(&s).map.version;
+        s.apply(&Command::Reintegrate { pool: None, rank: 1 }).unwrap();
+        assert!(pool(&s).map.targets.iter().filter(|t| t.rank == 1).all(|t| t.state == TargetState::UpIn));
+        assert!(!s.rebuilding.contains_key(&PoolId(7)) && pool(&s).map.version > v);
+        s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![4] }).unwrap();
     }
 
     #[test]
