@@ -14,7 +14,7 @@
 //!   down), `shoal_rebuild_active_pools`, and per finished rebuild pass
 //!   `shoal_rebuild_passes_total`, `shoal_rebuild_objects_total`,
 //!   `shoal_rebuild_versions_total`, `shoal_rebuild_bytes_total`,
-//!   `shoal_rebuild_skipped_versions_total`,
+//!   `shoal_rebuild_skipped_versions_total`, `shoal_rebuild_reclaimed_bytes_total`,
 //!   `shoal_rebuild_failures_total`;
 //! - on the server that hosts the MS: `shoal_ms_members{state}` and
 //!   `shoal_ms_targets{pool,state}` (the pool maps' target states), and
@@ -82,6 +82,7 @@ pub struct Metrics {
     pub rebuild_versions: Counter,
     pub rebuild_bytes: Counter,
     pub rebuild_skipped: Counter,
+    pub reclaimed_bytes: Counter,
     pub rebuild_failures: Counter,
     pub ms_members: Family<State, Gauge>,
     pub ms_targets: Family<PoolState, Gauge>,
@@ -115,6 +116,7 @@ impl Metrics {
             rebuild_versions: Counter::default(),
             rebuild_bytes: Counter::default(),
             rebuild_skipped: Counter::default(),
+            reclaimed_bytes: Counter::default(),
             rebuild_failures: Counter::default(),
             ms_members: Family::default(),
             ms_targets: Family::default(),
@@ -142,6 +144,11 @@ impl Metrics {
             "rebuild_skipped_versions",
             "Versions finished passes did not send: a server coming back held them already",
             m.rebuild_skipped.clone(),
+        );
+        r.register(
+            "rebuild_reclaimed_bytes",
+            "Bytes given back of shards that live elsewhere now (moved by an extension, or a spare given back)",
+            m.reclaimed_bytes.clone(),
         );
         r.register("rebuild_failures", "Rebuild passes that failed (and are tried again)", m.rebuild_failures.clone());
         r.register("ms_members", "Members per state (on the MS's server)", m.ms_members.clone());

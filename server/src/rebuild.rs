@@ -70,6 +70,8 @@ pub struct Progress {
 pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken) {
     let t = TcpTransport::default();
     let mut done: HashMap<PoolId, u32> = HashMap::new();
+    // Per pool, the map version this server has given back strays for.
+    let mut cleaned: HashMap<PoolId, u32> = HashMap::new();
     // Passes made and not reported yet (a draining server reports last).
     let mut passed: HashMap<PoolId, (u32, Progress)> = HashMap::new();
     loop {
@@ -78,6 +80,7 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let Some(rank) = service.rank() else { continue };
+        reclaim(&service, &t, &ms, rank, &mut cleaned, &stop).await;
         for pool in service.rebuilding() {
             let info = match ask(&t, &ms, &PoolQueryReq { pool: pool.to_string() }).await {
                 Ok(i) => i,
@@ -198,6 +201,110 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             }
         }
     }
+}
+
+/// Gives back, in each pool at rest (nothing being rebuilt) whose map
+/// changed since, what this server holds of shards that live elsewhere now.
+async fn reclaim(
+    service: &Arc<Service>,
+    t: &TcpTransport,
+    ms: &[String],
+    rank: u32,
+    cleaned: &mut HashMap<PoolId, u32>,
+    stop: &CancellationToken,
+) {
+    let rebuilding = service.rebuilding();
+    for (pool, version) in service.pool_versions() {
+        if rebuilding.contains(&pool) || cleaned.get(&pool) == Some(&version) {
+            continue;
+        }
+        let Ok(info) = ask(t, ms, &PoolQueryReq { pool: pool.to_string() }).await else { continue };
+        if !info.rebuilding.is_empty() || info.map.version != version {
+            continue;
+        }
+        if !info.map.targets.iter().any(|t| t.rank == rank && t.state.is_available()) {
+            cleaned.insert(pool, version);
+            continue;
+        }
+        match reclaim_pool(service, &info, rank, stop).await {
+            Ok(Some((objects, bytes))) => {
+                cleaned.insert(pool, version);
+                service.metrics.reclaimed_bytes.inc_by(bytes);
+                if objects > 0 {
+                    info!(%pool, version, objects, bytes, "gave back shards that live elsewhere now");
+                }
+            }
+            // A newer map came meanwhile: the next round looks at it.
+            Ok(None) => {}
+            Err(e) => warn!(%pool, "cannot give back shards that live elsewhere now: {e}"),
+        }
+    }
+}
+
+/// One pass of [`reclaim`] over this server's objects of `info`'s pool:
+/// the objects it dropped shards of and the bytes freed, or `None` if a
+/// newer map came meanwhile (under which the shards might belong here).
+async fn reclaim_pool(
+    service: &Arc<Service>,
+    info: &PoolInfo,
+    rank: u32,
+    stop: &CancellationToken,
+) -> Result<Option<(u64, u64)>> {
+    let placement = info.placement();
+    let (pool, version) = (info.uuid, info.map.version);
+    let (mut objects, mut bytes) = (0, 0);
+    for store in service.stores() {
+        let mut after = None;
+        loop {
+            let page = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))
+                    .await
+                    .map_err(|e| ShoalError::Internal(format!("reclaim task: {e}")))??
+            };
+            let Some(last) = page.last().copied() else { break };
+            for (cont, oid) in page {
+                if stop.is_cancelled() {
+                    return Ok(None);
+                }
+                if store.is_tombstoned(cont) {
+                    continue;
+                }
+                let Some(class) = oid_class(oid) else { continue };
+                let Ok(layout) = placement.layout(cont, oid, class) else { continue };
+                let mine: Vec<bool> =
+                    layout.groups.iter().map(|g| g.iter().any(|s| s.rank == rank && s.target == store.id())).collect();
+                if mine.iter().all(|&m| m) {
+                    continue;
+                }
+                let whole = !mine.contains(&true);
+                let stray = if whole {
+                    None
+                } else {
+                    let store = store.clone();
+                    let dkeys = tokio::task::spawn_blocking(move || store.dkeys_of(cont, oid))
+                        .await
+                        .map_err(|e| ShoalError::Internal(format!("reclaim task: {e}")))??;
+                    let n = mine.len() as u32;
+                    let stray: Vec<Vec<u8>> = dkeys.into_iter().filter(|d| !mine[dkey_group(d, n) as usize]).collect();
+                    if stray.is_empty() {
+                        continue;
+                    }
+                    Some(stray)
+                };
+                let st = store.clone();
+                match service.drop_stray(pool, version, move || st.drop_shards(cont, oid, stray.as_deref())).await? {
+                    Some(freed) => {
+                        objects += 1;
+                        bytes += freed;
+                    }
+                    None => return Ok(None),
+                }
+            }
+            after = Some(last);
+        }
+    }
+    Ok(Some((objects, bytes)))
 }
 
 /// Whether every other server in service has reported its pass for

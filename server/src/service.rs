@@ -67,10 +67,13 @@ pub struct Service {
     ms: Option<Arc<Ms>>,
     /// Pool-map versions as last heard from the MS (or by rebuild).
     pool_versions: RwLock<HashMap<PoolId, u32>>,
-    /// Held shared by every update and punch from its map check to its end,
-    /// and taken exclusively by [`Service::fence_pool_version`]: once that
-    /// returns, no request checked against an older map is still running.
+    /// Held shared by every update, punch, fetch and list from its map
+    /// check to its end, and taken exclusively by
+    /// [`Service::fence_pool_version`] and [`Service::drop_stray`]: once
+    /// that has it, no request checked against an older map is running.
     map_fence: tokio::sync::RwLock<()>,
+    /// Per pool, the newest map version the MS or any request has named.
+    newest: RwLock<HashMap<PoolId, u32>>,
     /// Per pool, the newest map version fenced.
     fenced: RwLock<HashMap<PoolId, u32>>,
     /// What `--metrics` serves.
@@ -125,6 +128,7 @@ impl Service {
             ms,
             pool_versions: RwLock::new(HashMap::new()),
             map_fence: tokio::sync::RwLock::new(()),
+            newest: RwLock::new(HashMap::new()),
             fenced: RwLock::new(HashMap::new()),
             metrics: Default::default(),
             rebuild_ctl: Default::default(),
@@ -202,6 +206,32 @@ impl Service {
         raise(&self.pool_versions, pool, version);
         drop(self.map_fence.write().await);
         raise(&self.fenced, pool, version);
+    }
+
+    /// Runs `drop` (which deletes shards of `pool` that live elsewhere
+    /// under map `version`) with no request running, if this server knows
+    /// `version` and has seen no newer map of the pool (under which the
+    /// shards might belong here again); `None` when it has.
+    pub async fn drop_stray<T: Send + 'static>(
+        &self,
+        pool: PoolId,
+        version: u32,
+        drop: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<Option<T>> {
+        let _fence = self.map_fence.write().await;
+        let get = |m: &RwLock<HashMap<PoolId, u32>>| m.read().expect("lock").get(&pool).copied();
+        if get(&self.pool_versions) != Some(version) || get(&self.newest).is_some_and(|n| n > version) {
+            return Ok(None);
+        }
+        let done = tokio::task::spawn_blocking(drop)
+            .await
+            .map_err(|e| ShoalError::Internal(format!("reclaim task: {e}")))??;
+        Ok(Some(done))
+    }
+
+    /// The pools this server knows of, with their map versions.
+    pub fn pool_versions(&self) -> Vec<(PoolId, u32)> {
+        self.pool_versions.read().expect("lock").iter().map(|(p, v)| (*p, *v)).collect()
     }
 
     /// Records that this server's drain from `pool` finished with map
@@ -527,11 +557,14 @@ impl Service {
                 // Writes hold the map fence (see `fence_pool_version`);
                 // nothing that may wait on another request does.
                 let _fence = match R::OP {
-                    Opcode::Update | Opcode::Punch => Some(self.map_fence.read().await),
+                    Opcode::Update | Opcode::Punch | Opcode::Fetch | Opcode::List => Some(self.map_fence.read().await),
                     _ => None,
                 };
                 // A stale map first: its sender refreshes and goes where the
                 // shard is now (a server that left the pool is not "down").
+                if let Some(p) = req.pool() {
+                    raise(&self.newest, p, frame.header.map_version);
+                }
                 match self.check_rank(req.rank()).and_then(|()| {
                     req.pool().map_or(Ok(()), |p| {
                         self.check_map(p, frame.header.map_version)?;

@@ -288,7 +288,8 @@ async fn lost_redundancy_comes_back_by_itself() {
 async fn a_server_that_comes_back_is_rebuilt_and_serves_again() {
     use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = TestCluster::start_with(tmp.path(), 7, 1, &["--exclude-after", "2s"]).await.unwrap();
+    let args = ["--exclude-after", "2s", "--metrics", "127.0.0.1:0"];
+    let mut cluster = TestCluster::start_with(tmp.path(), 7, 1, &args).await.unwrap();
     let client = cluster.client().await.unwrap();
     client.pool_create("tank", vec![], 0).await.unwrap();
     let mut writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_4P2G1").await];
@@ -355,6 +356,9 @@ async fn a_server_that_comes_back_is_rebuilt_and_serves_again() {
     .await;
     let members = client.system_query().await.unwrap().members;
     assert_eq!(members.iter().find(|m| m.rank == back).unwrap().state, MemberState::Joined);
+    // The spares its shards had give their copies back.
+    let live: Vec<&shoal_tests::TestServer> = cluster.servers.iter().collect();
+    wait_reclaimed(&live, 1).await;
     for w in &writers {
         verify(w).await;
     }
@@ -949,6 +953,21 @@ async fn sum_metric(servers: &[&shoal_tests::TestServer], name: &str) -> f64 {
     total
 }
 
+/// Waits until the servers have given back at least `bytes` of shards
+/// that live elsewhere now.
+async fn wait_reclaimed(servers: &[&shoal_tests::TestServer], bytes: u64) {
+    let t = Instant::now();
+    loop {
+        let got = sum_metric(servers, "shoal_rebuild_reclaimed_bytes_total").await;
+        if got >= bytes as f64 {
+            eprintln!("{got} bytes of shards that moved given back after {:?}", t.elapsed());
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "only {got} bytes given back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A server back after a short outage is sent only what it missed (its
 /// epochs tell what it has), not every shard it holds; what it has then
 /// is right: with two other servers dead, every byte reads back.
@@ -1068,6 +1087,9 @@ async fn extending_a_pool_moves_a_share_of_the_data_onto_the_new_server() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = task.await.unwrap();
     eprintln!("{rounds} write rounds during the extension, none failed");
+    // The servers shards moved away from give their copies back.
+    let live: Vec<&shoal_tests::TestServer> = cluster.servers.iter().collect();
+    wait_reclaimed(&live, 3 * (256 << 10)).await;
     // The new server holds a share of the objects now.
     let placement = joined.placement();
     let cont = bulk.info().uuid;

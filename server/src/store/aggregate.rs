@@ -368,9 +368,72 @@ impl TargetStore {
         let end = keys::prefix_successor(&prefix).unwrap_or_else(|| vec![0xff; 17]);
         let mut r =
             Reclaim { store: self, batch: WriteBatch::default(), n: 0, holes: Vec::new(), stats: AggStats::default() };
-        // Values a page at a time: each page's keys are deleted by range and
-        // its extents given back before the next page is read.
-        let mut from = prefix.clone();
+        self.drop_values(&mut r, &prefix)?;
+        for cf in [CF_PUNCHES, CF_OBJECTS] {
+            r.batch.delete_range_cf(self.db.cf_handle(cf).expect("cf"), &prefix, &end);
+        }
+        let mut sp = keys::stable_prefix_of_cont(cont);
+        let send = keys::prefix_successor(&sp).unwrap_or_else(|| vec![0xff; 20]);
+        r.batch.delete_range_cf(self.db.cf_handle(CF_META).expect("cf"), &sp, &send);
+        sp.clear();
+        r.n += 1;
+        r.commit()?;
+        if r.stats.removed > 0 {
+            info!(target_id = self.id, %cont, versions = r.stats.removed, freed = r.stats.freed_bytes, "dropped a destroyed container");
+        }
+        Ok(r.stats.freed_bytes)
+    }
+
+    /// Drops what this target holds of some dkeys of an object (`None`:
+    /// the whole object): shards that live elsewhere now, after an
+    /// extension moved them or a spare was given back. Their values,
+    /// punches and stable marks are deleted and their data-file space
+    /// given back. Returns the data-file bytes freed. Blocks; call from a
+    /// blocking thread, and only for shards no request can reach any more.
+    pub fn drop_shards(&self, cont: ContId, oid: Oid, dkeys: Option<&[Vec<u8>]>) -> Result<u64> {
+        self.check_poison()?;
+        let _one = self.shared.reclaim.lock().expect("lock");
+        let mut r =
+            Reclaim { store: self, batch: WriteBatch::default(), n: 0, holes: Vec::new(), stats: AggStats::default() };
+        let mut ranges: Vec<(&str, Vec<u8>)> = Vec::new();
+        match dkeys {
+            None => {
+                let op = keys::obj_prefix(cont, oid);
+                self.drop_values(&mut r, &op)?;
+                ranges.push((CF_PUNCHES, op.clone()));
+                let mut sp = keys::stable_prefix_of_cont(cont);
+                sp.extend_from_slice(&oid.to_bytes());
+                ranges.push((CF_META, sp));
+                r.batch.delete_cf(self.db.cf_handle(CF_OBJECTS).expect("cf"), &op);
+            }
+            Some(dkeys) => {
+                for d in dkeys {
+                    self.drop_values(&mut r, &keys::dkey_prefix(cont, oid, d))?;
+                    ranges.push((CF_PUNCHES, keys::punch_prefix(cont, oid, Some(d), None)));
+                    let mut ap = keys::obj_prefix(cont, oid);
+                    ap.push(b'A');
+                    keys::push_key(&mut ap, d);
+                    ranges.push((CF_PUNCHES, ap));
+                    ranges.push((CF_META, keys::stable_prefix(cont, oid, Some(d))));
+                }
+            }
+        }
+        for (cf, from) in ranges {
+            let Some(to) = keys::prefix_successor(&from) else { continue };
+            r.batch.delete_range_cf(self.db.cf_handle(cf).expect("cf"), &from, &to);
+            r.n += 1;
+        }
+        r.n += 1;
+        r.commit()?;
+        Ok(r.stats.freed_bytes)
+    }
+
+    /// Deletes every value under `prefix`, a page at a time: each page's
+    /// keys are deleted by range and its extents given back (when `r`
+    /// commits) before the next page is read.
+    fn drop_values(&self, r: &mut Reclaim<'_>, prefix: &[u8]) -> Result<()> {
+        let Some(end) = keys::prefix_successor(prefix) else { return Ok(()) };
+        let mut from = prefix.to_vec();
         loop {
             let mut upto = None;
             let mut n = 0;
@@ -379,7 +442,7 @@ impl TargetStore {
                 let mut it = view.iter(CF_VALUES);
                 it.seek(&from);
                 while let (Some(k), Some(v)) = (it.key(), it.value()) {
-                    if !k.starts_with(&prefix) {
+                    if !k.starts_with(prefix) {
                         break;
                     }
                     if n >= DELETES_PER_BATCH {
@@ -395,7 +458,7 @@ impl TargetStore {
                     n += 1;
                     it.next();
                 }
-                it.status().map_err(|e| io_err("scan a destroyed container", e))?;
+                it.status().map_err(|e| io_err("scan values to drop", e))?;
             }
             let to = upto.clone().unwrap_or_else(|| end.clone());
             r.batch.delete_range_cf(self.db.cf_handle(CF_VALUES).expect("cf"), &from, &to);
@@ -403,22 +466,9 @@ impl TargetStore {
             r.commit()?;
             match upto {
                 Some(k) => from = k,
-                None => break,
+                None => return Ok(()),
             }
         }
-        for cf in [CF_PUNCHES, CF_OBJECTS] {
-            r.batch.delete_range_cf(self.db.cf_handle(cf).expect("cf"), &prefix, &end);
-        }
-        let mut sp = keys::stable_prefix_of_cont(cont);
-        let send = keys::prefix_successor(&sp).unwrap_or_else(|| vec![0xff; 20]);
-        r.batch.delete_range_cf(self.db.cf_handle(CF_META).expect("cf"), &sp, &send);
-        sp.clear();
-        r.n += 1;
-        r.commit()?;
-        if r.stats.removed > 0 {
-            info!(target_id = self.id, %cont, versions = r.stats.removed, freed = r.stats.freed_bytes, "dropped a destroyed container");
-        }
-        Ok(r.stats.freed_bytes)
     }
 }
 

@@ -828,3 +828,35 @@ fn ec_cells_are_aggregated_only_beneath_stable_versions() {
     assert_eq!(st.removed, 1, "{st:?}");
     assert!(matches!(read(100).0, Fetched::Punched { epoch: 30 }));
 }
+
+/// Dropping the shards of some dkeys of an object (they live elsewhere
+/// now) removes exactly those and gives their space back; dropping the
+/// whole object removes it from the object index too.
+#[test]
+fn dropped_shards_are_gone_and_their_space_given_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 16);
+    let oid = Oid::new(0, 1);
+    for (e, dkey) in [(1u64, b"d"), (2, b"e")] {
+        let iods = vec![UpdateIod {
+            akey: b"a".to_vec(),
+            kind: ValueKind::Array { rec_size: 1, start: 0, nr: 4096 },
+            crc: 0,
+            cond: None,
+        }];
+        let data = vec![Bytes::from(vec![e as u8; 4096])];
+        s.apply(crcs(Mutation::Update { cont: CONT, oid, dkey: dkey.to_vec(), epoch: e, iods, data })).unwrap();
+    }
+    s.apply(Mutation::Punch { cont: CONT, oid, dkey: Some(b"d".to_vec()), akey: Some(b"x".to_vec()), epoch: 3 })
+        .unwrap();
+    assert_eq!(s.dkeys_of(CONT, oid).unwrap(), vec![b"d".to_vec(), b"e".to_vec()]);
+    let freed = s.drop_shards(CONT, oid, Some(&[b"d".to_vec()])).unwrap();
+    assert_eq!(freed, 4096);
+    assert_eq!(s.dkeys_of(CONT, oid).unwrap(), vec![b"e".to_vec()]);
+    assert!(s.versions_of(CONT, oid, b"d").unwrap().is_empty(), "values and punches of d are gone");
+    assert_eq!(s.versions_of(CONT, oid, b"e").unwrap().len(), 1);
+    assert_eq!(s.objects_after(None, 10).unwrap(), vec![(CONT, oid)]);
+    assert_eq!(s.drop_shards(CONT, oid, None).unwrap(), 4096);
+    assert!(s.objects_after(None, 10).unwrap().is_empty());
+    s.close();
+}
