@@ -423,10 +423,13 @@ impl Placement {
                         });
                         if let Some(p) = to {
                             let at = spare_of[s].unwrap_or(homes[s]);
-                            left_pending[s] |= pending(self.ring[at]);
                             held[s].push(self.ring[at].rank);
                             homes[s] = p;
                             spare_of[s] = None;
+                            // Its copy there was made while the extension
+                            // ran (from a readable copy), whatever becomes
+                            // of the places it left.
+                            left_pending[s] = false;
                         }
                     }
                 }
@@ -985,6 +988,11 @@ mod tests {
                 );
             }
             let (before, after) = (Placement::new(&map), Placement::new(&joined));
+            // A server shards moved away from is being rebuilt (it came
+            // back): the copies on the new targets stay readable.
+            let mut back = joined.clone();
+            set_state(&mut back, 0, 0, TargetState::Up);
+            let rebuilding = Placement::with_rebuilding(&back, &[(0, 0)]);
             let mut per_target: std::collections::HashMap<(u32, u32), u32> = Default::default();
             let (mut moved, mut total) = (0u32, 0u32);
             for name in ["RP_3G1", "EC_2P1G1", "RP_2GX", "S1"] {
@@ -993,9 +1001,12 @@ mod tests {
                     let oid = make_oid(seq, class, ObjType::Array);
                     let b = before.layout(ContId(9), oid, class).unwrap();
                     let a = after.layout(ContId(9), oid, class).unwrap();
-                    for (bs, as_) in b.groups.iter().flatten().zip(a.groups.iter().flatten()) {
+                    let r = rebuilding.layout(ContId(9), oid, class).unwrap();
+                    let flat = b.groups.iter().flatten().zip(a.groups.iter().flatten()).zip(r.groups.iter().flatten());
+                    for ((bs, as_), rs) in flat {
                         total += 1;
                         if (bs.rank, bs.target) != (as_.rank, as_.target) {
+                            assert!(rs.readable, "moved from {bs:?} to {rs:?}");
                             moved += 1;
                             *per_target.entry((as_.rank, as_.target)).or_default() += 1;
                         }

@@ -534,6 +534,8 @@ async fn rebuild_pool(
                                 readable: false,
                                 shadow: None,
                             };
+                            // (With no readable copy, nothing is sent: the MS
+                            // finishes no extension while a server is down.)
                             jobs.extend(if s.readable { Some(i) } else { first }.map(|src| (i, to, src)));
                         }
                     }
@@ -626,12 +628,14 @@ async fn rebuild_pool(
 }
 
 /// What tells two copies of a version apart: its akey, kind (with the
-/// extent's start) and epoch. (An EC cell's bytes, and so its checksum,
-/// differ from shard to shard.)
-type VersionKey = (Vec<u8>, RestoreKind, shoal_common::Epoch);
+/// extent's start) and epoch, and for a single value its checksum (a
+/// max-value update rewrites one in place). (An EC cell's bytes, and so
+/// its checksum, differ from shard to shard.)
+type VersionKey = (Vec<u8>, RestoreKind, shoal_common::Epoch, u32);
 
 fn version_key(i: &RestoreItem) -> VersionKey {
-    (i.akey.clone(), i.kind, i.epoch)
+    let crc = if i.kind == RestoreKind::Single { i.crc } else { 0 };
+    (i.akey.clone(), i.kind, i.epoch, crc)
 }
 
 /// The versions among `heads` that the target of `to` holds already.

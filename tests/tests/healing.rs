@@ -1160,3 +1160,67 @@ async fn a_drain_that_cannot_finish_says_why_and_can_be_cancelled() {
     let wide = cont.array_open(wide.oid()).await.unwrap();
     assert!(wide.read(0, data.len() as u64).await.unwrap() == data);
 }
+
+/// A new server that dies while joining pauses the extension (no write
+/// fails meanwhile); reintegrated, it joins, and every byte is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extension_pauses_while_the_joining_server_is_down() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "60s"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let (members, index_of) = ranks_to_servers(&client, &cluster).await;
+    let new = members.iter().map(|m| m.rank).find(|&r| index_of(r) == 4).unwrap();
+    let first: Vec<u32> = members.iter().map(|m| m.rank).filter(|&r| r != new).collect();
+    client.pool_create("tank", first.clone(), 0).await.unwrap();
+    let writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_2P2G1").await];
+    let bulk = client.pool_connect("tank").await.unwrap().cont_open("rp").await.unwrap();
+    let mut arrays = Vec::new();
+    for i in 0..24u64 {
+        let a = bulk.array_create(None, None).await.unwrap();
+        a.write(0, Bytes::from(pattern(3000 + i, 512 << 10))).await.unwrap();
+        arrays.push(a);
+    }
+    // Slow enough to catch it in the middle.
+    client.rebuild_ctl("tank", None, Some(1)).await.unwrap();
+    client.pool_extend("tank", vec![new]).await.unwrap();
+    let t = Instant::now();
+    wait_pool(&client, t, Duration::from_secs(30), "copying", |p| p.rebuild.as_ref().is_some_and(|r| r.bytes > 0))
+        .await;
+    cluster.servers[4].kill9();
+    // Writes that reach it fail over: it is declared down, and the
+    // extension pauses.
+    for i in 0..8u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    let p = wait_pool(&client, t, Duration::from_secs(30), "pause", |p| p.rebuilding.is_empty()).await;
+    assert!(p.map.targets.iter().filter(|t| t.rank == new).all(|t| t.state == TargetState::New), "{:?}", p.map);
+    assert!(client.pool_extend("tank", vec![new]).await.is_err());
+    cluster.servers[4].restart().await.unwrap();
+    client.reintegrate(Some("tank"), new).await.unwrap();
+    client.rebuild_ctl("tank", None, Some(0)).await.unwrap();
+    for i in 8..12u64 {
+        for w in &writers {
+            w.round(i).await.unwrap();
+        }
+    }
+    wait_pool(&client, t, Duration::from_secs(90), "the extension", |p| {
+        p.rebuilding.is_empty() && p.map.targets.iter().all(|t| t.state == TargetState::UpIn)
+    })
+    .await;
+    eprintln!("rank {new} joined {:?} after the extension started, through its death", t.elapsed());
+    for w in &writers {
+        verify(w).await;
+    }
+    for r in first.iter().filter(|&&r| index_of(r) != 0).take(2) {
+        cluster.servers[index_of(*r)].kill9();
+    }
+    for w in &writers {
+        verify(w).await;
+    }
+    for (i, a) in arrays.iter().enumerate() {
+        assert!(a.read(0, 512 << 10).await.unwrap() == pattern(3000 + i as u64, 512 << 10), "bulk array {i}");
+    }
+}

@@ -383,35 +383,35 @@ impl MsState {
                 let mut ranks = ranks.clone();
                 ranks.sort_unstable();
                 ranks.dedup();
-                if let Some(t) = self.pool(*pool)?.map.targets.iter().find(|t| t.state == TargetState::Drain) {
+                let p = self.pool(*pool)?;
+                if let Some(t) = p.map.targets.iter().find(|t| t.state == TargetState::Drain) {
                     return Err(ShoalError::invalid(format!(
                         "rank {} is being drained from this pool; extend it once the drain is done",
                         t.rank
                     )));
                 }
-                // The new servers' targets join the layout once the shards
-                // that move there are copied (a rebuild pass of the servers
-                // in service); one that is down joins when reintegrated.
-                let mut joining = Vec::new();
+                // One extension at a time: the shards each joining target
+                // takes depend on the whole set that joins.
+                if let Some(t) = p.map.targets.iter().find(|t| t.state == TargetState::New) {
+                    return Err(ShoalError::invalid(format!(
+                        "rank {} is still joining pool {} (an extension in progress, or paused while a joining \
+                         server is down); extend it again once that is done",
+                        t.rank, p.label
+                    )));
+                }
                 for r in &ranks {
                     let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?.clone();
-                    let up = !self.down.contains_key(r) && !self.excluded.contains(r);
                     let p = self.pool_mut(*pool)?;
                     if p.map.targets.iter().any(|t| t.rank == *r) {
                         return Err(ShoalError::invalid(format!("rank {r} is in pool {} already", p.label)));
                     }
                     p.map.targets.extend((0..m.join.targets).map(|index| PoolTarget::new(*r, index, TargetState::New)));
-                    if up {
-                        joining.extend((0..m.join.targets).map(|index| (*r, index)));
-                    }
                 }
-                let p = self.pool_mut(*pool)?;
-                p.map.version += 1;
-                if !joining.is_empty() {
-                    let r = self.rebuilding.entry(*pool).or_default();
-                    r.extend(joining);
-                    r.sort_unstable();
-                    r.dedup();
+                // The new servers' targets join the layout once the shards
+                // that move there are copied (a rebuild pass of the servers
+                // in service); if one of them is down, once it is back.
+                if !self.resume_joining(*pool) {
+                    self.pool_mut(*pool)?.map.version += 1;
                 }
                 self.pool_info(*pool).map(Outcome::Pool)
             }
@@ -428,10 +428,11 @@ impl MsState {
                 if !self.members.contains_key(rank) {
                     return Err(ShoalError::NotFound(format!("rank {rank}")));
                 }
-                if self.down.contains_key(rank) || self.excluded.contains(rank) {
-                    return Ok(Outcome::Done);
+                // (Already down or excluded: targets reintegrated in one
+                // pool while it is out of another go down again.)
+                if !self.excluded.contains(rank) {
+                    self.down.entry(*rank).or_insert(*now_ms);
                 }
-                self.down.insert(*rank, *now_ms);
                 self.set_targets(*rank, |s| s.is_available().then_some(TargetState::Down));
                 self.stop_joining(*rank);
                 self.mark_unclean();
@@ -473,7 +474,7 @@ impl MsState {
                     None => self.pools.keys().copied().collect(),
                 };
                 let mut any = false;
-                for pid in pools {
+                for &pid in &pools {
                     let p = self.pools.get_mut(&pid).expect("listed above");
                     let mut back = Vec::new();
                     let mut earliest = u32::MAX;
@@ -505,16 +506,6 @@ impl MsState {
                             }
                         }
                     }
-                    // A server that went down while joining joins again.
-                    let joining = self.rebuilding.get(&pid);
-                    back.extend(
-                        p.map
-                            .targets
-                            .iter()
-                            .filter(|t| t.rank == *rank && t.state == TargetState::New)
-                            .map(|t| (t.rank, t.index))
-                            .filter(|t| !joining.is_some_and(|r| r.contains(t))),
-                    );
                     // Targets excluded after these may find their spares
                     // elsewhere now that these give theirs back: rebuilt
                     // again wherever they land.
@@ -534,11 +525,6 @@ impl MsState {
                         r.dedup();
                     }
                 }
-                if !any {
-                    return Err(ShoalError::invalid(format!(
-                        "rank {rank} is neither down, excluded, draining nor joining in those pools"
-                    )));
-                }
                 // A member again once no pool has it out.
                 if !self.pools.values().any(|p| {
                     p.map
@@ -548,6 +534,15 @@ impl MsState {
                 }) {
                     self.down.remove(rank);
                     self.excluded.remove(rank);
+                }
+                // An extension paused while a joining server was down goes on.
+                for &pid in &pools {
+                    any |= self.resume_joining(pid);
+                }
+                if !any {
+                    return Err(ShoalError::invalid(format!(
+                        "rank {rank} is neither down, excluded, draining nor joining in those pools"
+                    )));
                 }
                 Ok(Outcome::Done)
             }
@@ -729,6 +724,9 @@ impl MsState {
         if past && !self.rebuild_ctl.get(&pool).is_some_and(|c| c.accept_loss) {
             return Ok(());
         }
+        if self.extension_waits(pool).is_some() {
+            return Ok(());
+        }
         let rebuilt = self.rebuilding.remove(&pool).unwrap_or_default();
         self.rebuild_done.remove(&pool);
         let p = self.pool_mut(pool)?;
@@ -752,9 +750,28 @@ impl MsState {
         Ok(())
     }
 
-    /// Why `pool`'s rebuild is held back past its containers' rd_fac, if it is.
+    /// A server that is down while `pool` is being extended, if one is:
+    /// the shards that move may have their only readable copy there
+    /// (nothing was copied of them), so the extension does not finish
+    /// until it is back or excluded.
+    fn extension_waits(&self, pool: PoolId) -> Option<u32> {
+        let p = self.pools.get(&pool)?;
+        if !p.map.targets.iter().any(|t| self.joining(pool, t)) {
+            return None;
+        }
+        p.map.targets.iter().find(|t| t.state == TargetState::Down).map(|t| t.rank)
+    }
+
+    /// Why `pool`'s rebuild is held back (past its containers' rd_fac, or
+    /// an extension waiting for a server that is down), if it is.
     pub fn rebuild_held_back(&self, pool: PoolId) -> Option<String> {
         let p = self.pools.get(&pool)?;
+        if let Some(rank) = self.extension_waits(pool) {
+            return Some(format!(
+                "rank {rank} is down while the pool is being extended: the extension finishes once it is back \
+                 (reintegrated) or excluded"
+            ));
+        }
         let lost = self.lost_ranks(pool);
         let c = p.containers.values().filter(|c| c.props.rd_fac >= 1).find(|c| lost > c.props.rd_fac as usize)?;
         if self.rebuild_ctl.get(&pool).is_some_and(|c| c.accept_loss) {
@@ -793,24 +810,46 @@ impl MsState {
         t.state == TargetState::New && self.rebuilding.get(&pool).is_some_and(|r| r.contains(&(t.rank, t.index)))
     }
 
-    /// A joining server that is down stops joining: shards stop moving
-    /// to it (until it is reintegrated), and the pool's map changes.
+    /// A joining server that is down pauses its pool's extension: shards
+    /// stop moving to every joining target (until it is reintegrated; the
+    /// set that joins never changes, so neither does where shards go), and
+    /// the pool's map changes.
     fn stop_joining(&mut self, rank: u32) {
         for (pid, p) in self.pools.iter_mut() {
             let Some(r) = self.rebuilding.get_mut(pid) else { continue };
-            let before = r.len();
-            r.retain(|&(tr, ti)| {
-                tr != rank
-                    || !p.map.targets.iter().any(|t| t.rank == tr && t.index == ti && t.state == TargetState::New)
-            });
-            if r.len() != before {
-                p.map.version += 1;
-                if r.is_empty() {
-                    self.rebuilding.remove(pid);
-                    self.rebuild_done.remove(pid);
-                }
+            let new = |tr: u32, ti: u32| {
+                p.map.targets.iter().any(|t| (t.rank, t.index, t.state) == (tr, ti, TargetState::New))
+            };
+            if !r.iter().any(|&(tr, ti)| tr == rank && new(tr, ti)) {
+                continue;
+            }
+            r.retain(|&(tr, ti)| !new(tr, ti));
+            p.map.version += 1;
+            if r.is_empty() {
+                self.rebuilding.remove(pid);
+                self.rebuild_done.remove(pid);
             }
         }
+    }
+
+    /// Starts (or goes on with) the extension of `pool` if it has `New`
+    /// targets, none joining yet, and every one's server is up: they all
+    /// join together. Returns whether it did.
+    fn resume_joining(&mut self, pool: PoolId) -> bool {
+        let Some(p) = self.pools.get_mut(&pool) else { return false };
+        let new: Vec<(u32, u32)> =
+            p.map.targets.iter().filter(|t| t.state == TargetState::New).map(|t| (t.rank, t.index)).collect();
+        let joining = self.rebuilding.get(&pool).is_some_and(|r| r.iter().any(|t| new.contains(t)));
+        let up = new.iter().all(|(r, _)| !self.down.contains_key(r) && !self.excluded.contains(r));
+        if new.is_empty() || joining || !up {
+            return false;
+        }
+        p.map.version += 1;
+        let r = self.rebuilding.entry(pool).or_default();
+        r.extend(new);
+        r.sort_unstable();
+        r.dedup();
+        true
     }
 
     /// Moves the targets of `rank` in every pool to the state `to` gives
@@ -1180,6 +1219,10 @@ mod tests {
         let joining = |s: &MsState| s.rebuilding.get(&PoolId(7)).cloned().unwrap_or_default();
         s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![3] }).unwrap();
         assert_eq!(joining(&s), vec![(3, 0), (3, 1)]);
+        // One extension at a time.
+        join(&mut s, 8);
+        let e = s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![4] }).unwrap_err();
+        assert!(e.to_string().contains("still joining"), "{e}");
         // No drain while the pool is being extended.
         let e = s.apply(&Command::Drain { pool: Some(PoolId(7)), rank: 1 }).unwrap_err();
         assert!(e.to_string().contains("being extended"), "{e}");
@@ -1195,6 +1238,14 @@ mod tests {
         assert!(!s.down.contains_key(&3));
         // An exclusion meanwhile takes the next order number.
         s.apply(&Command::MarkDown { rank: 2, now_ms: 2 }).unwrap();
+        // While it is down, the extension does not finish: a shard that
+        // moves may have had its only readable copy there.
+        let v = pool(&s).map.version;
+        for rank in [0, 1] {
+            s.apply(&Command::RebuildDone { pool: PoolId(7), rank, version: v }).unwrap();
+        }
+        assert!(pool(&s).map.targets.iter().filter(|t| t.rank == 3).all(|t| t.state == TargetState::New));
+        assert!(s.rebuild_held_back(PoolId(7)).unwrap().contains("rank 2 is down"));
         s.apply(&Command::Exclude { rank: 2 }).unwrap();
         // The servers in service report; the new one is not one of them.
         let v = pool(&s).map.version;
@@ -1212,7 +1263,6 @@ mod tests {
         assert!(!s.rebuilding.contains_key(&PoolId(7)));
         // Extending while a drain is under way is refused.
         s.apply(&Command::Drain { pool: Some(PoolId(7)), rank: 1 }).unwrap();
-        join(&mut s, 9);
         let e = s.apply(&Command::PoolExtend { pool: PoolId(7), ranks: vec![4] }).unwrap_err();
         assert!(e.to_string().contains("drained"), "{e}");
         // Reintegrating the draining server cancels the drain; then the

@@ -192,14 +192,23 @@ impl TargetStore {
     }
 
     /// Which of `items` (versions and punches under `dkey`) this target
-    /// holds already: the same akey, kind (and extent start) and epoch.
+    /// holds already: the same akey, kind (and extent start) and epoch,
+    /// and for a single value the same checksum too (a max-value update
+    /// rewrites a single value in place at its epoch; single values are
+    /// whole copies on every shard that holds them, EC included).
     pub fn holds(&self, cont: ContId, oid: Oid, dkey: &[u8], items: &[RestoreItem]) -> Result<Vec<bool>> {
-        let mine: std::collections::HashSet<(Vec<u8>, RestoreKind, Epoch)> = self
+        let mine: std::collections::HashMap<(Vec<u8>, RestoreKind, Epoch), u32> = self
             .versions_where(cont, oid, dkey, &|_| false)?
             .into_iter()
-            .map(|v| (v.item.akey, v.item.kind, v.item.epoch))
+            .map(|v| ((v.item.akey, v.item.kind, v.item.epoch), v.item.crc))
             .collect();
-        Ok(items.iter().map(|i| mine.contains(&(i.akey.clone(), i.kind, i.epoch))).collect())
+        Ok(items
+            .iter()
+            .map(|i| {
+                mine.get(&(i.akey.clone(), i.kind, i.epoch))
+                    .is_some_and(|&crc| i.kind != RestoreKind::Single || crc == i.crc)
+            })
+            .collect())
     }
 
     /// The newest epoch of the object's updates (for restoring its index).

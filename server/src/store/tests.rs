@@ -860,3 +860,27 @@ fn dropped_shards_are_gone_and_their_space_given_back() {
     assert!(s.objects_after(None, 10).unwrap().is_empty());
     s.close();
 }
+
+/// A resync asks which versions a target holds: an extent or punch by its
+/// key and epoch, a single value only if its bytes are the same too (a
+/// max-value update rewrites one in place at its epoch).
+#[test]
+fn holds_tells_which_versions_a_target_has() {
+    use shoal_common::msg::{RestoreItem, RestoreKind};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path(), 16);
+    let oid = Oid::new(0, 1);
+    let iods = vec![UpdateIod { akey: b"a".to_vec(), kind: ValueKind::Single, crc: 0, cond: None }];
+    let update =
+        Mutation::Update { cont: CONT, oid, dkey: b"d".to_vec(), epoch: 5, iods, data: vec![Bytes::from("ten")] };
+    s.apply(crcs(update)).unwrap();
+    put_extent(&s, 6, 0, vec![1; 100]).unwrap();
+    let mine = s.versions_of(CONT, oid, b"d").unwrap();
+    let single = mine.iter().find(|v| v.item.kind == RestoreKind::Single).unwrap().item.clone();
+    let extent = mine.iter().find(|v| v.item.kind != RestoreKind::Single).unwrap().item.clone();
+    let other = RestoreItem { crc: crc32c::crc32c(b"twenty"), ..single.clone() };
+    let later = RestoreItem { epoch: 7, ..extent.clone() };
+    let items = [single, other, extent, later];
+    assert_eq!(s.holds(CONT, oid, b"d", &items).unwrap(), vec![true, false, true, false]);
+    s.close();
+}
