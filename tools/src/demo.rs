@@ -10,7 +10,7 @@ use clap::Args;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use shoal_common::mgmt::ContProps;
 use shoal_common::oclass::ObjType;
-use shoal_tools::local::{pattern, LocalCluster};
+use shoal_tools::local::{pattern, LocalCluster, LocalServer};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -260,6 +260,52 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     verify(&kv, &array, a.keys, a.array_mib, Some(rewrite)).await.context("read back after the drain")?;
     println!(
         "== drained server {retired} (rank {retired_rank}): its shards were copied to the others while it served, then it left ({drained:.2?}); stopped it and read back every byte: correct ({:.2?})",
+        t.elapsed()
+    );
+
+    // A new server joins: the pool is extended onto it, a fair share of
+    // the shards move there (copied while the others serve), and the
+    // copies left behind are given back.
+    let extra = vec!["--ms-addr".to_string(), cluster.ms(), "--exclude-after".into(), "3s".into()];
+    let added = LocalServer::start_with(&dir.join(format!("server{}", a.servers)), a.targets, extra).await?;
+    let t = Instant::now();
+    let new_rank = loop {
+        let q = client.system_query().await?;
+        let m = q.members.iter().find(|m| m.addr == added.addr && m.state == shoal_common::mgmt::MemberState::Joined);
+        if let Some(m) = m {
+            break m.rank;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(60), "the new server did not join within 60s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cluster.servers.push(added);
+    let t = Instant::now();
+    client.pool_extend("demo", vec![new_rank]).await?;
+    let joined = loop {
+        let p = client.pool_query("demo").await?;
+        let mine = p.map.targets.iter().filter(|t| t.rank == new_rank);
+        if p.rebuilding.is_empty() && mine.clone().all(|t| t.state == shoal_common::placement::TargetState::UpIn) {
+            break p;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(120), "the extension did not finish within 120s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let took = t.elapsed();
+    let placement = joined.placement();
+    let info = cont.info();
+    let moved = [kv.oid(), array.oid()]
+        .iter()
+        .map(|&oid| {
+            let class = shoal_common::oclass::oid_class(oid).unwrap_or(kv_class);
+            let layout = placement.layout(info.uuid, oid, class)?;
+            Ok(layout.groups.iter().flatten().filter(|s| s.rank == new_rank).count())
+        })
+        .sum::<shoal_common::Result<usize>>()?;
+    let t = Instant::now();
+    verify(&kv, &array, a.keys, a.array_mib, Some(rewrite)).await.context("read back after the extension")?;
+    println!(
+        "== started server {} and extended the pool onto it (rank {new_rank}): {moved} shards of the KV object and the array moved there in {took:.2?}; read back every byte: correct ({:.2?})",
+        a.servers,
         t.elapsed()
     );
     let other = victim - 1;
