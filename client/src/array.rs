@@ -25,7 +25,7 @@
 //! # Ok(()) }
 //! ```
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 
@@ -38,6 +38,16 @@ const SIZE: &[u8] = b"size";
 const DATA: &[u8] = b"data";
 /// Chunks written or read at once by one call.
 const PARALLEL_CHUNKS: usize = 8;
+/// Zeros that holes are read from without allocating.
+static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
+/// `n` zero bytes: slices of one static buffer while they fit.
+fn zeros(n: u64) -> Bytes {
+    match usize::try_from(n) {
+        Ok(n) if n <= ZEROS.len() => Bytes::from_static(&ZEROS[..n]),
+        _ => Bytes::from(vec![0; n as usize]),
+    }
+}
 
 /// An array object.
 ///
@@ -171,16 +181,24 @@ impl Array {
     /// The pieces of `[offset, offset + len)`: (chunk, offset in chunk,
     /// offset in the caller's buffer, length).
     fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
-        let mut out = Vec::new();
+        self.pieces_iter(offset, len).collect()
+    }
+
+    /// Like [`Array::pieces`], lazily.
+    fn pieces_iter(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> + Send + 'static {
+        let chunk = self.chunk;
+        let end = offset + len;
         let mut at = offset;
-        while at < offset + len {
-            let c = at / self.chunk;
-            let in_chunk = at % self.chunk;
-            let n = (self.chunk - in_chunk).min(offset + len - at);
-            out.push((c, in_chunk, at - offset, n));
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let (c, in_chunk) = (at / chunk, at % chunk);
+            let n = (chunk - in_chunk).min(end - at);
+            let piece = (c, in_chunk, at - offset, n);
             at += n;
-        }
-        out
+            Some(piece)
+        })
     }
 
     /// Writes `data` at `offset`. Chunks go out in parallel; the size grows
@@ -241,21 +259,124 @@ impl Array {
             return Ok(Bytes::new());
         }
         let len = len.min(size - offset);
-        let parts: Vec<(u64, Bytes)> = stream::iter(self.pieces(offset, len))
-            .map(|(c, in_chunk, at, n)| async move {
-                Ok::<_, ShoalError>((at, self.obj.read_extent(&c.to_be_bytes(), DATA, in_chunk, n, EPOCH_MAX).await?))
-            })
-            .buffered(PARALLEL_CHUNKS)
-            .try_collect()
-            .await?;
-        if parts.len() == 1 {
-            return Ok(parts.into_iter().next().expect("one part").1);
+        if (offset % self.chunk) + len <= self.chunk {
+            let c = offset / self.chunk;
+            return self.obj.read_extent(&c.to_be_bytes(), DATA, offset % self.chunk, len, EPOCH_MAX).await;
         }
-        let mut out = BytesMut::with_capacity(len as usize);
-        for (_, b) in parts {
-            out.extend_from_slice(&b);
+        // The whole range in memory: refused, not an abort, when it cannot
+        // be had (`stream`, `reader` and `read_into` hold far less).
+        let mut buf = Vec::new();
+        usize::try_from(len).ok().and_then(|n| buf.try_reserve_exact(n).ok()).ok_or_else(|| {
+            ShoalError::invalid(format!(
+                "reading {len} bytes at once does not fit in memory; use Array::stream, reader or read_into"
+            ))
+        })?;
+        buf.resize(len as usize, 0);
+        let n = self.read_into(offset, &mut buf).await?;
+        buf.truncate(n);
+        Ok(Bytes::from(buf))
+    }
+
+    /// Streams `[offset, offset + len)` (stopping at the array's size) as
+    /// pieces of at most one chunk, in order. At most 8 chunks are read
+    /// ahead, so memory stays bounded however long the range; chunks never
+    /// written cost no I/O (one listing of the array's chunks at the start
+    /// says which exist) and come as zeros. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let cont = client.pool_connect("tank").await?.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// use futures::TryStreamExt;
+    ///
+    /// let mut pieces = std::pin::pin!(array.stream(0, u64::MAX));
+    /// let mut total = 0;
+    /// while let Some(piece) = pieces.try_next().await? {
+    ///     total += piece.len() as u64;
+    /// }
+    /// assert_eq!(total, array.size().await?);
+    /// # Ok(()) }
+    /// ```
+    pub fn stream(&self, offset: u64, len: u64) -> impl futures::Stream<Item = Result<Bytes>> + Send + '_ {
+        stream::once(async move {
+            let size = self.size().await?;
+            let end = offset.saturating_add(len).min(size);
+            let len = end.saturating_sub(offset);
+            let written: std::collections::HashSet<u64> = if len == 0 {
+                Default::default()
+            } else {
+                self.obj
+                    .list_dkeys()
+                    .await?
+                    .iter()
+                    .filter_map(|d| <[u8; 8]>::try_from(&d[..]).ok().map(u64::from_be_bytes))
+                    .collect()
+            };
+            Ok::<_, ShoalError>(
+                stream::iter(self.pieces_iter(offset, len))
+                    .map(move |(c, in_chunk, _, n)| {
+                        let written = written.contains(&c);
+                        async move {
+                            if !written {
+                                return Ok(zeros(n));
+                            }
+                            self.obj.read_extent(&c.to_be_bytes(), DATA, in_chunk, n, EPOCH_MAX).await
+                        }
+                    })
+                    .buffered(PARALLEL_CHUNKS),
+            )
+        })
+        .try_flatten()
+    }
+
+    /// [`Array::stream`] as a [`tokio::io::AsyncRead`]: for `tokio::io::copy`
+    /// into a file or socket, with memory bounded the same way.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let cont = client.pool_connect("tank").await?.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// let mut file = tokio::fs::File::create("/tmp/array.bin").await?;
+    /// tokio::io::copy(&mut array.reader(0, u64::MAX), &mut file).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn reader(&self, offset: u64, len: u64) -> impl tokio::io::AsyncRead + Send + '_ {
+        let s = self.stream(offset, len).map_err(std::io::Error::other);
+        tokio_util::io::StreamReader::new(Box::pin(s))
+    }
+
+    /// Reads into `buf` from `offset`: returns how many bytes were read,
+    /// fewer than `buf.len()` only at the end of the array (0 at or past
+    /// it). Holds no more than `buf` and the chunks in flight. Cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let cont = client.pool_connect("tank").await?.cont_open("data").await?;
+    /// # let array = cont.array_create(None, None).await?;
+    /// let mut buf = vec![0u8; 1 << 20];
+    /// let n = array.read_into(0, &mut buf).await?;
+    /// if n < buf.len() {
+    ///     println!("the array ends {n} bytes in");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut pieces = std::pin::pin!(self.stream(offset, buf.len() as u64));
+        let mut at = 0;
+        while let Some(piece) = pieces.try_next().await? {
+            buf[at..at + piece.len()].copy_from_slice(&piece);
+            at += piece.len();
         }
-        Ok(out.freeze())
+        Ok(at)
     }
 
     /// The array's size in bytes. Cancel safe.
