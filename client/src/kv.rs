@@ -96,6 +96,11 @@ impl Kv {
 
     /// Stores `value` under `key`. Not cancel safe.
     ///
+    /// A key is 1 to 4096 bytes ([`shoal_common::limits::MAX_KEY_LEN`]),
+    /// a value at most 64 MiB ([`shoal_common::limits::MAX_SEGMENT`]; more
+    /// belongs in an array); longer ones are refused with
+    /// `InvalidArgument` and nothing is stored.
+    ///
     /// # Examples
     ///
     /// ```no_run
@@ -110,8 +115,8 @@ impl Kv {
     /// println!("stored at epoch {epoch}");
     /// # Ok(()) }
     /// ```
-    pub async fn put(&self, key: &[u8], value: Bytes) -> Result<Epoch> {
-        self.obj.update_single(key, VALUE, value).await
+    pub async fn put(&self, key: impl AsRef<[u8]>, value: Bytes) -> Result<Epoch> {
+        self.obj.update_single(key.as_ref(), VALUE, value).await
     }
 
     /// The value under `key`, if any. Cancel safe.
@@ -130,8 +135,8 @@ impl Kv {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
-        self.obj.fetch_single(key, VALUE, EPOCH_MAX).await
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
+        self.obj.fetch_single(key.as_ref(), VALUE, EPOCH_MAX).await
     }
 
     /// Removes `key`. Not cancel safe.
@@ -148,8 +153,8 @@ impl Kv {
     /// assert_eq!(kv.get(b"alice").await?, None);
     /// # Ok(()) }
     /// ```
-    pub async fn remove(&self, key: &[u8]) -> Result<Epoch> {
-        self.obj.punch_dkey(key).await
+    pub async fn remove(&self, key: impl AsRef<[u8]>) -> Result<Epoch> {
+        self.obj.punch_dkey(key.as_ref()).await
     }
 
     /// Every key, in (length, bytes) order. Cancel safe.

@@ -17,12 +17,11 @@
 //! key-value pair and some array bytes and read them back:
 //!
 //! ```no_run
-//! # async fn demo() -> shoal_common::Result<()> {
-//! use bytes::Bytes;
-//! use shoal_client::Client;
-//! use shoal_common::mgmt::ContProps;
+//! # async fn demo() -> shoal_client::Result<()> {
+//! use shoal_client::{Bytes, Client, ContProps};
 //!
-//! let client = Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+//! // $SHOAL_MS, or the cluster `shoal dev up` started.
+//! let client = Client::from_env().await?;
 //! client.pool_create("tank", vec![], 0).await?;
 //! let pool = client.pool_connect("tank").await?;
 //! // Data that survives one server failure.
@@ -43,6 +42,7 @@
 //! ```
 
 pub mod array;
+pub mod discover;
 pub mod ec_read;
 pub mod ec_write;
 pub mod kv;
@@ -53,6 +53,15 @@ pub mod system;
 
 pub use shoal_common::ec;
 pub use shoal_net as transport;
+
+/// The types of `shoal-common` the API uses, so that a program needs only
+/// this crate: `shoal_client::{ContProps, ObjType, Result, ...}`, the rest
+/// under [`common`].
+pub use bytes::Bytes;
+pub use shoal_common as common;
+pub use shoal_common::mgmt::{ContInfo, ContProps, Health, PoolInfo};
+pub use shoal_common::oclass::{ObjType, ObjectClass};
+pub use shoal_common::{ContId, Epoch, Oid, PoolId, Result, ShoalError, EPOCH_MAX};
 
 pub use array::Array;
 pub use kv::Kv;

@@ -284,6 +284,43 @@ impl ClientBuilder {
         self
     }
 
+    /// Fills in what the environment says, by the rules of the `shoal`
+    /// tool: the management service addresses (unless given already) from
+    /// `$SHOAL_MS` or the cluster file (see [`crate::discover`]), the
+    /// request timeout from `$SHOAL_TIMEOUT` and the clock-skew bound from
+    /// `$SHOAL_MAX_CLOCK_SKEW` ("30s", "500ms").
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// use std::time::Duration;
+    ///
+    /// // The environment's cluster, with a timeout of our own.
+    /// let client = shoal_client::Client::builder().from_env()?.timeout(Duration::from_secs(5)).connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_env(mut self) -> Result<Self> {
+        if self.ms.is_empty() {
+            self.ms = crate::discover::ms_from_env(None)?;
+        }
+        let duration = |var: &str| -> Result<Option<Duration>> {
+            match std::env::var(var) {
+                Ok(v) => humantime::parse_duration(&v).map(Some).map_err(|e| {
+                    ShoalError::invalid(format!("{var}={v:?} is not a duration (\"30s\", \"500ms\"): {e}"))
+                }),
+                Err(_) => Ok(None),
+            }
+        };
+        if let Some(t) = duration("SHOAL_TIMEOUT")? {
+            self.timeout = t;
+        }
+        if let Some(s) = duration("SHOAL_MAX_CLOCK_SKEW")? {
+            self.max_clock_skew = s;
+        }
+        Ok(self)
+    }
+
     /// Connects: says hello to the management service (which hands out the
     /// client's clock tag and its clock, so the first write's epoch is
     /// already past the service's clock) and checks this client's clock.
@@ -424,6 +461,22 @@ impl Client {
     /// ```
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
+    }
+
+    /// Connects to the cluster the environment names, by the rules of the
+    /// `shoal` tool (see [`ClientBuilder::from_env`]).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// // After `shoal dev up`, or with SHOAL_MS=host:port set:
+    /// let client = shoal_client::Client::from_env().await?;
+    /// println!("{} servers", client.system_query().await?.members.len());
+    /// # Ok(()) }
+    /// ```
+    pub async fn from_env() -> Result<Client> {
+        Client::builder().from_env()?.connect().await
     }
 
     /// What this client has counted since it connected.

@@ -128,3 +128,50 @@ async fn a_map_version_from_the_future_does_not_lock_writers_out() {
     kv.put(b"k", Bytes::from_static(b"v2")).await.unwrap();
     assert_eq!(kv.get(b"k").await.unwrap().as_deref(), Some(&b"v2"[..]));
 }
+
+/// Limits are enforced with a clear error, before anything is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_values_past_their_limits_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 2, 1).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    pool.cont_create("c", ContProps::default()).await.unwrap();
+    let kv = pool.cont_open("c").await.unwrap().kv_create(None).await.unwrap();
+    // Keys: any AsRef<[u8]>.
+    kv.put("name", Bytes::from_static(b"v")).await.unwrap();
+    kv.put(vec![7u8; 4096], Bytes::from_static(b"v")).await.unwrap();
+    assert_eq!(kv.get(String::from("name")).await.unwrap().as_deref(), Some(&b"v"[..]));
+    let refused = |r: Result<u64, ShoalError>| match r {
+        Err(ShoalError::InvalidArgument(m)) => m,
+        other => panic!("{other:?}"),
+    };
+    let m = refused(kv.put(vec![7u8; 4097], Bytes::from_static(b"v")).await);
+    assert!(m.contains("4096"), "{m}");
+    refused(kv.put("", Bytes::from_static(b"v")).await);
+    let m = refused(kv.put("big", Bytes::from(vec![0u8; (64 << 20) + 1])).await);
+    assert!(m.contains("bytes"), "{m}");
+    assert_eq!(kv.get("big").await.unwrap(), None);
+    assert_eq!(kv.list().await.unwrap().len(), 2);
+}
+
+/// The example program in client/examples runs against a cluster it finds
+/// through $SHOAL_MS, twice (the second run reuses the pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quickstart_example_runs_against_a_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
+    let example = shoal_tests::server_bin().with_file_name("examples").join("quickstart");
+    for _ in 0..2 {
+        let out = tokio::process::Command::new(&example)
+            .env("SHOAL_MS", &cluster.servers[0].addr)
+            .env_remove("SHOAL_CLUSTER")
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("run {}: {e}", example.display()));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("quickstart OK") && stdout.contains("settings/colour = teal"), "{stdout}");
+    }
+}

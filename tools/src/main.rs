@@ -84,16 +84,16 @@ impl Ctx {
         if !self.ms.is_empty() {
             return Ok(self.ms.clone());
         }
-        if let Ok(v) = std::env::var("SHOAL_MS") {
-            return Ok(v.split(',').map(str::to_string).collect());
+        use shoal_client::discover;
+        if std::env::var_os(discover::MS_VAR).is_some() {
+            return Ok(discover::ms_from_env(None)?);
         }
-        let f = dev::ClusterFile::load(&self.cluster_file).with_context(|| {
+        discover::ms_from_file(&self.cluster_file).with_context(|| {
             format!(
                 "no management service given: pass --ms ADDR, set SHOAL_MS, or start one with `shoal dev up` (looked for {})",
                 self.cluster_file.display()
             )
-        })?;
-        Ok(f.ms)
+        })
     }
 
     /// A client connected to the management service.
@@ -108,11 +108,7 @@ impl Ctx {
 }
 
 fn default_cluster_file() -> PathBuf {
-    if let Some(p) = std::env::var_os("SHOAL_CLUSTER") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
-    home.join(".shoal").join("cluster.json")
+    shoal_client::discover::cluster_file()
 }
 
 #[tokio::main]
