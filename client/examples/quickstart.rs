@@ -40,7 +40,7 @@ async fn main() -> Result<()> {
 
     // Key-value pairs, found again by name next time.
     let kv = match cont.name_get("settings").await? {
-        Some(oid) => cont.kv_open(oid)?,
+        Some(oid) => cont.kv_open(oid).await?,
         None => {
             let kv = cont.kv_create(None).await?;
             cont.name_put("settings", kv.oid()).await?;

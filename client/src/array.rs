@@ -202,7 +202,8 @@ impl Array {
     }
 
     /// Writes `data` at `offset`. Chunks go out in parallel; the size grows
-    /// to cover the write once the data is durable. Not cancel safe.
+    /// to cover the write once the data is durable. Empty `data` is refused
+    /// (`InvalidArgument`), as by [`Object::write_extent`]. Not cancel safe.
     ///
     /// # Examples
     ///
@@ -222,7 +223,8 @@ impl Array {
     /// ```
     pub async fn write(&self, offset: u64, data: Bytes) -> Result<Epoch> {
         if data.is_empty() {
-            return Ok(0);
+            // As for `Object::write_extent`: a write stores at least a byte.
+            return Err(ShoalError::invalid("an array write needs at least one byte"));
         }
         let end = offset.checked_add(data.len() as u64).ok_or_else(|| ShoalError::invalid("write past 2^64"))?;
         stream::iter(self.pieces(offset, data.len() as u64))

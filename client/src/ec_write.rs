@@ -195,7 +195,7 @@ impl Object {
                     offset,
                     data: &data,
                     bases: &bases,
-                    codec: &*codec,
+                    codec: codec.clone(),
                 };
                 match w.send(s0, s1, epoch).await {
                     WriteOutcome::Done(missed) => {
@@ -237,8 +237,12 @@ struct Stripes<'a> {
     offset: u64,
     data: &'a Bytes,
     bases: &'a HashMap<u64, RmwBase>,
-    codec: &'a dyn Codec,
+    codec: std::sync::Arc<dyn Codec>,
 }
+
+/// Stripes of at least this many bytes in one batch are encoded on a
+/// blocking thread, not on the async worker that sends them.
+const ENCODE_OFF_WORKER: usize = 256 << 10;
 
 impl Stripes<'_> {
     async fn send(&self, s0: u64, s1: u64, epoch: Epoch) -> WriteOutcome {
@@ -251,26 +255,54 @@ impl Stripes<'_> {
         while s < s1 {
             let last = (s + batch).min(s1);
             let mut per_shard: Vec<(Vec<UpdateIod>, Vec<Bytes>)> = vec![(Vec::new(), Vec::new()); (k + p) as usize];
-            for st_no in s..last {
-                let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
-                let base = self.bases.get(&st_no);
-                let full = match base {
-                    None => self.data.slice((a - self.offset) as usize..(b - self.offset) as usize),
-                    Some(base) => {
-                        let mut buf = BytesMut::from(&base.data[..]);
-                        let (from, to) = (self.offset.max(a), end.min(b));
-                        buf[(from - a) as usize..(to - a) as usize]
-                            .copy_from_slice(&self.data[(from - self.offset) as usize..(to - self.offset) as usize]);
-                        buf.freeze()
+            let fulls: Vec<Bytes> = (s..last)
+                .map(|st_no| {
+                    let (a, b) = (st_no * stripe, (st_no + 1) * stripe);
+                    match self.bases.get(&st_no) {
+                        None => self.data.slice((a - self.offset) as usize..(b - self.offset) as usize),
+                        Some(base) => {
+                            let mut buf = BytesMut::from(&base.data[..]);
+                            let (from, to) = (self.offset.max(a), end.min(b));
+                            buf[(from - a) as usize..(to - a) as usize].copy_from_slice(
+                                &self.data[(from - self.offset) as usize..(to - self.offset) as usize],
+                            );
+                            buf.freeze()
+                        }
                     }
-                };
-                let cells: Vec<Bytes> =
-                    (0..k as usize).map(|j| full.slice(j * cell as usize..(j + 1) * cell as usize)).collect();
-                let refs: Vec<&[u8]> = cells.iter().map(|c| &c[..]).collect();
-                let parity = match self.codec.encode(&refs) {
-                    Ok(p) => p,
-                    Err(e) => return WriteOutcome::Failed(e),
-                };
+                })
+                .collect();
+            let cells_of = |full: &Bytes| -> Vec<Bytes> {
+                (0..k as usize).map(|j| full.slice(j * cell as usize..(j + 1) * cell as usize)).collect()
+            };
+            let encode = {
+                let (codec, fulls) = (self.codec.clone(), fulls.clone());
+                move || -> shoal_common::Result<Vec<Vec<Vec<u8>>>> {
+                    fulls
+                        .iter()
+                        .map(|full| {
+                            let cells: Vec<&[u8]> =
+                                (0..k as usize).map(|j| &full[j * cell as usize..(j + 1) * cell as usize]).collect();
+                            codec.encode(&cells)
+                        })
+                        .collect()
+                }
+            };
+            // Large batches are encoded off the async worker threads.
+            let parities = if fulls.len() * stripe as usize >= ENCODE_OFF_WORKER {
+                match tokio::task::spawn_blocking(encode).await {
+                    Ok(r) => r,
+                    Err(e) => Err(shoal_common::ShoalError::Internal(format!("EC encode task: {e}"))),
+                }
+            } else {
+                encode()
+            };
+            let parities = match parities {
+                Ok(p) => p,
+                Err(e) => return WriteOutcome::Failed(e),
+            };
+            for ((st_no, full), parity) in (s..last).zip(&fulls).zip(parities) {
+                let base = self.bases.get(&st_no);
+                let cells = cells_of(full);
                 let kind = ValueKind::Array { rec_size: 1, start: st_no * cell, nr: cell };
                 for (j, c) in cells.into_iter().chain(parity.into_iter().map(Bytes::from)).enumerate() {
                     let mut iod = UpdateIod::new(self.akey, kind, &c);

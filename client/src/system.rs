@@ -1337,13 +1337,18 @@ impl Container {
     /// # let cont = pool.cont_open("data").await?;
     /// let oid = cont.kv_create(None).await?.oid();
     /// // Later, or in another process that learned the OID:
-    /// let kv = cont.kv_open(oid)?;
+    /// let kv = cont.kv_open(oid).await?;
     /// let value = kv.get(b"key").await?;
     /// # Ok(()) }
     /// ```
     ///
     /// Refuses an OID that is not a key-value object's.
-    pub fn kv_open(&self, oid: Oid) -> Result<Kv> {
+    pub async fn kv_open(&self, oid: Oid) -> Result<Kv> {
+        self.kv_handle(oid)
+    }
+
+    /// A handle on the key-value object `oid` (no I/O).
+    fn kv_handle(&self, oid: Oid) -> Result<Kv> {
         Ok(Kv::new(self.open_as(oid, ObjType::Kv)?))
     }
 
@@ -1439,7 +1444,7 @@ impl Container {
         let rd_fac = self.inner.info.props.rd_fac;
         let class = if rd_fac == 0 { "S1".to_string() } else { format!("RP_{}G1", rd_fac + 1) };
         let class: ObjectClass = class.parse()?;
-        self.kv_open(make_oid(NAME_INDEX_SEQ, class, ObjType::Kv))
+        self.kv_handle(make_oid(NAME_INDEX_SEQ, class, ObjType::Kv))
     }
 
     /// Records `name` -> `oid` in the name index. Not cancel safe.

@@ -29,8 +29,8 @@ async fn an_object_opened_as_the_wrong_type_is_refused_and_keeps_its_data() {
         Err(e) => panic!("wrong error: {e:?}"),
         Ok(_) => panic!("opened as the wrong type"),
     };
-    wrong(cont.kv_open(array.oid()).map(drop), "is an array");
-    wrong(cont.kv_open(multi).map(drop), "is a generic object");
+    wrong(cont.kv_open(array.oid()).await.map(drop), "is an array");
+    wrong(cont.kv_open(multi).await.map(drop), "is a generic object");
     wrong(cont.array_open(kv.oid()).await.map(drop), "is a key-value object");
     wrong(cont.array_open(multi).await.map(drop), "is a generic object");
     wrong(cont.object(array.oid()).map(drop), "is an array");
@@ -41,7 +41,7 @@ async fn an_object_opened_as_the_wrong_type_is_refused_and_keeps_its_data() {
     assert_eq!(kv.get(b"key").await.unwrap().as_deref(), Some(&b"value"[..]));
     // The right opens still work.
     assert_eq!(&cont.array_open(array.oid()).await.unwrap().read(0, 8).await.unwrap()[..], b"precious");
-    assert_eq!(cont.kv_open(kv.oid()).unwrap().get(b"key").await.unwrap().as_deref(), Some(&b"value"[..]));
+    assert_eq!(cont.kv_open(kv.oid()).await.unwrap().get(b"key").await.unwrap().as_deref(), Some(&b"value"[..]));
     cont.object(multi).unwrap();
 }
 

@@ -531,7 +531,7 @@ async fn the_management_service_survives_a_crash_of_its_server() {
     let pool = after.pool_connect("tank").await.unwrap();
     let cont2 = pool.cont_open("c").await.unwrap();
     assert_eq!(cont2.info().uuid, cont.info().uuid);
-    let kv2 = cont2.kv_open(kv.oid()).unwrap();
+    let kv2 = cont2.kv_open(kv.oid()).await.unwrap();
     assert_eq!(kv2.get(b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
     let fresh = cont2.kv_create(None).await.unwrap();
     assert!(shoal_common::oclass::oid_seq(fresh.oid()) > shoal_common::oclass::oid_seq(kv.oid()));

@@ -886,7 +886,7 @@ async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
         match saved.name_get(&name).await.unwrap() {
             Some(oid) => {
                 assert!(!lost.contains(&kv.oid()), "{name} was lost, yet salvaged");
-                let got = saved.kv_open(oid).unwrap().get(b"k").await.unwrap();
+                let got = saved.kv_open(oid).await.unwrap().get(b"k").await.unwrap();
                 assert_eq!(got.unwrap(), pattern(i as u64, 100), "{name}");
             }
             None => assert!(lost.contains(&kv.oid()), "{name} reads, yet was not salvaged"),

@@ -58,8 +58,8 @@ async fn the_write_acknowledged_last_wins_whatever_the_clocks_say() {
             // Key-value: the slow client's later put wins.
             let kv = fc.kv_create(None).await.unwrap();
             kv.put(b"key", Bytes::from_static(b"old")).await.unwrap();
-            sc.kv_open(kv.oid()).unwrap().put(b"key", Bytes::from_static(b"new")).await.unwrap();
-            let got = hc.kv_open(kv.oid()).unwrap().get(b"key").await.unwrap();
+            sc.kv_open(kv.oid()).await.unwrap().put(b"key", Bytes::from_static(b"new")).await.unwrap();
+            let got = hc.kv_open(kv.oid()).await.unwrap().get(b"key").await.unwrap();
             assert_eq!(got.as_deref(), Some(&b"new"[..]), "{label}, skew {skew}: KV put");
 
             // A whole-chunk (full-stripe) overwrite.
@@ -99,7 +99,7 @@ async fn a_client_whose_clock_is_too_far_off_refuses_to_write_and_says_why() {
     kv.put(b"k", Bytes::from_static(b"v")).await.unwrap();
     for skew in [-20 * SEC, 20 * SEC] {
         let c = skewed(&ms, skew).await;
-        let mine = cont(&c, "rp-3g1").await.kv_open(kv.oid()).unwrap();
+        let mine = cont(&c, "rp-3g1").await.kv_open(kv.oid()).await.unwrap();
         let r = mine.put(b"k", Bytes::from_static(b"w")).await;
         match r {
             Err(ShoalError::InvalidArgument(m)) => assert!(m.contains("clock"), "{m}"),

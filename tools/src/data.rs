@@ -95,7 +95,7 @@ async fn find_kv(cont: &Container, name: &str, create: Option<Option<ObjectClass
         if oid_type(oid) != Some(ObjType::Kv) {
             bail!("{name} ({oid}) is not a KV object");
         }
-        return Ok(cont.kv_open(oid)?);
+        return Ok(cont.kv_open(oid).await?);
     }
     match create {
         Some(class) => {

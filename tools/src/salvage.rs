@@ -73,6 +73,7 @@ async fn copy_array(from: &Container, to: &Container, oid: Oid) -> anyhow::Resul
     while at < size {
         let n = a.chunk_size().min(size - at);
         match a.read(at, n).await {
+            Ok(data) if data.is_empty() => break,
             Ok(data) => {
                 b.write(at, data).await?;
             }
@@ -89,7 +90,7 @@ async fn copy_array(from: &Container, to: &Container, oid: Oid) -> anyhow::Resul
 
 /// Copies a KV object key by key.
 async fn copy_kv(from: &Container, to: &Container, oid: Oid) -> anyhow::Result<(Oid, Option<String>)> {
-    let a = from.kv_open(oid)?;
+    let a = from.kv_open(oid).await?;
     let keys = a.list().await?;
     let b = to.kv_create(oid_class(oid)).await?;
     let mut lost = 0;
