@@ -10,7 +10,6 @@
 //! SHOAL_MS=10.0.0.1:10001 cargo run -p shoal-client --example quickstart -- mypool
 //! ```
 
-use futures::TryStreamExt;
 use shoal_client::{Bytes, Client, ContProps, ObjType, Result, ShoalError};
 
 #[tokio::main]
@@ -53,19 +52,16 @@ async fn main() -> Result<()> {
     let colour = kv.get("colour").await?.ok_or_else(|| ShoalError::NotFound("colour".into()))?;
     println!("settings/colour = {}", String::from_utf8_lossy(&colour));
 
-    // An array: 8 MiB written, read back whole, then streamed piece by
-    // piece (memory bounded by the chunks in flight, not by the size).
+    // An array: 8 MiB written, read back whole, then streamed (memory
+    // bounded by the chunks in flight, not by the size) as an AsyncRead.
     let array = cont.array_create(None, None).await?;
     let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
     array.write(0, Bytes::from(data.clone())).await?;
     assert!(array.read(0, data.len() as u64).await? == data);
-    let mut pieces = std::pin::pin!(array.stream(0, u64::MAX));
-    let (mut n, mut bytes) = (0, 0u64);
-    while let Some(piece) = pieces.try_next().await? {
-        n += 1;
-        bytes += piece.len() as u64;
-    }
-    println!("array {}: wrote and read back {bytes} bytes, streamed in {n} pieces", array.oid());
+    let streamed = tokio::io::copy(&mut array.reader(0, u64::MAX), &mut tokio::io::sink())
+        .await
+        .map_err(|e| ShoalError::Io(e.to_string()))?;
+    println!("array {}: wrote and read back {} bytes, streamed {streamed}", array.oid(), data.len());
 
     // Where it lives: one line per group of shards.
     for (g, group) in array.object().layout()?.groups.iter().enumerate() {

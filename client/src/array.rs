@@ -348,7 +348,7 @@ impl Array {
     /// tokio::io::copy(&mut array.reader(0, u64::MAX), &mut file).await?;
     /// # Ok(()) }
     /// ```
-    pub fn reader(&self, offset: u64, len: u64) -> impl tokio::io::AsyncRead + Send + '_ {
+    pub fn reader(&self, offset: u64, len: u64) -> impl tokio::io::AsyncRead + Send + Unpin + '_ {
         let s = self.stream(offset, len).map_err(std::io::Error::other);
         tokio_util::io::StreamReader::new(Box::pin(s))
     }
