@@ -61,7 +61,7 @@ pub use bytes::Bytes;
 pub use shoal_common as common;
 pub use shoal_common::mgmt::{ContInfo, ContProps, Health, PoolInfo};
 pub use shoal_common::oclass::{ObjType, ObjectClass};
-pub use shoal_common::{ContId, Epoch, Oid, PoolId, Result, ShoalError, EPOCH_MAX};
+pub use shoal_common::{ContId, Epoch, ErrorKind, Oid, PoolId, Result, ShoalError, EPOCH_MAX};
 
 pub use array::Array;
 pub use kv::Kv;

@@ -65,7 +65,61 @@ pub enum ShoalError {
     Damaged(String),
 }
 
+/// What kind of error a [`ShoalError`] is, to match on without its
+/// message (stable: kinds are only ever added).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    InvalidArgument,
+    NotFound,
+    Checksum,
+    Poisoned,
+    NoSpace,
+    StaleMap,
+    NoPermission,
+    Io,
+    Protocol,
+    Timeout,
+    Unreachable,
+    Busy,
+    Internal,
+    Conflict,
+    Damaged,
+}
+
 impl ShoalError {
+    /// What kind of error this is.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use shoal_common::error::ErrorKind;
+    /// use shoal_common::ShoalError;
+    ///
+    /// let e = ShoalError::NotFound("pool tank".into());
+    /// assert_eq!(e.kind(), ErrorKind::NotFound);
+    /// assert!(!e.is_retryable());
+    /// ```
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ShoalError::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            ShoalError::NotFound(_) => ErrorKind::NotFound,
+            ShoalError::Checksum(_) => ErrorKind::Checksum,
+            ShoalError::Poisoned(_) => ErrorKind::Poisoned,
+            ShoalError::NoSpace(_) => ErrorKind::NoSpace,
+            ShoalError::StaleMap { .. } => ErrorKind::StaleMap,
+            ShoalError::NoPermission(_) => ErrorKind::NoPermission,
+            ShoalError::Io(_) => ErrorKind::Io,
+            ShoalError::Protocol(_) => ErrorKind::Protocol,
+            ShoalError::Timeout(_) => ErrorKind::Timeout,
+            ShoalError::Unreachable(_) => ErrorKind::Unreachable,
+            ShoalError::Busy(_) => ErrorKind::Busy,
+            ShoalError::Internal(_) => ErrorKind::Internal,
+            ShoalError::Conflict { .. } => ErrorKind::Conflict,
+            ShoalError::Damaged(_) => ErrorKind::Damaged,
+        }
+    }
+
     /// An [`ShoalError::InvalidArgument`] with the given message.
     pub fn invalid(msg: impl Into<String>) -> Self {
         ShoalError::InvalidArgument(msg.into())

@@ -27,6 +27,6 @@ pub mod oclass;
 pub mod placement;
 pub mod wire;
 
-pub use error::{Result, ShoalError};
+pub use error::{ErrorKind, Result, ShoalError};
 pub use hlc::{Epoch, Hlc, EPOCH_MAX};
 pub use ids::{ContId, Oid, PoolId};

@@ -250,6 +250,12 @@ impl TcpTransport {
                 )));
             }
         }
+        // A malformed address is the caller's mistake, not a peer that may
+        // come back: not retryable.
+        let port = addr.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+        if !matches!(port, Some(Ok(_))) {
+            return Err(ShoalError::invalid(format!("malformed address {addr:?}: expected HOST:PORT")));
+        }
         let stream = match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr)).await {
             Ok(r) => r.map_err(|e| ShoalError::Unreachable(format!("connect to {addr}: {e}")))?,
             Err(_) => {

@@ -175,3 +175,14 @@ async fn the_quickstart_example_runs_against_a_cluster() {
         assert!(stdout.contains("quickstart OK") && stdout.contains("settings/colour = teal"), "{stdout}");
     }
 }
+
+/// A malformed address is the caller's mistake: a clear error of its own
+/// kind, not a retryable "unreachable".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_address_is_an_invalid_argument() {
+    for addr in ["nonsense", "127.0.0.1", "127.0.0.1:99999", "host:port"] {
+        let e = shoal_client::Client::connect(vec![addr.into()]).await.unwrap_err();
+        assert_eq!(e.kind(), shoal_client::ErrorKind::InvalidArgument, "{addr}: {e}");
+        assert!(!e.is_retryable() && e.to_string().contains("HOST:PORT"), "{addr}: {e}");
+    }
+}
