@@ -22,7 +22,8 @@
 //! ```
 
 use bytes::Bytes;
-use shoal_common::{Epoch, Oid, Result, EPOCH_MAX};
+use shoal_common::limits::{MAX_KEY_LEN, MAX_SEGMENT};
+use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 
 use crate::object::Object;
 
@@ -116,7 +117,15 @@ impl Kv {
     /// # Ok(()) }
     /// ```
     pub async fn put(&self, key: impl AsRef<[u8]>, value: Bytes) -> Result<Epoch> {
-        self.obj.update_single(key.as_ref(), VALUE, value).await
+        let key = check_key(key.as_ref())?;
+        if value.len() > MAX_SEGMENT as usize {
+            return Err(ShoalError::invalid(format!(
+                "a value of {} bytes is larger than the {} MiB a key-value pair may hold; store it in an array",
+                value.len(),
+                MAX_SEGMENT >> 20
+            )));
+        }
+        self.obj.update_single(key, VALUE, value).await
     }
 
     /// The value under `key`, if any. Cancel safe.
@@ -136,7 +145,7 @@ impl Kv {
     /// # Ok(()) }
     /// ```
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>> {
-        self.obj.fetch_single(key.as_ref(), VALUE, EPOCH_MAX).await
+        self.obj.fetch_single(check_key(key.as_ref())?, VALUE, EPOCH_MAX).await
     }
 
     /// Removes `key`. Not cancel safe.
@@ -154,7 +163,7 @@ impl Kv {
     /// # Ok(()) }
     /// ```
     pub async fn remove(&self, key: impl AsRef<[u8]>) -> Result<Epoch> {
-        self.obj.punch_dkey(key.as_ref()).await
+        self.obj.punch_dkey(check_key(key.as_ref())?).await
     }
 
     /// Every key, in (length, bytes) order. Cancel safe.
@@ -175,4 +184,18 @@ impl Kv {
     pub async fn list(&self) -> Result<Vec<Vec<u8>>> {
         self.obj.list_dkeys().await
     }
+}
+
+/// A key as the user guide says: 1 to 4096 bytes.
+fn check_key(key: &[u8]) -> Result<&[u8]> {
+    if key.is_empty() {
+        return Err(ShoalError::invalid("a key must not be empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(ShoalError::invalid(format!(
+            "a key of {} bytes is longer than the {MAX_KEY_LEN} bytes a key may have",
+            key.len()
+        )));
+    }
+    Ok(key)
 }

@@ -147,11 +147,14 @@ async fn keys_and_values_past_their_limits_are_refused() {
         Err(ShoalError::InvalidArgument(m)) => m,
         other => panic!("{other:?}"),
     };
+    // In the words of the user guide (key, value, array), not the wire's.
     let m = refused(kv.put(vec![7u8; 4097], Bytes::from_static(b"v")).await);
-    assert!(m.contains("4096"), "{m}");
-    refused(kv.put("", Bytes::from_static(b"v")).await);
+    assert!(m.contains("a key of 4097 bytes") && m.contains("4096"), "{m}");
+    let m = refused(kv.put("", Bytes::from_static(b"v")).await);
+    assert!(m.contains("key must not be empty"), "{m}");
     let m = refused(kv.put("big", Bytes::from(vec![0u8; (64 << 20) + 1])).await);
-    assert!(m.contains("bytes"), "{m}");
+    assert!(m.contains("value of") && m.contains("array"), "{m}");
+    assert!(matches!(kv.get(vec![1u8; 5000]).await, Err(ShoalError::InvalidArgument(_))));
     assert_eq!(kv.get("big").await.unwrap(), None);
     assert_eq!(kv.list().await.unwrap().len(), 2);
 }
