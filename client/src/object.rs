@@ -55,7 +55,7 @@ use shoal_common::oclass::{oid_class, ObjectClass, Redundancy};
 use shoal_common::placement::{Layout, Shard};
 use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 
-use crate::system::{ContInner, PoolState, STALE_RETRIES};
+use crate::system::{ContInner, PoolState};
 use crate::transport::call;
 
 /// Most bytes one request sends to one shard; larger writes are split.
@@ -348,7 +348,7 @@ impl Object {
             let version = st.info.map.version;
             let layout = st.placement.layout(self.cont.info.uuid, self.oid, self.class)?;
             match op(st, layout).await {
-                Err(ShoalError::StaleMap { .. }) if attempt < STALE_RETRIES => {
+                Err(ShoalError::StaleMap { .. }) if attempt < self.cont.pool.client.inner.stale_retries => {
                     attempt += 1;
                     self.cont.pool.refresh().await?;
                 }
@@ -415,6 +415,10 @@ impl Object {
         self.cont.check_live()?;
         let addr = st.addr(shard)?;
         let c = &self.cont.pool.client.inner;
+        let _slot = match &c.in_flight {
+            Some(s) => Some(s.acquire().await.map_err(|_| ShoalError::Internal("in-flight cap closed".into()))?),
+            None => None,
+        };
         let r = call(&c.transport, addr, req, segs, st.info.map.version, 0, c.timeout).await;
         if r.as_ref().is_err_and(|e| e.is_cont_destroyed(self.cont.info.uuid)) {
             self.cont.destroyed.store(true, std::sync::atomic::Ordering::Release);

@@ -66,6 +66,10 @@ pub(crate) struct Inner {
     pub hlc: Hlc,
     ms: Vec<String>,
     pub timeout: Duration,
+    /// Times an operation is sent again after a "stale map" answer.
+    pub stale_retries: usize,
+    /// Caps the requests to servers this client has in flight at once.
+    pub in_flight: Option<Arc<tokio::sync::Semaphore>>,
     clock: Clock,
     /// Why writes are refused: this client's clock is further off the
     /// service's than the bound (checked at connect).
@@ -218,6 +222,8 @@ pub struct ClientStats {
 pub struct ClientBuilder {
     ms: Vec<String>,
     timeout: Duration,
+    stale_retries: usize,
+    max_in_flight: Option<usize>,
     max_clock_skew: Duration,
     clock: Clock,
 }
@@ -227,6 +233,8 @@ impl std::fmt::Debug for ClientBuilder {
         f.debug_struct("ClientBuilder")
             .field("ms", &self.ms)
             .field("timeout", &self.timeout)
+            .field("stale_retries", &self.stale_retries)
+            .field("max_in_flight", &self.max_in_flight)
             .field("max_clock_skew", &self.max_clock_skew)
             .finish_non_exhaustive()
     }
@@ -237,6 +245,8 @@ impl Default for ClientBuilder {
         ClientBuilder {
             ms: Vec::new(),
             timeout: Duration::from_secs(30),
+            stale_retries: STALE_RETRIES,
+            max_in_flight: None,
             max_clock_skew: Duration::from_secs(5),
             clock: Arc::new(wall_ns),
         }
@@ -253,6 +263,30 @@ impl ClientBuilder {
     /// How long one request may wait for its reply (default 30 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How many times an operation is sent again, with a fresh pool map,
+    /// after a server said the client's map is stale (default
+    /// [`STALE_RETRIES`]); 0 returns the first "stale map" error.
+    pub fn stale_retries(mut self, n: usize) -> Self {
+        self.stale_retries = n;
+        self
+    }
+
+    /// At most `n` requests to servers in flight at once across the whole
+    /// client (default: no cap; each call keeps its own few in flight).
+    /// Requests past the cap wait for a slot.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// let gentle = shoal_client::Client::builder().from_env()?.max_in_flight(16).connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = Some(n.max(1));
         self
     }
 
@@ -333,6 +367,8 @@ impl ClientBuilder {
             hlc: Hlc::new(),
             ms: self.ms,
             timeout: self.timeout,
+            stale_retries: self.stale_retries,
+            in_flight: self.max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             clock: self.clock,
             skew_refusal: None,
             checksum_errors: AtomicU64::new(0),

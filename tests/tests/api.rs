@@ -189,3 +189,23 @@ async fn a_malformed_address_is_an_invalid_argument() {
         assert!(!e.is_retryable() && e.to_string().contains("HOST:PORT"), "{addr}: {e}");
     }
 }
+
+/// A client capped to one request in flight still does everything (an EC
+/// write sends to every shard), one request at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_one_request_in_flight_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
+    let client =
+        shoal_client::Client::builder().ms([cluster.servers[0].addr.clone()]).max_in_flight(1).stale_retries(1);
+    let client = client.connect().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    let props = ContProps { oclass: Some("EC_2P1G1".into()), ..ContProps::default() };
+    pool.cont_create("c", props).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let array = cont.array_create(None, None).await.unwrap();
+    let data = shoal_tests::pattern(5, 4 << 20);
+    array.write(3, Bytes::from(data.clone())).await.unwrap();
+    assert!(array.read(3, data.len() as u64).await.unwrap() == data);
+}
