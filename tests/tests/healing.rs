@@ -1035,6 +1035,58 @@ async fn a_server_back_from_a_short_outage_is_sent_only_what_it_missed() {
     }
 }
 
+/// A pool on four of five servers (the fifth is `new`, to extend it
+/// with), writers on RP_3GX and EC_2P2G1, and 24 bulk arrays of `size`
+/// bytes (seeded from `seed`).
+struct Extending {
+    cluster: TestCluster,
+    client: Client,
+    new: u32,
+    first: Vec<u32>,
+    index: BTreeMap<u32, usize>,
+    writers: Arc<Vec<Writer>>,
+    bulk: shoal_client::Container,
+    arrays: Vec<Array>,
+    size: usize,
+    seed: u64,
+}
+
+impl Extending {
+    async fn start(dir: &std::path::Path, args: &[&str], size: usize, seed: u64) -> Extending {
+        let cluster = TestCluster::start_with(dir, 5, 1, args).await.unwrap();
+        let client = cluster.client().await.unwrap();
+        let (members, index_of) = ranks_to_servers(&client, &cluster).await;
+        let index: BTreeMap<u32, usize> = members.iter().map(|m| (m.rank, index_of(m.rank))).collect();
+        let new = members.iter().map(|m| m.rank).find(|&r| index[&r] == 4).unwrap();
+        let first: Vec<u32> = members.iter().map(|m| m.rank).filter(|&r| r != new).collect();
+        client.pool_create("tank", first.clone(), 0).await.unwrap();
+        let writers = Arc::new(vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_2P2G1").await]);
+        let bulk = client.pool_connect("tank").await.unwrap().cont_open("rp").await.unwrap();
+        let mut arrays = Vec::new();
+        for i in 0..24u64 {
+            let a = bulk.array_create(None, None).await.unwrap();
+            a.write(0, Bytes::from(pattern(seed + i, size))).await.unwrap();
+            arrays.push(a);
+        }
+        Extending { cluster, client, new, first, index, writers, bulk, arrays, size, seed }
+    }
+
+    /// Two of the pool's first servers die (not the MS's); every byte still
+    /// reads back, shards that moved from the new server.
+    async fn kill_two_and_verify(&mut self) {
+        for r in self.first.iter().filter(|&&r| self.index[&r] != 0).take(2) {
+            self.cluster.servers[self.index[r]].kill9();
+        }
+        for w in self.writers.iter() {
+            verify(w).await;
+        }
+        for (i, a) in self.arrays.iter().enumerate() {
+            let want = pattern(self.seed + i as u64, self.size);
+            assert!(a.read(0, self.size as u64).await.unwrap() == want, "bulk array {i}");
+        }
+    }
+}
+
 /// `pool extend` under load: the new server's targets join once the
 /// shards that move there (about its share) are copied; no write fails,
 /// and the copies are right: with two original servers dead, every byte
@@ -1043,20 +1095,8 @@ async fn a_server_back_from_a_short_outage_is_sent_only_what_it_missed() {
 async fn extending_a_pool_moves_a_share_of_the_data_onto_the_new_server() {
     use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--metrics", "127.0.0.1:0"]).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let (members, index_of) = ranks_to_servers(&client, &cluster).await;
-    let new = members.iter().map(|m| m.rank).find(|&r| index_of(r) == 4).unwrap();
-    let first: Vec<u32> = members.iter().map(|m| m.rank).filter(|&r| r != new).collect();
-    client.pool_create("tank", first.clone(), 0).await.unwrap();
-    let writers = Arc::new(vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_2P2G1").await]);
-    let bulk = client.pool_connect("tank").await.unwrap().cont_open("rp").await.unwrap();
-    let mut arrays = Vec::new();
-    for i in 0..24u64 {
-        let a = bulk.array_create(None, None).await.unwrap();
-        a.write(0, Bytes::from(pattern(2000 + i, 256 << 10))).await.unwrap();
-        arrays.push(a);
-    }
+    let mut x = Extending::start(tmp.path(), &["--metrics", "127.0.0.1:0"], 256 << 10, 2000).await;
+    let (client, new, writers) = (x.client.clone(), x.new, x.writers.clone());
     for i in 0..4u64 {
         for w in writers.iter() {
             w.round(i).await.unwrap();
@@ -1081,26 +1121,27 @@ async fn extending_a_pool_moves_a_share_of_the_data_onto_the_new_server() {
     assert!(joined.map.targets.iter().any(|t| t.rank == new && t.added > 0));
     // Objects are not made wider than the servers the pool was created
     // with: a 5-wide class is refused on these 4 + 1.
-    let err = bulk.array_create(Some("EC_4P1G1".parse().unwrap()), None).await.unwrap_err();
+    let err = x.bulk.array_create(Some("EC_4P1G1".parse().unwrap()), None).await.unwrap_err();
     assert!(err.to_string().contains("needs 5 fault domains"), "{err}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = task.await.unwrap();
     eprintln!("{rounds} write rounds during the extension, none failed");
     // The servers shards moved away from give their copies back.
-    let live: Vec<&shoal_tests::TestServer> = cluster.servers.iter().collect();
+    let live: Vec<&shoal_tests::TestServer> = x.cluster.servers.iter().collect();
     wait_reclaimed(&live, 3 * (256 << 10)).await;
     // The new server holds a share of the objects now.
     let placement = joined.placement();
-    let cont = bulk.info().uuid;
-    let on_new = arrays
+    let cont = x.bulk.info().uuid;
+    let on_new = x
+        .arrays
         .iter()
         .filter(|a| {
             let class = shoal_common::oclass::oid_class(a.oid()).unwrap();
             placement.layout(cont, a.oid(), class).unwrap().groups[0].iter().any(|s| s.rank == new)
         })
         .count();
-    eprintln!("{on_new} of {} bulk arrays have a shard on the new server", arrays.len());
+    eprintln!("{on_new} of {} bulk arrays have a shard on the new server", x.arrays.len());
     assert!(on_new >= 3, "{on_new} arrays moved");
     let usage = client.pool_connect("tank").await.unwrap().target_usage().await;
     let used = usage.iter().find(|(r, _, _)| *r == new).map(|(_, _, u)| u.as_ref().unwrap().data_bytes).unwrap();
@@ -1108,17 +1149,7 @@ async fn extending_a_pool_moves_a_share_of_the_data_onto_the_new_server() {
     for w in writers.iter() {
         verify(w).await;
     }
-    // Two original servers die (not the MS's): shards that moved are read
-    // from the new server.
-    for r in first.iter().filter(|&&r| index_of(r) != 0).take(2) {
-        cluster.servers[index_of(*r)].kill9();
-    }
-    for w in writers.iter() {
-        verify(w).await;
-    }
-    for (i, a) in arrays.iter().enumerate() {
-        assert!(a.read(0, 256 << 10).await.unwrap() == pattern(2000 + i as u64, 256 << 10), "bulk array {i}");
-    }
+    x.kill_two_and_verify().await;
 }
 
 /// A rank of `p` other than `not`.
@@ -1167,42 +1198,30 @@ async fn a_drain_that_cannot_finish_says_why_and_can_be_cancelled() {
 async fn an_extension_pauses_while_the_joining_server_is_down() {
     use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "60s"]).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    let (members, index_of) = ranks_to_servers(&client, &cluster).await;
-    let new = members.iter().map(|m| m.rank).find(|&r| index_of(r) == 4).unwrap();
-    let first: Vec<u32> = members.iter().map(|m| m.rank).filter(|&r| r != new).collect();
-    client.pool_create("tank", first.clone(), 0).await.unwrap();
-    let writers = vec![writer(&client, "rp", "RP_3GX").await, writer(&client, "ec", "EC_2P2G1").await];
-    let bulk = client.pool_connect("tank").await.unwrap().cont_open("rp").await.unwrap();
-    let mut arrays = Vec::new();
-    for i in 0..24u64 {
-        let a = bulk.array_create(None, None).await.unwrap();
-        a.write(0, Bytes::from(pattern(3000 + i, 512 << 10))).await.unwrap();
-        arrays.push(a);
-    }
+    let mut x = Extending::start(tmp.path(), &["--exclude-after", "60s"], 512 << 10, 3000).await;
+    let (client, new, writers) = (x.client.clone(), x.new, x.writers.clone());
     // Slow enough to catch it in the middle.
     client.rebuild_ctl("tank", None, Some(1)).await.unwrap();
     client.pool_extend("tank", vec![new]).await.unwrap();
     let t = Instant::now();
     wait_pool(&client, t, Duration::from_secs(30), "copying", |p| p.rebuild.as_ref().is_some_and(|r| r.bytes > 0))
         .await;
-    cluster.servers[4].kill9();
+    x.cluster.servers[4].kill9();
     // Writes that reach it fail over: it is declared down, and the
     // extension pauses.
     for i in 0..8u64 {
-        for w in &writers {
+        for w in writers.iter() {
             w.round(i).await.unwrap();
         }
     }
     let p = wait_pool(&client, t, Duration::from_secs(30), "pause", |p| p.rebuilding.is_empty()).await;
     assert!(p.map.targets.iter().filter(|t| t.rank == new).all(|t| t.state == TargetState::New), "{:?}", p.map);
     assert!(client.pool_extend("tank", vec![new]).await.is_err());
-    cluster.servers[4].restart().await.unwrap();
+    x.cluster.servers[4].restart().await.unwrap();
     client.reintegrate(Some("tank"), new).await.unwrap();
     client.rebuild_ctl("tank", None, Some(0)).await.unwrap();
     for i in 8..12u64 {
-        for w in &writers {
+        for w in writers.iter() {
             w.round(i).await.unwrap();
         }
     }
@@ -1211,16 +1230,8 @@ async fn an_extension_pauses_while_the_joining_server_is_down() {
     })
     .await;
     eprintln!("rank {new} joined {:?} after the extension started, through its death", t.elapsed());
-    for w in &writers {
+    for w in writers.iter() {
         verify(w).await;
     }
-    for r in first.iter().filter(|&&r| index_of(r) != 0).take(2) {
-        cluster.servers[index_of(*r)].kill9();
-    }
-    for w in &writers {
-        verify(w).await;
-    }
-    for (i, a) in arrays.iter().enumerate() {
-        assert!(a.read(0, 512 << 10).await.unwrap() == pattern(3000 + i as u64, 512 << 10), "bulk array {i}");
-    }
+    x.kill_two_and_verify().await;
 }
