@@ -5,3 +5,17 @@
 //! beside the directory, readiness by polling, never fixed sleeps.
 
 pub use shoal_tools::local::{pattern, server_bin, LocalCluster as TestCluster, LocalServer as TestServer};
+
+/// A pool "tank" over every server of `cluster` and a container "c" in it
+/// with `props`: the client, the pool and the open container.
+pub async fn tank(
+    cluster: &TestCluster,
+    props: shoal_common::mgmt::ContProps,
+) -> (shoal_client::Client, shoal_client::Pool, shoal_client::Container) {
+    let client = cluster.client().await.expect("connect");
+    client.pool_create("tank", vec![], 0).await.expect("pool create");
+    let pool = client.pool_connect("tank").await.expect("pool connect");
+    pool.cont_create("c", props).await.expect("container create");
+    let cont = pool.cont_open("c").await.expect("container open");
+    (client, pool, cont)
+}

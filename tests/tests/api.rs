@@ -12,11 +12,7 @@ use shoal_tests::TestCluster;
 async fn an_object_opened_as_the_wrong_type_is_refused_and_keeps_its_data() {
     let tmp = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(tmp.path(), 2, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
-    pool.cont_create("c", ContProps::default()).await.unwrap();
-    let cont = pool.cont_open("c").await.unwrap();
+    let (_, _, cont) = shoal_tests::tank(&cluster, ContProps::default()).await;
 
     let array = cont.array_create(None, None).await.unwrap();
     array.write(0, Bytes::from_static(b"precious")).await.unwrap();
@@ -56,12 +52,8 @@ fn destroyed<T: std::fmt::Debug>(r: Result<T, ShoalError>, what: &str) {
 async fn handles_of_a_destroyed_container_fail_on_their_next_call() {
     let tmp = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
-    pool.cont_create("c", props.clone()).await.unwrap();
-    let cont = pool.cont_open("c").await.unwrap();
+    let (_, pool, cont) = shoal_tests::tank(&cluster, props.clone()).await;
     let kv = cont.kv_create(None).await.unwrap();
     kv.put(b"key", Bytes::from_static(b"value")).await.unwrap();
     let array = cont.array_create(None, None).await.unwrap();
@@ -134,11 +126,8 @@ async fn a_map_version_from_the_future_does_not_lock_writers_out() {
 async fn keys_and_values_past_their_limits_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(tmp.path(), 2, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
-    pool.cont_create("c", ContProps::default()).await.unwrap();
-    let kv = pool.cont_open("c").await.unwrap().kv_create(None).await.unwrap();
+    let (_, _, cont) = shoal_tests::tank(&cluster, ContProps::default()).await;
+    let kv = cont.kv_create(None).await.unwrap();
     // Keys: any AsRef<[u8]>.
     kv.put("name", Bytes::from_static(b"v")).await.unwrap();
     kv.put(vec![7u8; 4096], Bytes::from_static(b"v")).await.unwrap();

@@ -31,12 +31,8 @@ const BOUND_MIB: u64 = 256;
 async fn reading_huge_arrays_keeps_memory_bounded() {
     let tmp = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("S1".into()), ..Default::default() };
-    pool.cont_create("c", props).await.unwrap();
-    let cont = pool.cont_open("c").await.unwrap();
+    let (_, _, cont) = shoal_tests::tank(&cluster, props).await;
 
     // 100 GiB, all of it a hole but the last byte.
     let sparse = cont.array_create(None, None).await.unwrap();
