@@ -15,6 +15,7 @@
 //!   `shoal_rebuild_passes_total`, `shoal_rebuild_objects_total`,
 //!   `shoal_rebuild_versions_total`, `shoal_rebuild_bytes_total`,
 //!   `shoal_rebuild_skipped_versions_total`, `shoal_rebuild_reclaimed_bytes_total`,
+//!   `shoal_rebuild_reclaim_passes_total`,
 //!   `shoal_rebuild_failures_total`;
 //! - on the server that hosts the MS: `shoal_ms_members{state}` and
 //!   `shoal_ms_targets{pool,state}` (the pool maps' target states), and
@@ -83,6 +84,7 @@ pub struct Metrics {
     pub rebuild_bytes: Counter,
     pub rebuild_skipped: Counter,
     pub reclaimed_bytes: Counter,
+    pub reclaim_passes: Counter,
     pub rebuild_failures: Counter,
     pub ms_members: Family<State, Gauge>,
     pub ms_targets: Family<PoolState, Gauge>,
@@ -117,6 +119,7 @@ impl Metrics {
             rebuild_bytes: Counter::default(),
             rebuild_skipped: Counter::default(),
             reclaimed_bytes: Counter::default(),
+            reclaim_passes: Counter::default(),
             rebuild_failures: Counter::default(),
             ms_members: Family::default(),
             ms_targets: Family::default(),
@@ -149,6 +152,11 @@ impl Metrics {
             "rebuild_reclaimed_bytes",
             "Bytes given back of shards that live elsewhere now (moved by an extension, or a spare given back)",
             m.reclaimed_bytes.clone(),
+        );
+        r.register(
+            "rebuild_reclaim_passes",
+            "Passes over a pool's objects for shards that live elsewhere now, finished",
+            m.reclaim_passes.clone(),
         );
         r.register("rebuild_failures", "Rebuild passes that failed (and are tried again)", m.rebuild_failures.clone());
         r.register("ms_members", "Members per state (on the MS's server)", m.ms_members.clone());

@@ -80,7 +80,6 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let Some(rank) = service.rank() else { continue };
-        reclaim(&service, &t, &ms, rank, &mut cleaned, &stop).await;
         for pool in service.rebuilding() {
             let info = match ask(&t, &ms, &PoolQueryReq { pool: pool.to_string() }).await {
                 Ok(i) => i,
@@ -119,7 +118,7 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             // A pass already made for this version only waits to report.
             let (pass, fresh) = match passed.get(&pool) {
                 Some(&(v, p)) if v == info.map.version => (Ok(p), false),
-                _ => (rebuild_pool(&service, &t, &info, rank, &stop).await, true),
+                _ => (rebuild_pool(&service, &t, &ms, &info, rank, &stop).await, true),
             };
             if let Ok(p) = &pass {
                 if p.stranded == 0 {
@@ -200,7 +199,16 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
                 }
             }
         }
+        // After rebuild, so that no pool at rest holds up another's rebuild.
+        reclaim(&service, &t, &ms, rank, &mut cleaned, &stop).await;
     }
+}
+
+/// The containers of `pool`: the objects a pass over this server's
+/// targets (which every pool shares) may look at for it.
+async fn containers_of(t: &TcpTransport, ms: &[String], pool: PoolId) -> Result<std::collections::HashSet<ContId>> {
+    let list = ask(t, ms, &shoal_common::mgmt::ContListReq { pool: pool.to_string() }).await?;
+    Ok(list.into_iter().map(|c| c.uuid).collect())
 }
 
 /// Gives back, in each pool at rest (nothing being rebuilt) whose map
@@ -226,17 +234,30 @@ async fn reclaim(
             cleaned.insert(pool, version);
             continue;
         }
-        match reclaim_pool(service, &info, rank, stop).await {
+        let conts = match containers_of(t, ms, pool).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%pool, "reclaim: cannot list the pool's containers: {e}");
+                continue;
+            }
+        };
+        match reclaim_pool(service, &info, &conts, rank, stop).await {
             Ok(Some((objects, bytes))) => {
                 cleaned.insert(pool, version);
                 service.metrics.reclaimed_bytes.inc_by(bytes);
+                service.metrics.reclaim_passes.inc();
                 if objects > 0 {
                     info!(%pool, version, objects, bytes, "gave back shards that live elsewhere now");
                 }
             }
             // A newer map came meanwhile: the next round looks at it.
             Ok(None) => {}
-            Err(e) => warn!(%pool, "cannot give back shards that live elsewhere now: {e}"),
+            // Not again for this version (a poisoned target would fail
+            // every pass); the next map change tries again.
+            Err(e) => {
+                cleaned.insert(pool, version);
+                warn!(%pool, "cannot give back shards that live elsewhere now: {e}");
+            }
         }
     }
 }
@@ -247,6 +268,7 @@ async fn reclaim(
 async fn reclaim_pool(
     service: &Arc<Service>,
     info: &PoolInfo,
+    conts: &std::collections::HashSet<ContId>,
     rank: u32,
     stop: &CancellationToken,
 ) -> Result<Option<(u64, u64)>> {
@@ -267,7 +289,8 @@ async fn reclaim_pool(
                 if stop.is_cancelled() {
                     return Ok(None);
                 }
-                if store.is_tombstoned(cont) {
+                // Another pool's object, or a destroyed container's.
+                if !conts.contains(&cont) || store.is_tombstoned(cont) {
                     continue;
                 }
                 let Some(class) = oid_class(oid) else { continue };
@@ -443,12 +466,16 @@ async fn count_objects(store: &Arc<TargetStore>) -> Result<u64> {
 async fn rebuild_pool(
     service: &Arc<Service>,
     t: &TcpTransport,
+    ms: &[String],
     info: &PoolInfo,
     rank: u32,
     stop: &CancellationToken,
 ) -> std::result::Result<Progress, Stopped> {
     let placement = info.placement();
     let pool = info.uuid;
+    // Every pool shares the targets: only this pool's objects are looked at
+    // (a container made during the pass wrote to the new layout anyway).
+    let conts = containers_of(t, ms, pool).await?;
     let version = info.map.version;
     let mut p = Progress::default();
     let mut progress = RebuildProgress {
@@ -491,7 +518,7 @@ async fn rebuild_pool(
                 }
                 progress.objects_done += 1;
                 done_here += 1;
-                if store.is_tombstoned(cont) {
+                if !conts.contains(&cont) || store.is_tombstoned(cont) {
                     continue;
                 }
                 let Some(class) = oid_class(oid) else { continue };

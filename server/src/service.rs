@@ -67,8 +67,8 @@ pub struct Service {
     ms: Option<Arc<Ms>>,
     /// Pool-map versions as last heard from the MS (or by rebuild).
     pool_versions: RwLock<HashMap<PoolId, u32>>,
-    /// Held shared by every update, punch, fetch and list from its map
-    /// check to its end, and taken exclusively by
+    /// Held shared by every update, punch, restore, fetch and list from its
+    /// map check to its end, and taken exclusively by
     /// [`Service::fence_pool_version`] and [`Service::drop_stray`]: once
     /// that has it, no request checked against an older map is running.
     map_fence: tokio::sync::RwLock<()>,
@@ -557,7 +557,9 @@ impl Service {
                 // Writes hold the map fence (see `fence_pool_version`);
                 // nothing that may wait on another request does.
                 let _fence = match R::OP {
-                    Opcode::Update | Opcode::Punch | Opcode::Fetch | Opcode::List => Some(self.map_fence.read().await),
+                    Opcode::Update | Opcode::Punch | Opcode::Restore | Opcode::List => {
+                        Some(self.map_fence.read().await)
+                    }
                     _ => None,
                 };
                 // A stale map first: its sender refreshes and goes where the
@@ -627,8 +629,7 @@ impl Service {
             let req = decode_request::<FetchReq>(frame)?;
             self.check_rank(req.rank())?;
             if let Some(p) = req.pool() {
-                self.check_map(p, frame.header.map_version)?;
-                self.check_serving(p, frame.header.map_version)?;
+                raise(&self.newest, p, frame.header.map_version);
                 // A rebuild source's read made with a map this server has not
                 // fenced yet (decoding from its peers' cells) sees every
                 // write admitted under an older one. Only rebuild's reads
@@ -637,6 +638,13 @@ impl Service {
                 if frame.header.token == shoal_common::wire::TOKEN_REBUILD && fenced < frame.header.map_version {
                     self.fence_pool_version(p, frame.header.map_version).await;
                 }
+            }
+            // Held from the map check to the end of the read: shards that
+            // live elsewhere now are not dropped under it (`drop_stray`).
+            let _fence = self.map_fence.read().await;
+            if let Some(p) = req.pool() {
+                self.check_map(p, frame.header.map_version)?;
+                self.check_serving(p, frame.header.map_version)?;
             }
             let store = self.store(req.target)?;
             if store.is_tombstoned(req.cont) {

@@ -1235,3 +1235,45 @@ async fn an_extension_pauses_while_the_joining_server_is_down() {
     }
     x.kill_two_and_verify().await;
 }
+
+/// Pools share the servers' targets: giving back shards that live
+/// elsewhere in one pool never touches another pool's objects, though
+/// their layouts differ (single copies here, so any such loss shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_in_one_pool_leaves_other_pools_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start_with(tmp.path(), 4, 1, &["--metrics", "127.0.0.1:0"]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let ranks: Vec<u32> = client.system_query().await.unwrap().members.iter().map(|m| m.rank).collect();
+    let mut objects = Vec::new();
+    for (name, on) in [("small", &ranks[..3]), ("big", &ranks[..])] {
+        client.pool_create(name, on.to_vec(), 0).await.unwrap();
+        let pool = client.pool_connect(name).await.unwrap();
+        pool.cont_create("c", ContProps { oclass: Some("S1".into()), ..Default::default() }).await.unwrap();
+        let cont = pool.cont_open("c").await.unwrap();
+        for i in 0..32u64 {
+            let a = cont.array_create(None, None).await.unwrap();
+            a.write(0, Bytes::from(pattern(i, 10_000))).await.unwrap();
+            objects.push((a, i));
+        }
+    }
+    // Every server goes through each pool it is in (each at rest) once.
+    let live: Vec<&shoal_tests::TestServer> = cluster.servers.iter().collect();
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
+    let t = Instant::now();
+    for &r in &ranks {
+        let pools = if ranks[..3].contains(&r) { 2.0 } else { 1.0 };
+        loop {
+            let (_, body) = scrape(live[index_of(r)], "/metrics").await;
+            if sample(&body, "shoal_rebuild_reclaim_passes_total").unwrap_or(0.0) >= pools {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no reclaim pass: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(sum_metric(&live, "shoal_rebuild_reclaimed_bytes_total").await, 0.0);
+    for (a, i) in &objects {
+        assert!(a.read(0, 10_000).await.unwrap() == pattern(*i, 10_000), "array {}", a.oid());
+    }
+}

@@ -428,11 +428,15 @@ impl MsState {
                 if !self.members.contains_key(rank) {
                     return Err(ShoalError::NotFound(format!("rank {rank}")));
                 }
-                // (Already down or excluded: targets reintegrated in one
-                // pool while it is out of another go down again.)
-                if !self.excluded.contains(rank) {
-                    self.down.entry(*rank).or_insert(*now_ms);
+                // (Already down: targets reintegrated in one pool while it is
+                // out of another go down again. Already excluded: they are
+                // excluded again at once, as nothing would time them out.)
+                if self.excluded.contains(rank) {
+                    self.exclude_rank(*rank);
+                    self.mark_unclean();
+                    return Ok(Outcome::Done);
                 }
+                self.down.entry(*rank).or_insert(*now_ms);
                 self.set_targets(*rank, |s| s.is_available().then_some(TargetState::Down));
                 self.stop_joining(*rank);
                 self.mark_unclean();
@@ -442,27 +446,7 @@ impl MsState {
                 if !self.members.contains_key(rank) {
                     return Err(ShoalError::NotFound(format!("rank {rank}")));
                 }
-                self.down.remove(rank);
-                self.excluded.insert(*rank);
-                self.stop_joining(*rank);
-                for p in self.pools.values() {
-                    let out: Vec<(u32, u32)> = p
-                        .map
-                        .targets
-                        .iter()
-                        .filter(|t| t.rank == *rank && !matches!(t.state, TargetState::DownOut | TargetState::New))
-                        .map(|t| (t.rank, t.index))
-                        .collect();
-                    if !out.is_empty() {
-                        let r = self.rebuilding.entry(p.uuid).or_default();
-                        r.extend(out);
-                        r.sort_unstable();
-                        r.dedup();
-                    }
-                }
-                self.set_targets(*rank, |s| {
-                    (s != TargetState::DownOut && s != TargetState::New).then_some(TargetState::DownOut)
-                });
+                self.exclude_rank(*rank);
                 Ok(Outcome::Done)
             }
             Command::Reintegrate { pool, rank } => {
@@ -600,9 +584,9 @@ impl MsState {
                     {
                         continue;
                     }
-                    if let Some(t) = p.map.targets.iter().find(|t| self.joining(*pid, t)) {
+                    if let Some(t) = p.map.targets.iter().find(|t| t.state == TargetState::New) {
                         return Err(ShoalError::invalid(format!(
-                            "pool {} is being extended (rank {} joins); drain once that is done",
+                            "pool {} is being extended (rank {} joins, or waits to); drain once that is done",
                             p.label, t.rank
                         )));
                     }
@@ -810,6 +794,32 @@ impl MsState {
         t.state == TargetState::New && self.rebuilding.get(&pool).is_some_and(|r| r.contains(&(t.rank, t.index)))
     }
 
+    /// Excludes `rank` from every pool: its targets turn `DownOut` and are
+    /// rebuilt on spares (a joining server's extension pauses).
+    fn exclude_rank(&mut self, rank: u32) {
+        self.down.remove(&rank);
+        self.excluded.insert(rank);
+        self.stop_joining(rank);
+        for p in self.pools.values() {
+            let out: Vec<(u32, u32)> = p
+                .map
+                .targets
+                .iter()
+                .filter(|t| t.rank == rank && !matches!(t.state, TargetState::DownOut | TargetState::New))
+                .map(|t| (t.rank, t.index))
+                .collect();
+            if !out.is_empty() {
+                let r = self.rebuilding.entry(p.uuid).or_default();
+                r.extend(out);
+                r.sort_unstable();
+                r.dedup();
+            }
+        }
+        self.set_targets(rank, |s| {
+            (s != TargetState::DownOut && s != TargetState::New).then_some(TargetState::DownOut)
+        });
+    }
+
     /// A joining server that is down pauses its pool's extension: shards
     /// stop moving to every joining target (until it is reintegrated; the
     /// set that joins never changes, so neither does where shards go), and
@@ -841,7 +851,8 @@ impl MsState {
             p.map.targets.iter().filter(|t| t.state == TargetState::New).map(|t| (t.rank, t.index)).collect();
         let joining = self.rebuilding.get(&pool).is_some_and(|r| r.iter().any(|t| new.contains(t)));
         let up = new.iter().all(|(r, _)| !self.down.contains_key(r) && !self.excluded.contains(r));
-        if new.is_empty() || joining || !up {
+        let draining = p.map.targets.iter().any(|t| t.state == TargetState::Drain);
+        if new.is_empty() || joining || !up || draining {
             return false;
         }
         p.map.version += 1;
