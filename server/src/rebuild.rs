@@ -262,6 +262,9 @@ async fn reclaim(
     }
 }
 
+/// Some dkeys of an object.
+type Dkeys = Vec<Vec<u8>>;
+
 /// One pass of [`reclaim`] over this server's objects of `info`'s pool:
 /// the objects it dropped shards of and the bytes freed, or `None` if a
 /// newer map came meanwhile (under which the shards might belong here).
@@ -285,6 +288,7 @@ async fn reclaim_pool(
                     .map_err(|e| ShoalError::Internal(format!("reclaim task: {e}")))??
             };
             let Some(last) = page.last().copied() else { break };
+            let mut todo: Vec<(ContId, Oid, Option<Dkeys>)> = Vec::new();
             for (cont, oid) in page {
                 if stop.is_cancelled() {
                     return Ok(None);
@@ -315,10 +319,22 @@ async fn reclaim_pool(
                     }
                     Some(stray)
                 };
-                let st = store.clone();
-                match service.drop_stray(pool, version, move || st.drop_shards(cont, oid, stray.as_deref())).await? {
+                todo.push((cont, oid, stray));
+            }
+            // A page's strays go at once: one pause of this server's
+            // requests per page, not per object.
+            if !todo.is_empty() {
+                let (st, n) = (store.clone(), todo.len() as u64);
+                let drop = move || -> Result<u64> {
+                    let mut freed = 0;
+                    for (cont, oid, stray) in todo {
+                        freed += st.drop_shards(cont, oid, stray.as_deref())?;
+                    }
+                    Ok(freed)
+                };
+                match service.drop_stray(pool, version, drop).await? {
                     Some(freed) => {
-                        objects += 1;
+                        objects += n;
                         bytes += freed;
                     }
                     None => return Ok(None),
