@@ -47,6 +47,9 @@ use crate::service::Service;
 use crate::store::restore::StoredVersion;
 use crate::store::TargetStore;
 
+/// A rebuild job's source that is this server's own copy of a shard,
+/// outside the shard's group (a spare given back).
+const OWN_COPY: usize = usize::MAX;
 /// Objects read from the object index at a time.
 const OBJECTS_PER_PAGE: usize = 256;
 /// Most bytes one restore request carries.
@@ -582,7 +585,20 @@ async fn rebuild_pool(
                             jobs.extend(if s.readable { Some(i) } else { first }.map(|src| (i, to, src)));
                         }
                     }
-                    jobs.retain(|&(_, _, src)| is_me(&group[src]));
+                    // A home back in place whose group has no readable copy
+                    // (a single-copy class) is filled from a copy this
+                    // server holds outside the group: the spare it had while
+                    // it was away, which took the writes meanwhile (it is
+                    // given back only once the pool is at rest).
+                    let outside = !group.iter().any(is_me);
+                    if first.is_none() && outside && !matches!(class.redundancy, Redundancy::Ec { .. }) {
+                        for (i, s) in group.iter().enumerate() {
+                            if !s.readable && s.available && !s.spare && s.shadow.is_none() {
+                                jobs.push((i, *s, OWN_COPY));
+                            }
+                        }
+                    }
+                    jobs.retain(|&(_, _, src)| src == OWN_COPY || is_me(&group[src]));
                     if jobs.is_empty() {
                         continue;
                     }
@@ -619,8 +635,9 @@ async fn rebuild_pool(
                             continue;
                         }
                         let items = match class.redundancy {
-                            // The shard itself: what it holds is what goes.
-                            _ if me == idx => versions,
+                            // The shard itself, or this server's copy outside
+                            // the group: what it holds is what goes.
+                            _ if me == idx || me == OWN_COPY => versions,
                             Redundancy::None => continue,
                             Redundancy::Replicas(_) => versions,
                             Redundancy::Ec { k, p: par } => {

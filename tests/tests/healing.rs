@@ -1277,3 +1277,39 @@ async fn reclaim_in_one_pool_leaves_other_pools_alone() {
         assert!(a.read(0, 10_000).await.unwrap() == pattern(*i, 10_000), "array {}", a.oid());
     }
 }
+
+/// A single-copy object (rd_fac 0) whose server was excluded takes writes
+/// on its spare; when the server is reintegrated it gets those writes from
+/// the spare before it serves, so no acknowledged write is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_copy_object_keeps_what_its_spare_took_when_its_server_returns() {
+    use shoal_common::placement::TargetState;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_with(tmp.path(), 4, 1, &["--exclude-after", "1s"]).await.unwrap();
+    let props = ContProps { oclass: Some("S1".into()), ..Default::default() };
+    let (client, _, cont) = shoal_tests::tank(&cluster, props).await;
+    let (_, index_of) = ranks_to_servers(&client, &cluster).await;
+    // An array whose one shard is not on the MS's server.
+    let array = loop {
+        let a = cont.array_create(None, None).await.unwrap();
+        if index_of(a.object().layout().unwrap().groups[0][0].rank) != 0 {
+            break a;
+        }
+    };
+    let home = array.object().layout().unwrap().groups[0][0].rank;
+    array.write(0, Bytes::from(pattern(1, 100_000))).await.unwrap();
+    cluster.servers[index_of(home)].kill9();
+    let t = Instant::now();
+    wait_pool(&client, t, Duration::from_secs(60), "exclusion", excluded_and_rebuilt).await;
+    // Written while its server is out: to the spare.
+    array.write(100_000, Bytes::from(pattern(2, 100_000))).await.unwrap();
+    cluster.servers[index_of(home)].restart().await.unwrap();
+    client.reintegrate(Some("tank"), home).await.unwrap();
+    wait_pool(&client, t, Duration::from_secs(60), "reintegration", |p| {
+        p.rebuilding.is_empty() && p.map.targets.iter().all(|t| t.state == TargetState::UpIn)
+    })
+    .await;
+    let got = array.read(0, 200_000).await.unwrap();
+    assert!(got[..100_000] == pattern(1, 100_000), "written before the failure");
+    assert!(got[100_000..] == pattern(2, 100_000), "written to the spare while the server was out");
+}
