@@ -279,6 +279,59 @@ impl Array {
         Ok(Bytes::from(buf))
     }
 
+    /// Writes everything `input` yields, from `offset` on, a chunk at a
+    /// time with at most 8 chunks in flight: memory stays bounded however
+    /// long the input (a file, a socket). Returns the bytes written; the
+    /// size covers them once all are durable. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let cont = client.pool_connect("tank").await?.cont_open("data").await?;
+    /// let array = cont.array_create(None, None).await?;
+    /// let file = tokio::fs::File::open("/etc/hostname").await?;
+    /// let n = array.write_from(0, file).await?;
+    /// assert_eq!(array.size().await?, n);
+    /// # Ok(()) }
+    /// ```
+    pub async fn write_from(&self, offset: u64, input: impl tokio::io::AsyncRead + Unpin) -> Result<u64> {
+        use tokio::io::AsyncReadExt;
+        let mut input = input;
+        let mut at = offset;
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        loop {
+            // Up to the next chunk boundary, so each piece is one chunk's.
+            let want = (self.chunk - at % self.chunk) as usize;
+            let mut buf = bytes::BytesMut::with_capacity(want);
+            while buf.len() < want {
+                let n = (&mut input)
+                    .take((want - buf.len()) as u64)
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| ShoalError::Io(format!("array write input: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() {
+                break;
+            }
+            let (c, in_chunk, piece) = (at / self.chunk, at % self.chunk, buf.freeze());
+            at += piece.len() as u64;
+            in_flight.push(async move { self.obj.write_extent(&c.to_be_bytes(), DATA, in_chunk, piece).await });
+            if in_flight.len() >= PARALLEL_CHUNKS {
+                in_flight.try_next().await?;
+            }
+        }
+        while in_flight.try_next().await?.is_some() {}
+        if at > offset {
+            self.obj.update_max(META, SIZE, at).await?;
+        }
+        Ok(at - offset)
+    }
+
     /// Streams `[offset, offset + len)` (stopping at the array's size) as
     /// pieces of at most one chunk, in order. At most 8 chunks are read
     /// ahead, so memory stays bounded however long the range; chunks never

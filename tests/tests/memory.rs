@@ -86,4 +86,20 @@ async fn reading_huge_arrays_keeps_memory_bounded() {
     eprintln!("streamed a 4 GiB dense array in {:?}; peak resident set grew {peak} MiB", t.elapsed());
     assert_eq!(at, 4 << 30);
     assert!(peak < BOUND_MIB, "{peak} MiB");
+
+    // 1 GiB written from a reader, as from a file, at an unaligned offset.
+    let from = cont.array_create(None, None).await.unwrap();
+    reset_peak();
+    let base = status_kib("VmRSS:");
+    let t = std::time::Instant::now();
+    let n = from.write_from(5, tokio::io::repeat(7).take(1 << 30)).await.unwrap();
+    let peak = status_kib("VmHWM:").saturating_sub(base) >> 10;
+    eprintln!("wrote 1 GiB from a reader in {:?}; peak resident set grew {peak} MiB", t.elapsed());
+    assert_eq!((n, from.size().await.unwrap()), (1 << 30, (1 << 30) + 5));
+    assert!(peak < BOUND_MIB, "{peak} MiB");
+    let mut head = [0u8; 8];
+    assert_eq!(from.read_into(0, &mut head).await.unwrap(), 8);
+    assert_eq!(head, [0, 0, 0, 0, 0, 7, 7, 7]);
+    let tail = from.read((1 << 30) + 1, 10).await.unwrap();
+    assert_eq!(&tail[..], &[7, 7, 7, 7]);
 }
