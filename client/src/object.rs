@@ -626,7 +626,8 @@ impl Object {
     /// println!("written at epoch {epoch}");
     /// # Ok(()) }
     /// ```
-    pub async fn update_single(&self, dkey: &[u8], akey: &[u8], value: Bytes) -> Result<Epoch> {
+    pub async fn update_single(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>, value: Bytes) -> Result<Epoch> {
+        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
         self.update_value(dkey, akey, ValueKind::Single, value).await
     }
 
@@ -649,7 +650,8 @@ impl Object {
     /// assert_eq!(u64::from_le_bytes(v[..].try_into().expect("8 bytes")), 10);
     /// # Ok(()) }
     /// ```
-    pub async fn update_max(&self, dkey: &[u8], akey: &[u8], v: u64) -> Result<Epoch> {
+    pub async fn update_max(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>, v: u64) -> Result<Epoch> {
+        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
         self.update_value(dkey, akey, ValueKind::MaxU64, Bytes::copy_from_slice(&v.to_le_bytes())).await
     }
 
@@ -675,7 +677,13 @@ impl Object {
     /// assert_eq!(obj.fetch_single(b"doc", b"title", first).await?.as_deref(), Some(&b"draft"[..]));
     /// # Ok(()) }
     /// ```
-    pub async fn fetch_single(&self, dkey: &[u8], akey: &[u8], epoch: Epoch) -> Result<Option<Bytes>> {
+    pub async fn fetch_single(
+        &self,
+        dkey: impl AsRef<[u8]>,
+        akey: impl AsRef<[u8]>,
+        epoch: Epoch,
+    ) -> Result<Option<Bytes>> {
+        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
         self.with_layout(|st, layout| async move {
             let shards = self.value_shards(layout.dkey_shards(dkey));
             let iods = vec![FetchIod { akey: akey.to_vec(), kind: ValueKind::Single }];
@@ -723,7 +731,8 @@ impl Object {
     /// obj.punch_dkey(b"user/1").await?;
     /// # Ok(()) }
     /// ```
-    pub async fn punch_dkey(&self, dkey: &[u8]) -> Result<Epoch> {
+    pub async fn punch_dkey(&self, dkey: impl AsRef<[u8]>) -> Result<Epoch> {
+        let dkey = dkey.as_ref();
         self.punch_scope(Some(dkey), None).await
     }
 
@@ -740,7 +749,8 @@ impl Object {
     /// obj.punch_akey(b"user/1", b"avatar").await?;
     /// # Ok(()) }
     /// ```
-    pub async fn punch_akey(&self, dkey: &[u8], akey: &[u8]) -> Result<Epoch> {
+    pub async fn punch_akey(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>) -> Result<Epoch> {
+        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
         self.punch_scope(Some(dkey), Some(akey)).await
     }
 
@@ -861,7 +871,8 @@ impl Object {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn list_akeys(&self, dkey: &[u8]) -> Result<Vec<Vec<u8>>> {
+    pub async fn list_akeys(&self, dkey: impl AsRef<[u8]>) -> Result<Vec<Vec<u8>>> {
+        let dkey = dkey.as_ref();
         self.with_layout(|st, layout| async move {
             self.list_on(&st, self.value_shards(layout.dkey_shards(dkey)), Some(dkey)).await
         })
@@ -884,7 +895,14 @@ impl Object {
     /// let epoch = obj.write_extent(b"chunk0", b"data", 4096, Bytes::from(vec![0xab; 8192])).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn write_extent(&self, dkey: &[u8], akey: &[u8], offset: u64, data: Bytes) -> Result<Epoch> {
+    pub async fn write_extent(
+        &self,
+        dkey: impl AsRef<[u8]>,
+        akey: impl AsRef<[u8]>,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<Epoch> {
+        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
         if data.is_empty() {
             return Err(ShoalError::invalid("an extent write needs at least one byte"));
         }
@@ -956,7 +974,15 @@ impl Object {
     /// assert_eq!(data[0], 0);
     /// # Ok(()) }
     /// ```
-    pub async fn read_extent(&self, dkey: &[u8], akey: &[u8], offset: u64, len: u64, epoch: Epoch) -> Result<Bytes> {
+    pub async fn read_extent(
+        &self,
+        dkey: impl AsRef<[u8]>,
+        akey: impl AsRef<[u8]>,
+        offset: u64,
+        len: u64,
+        epoch: Epoch,
+    ) -> Result<Bytes> {
+        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
         if len == 0 {
             return Ok(Bytes::new());
         }
