@@ -639,19 +639,11 @@ impl Service {
                     self.fence_pool_version(p, frame.header.map_version).await;
                 }
             }
-            // Held from the map check to the end of the read: shards that
-            // live elsewhere now are not dropped under it (`drop_stray`).
-            let _fence = self.map_fence.read().await;
-            if let Some(p) = req.pool() {
-                self.check_map(p, frame.header.map_version)?;
-                self.check_serving(p, frame.header.map_version)?;
-            }
             let store = self.store(req.target)?;
-            if store.is_tombstoned(req.cont) {
-                return Err(ShoalError::cont_destroyed(req.cont));
-            }
             // The reply's memory comes from the frame budget before it is
-            // read (single values at their stored size).
+            // read (single values at their stored size), and before the map
+            // fence: a read holding the fence never waits for memory that
+            // requests queued behind the fence hold.
             let want = {
                 let (store, req) = (store.clone(), req.clone());
                 tokio::task::spawn_blocking(move || {
@@ -661,6 +653,16 @@ impl Service {
                 .map_err(|e| ShoalError::Internal(format!("fetch task: {e}")))??
             };
             let held = self.budget.take(want.min(MAX_SEGMENT as u64)).await;
+            // Held from the map check to the end of the read: shards that
+            // live elsewhere now are not dropped under it (`drop_stray`).
+            let _fence = self.map_fence.read().await;
+            if let Some(p) = req.pool() {
+                self.check_map(p, frame.header.map_version)?;
+                self.check_serving(p, frame.header.map_version)?;
+            }
+            if store.is_tombstoned(req.cont) {
+                return Err(ShoalError::cont_destroyed(req.cont));
+            }
             let span =
                 tracing::debug_span!("fetch", pool = %req.pool, cont = %req.cont, oid = %req.oid, target = req.target);
             let r = tokio::task::spawn_blocking(move || {
