@@ -284,12 +284,7 @@ async fn reclaim_pool(
     for store in service.stores() {
         let mut after = None;
         loop {
-            let page = {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))
-                    .await
-                    .map_err(|e| ShoalError::Internal(format!("reclaim task: {e}")))??
-            };
+            let page = objects_page(store, after).await?;
             let Some(last) = page.last().copied() else { break };
             let mut todo: Vec<(ContId, Oid, Option<Dkeys>)> = Vec::new();
             for (cont, oid) in page {
@@ -463,17 +458,20 @@ impl Pace {
     }
 }
 
+/// The next page of a target's object index after `after`.
+async fn objects_page(store: &Arc<TargetStore>, after: Option<(ContId, Oid)>) -> Result<Vec<(ContId, Oid)>> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))
+        .await
+        .map_err(|e| ShoalError::Internal(format!("object index task: {e}")))?
+}
+
 /// Counts the objects of a target (the work of a pass).
 async fn count_objects(store: &Arc<TargetStore>) -> Result<u64> {
     let mut after = None;
     let mut n = 0;
     loop {
-        let page = {
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))
-                .await
-                .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
-        };
+        let page = objects_page(store, after).await?;
         let Some(last) = page.last().copied() else { return Ok(n) };
         n += page.len() as u64;
         after = Some(last);
@@ -522,12 +520,7 @@ async fn rebuild_pool(
         let mut after = start.map(|c| c.after);
         let mut done_here = start.map_or(0, |c| c.done);
         loop {
-            let page = {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || store.objects_after(after, OBJECTS_PER_PAGE))
-                    .await
-                    .map_err(|e| ShoalError::Internal(format!("rebuild task: {e}")))??
-            };
+            let page = objects_page(store, after).await?;
             let Some(last) = page.last().copied() else { break };
             for (cont, oid) in page.iter().copied() {
                 if stop.is_cancelled() || service.rebuild_ctl(pool).paused {
