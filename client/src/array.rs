@@ -180,12 +180,7 @@ impl Array {
 
     /// The pieces of `[offset, offset + len)`: (chunk, offset in chunk,
     /// offset in the caller's buffer, length).
-    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, u64, u64)> {
-        self.pieces_iter(offset, len).collect()
-    }
-
-    /// Like [`Array::pieces`], lazily.
-    fn pieces_iter(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> + Send + 'static {
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64, u64)> + Send + 'static {
         let chunk = self.chunk;
         let end = offset + len;
         let mut at = offset;
@@ -371,7 +366,7 @@ impl Array {
                     .collect()
             };
             Ok::<_, ShoalError>(
-                stream::iter(self.pieces_iter(offset, len))
+                stream::iter(self.pieces(offset, len))
                     .map(move |(c, in_chunk, _, n)| {
                         let written = written.contains(&c);
                         async move {

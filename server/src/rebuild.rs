@@ -691,6 +691,15 @@ fn version_key(i: &RestoreItem) -> VersionKey {
     (i.akey.clone(), i.kind, i.epoch, crc)
 }
 
+/// The address of `rank` in `info`'s pool.
+fn addr_of(info: &PoolInfo, rank: u32) -> Result<String> {
+    info.addrs
+        .iter()
+        .find(|(r, _)| *r == rank)
+        .map(|(_, a)| a.clone())
+        .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {rank}")))
+}
+
 /// The versions among `heads` that the target of `to` holds already.
 #[allow(clippy::too_many_arguments)]
 async fn holds(
@@ -702,12 +711,7 @@ async fn holds(
     dkey: &[u8],
     heads: &[RestoreItem],
 ) -> Result<HashSet<VersionKey>> {
-    let addr = info
-        .addrs
-        .iter()
-        .find(|(r, _)| *r == to.rank)
-        .map(|(_, a)| a.clone())
-        .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {}", to.rank)))?;
+    let addr = addr_of(info, to.rank)?;
     let mut out = HashSet::new();
     for batch in heads.chunks(512) {
         let req = RestoreHaveReq {
@@ -850,12 +854,7 @@ async fn send(
     dkey: &[u8],
     items: Vec<StoredVersion>,
 ) -> Result<()> {
-    let addr = info
-        .addrs
-        .iter()
-        .find(|(r, _)| *r == spare.rank)
-        .map(|(_, a)| a.clone())
-        .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {}", spare.rank)))?;
+    let addr = addr_of(info, spare.rank)?;
     let mut batch: Vec<RestoreItem> = Vec::new();
     let mut segs: Vec<Bytes> = Vec::new();
     let mut bytes = 0;

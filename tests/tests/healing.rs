@@ -387,12 +387,8 @@ async fn a_server_that_comes_back_is_rebuilt_and_serves_again() {
 async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
-    pool.cont_create("rp", props).await.unwrap();
-    let cont = pool.cont_open("rp").await.unwrap();
+    let (client, _, cont) = shoal_tests::tank(&cluster, props).await;
     let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // A KV object on two servers, neither of them the MS's.
     let (kv, a, b) = loop {
@@ -431,12 +427,8 @@ async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
 async fn an_ec_write_in_flight_on_a_peer_when_rebuild_starts_is_not_lost() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("EC_2P1G1".into()), cell_size: 4096, chunk_size: 8192, ..Default::default() };
-    pool.cont_create("ec", props).await.unwrap();
-    let cont = pool.cont_open("ec").await.unwrap();
+    let (client, _, cont) = shoal_tests::tank(&cluster, props).await;
     let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // Shard 0 is the rebuild source, shard 1 the peer, shard 2 dies; none
     // is the MS's server.
@@ -621,12 +613,8 @@ async fn rebuild_can_be_paced_stopped_and_resumed() {
     use shoal_common::mgmt::RebuildState;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 4, 1, &["--exclude-after", "1s"]).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
-    pool.cont_create("c", props).await.unwrap();
-    let cont = pool.cont_open("c").await.unwrap();
+    let (client, _, cont) = shoal_tests::tank(&cluster, props).await;
     // 96 objects of 512 KiB: each server is the source of several MiB.
     let mut kvs = Vec::new();
     for i in 0..96u64 {
@@ -702,12 +690,8 @@ async fn a_spare_reused_for_another_shard_never_mixes_their_cells() {
     use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("EC_2P1G1".into()), cell_size: 4096, chunk_size: 8192, ..Default::default() };
-    pool.cont_create("ec", props).await.unwrap();
-    let cont = pool.cont_open("ec").await.unwrap();
+    let (client, pool, cont) = shoal_tests::tank(&cluster, props).await;
     let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // An array whose group leaves out the MS's server.
     let array = loop {
@@ -787,12 +771,8 @@ async fn check_lists_exactly_the_objects_lost_past_rd_fac() {
     // Six servers: some object's two copies always avoid both the MS's
     // server and the name index's two.
     let mut cluster = TestCluster::start(tmp.path(), 6, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
-    pool.cont_create("c", props).await.unwrap();
-    let cont = pool.cont_open("c").await.unwrap();
+    let (client, _, cont) = shoal_tests::tank(&cluster, props).await;
     let mut kvs = Vec::new();
     for i in 0..30u64 {
         let kv = cont.kv_create(None).await.unwrap();
@@ -902,12 +882,8 @@ async fn data_lost_past_rd_fac_reads_as_an_error_after_exclusion() {
     use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = TestCluster::start_with(tmp.path(), 5, 1, &["--exclude-after", "1s"]).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
-    pool.cont_create("c", props).await.unwrap();
-    let cont = pool.cont_open("c").await.unwrap();
+    let (client, pool, cont) = shoal_tests::tank(&cluster, props).await;
     let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     let (kv, victims) = loop {
         let kv = cont.kv_create(None).await.unwrap();
@@ -1165,12 +1141,8 @@ async fn a_drain_that_cannot_finish_says_why_and_can_be_cancelled() {
     use shoal_common::placement::TargetState;
     let tmp = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start(tmp.path(), 4, 1).await.unwrap();
-    let client = cluster.client().await.unwrap();
-    client.pool_create("tank", vec![], 0).await.unwrap();
-    let pool = client.pool_connect("tank").await.unwrap();
     let props = ContProps { oclass: Some("RP_2G1".into()), ..Default::default() };
-    pool.cont_create("c", props).await.unwrap();
-    let cont = pool.cont_open("c").await.unwrap();
+    let (client, _, cont) = shoal_tests::tank(&cluster, props).await;
     // 4 wide on 4 servers: once one is drained, its shards have nowhere to go.
     let wide = cont.array_create(Some("EC_2P2G1".parse().unwrap()), None).await.unwrap();
     let data = pattern(7, 300_000);
