@@ -10,7 +10,7 @@
 //! SHOAL_MS=10.0.0.1:10001 cargo run -p shoal-client --example quickstart -- mypool
 //! ```
 
-use shoal_client::{Bytes, Client, ContProps, ObjType, Result, ShoalError};
+use shoal_client::{Bytes, Client, ContProps, ErrorKind, ObjType, Result, ShoalError};
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -22,13 +22,13 @@ async fn main() -> Result<()> {
     // failure; both made on the first run, reused on the next ones.
     match client.pool_create(&name, vec![], 0).await {
         Ok(p) => println!("created pool {name} ({} targets)", p.map.targets.len()),
-        Err(ShoalError::InvalidArgument(m)) if m.contains("exists") => println!("using pool {name}"),
+        Err(e) if e.kind() == ErrorKind::Exists => println!("using pool {name}"),
         Err(e) => return Err(e),
     }
     let pool = client.pool_connect(&name).await?;
     let cont = match pool.cont_open("data").await {
         Ok(c) => c,
-        Err(ShoalError::NotFound(_)) => {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
             pool.cont_create("data", ContProps { rd_fac: 1, ..ContProps::default() }).await?;
             pool.cont_open("data").await?
         }
@@ -49,7 +49,7 @@ async fn main() -> Result<()> {
     for (k, v) in [("colour", "teal"), ("size", "large")] {
         kv.put(k, Bytes::from(v)).await?;
     }
-    let colour = kv.get("colour").await?.ok_or_else(|| ShoalError::NotFound("colour".into()))?;
+    let colour = kv.get("colour").await?.unwrap_or_default();
     println!("settings/colour = {}", String::from_utf8_lossy(&colour));
 
     // An array: 8 MiB written, read back whole, then streamed (memory

@@ -27,6 +27,7 @@
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use shoal_common::error::Entity;
 use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 
 use crate::object::Object;
@@ -103,7 +104,7 @@ impl Array {
     pub(crate) async fn open(obj: Object) -> Result<Array> {
         let chunk = match obj.fetch_single(META, CHUNK, EPOCH_MAX).await? {
             Some(v) => u64_of(&v, "chunk size")?,
-            None => return Err(ShoalError::NotFound(format!("object {} is not an array", obj.oid()))),
+            None => return Err(ShoalError::not_found(Entity::Object, format!("object {} is not an array", obj.oid()))),
         };
         if chunk == 0 {
             return Err(ShoalError::Io(format!("array {} has a zero chunk size", obj.oid())));
@@ -301,11 +302,12 @@ impl Array {
             let want = (self.chunk - at % self.chunk) as usize;
             let mut buf = bytes::BytesMut::with_capacity(want);
             while buf.len() < want {
-                let n = (&mut input)
-                    .take((want - buf.len()) as u64)
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|e| ShoalError::Io(format!("array write input: {e}")))?;
+                let n = (&mut input).take((want - buf.len()) as u64).read_buf(&mut buf).await.map_err(|e| {
+                    ShoalError::Caller {
+                        what: format!("reading the array's input at byte {}", at + buf.len() as u64),
+                        source: e.into(),
+                    }
+                })?;
                 if n == 0 {
                     break;
                 }
@@ -350,6 +352,7 @@ impl Array {
     /// assert_eq!(total, array.size().await?);
     /// # Ok(()) }
     /// ```
+    #[must_use = "a stream reads nothing until it is polled"]
     pub fn stream(&self, offset: u64, len: u64) -> impl futures::Stream<Item = Result<Bytes>> + Send + '_ {
         stream::once(async move {
             let size = self.size().await?;
@@ -396,6 +399,7 @@ impl Array {
     /// tokio::io::copy(&mut array.reader(0, u64::MAX), &mut file).await?;
     /// # Ok(()) }
     /// ```
+    #[must_use = "a reader reads nothing until it is read from"]
     pub fn reader(&self, offset: u64, len: u64) -> impl tokio::io::AsyncRead + Send + Unpin + '_ {
         let s = self.stream(offset, len).map_err(std::io::Error::other);
         tokio_util::io::StreamReader::new(Box::pin(s))

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use shoal_common::error::Entity;
 use shoal_common::{Result, ShoalError};
 
 /// The environment variable that names management service addresses.
@@ -39,7 +40,7 @@ pub fn ms_from_file(path: &Path) -> Result<Vec<String>> {
         ms: Vec<String>,
     }
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ShoalError::NotFound(format!("cluster file {}: {e}", path.display())))?;
+        .map_err(|e| ShoalError::not_found(Entity::ClusterConfig, format!("cluster file {}: {e}", path.display())))?;
     let f: File = serde_json::from_str(&text)
         .map_err(|e| ShoalError::invalid(format!("cluster file {}: {e}", path.display())))?;
     if f.ms.is_empty() {
@@ -60,9 +61,12 @@ pub fn ms_from_env(file: Option<&Path>) -> Result<Vec<String>> {
     }
     let path = file.map_or_else(cluster_file, Path::to_path_buf);
     ms_from_file(&path).map_err(|e| {
-        ShoalError::NotFound(format!(
-            "no management service given: set {MS_VAR}=HOST:PORT[,...], or start one with `shoal dev up` ({e})"
-        ))
+        ShoalError::not_found(
+            Entity::ManagementService,
+            format!(
+                "no management service given: set {MS_VAR}=HOST:PORT[,...], or start one with `shoal dev up` ({e})"
+            ),
+        )
     })
 }
 
@@ -81,7 +85,7 @@ mod tests {
         assert!(matches!(ms_from_file(&path), Err(ShoalError::InvalidArgument(_))));
         std::fs::write(&path, "not json").unwrap();
         assert!(matches!(ms_from_file(&path), Err(ShoalError::InvalidArgument(_))));
-        assert!(matches!(ms_from_file(&dir.join("none.json")), Err(ShoalError::NotFound(_))));
+        assert!(matches!(ms_from_file(&dir.join("none.json")), Err(ShoalError::NotFound { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

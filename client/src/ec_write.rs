@@ -38,7 +38,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
 use shoal_common::msg::{StripeLockReq, StripeUnlockReq, UpdateIod, ValueKind};
 use shoal_common::placement::Shard;
-use shoal_common::{Epoch, Result, ShoalError};
+use shoal_common::{Epoch, ErrorKind, Result, ShoalError};
 
 use crate::ec_read::{stripes_per_request, RmwBase};
 use crate::object::{conflict_clock, Object, WriteOutcome, CONFLICT_RETRIES};
@@ -170,7 +170,7 @@ impl Object {
                 // The leader died and the MS has not said so yet: the lock
                 // only saves retries, so the write goes on without it
                 // rather than failing within the container's rd_fac.
-                Err(ShoalError::Unreachable(_)) => None,
+                Err(e) if e.kind() == ErrorKind::Unreachable => None,
                 Err(e) => return Err(e),
             }
         };

@@ -22,6 +22,7 @@
 //! ```
 
 use bytes::Bytes;
+use shoal_common::error::Limit;
 use shoal_common::limits::{MAX_KEY_LEN, MAX_SEGMENT};
 use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
 
@@ -100,7 +101,8 @@ impl Kv {
     /// A key is 1 to 4096 bytes ([`shoal_common::limits::MAX_KEY_LEN`]),
     /// a value at most 64 MiB ([`shoal_common::limits::MAX_SEGMENT`]; more
     /// belongs in an array); longer ones are refused with
-    /// `InvalidArgument` and nothing is stored.
+    /// [`ShoalError::TooLarge`] (kind `InvalidArgument`) and nothing is
+    /// stored.
     ///
     /// # Examples
     ///
@@ -119,11 +121,11 @@ impl Kv {
     pub async fn put(&self, key: impl AsRef<[u8]>, value: Bytes) -> Result<Epoch> {
         let key = check_key(key.as_ref())?;
         if value.len() > MAX_SEGMENT as usize {
-            return Err(ShoalError::invalid(format!(
-                "a value of {} bytes is larger than the {} MiB a key-value pair may hold; store it in an array",
-                value.len(),
-                MAX_SEGMENT >> 20
-            )));
+            return Err(ShoalError::TooLarge {
+                limit: Limit::ValueLen,
+                size: value.len() as u64,
+                max: MAX_SEGMENT as u64,
+            });
         }
         self.obj.update_single(key, VALUE, value).await
     }
@@ -192,10 +194,7 @@ fn check_key(key: &[u8]) -> Result<&[u8]> {
         return Err(ShoalError::invalid("a key must not be empty"));
     }
     if key.len() > MAX_KEY_LEN {
-        return Err(ShoalError::invalid(format!(
-            "a key of {} bytes is longer than the {MAX_KEY_LEN} bytes a key may have",
-            key.len()
-        )));
+        return Err(ShoalError::TooLarge { limit: Limit::KeyLen, size: key.len() as u64, max: MAX_KEY_LEN as u64 });
     }
     Ok(key)
 }

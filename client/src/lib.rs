@@ -59,6 +59,7 @@ pub use shoal_net as transport;
 /// under [`common`].
 pub use bytes::Bytes;
 pub use shoal_common as common;
+pub use shoal_common::error::{Entity, IoCause, Limit};
 pub use shoal_common::mgmt::{ContInfo, ContProps, Health, PoolInfo};
 pub use shoal_common::oclass::{ObjType, ObjectClass};
 pub use shoal_common::{ContId, Epoch, ErrorKind, Oid, PoolId, Result, ShoalError, EPOCH_MAX};

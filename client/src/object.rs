@@ -50,10 +50,12 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use shoal_common::msg::{FetchIod, FetchReq, Fetched, ListReq, PunchReq, Rpc, UpdateIod, UpdateReq, ValueKind};
+use shoal_common::msg::{
+    check_key, FetchIod, FetchReq, Fetched, ListReq, PunchReq, Rpc, UpdateIod, UpdateReq, ValueKind,
+};
 use shoal_common::oclass::{oid_class, ObjectClass, Redundancy};
 use shoal_common::placement::{Layout, Shard};
-use shoal_common::{Epoch, Oid, Result, ShoalError, EPOCH_MAX};
+use shoal_common::{Epoch, ErrorKind, Oid, Result, ShoalError, EPOCH_MAX};
 
 use crate::system::{ContInner, PoolState};
 use crate::transport::call;
@@ -67,13 +69,15 @@ pub(crate) const CONFLICT_RETRIES: u32 = 32;
 /// Whether an error means the shard's server is out of reach, so another
 /// copy or a decode should be tried.
 pub(crate) fn shard_down(e: &ShoalError) -> bool {
-    matches!(e, ShoalError::Unreachable(_) | ShoalError::Timeout(_) | ShoalError::Poisoned(_) | ShoalError::Busy(_))
+    e.peer_failed() || matches!(e, ShoalError::Poisoned(_) | ShoalError::Busy(_))
 }
 
 pub(crate) fn with_shard(e: ShoalError, s: &Shard) -> ShoalError {
     let at = format!("rank {} target {}", s.rank, s.target);
     match e {
         ShoalError::Unreachable(m) => ShoalError::Unreachable(format!("{at}: {m}")),
+        ShoalError::Connection { peer, source } => ShoalError::Connection { peer: format!("{at} at {peer}"), source },
+        ShoalError::BadPeer { peer, message } => ShoalError::BadPeer { peer: format!("{at} at {peer}"), message },
         ShoalError::Timeout(m) => ShoalError::Timeout(format!("{at}: {m}")),
         ShoalError::Io(m) => ShoalError::Io(format!("{at}: {m}")),
         ShoalError::Checksum(m) => ShoalError::Checksum(format!("{at}: {m}")),
@@ -356,7 +360,7 @@ impl Object {
                 // old (servers excluded and rebuilt elsewhere, which the
                 // servers asked may not have heard yet): once, fetch the map
                 // and try again if it changed.
-                Err(e @ ShoalError::Unreachable(_)) if !refreshed_on_failure => {
+                Err(e) if e.kind() == ErrorKind::Unreachable && !refreshed_on_failure => {
                     refreshed_on_failure = true;
                     if self.cont.pool.refresh().await.is_err() || self.cont.pool.state().info.map.version == version {
                         return Err(e);
@@ -420,10 +424,10 @@ impl Object {
             None => None,
         };
         let r = call(&c.transport, addr, req, segs, st.info.map.version, 0, c.timeout).await;
-        if r.as_ref().is_err_and(|e| e.is_cont_destroyed(self.cont.info.uuid)) {
+        if r.as_ref().is_err_and(|e| e.is_cont_destroyed()) {
             self.cont.destroyed.store(true, std::sync::atomic::Ordering::Release);
         }
-        if let Err(ShoalError::Unreachable(_) | ShoalError::Timeout(_)) = &r {
+        if r.as_ref().is_err_and(|e| e.peer_failed()) {
             // The MS hears of it: reports from several clients declare a
             // server down even while it heartbeats.
             c.report(shard.rank);
@@ -628,6 +632,8 @@ impl Object {
     /// ```
     pub async fn update_single(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>, value: Bytes) -> Result<Epoch> {
         let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
+        check_key("a key", dkey)?;
+        check_key("an attribute key", akey)?;
         self.update_value(dkey, akey, ValueKind::Single, value).await
     }
 
@@ -652,6 +658,8 @@ impl Object {
     /// ```
     pub async fn update_max(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>, v: u64) -> Result<Epoch> {
         let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
+        check_key("a key", dkey)?;
+        check_key("an attribute key", akey)?;
         self.update_value(dkey, akey, ValueKind::MaxU64, Bytes::copy_from_slice(&v.to_le_bytes())).await
     }
 
@@ -684,6 +692,8 @@ impl Object {
         epoch: Epoch,
     ) -> Result<Option<Bytes>> {
         let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
+        check_key("a key", dkey)?;
+        check_key("an attribute key", akey)?;
         self.with_layout(|st, layout| async move {
             let shards = self.value_shards(layout.dkey_shards(dkey));
             let iods = vec![FetchIod { akey: akey.to_vec(), kind: ValueKind::Single }];
@@ -733,6 +743,7 @@ impl Object {
     /// ```
     pub async fn punch_dkey(&self, dkey: impl AsRef<[u8]>) -> Result<Epoch> {
         let dkey = dkey.as_ref();
+        check_key("a key", dkey)?;
         self.punch_scope(Some(dkey), None).await
     }
 
@@ -751,6 +762,8 @@ impl Object {
     /// ```
     pub async fn punch_akey(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>) -> Result<Epoch> {
         let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
+        check_key("a key", dkey)?;
+        check_key("an attribute key", akey)?;
         self.punch_scope(Some(dkey), Some(akey)).await
     }
 
@@ -873,6 +886,7 @@ impl Object {
     /// ```
     pub async fn list_akeys(&self, dkey: impl AsRef<[u8]>) -> Result<Vec<Vec<u8>>> {
         let dkey = dkey.as_ref();
+        check_key("a key", dkey)?;
         self.with_layout(|st, layout| async move {
             self.list_on(&st, self.value_shards(layout.dkey_shards(dkey)), Some(dkey)).await
         })
@@ -903,6 +917,8 @@ impl Object {
         data: Bytes,
     ) -> Result<Epoch> {
         let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
+        check_key("a key", dkey)?;
+        check_key("an attribute key", akey)?;
         if data.is_empty() {
             return Err(ShoalError::invalid("an extent write needs at least one byte"));
         }
@@ -983,6 +999,8 @@ impl Object {
         epoch: Epoch,
     ) -> Result<Bytes> {
         let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
+        check_key("a key", dkey)?;
+        check_key("an attribute key", akey)?;
         if len == 0 {
             return Ok(Bytes::new());
         }

@@ -33,8 +33,10 @@ pub(crate) fn no_copy(oid: Oid, what: &str, errors: Vec<ShoalError>) -> ShoalErr
         Some(ShoalError::Damaged(_)) => {
             ShoalError::Damaged(format!("object {oid}: no replica could {what}: {}", why.join("; ")))
         }
-        Some(ShoalError::NotFound(m)) if errors.iter().all(|e| matches!(e, ShoalError::NotFound(_))) => {
-            ShoalError::NotFound(m.clone())
+        Some(ShoalError::NotFound { what, message })
+            if errors.iter().all(|e| matches!(e, ShoalError::NotFound { .. })) =>
+        {
+            ShoalError::not_found(*what, message.clone())
         }
         Some(ShoalError::InvalidArgument(m)) => ShoalError::InvalidArgument(m.clone()),
         Some(ShoalError::Io(_)) if errors.iter().all(|e| matches!(e, ShoalError::Io(_))) => {

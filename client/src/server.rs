@@ -77,6 +77,17 @@ pub struct ServerClient<T: Transport = TcpTransport> {
     timeout: Duration,
 }
 
+impl<T: Transport> std::fmt::Debug for ServerClient<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerClient")
+            .field("addr", &self.addr)
+            .field("pool", &self.pool)
+            .field("map_version", &self.map_version)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ServerClient<TcpTransport> {
     /// A client of the server at `addr` over its own TCP transport.
     ///
@@ -145,6 +156,7 @@ impl<T: Transport> ServerClient<T> {
     /// let c = ServerClient::tcp(addr.as_str()).with_pool(info.uuid, info.map.version);
     /// # Ok(()) }
     /// ```
+    #[must_use]
     pub fn with_pool(mut self, pool: PoolId, map_version: u32) -> Self {
         self.pool = pool;
         self.map_version = map_version;
@@ -162,6 +174,7 @@ impl<T: Transport> ServerClient<T> {
     ///
     /// let c = ServerClient::tcp("127.0.0.1:10001").with_timeout(Duration::from_secs(2));
     /// ```
+    #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use shoal_common::error::Entity;
 use shoal_common::mgmt::{
     ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContProps, ContQueryReq, OidAllocReq,
     PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, SystemQueryReply,
@@ -425,15 +426,16 @@ impl ClientBuilder {
 }
 
 async fn ms_call<R: Rpc>(inner: &Inner, req: &R) -> Result<R::Reply> {
+    // Checked here as the MS would: a refusal keeps its structure (which
+    // limit, by how much) instead of arriving as text.
+    req.validate(&[])?;
     let mut last = ShoalError::Unreachable("no management service address".into());
     for addr in &inner.ms {
         match call(&inner.transport, addr, req, vec![], 0, 0, inner.timeout).await {
             Ok((r, _)) => return Ok(r),
-            Err(e @ (ShoalError::Unreachable(_) | ShoalError::Timeout(_))) => last = e,
+            Err(e) if e.peer_failed() => last = e,
             // A server that does not host the MS: try the next address.
-            Err(e @ ShoalError::NotFound(_)) if e.to_string().contains("does not host the management service") => {
-                last = e
-            }
+            Err(e) if e.missing() == Some(Entity::ManagementService) => last = e,
             Err(e) => return Err(e),
         }
     }
@@ -746,7 +748,7 @@ impl PoolState {
             .iter()
             .find(|(r, _)| *r == shard.rank)
             .map(|(_, a)| a.as_str())
-            .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {}", shard.rank)))
+            .ok_or_else(|| ShoalError::not_found(Entity::Server, format!("no address for rank {}", shard.rank)))
     }
 }
 
@@ -971,7 +973,7 @@ impl Pool {
                     )
                     .await
                     .map(|(r, _)| r),
-                    None => Err(ShoalError::NotFound(format!("no address for rank {}", t.rank))),
+                    None => Err(ShoalError::not_found(Entity::Server, format!("no address for rank {}", t.rank))),
                 };
                 (t.rank, t.index, r)
             }
@@ -1246,7 +1248,7 @@ impl Container {
             }
             .await;
             if let Err(e) = asked {
-                if e.is_cont_destroyed(self.inner.info.uuid) {
+                if e.is_cont_destroyed() {
                     return Err(e);
                 }
                 unasked.push((t.rank, t.index));

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, ShoalError};
+use crate::error::{Limit, Result, ShoalError};
 use crate::ids::{ContId, PoolId};
 use crate::limits::MAX_NAME_LEN;
 use crate::msg::{Opcode, Rpc};
@@ -19,8 +19,11 @@ pub type Name = String;
 /// Checks a label: 1..=MAX_NAME_LEN bytes of letters, digits, `-`, `_`, `.`,
 /// not parseable as a UUID (so names never collide with ids).
 pub fn check_label(what: &str, label: &str) -> Result<()> {
-    if label.is_empty() || label.len() > MAX_NAME_LEN {
-        return Err(ShoalError::invalid(format!("{what} label must be 1..={MAX_NAME_LEN} bytes")));
+    if label.len() > MAX_NAME_LEN {
+        return Err(ShoalError::TooLarge { limit: Limit::NameLen, size: label.len() as u64, max: MAX_NAME_LEN as u64 });
+    }
+    if label.is_empty() {
+        return Err(ShoalError::invalid(format!("a {what} label must not be empty")));
     }
     if !label.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
         return Err(ShoalError::invalid(format!(
@@ -34,8 +37,11 @@ pub fn check_label(what: &str, label: &str) -> Result<()> {
 }
 
 fn check_name(what: &str, name: &str) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(ShoalError::invalid(format!("{what} name must be 1..={MAX_NAME_LEN} bytes")));
+    if name.len() > MAX_NAME_LEN {
+        return Err(ShoalError::TooLarge { limit: Limit::NameLen, size: name.len() as u64, max: MAX_NAME_LEN as u64 });
+    }
+    if name.is_empty() {
+        return Err(ShoalError::invalid(format!("a {what} name must not be empty")));
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, ShoalError, WireError};
+use crate::error::{Limit, Result, ShoalError, WireError};
 use crate::hlc::Epoch;
 use crate::ids::{ContId, Oid, PoolId};
 use crate::limits::{MAX_IODS, MAX_KEY_LEN, MAX_LIST, MAX_REC_SIZE};
@@ -238,19 +238,24 @@ pub fn decode_reply<T: DeserializeOwned>(frame: &Frame) -> Result<T> {
     wire.map_err(ShoalError::from_wire)
 }
 
-fn check_key(what: &str, k: &[u8]) -> Result<()> {
+/// Checks a key against [`MAX_KEY_LEN`]: [`ShoalError::TooLarge`] past it, and
+/// `InvalidArgument` naming `what` when empty.
+pub fn check_key(what: &str, k: &[u8]) -> Result<()> {
     if k.is_empty() {
         return Err(ShoalError::invalid(format!("{what} must not be empty")));
     }
     if k.len() > MAX_KEY_LEN {
-        return Err(ShoalError::invalid(format!("{what} of {} bytes exceeds the cap of {MAX_KEY_LEN}", k.len())));
+        return Err(ShoalError::TooLarge { limit: Limit::KeyLen, size: k.len() as u64, max: MAX_KEY_LEN as u64 });
     }
     Ok(())
 }
 
 fn check_iods(n: usize) -> Result<()> {
-    if n == 0 || n > MAX_IODS {
-        return Err(ShoalError::invalid(format!("{n} I/O descriptors; expected 1..={MAX_IODS}")));
+    if n > MAX_IODS {
+        return Err(ShoalError::TooLarge { limit: Limit::Keys, size: n as u64, max: MAX_IODS as u64 });
+    }
+    if n == 0 {
+        return Err(ShoalError::invalid("a request must name at least one key"));
     }
     Ok(())
 }
@@ -884,6 +889,7 @@ impl Rpc for TargetQueryReq {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Entity;
 
     #[test]
     fn requests_and_replies_round_trip() {
@@ -903,8 +909,8 @@ mod tests {
         let r = reply_frame(&f.header, 3, Ok(UpdateReply { epoch: 5, now: 6 }), vec![]);
         assert_eq!(r.header.request_id, f.header.request_id);
         assert_eq!(decode_reply::<UpdateReply>(&r).unwrap().epoch, 5);
-        let r = reply_frame::<UpdateReply>(&f.header, 3, Err(ShoalError::NotFound("x".into())), vec![]);
-        assert_eq!(decode_reply::<UpdateReply>(&r), Err(ShoalError::NotFound("x".into())));
+        let r = reply_frame::<UpdateReply>(&f.header, 3, Err(ShoalError::not_found(Entity::Other, "x")), vec![]);
+        assert_eq!(decode_reply::<UpdateReply>(&r), Err(ShoalError::not_found(Entity::Other, "x")));
     }
 
     #[test]

@@ -257,7 +257,7 @@ impl TcpTransport {
             return Err(ShoalError::invalid(format!("malformed address {addr:?}: expected HOST:PORT")));
         }
         let stream = match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(r) => r.map_err(|e| ShoalError::Unreachable(format!("connect to {addr}: {e}")))?,
+            Ok(r) => r.map_err(|e| ShoalError::Connection { peer: addr.to_string(), source: e.into() })?,
             Err(_) => {
                 // A host that swallows connects would cost every call a full
                 // timeout; fail fast for a while instead (degraded reads go
@@ -354,10 +354,17 @@ fn spawn_client_conn(stream: TcpStream, addr: String, prober: Arc<Prober>) -> Co
         let pending = pending.clone();
         let dead = dead.clone();
         let addr = addr.clone();
-        move |why: String| {
+        move |why: ShoalError| {
             dead.store(true, Ordering::Release);
+            // A peer that broke the protocol is named as such (not
+            // retryable); anything else is a connection that failed.
+            let err = match why {
+                ShoalError::Protocol(message) => ShoalError::BadPeer { peer: addr.clone(), message },
+                e @ ShoalError::Connection { .. } => e,
+                other => ShoalError::Unreachable(format!("{addr}: {other}")),
+            };
             for (_, p) in pending.lock().expect("lock").drain() {
-                let _ = p.send(Err(ShoalError::Unreachable(format!("{addr}: {why}"))));
+                let _ = p.send(Err(err.clone()));
             }
         }
     };
@@ -365,7 +372,7 @@ fn spawn_client_conn(stream: TcpStream, addr: String, prober: Arc<Prober>) -> Co
         let fail_all = fail_all.clone();
         tokio::spawn(async move {
             if let Err(e) = write_frames(wr, rx, None).await {
-                fail_all(format!("send failed: {e}"));
+                fail_all(ShoalError::Unreachable(format!("send failed: {e}")));
             }
         })
     };
@@ -373,6 +380,7 @@ fn spawn_client_conn(stream: TcpStream, addr: String, prober: Arc<Prober>) -> Co
         let pending = pending.clone();
         let fail_all = fail_all.clone();
         let last_rx = last_rx.clone();
+        let addr = addr.clone();
         tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 << 10);
             let mut dec = FrameDecoder;
@@ -389,8 +397,11 @@ fn spawn_client_conn(stream: TcpStream, addr: String, prober: Arc<Prober>) -> Co
                             None => debug!(request_id = f.header.request_id, "reply to an abandoned request"),
                         }
                     }
-                    Ok(None) => break "connection closed by peer".to_string(),
-                    Err(e) => break e.to_string(),
+                    Ok(None) => break ShoalError::Unreachable("connection closed by peer".into()),
+                    Err(ShoalError::Connection { source, .. }) => {
+                        break ShoalError::Connection { peer: addr.clone(), source }
+                    }
+                    Err(e) => break e,
                 }
             };
             fail_all(why);
@@ -430,7 +441,9 @@ fn spawn_client_conn(stream: TcpStream, addr: String, prober: Arc<Prober>) -> Co
                 }
                 if !prober.probe().await && !dead.load(Ordering::Acquire) {
                     warn!("{addr}: no answer to a ping within {PING_TIMEOUT:?}; failing its calls");
-                    fail_all(format!("peer stopped answering (no reply to a ping within {PING_TIMEOUT:?})"));
+                    fail_all(ShoalError::Unreachable(format!(
+                        "peer stopped answering (no reply to a ping within {PING_TIMEOUT:?})"
+                    )));
                     return;
                 }
             }
@@ -546,7 +559,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
                 .map_err(|_| ShoalError::Timeout(format!("peer sent nothing for {idle:?}")))?,
             (None, _) => read.await,
         }
-        .map_err(|e| ShoalError::Unreachable(format!("read: {e}")))?;
+        .map_err(|e| ShoalError::Connection { peer: "read".into(), source: e.into() })?;
         if n == 0 {
             if buf.is_empty() {
                 return Ok(None);

@@ -101,7 +101,7 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                         service.set_heard();
                     }
                 }
-                Err(ShoalError::NotFound(_)) => continue 'outer,
+                Err(ShoalError::NotFound { .. }) => continue 'outer,
                 Err(ShoalError::InvalidArgument(m)) if m.contains("clock") => {
                     tracing::error!("{m}");
                     service.set_clock_fault(Some(m));

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_common::ec::codec;
+use shoal_common::error::Entity;
 use shoal_common::mgmt::{PoolInfo, PoolQueryReq, RebuildDoneReq};
 use shoal_common::mgmt::{RebuildProgress, RebuildState};
 use shoal_common::msg::{FetchIod, FetchReq, Fetched, RestoreHaveReq, RestoreItem, RestoreKind, RestoreReq, ValueKind};
@@ -697,7 +698,7 @@ fn addr_of(info: &PoolInfo, rank: u32) -> Result<String> {
         .iter()
         .find(|(r, _)| *r == rank)
         .map(|(_, a)| a.clone())
-        .ok_or_else(|| ShoalError::NotFound(format!("no address for rank {rank}")))
+        .ok_or_else(|| ShoalError::not_found(Entity::Server, format!("no address for rank {rank}")))
 }
 
 /// The versions among `heads` that the target of `to` holds already.

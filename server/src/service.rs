@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use shoal_common::error::Entity;
 use shoal_common::hlc::epoch_to_ns;
 use shoal_common::hlc::wall_ns;
 use shoal_common::limits::MAX_SEGMENT;
@@ -360,7 +361,10 @@ impl Service {
 
     fn ms(&self) -> Result<Arc<Ms>> {
         self.ms.clone().ok_or_else(|| {
-            ShoalError::NotFound("this server does not host the management service; ask the MS address".into())
+            ShoalError::not_found(
+                Entity::ManagementService,
+                "this server does not host the management service; ask the MS address",
+            )
         })
     }
 
@@ -396,10 +400,9 @@ impl Service {
     }
 
     fn store(&self, target: u32) -> Result<Arc<TargetStore>> {
-        self.stores
-            .get(target as usize)
-            .cloned()
-            .ok_or_else(|| ShoalError::NotFound(format!("target {target} (this server has {})", self.stores.len())))
+        self.stores.get(target as usize).cloned().ok_or_else(|| {
+            ShoalError::not_found(Entity::Target, format!("target {target} (this server has {})", self.stores.len()))
+        })
     }
 
     fn check_epoch(&self, epoch: Epoch) -> Result<()> {

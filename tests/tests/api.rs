@@ -3,6 +3,7 @@
 //! container or pool that was destroyed meanwhile.
 
 use bytes::Bytes;
+use shoal_client::{Entity, ErrorKind, Limit};
 use shoal_common::mgmt::ContProps;
 use shoal_common::oclass::ObjType;
 use shoal_common::ShoalError;
@@ -43,7 +44,7 @@ async fn an_object_opened_as_the_wrong_type_is_refused_and_keeps_its_data() {
 
 fn destroyed<T: std::fmt::Debug>(r: Result<T, ShoalError>, what: &str) {
     match r {
-        Err(ShoalError::NotFound(m)) => assert!(m.contains(what), "{m}"),
+        Err(ShoalError::NotFound { message: m, .. }) => assert!(m.contains(what), "{m}"),
         other => panic!("a handle still works after destroy ({what}): {other:?}"),
     }
 }
@@ -132,18 +133,27 @@ async fn keys_and_values_past_their_limits_are_refused() {
     kv.put("name", Bytes::from_static(b"v")).await.unwrap();
     kv.put(vec![7u8; 4096], Bytes::from_static(b"v")).await.unwrap();
     assert_eq!(kv.get(String::from("name")).await.unwrap().as_deref(), Some(&b"v"[..]));
-    let refused = |r: Result<u64, ShoalError>| match r {
-        Err(ShoalError::InvalidArgument(m)) => m,
+    // Which limit, the size and the cap, and a message in the words of the
+    // user guide (key, value, array), not the wire's.
+    let e = kv.put(vec![7u8; 4097], Bytes::from_static(b"v")).await.unwrap_err();
+    assert_eq!(e, ShoalError::TooLarge { limit: Limit::KeyLen, size: 4097, max: 4096 });
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("a key of 4097 bytes") && !e.is_retryable(), "{e}");
+    match kv.put("", Bytes::from_static(b"v")).await {
+        Err(ShoalError::InvalidArgument(m)) => assert!(m.contains("key must not be empty"), "{m}"),
         other => panic!("{other:?}"),
-    };
-    // In the words of the user guide (key, value, array), not the wire's.
-    let m = refused(kv.put(vec![7u8; 4097], Bytes::from_static(b"v")).await);
-    assert!(m.contains("a key of 4097 bytes") && m.contains("4096"), "{m}");
-    let m = refused(kv.put("", Bytes::from_static(b"v")).await);
-    assert!(m.contains("key must not be empty"), "{m}");
-    let m = refused(kv.put("big", Bytes::from(vec![0u8; (64 << 20) + 1])).await);
-    assert!(m.contains("value of") && m.contains("array"), "{m}");
-    assert!(matches!(kv.get(vec![1u8; 5000]).await, Err(ShoalError::InvalidArgument(_))));
+    }
+    let e = kv.put("big", Bytes::from(vec![0u8; (64 << 20) + 1])).await.unwrap_err();
+    assert!(matches!(e, ShoalError::TooLarge { limit: Limit::ValueLen, max, .. } if max == 64 << 20), "{e:?}");
+    assert!(e.to_string().contains("value of") && e.to_string().contains("array"), "{e}");
+    assert!(matches!(kv.get(vec![1u8; 5000]).await, Err(ShoalError::TooLarge { limit: Limit::KeyLen, .. })));
+    // The object API's keys too, and names.
+    let obj = kv.object();
+    let e = obj.update_single(vec![1u8; 4097], "v", Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(e, ShoalError::TooLarge { limit: Limit::KeyLen, size: 4097, .. }), "{e:?}");
+    let client = cluster.client().await.unwrap();
+    let e = client.pool_create(&"n".repeat(300), vec![], 0).await.unwrap_err();
+    assert!(matches!(e, ShoalError::TooLarge { limit: Limit::NameLen, size: 300, max: 255 }), "{e:?}");
     assert_eq!(kv.get("big").await.unwrap(), None);
     assert_eq!(kv.list().await.unwrap().len(), 2);
 }
@@ -197,4 +207,54 @@ async fn a_client_with_one_request_in_flight_works() {
     let data = shoal_tests::pattern(5, 4 << 20);
     array.write(3, Bytes::from(data.clone())).await.unwrap();
     assert!(array.read(3, data.len() as u64).await.unwrap() == data);
+}
+
+/// Errors say what is missing or exists already, and a failed connection
+/// carries its cause; a peer that breaks the protocol is not "unreachable"
+/// and not worth a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_what_and_why() {
+    use std::error::Error as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 2, 1).await.unwrap();
+    let (client, pool, _) = shoal_tests::tank(&cluster, ContProps::default()).await;
+
+    let e = client.pool_connect("nope").await.unwrap_err();
+    assert_eq!(e.missing(), Some(Entity::Pool), "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let e = pool.cont_open("nope").await.unwrap_err();
+    assert_eq!(e.missing(), Some(Entity::Container), "{e:?}");
+    let e = client.pool_create("tank", vec![], 0).await.unwrap_err();
+    assert!(matches!(e, ShoalError::Exists { what: Entity::Pool, .. }), "{e:?}");
+    assert_eq!(e.kind(), ErrorKind::Exists);
+    let e = pool.cont_create("c", ContProps::default()).await.unwrap_err();
+    assert!(matches!(e, ShoalError::Exists { what: Entity::Container, .. }), "{e:?}");
+
+    // Nothing listens: retryable, and the cause is the refused connect.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let e = shoal_client::Client::connect(vec![addr.clone()]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unreachable, "{e:?}");
+    assert!(e.is_retryable());
+    let cause = e.source().and_then(|s| s.downcast_ref::<std::io::Error>()).expect("an io::Error source");
+    assert_eq!(cause.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    // A "server" that answers with garbage: a protocol error naming it.
+    let liar = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar_addr = liar.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = liar.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(&[0xff; 64]).await;
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            });
+        }
+    });
+    let e = shoal_client::Client::connect(vec![liar_addr.clone()]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol, "{e:?}");
+    assert!(!e.is_retryable() && e.to_string().contains(&liar_addr), "{e}");
 }

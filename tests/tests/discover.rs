@@ -21,7 +21,9 @@ async fn a_client_finds_the_cluster_from_the_environment() {
     unset("SHOAL_MS");
     set("SHOAL_CLUSTER", file.to_str().unwrap());
     match Client::from_env().await {
-        Err(ShoalError::NotFound(m)) => assert!(m.contains("SHOAL_MS") && m.contains("shoal dev up"), "{m}"),
+        Err(ShoalError::NotFound { message: m, .. }) => {
+            assert!(m.contains("SHOAL_MS") && m.contains("shoal dev up"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
     // The cluster file `shoal dev up` writes.

@@ -374,7 +374,7 @@ async fn old_versions_and_destroyed_containers_give_their_space_back() {
     client.pool_connect("tank").await.unwrap().cont_destroy("c").await.unwrap();
     wait_below(1 << 20, "container destroy").await;
     let r = b.write(0, Bytes::from_static(b"late")).await;
-    assert!(matches!(r, Err(ShoalError::NotFound(_))), "{r:?}");
+    assert!(matches!(r, Err(ShoalError::NotFound { .. })), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,7 +115,7 @@ async fn invalid_requests_get_clear_errors() {
     let single = || vec![UpdateIod::new(b"a", ValueKind::Single, b"x")];
     // No such target.
     let r = c.update(5, ContId(1), Oid::new(0, 1), b"d", single(), vec![Bytes::from_static(b"x")]).await;
-    assert!(matches!(r, Err(ShoalError::NotFound(_))), "{r:?}");
+    assert!(matches!(r, Err(ShoalError::NotFound { .. })), "{r:?}");
     // Key too long.
     let r = c.update(0, ContId(1), Oid::new(0, 1), &[b'k'; 5000], single(), vec![Bytes::from_static(b"x")]).await;
     assert!(matches!(r, Err(ShoalError::InvalidArgument(_))), "{r:?}");

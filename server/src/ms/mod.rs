@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shoal_common::error::Entity;
 use shoal_common::mgmt::{
     ClientHelloReply, ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq,
     HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq,
@@ -199,7 +200,7 @@ impl Ms {
     pub fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply> {
         self.read(|s| match s.members.get(&req.rank) {
             Some(m) if m.join.uuid == req.uuid => Ok(()),
-            _ => Err(ShoalError::NotFound(format!("rank {} is not a member; join first", req.rank))),
+            _ => Err(ShoalError::not_found(Entity::Server, format!("rank {} is not a member; join first", req.rank))),
         })?;
         let period = Duration::from_millis(req.period_ms as u64);
         self.heartbeats.lock().expect("lock").insert(req.rank, (Instant::now(), period));
@@ -310,7 +311,7 @@ impl Ms {
     pub fn report(&self, req: ReportReq) -> Result<()> {
         self.read(|s| match s.members.get(&req.rank) {
             Some(_) => Ok(()),
-            None => Err(ShoalError::NotFound(format!("rank {}", req.rank))),
+            None => Err(ShoalError::not_found(Entity::Server, format!("rank {}", req.rank))),
         })?;
         if req.missed_write {
             let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
@@ -346,7 +347,7 @@ impl Ms {
             silent => {
                 self.read(|s| match s.members.contains_key(&req.rank) {
                     true => Ok(()),
-                    false => Err(ShoalError::NotFound(format!("rank {}", req.rank))),
+                    false => Err(ShoalError::not_found(Entity::Server, format!("rank {}", req.rank))),
                 })?;
                 let since = silent.map_or("since this MS started".to_string(), |d| format!("for {d:.0?}"));
                 return Err(ShoalError::invalid(format!(

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use shoal_common::error::Entity;
 use shoal_common::mgmt::{ContInfo, ContProps, Health, JoinReq, PoolInfo};
 use shoal_common::oclass::ObjectClass;
 use shoal_common::placement::{PoolMap, PoolTarget, TargetState};
@@ -400,7 +401,11 @@ impl MsState {
                     )));
                 }
                 for r in &ranks {
-                    let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?.clone();
+                    let m = self
+                        .members
+                        .get(r)
+                        .ok_or_else(|| ShoalError::not_found(Entity::Server, format!("rank {r}")))?
+                        .clone();
                     let p = self.pool_mut(*pool)?;
                     if p.map.targets.iter().any(|t| t.rank == *r) {
                         return Err(ShoalError::invalid(format!("rank {r} is in pool {} already", p.label)));
@@ -426,7 +431,7 @@ impl MsState {
             }
             Command::MarkDown { rank, now_ms } => {
                 if !self.members.contains_key(rank) {
-                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                    return Err(ShoalError::not_found(Entity::Server, format!("rank {rank}")));
                 }
                 // (Already down: targets reintegrated in one pool while it is
                 // out of another go down again. Already excluded: they are
@@ -444,14 +449,14 @@ impl MsState {
             }
             Command::Exclude { rank } => {
                 if !self.members.contains_key(rank) {
-                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                    return Err(ShoalError::not_found(Entity::Server, format!("rank {rank}")));
                 }
                 self.exclude_rank(*rank);
                 Ok(Outcome::Done)
             }
             Command::Reintegrate { pool, rank } => {
                 if !self.members.contains_key(rank) {
-                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                    return Err(ShoalError::not_found(Entity::Server, format!("rank {rank}")));
                 }
                 let pools: Vec<PoolId> = match pool {
                     Some(p) => vec![self.pool(*p)?.uuid],
@@ -568,7 +573,7 @@ impl MsState {
             }
             Command::Drain { pool, rank } => {
                 if !self.members.contains_key(rank) {
-                    return Err(ShoalError::NotFound(format!("rank {rank}")));
+                    return Err(ShoalError::not_found(Entity::Server, format!("rank {rank}")));
                 }
                 let pools: Vec<PoolId> = match pool {
                     Some(p) => vec![self.pool(*p)?.uuid],
@@ -664,7 +669,7 @@ impl MsState {
                     .pool_mut(*pool)?
                     .containers
                     .get_mut(cont)
-                    .ok_or_else(|| ShoalError::NotFound(format!("container {cont}")))?;
+                    .ok_or_else(|| ShoalError::not_found(Entity::Container, format!("container {cont}")))?;
                 let first = c.next_seq;
                 if first + *count as u128 >= 1 << 88 {
                     return Err(ShoalError::NoSpace(format!("container {cont} has used up its object ids")));
@@ -917,10 +922,10 @@ impl MsState {
 
     fn pool_create(&mut self, uuid: PoolId, label: &str, ranks: &[u32], per_server: u32) -> Result<PoolInfo> {
         if self.pools.values().any(|p| p.label == label) {
-            return Err(ShoalError::invalid(format!("a pool labelled {label:?} exists already")));
+            return Err(ShoalError::exists(Entity::Pool, format!("a pool labelled {label:?} exists already")));
         }
         if self.pools.contains_key(&uuid) {
-            return Err(ShoalError::invalid(format!("pool {uuid} exists already")));
+            return Err(ShoalError::exists(Entity::Pool, format!("pool {uuid} exists already")));
         }
         let mut ranks: Vec<u32> =
             if ranks.is_empty() { self.members.keys().copied().collect() } else { ranks.to_vec() };
@@ -931,7 +936,7 @@ impl MsState {
         }
         let mut targets = Vec::new();
         for r in &ranks {
-            let m = self.members.get(r).ok_or_else(|| ShoalError::NotFound(format!("rank {r}")))?;
+            let m = self.members.get(r).ok_or_else(|| ShoalError::not_found(Entity::Server, format!("rank {r}")))?;
             let n = if per_server == 0 { m.join.targets } else { per_server };
             if n > m.join.targets {
                 return Err(ShoalError::invalid(format!(
@@ -963,10 +968,13 @@ impl MsState {
         check_props(props, domains)?;
         let p = self.pool_mut(pool)?;
         if p.containers.values().any(|c| c.label == label) {
-            return Err(ShoalError::invalid(format!("pool {} already has a container labelled {label:?}", p.label)));
+            return Err(ShoalError::exists(
+                Entity::Container,
+                format!("pool {} already has a container labelled {label:?}", p.label),
+            ));
         }
         if p.containers.contains_key(&uuid) {
-            return Err(ShoalError::invalid(format!("container {uuid} exists already")));
+            return Err(ShoalError::exists(Entity::Container, format!("container {uuid} exists already")));
         }
         p.containers.insert(
             uuid,
@@ -982,11 +990,11 @@ impl MsState {
     }
 
     pub fn pool(&self, pool: PoolId) -> Result<&PoolRec> {
-        self.pools.get(&pool).ok_or_else(|| ShoalError::NotFound(format!("pool {pool}")))
+        self.pools.get(&pool).ok_or_else(|| ShoalError::not_found(Entity::Pool, format!("pool {pool}")))
     }
 
     fn pool_mut(&mut self, pool: PoolId) -> Result<&mut PoolRec> {
-        self.pools.get_mut(&pool).ok_or_else(|| ShoalError::NotFound(format!("pool {pool}")))
+        self.pools.get_mut(&pool).ok_or_else(|| ShoalError::not_found(Entity::Pool, format!("pool {pool}")))
     }
 
     /// Resolves a pool label or UUID.
@@ -1000,7 +1008,7 @@ impl MsState {
             .values()
             .find(|p| p.label == name)
             .map(|p| p.uuid)
-            .ok_or_else(|| ShoalError::NotFound(format!("no pool is labelled or identified {name:?}")))
+            .ok_or_else(|| ShoalError::not_found(Entity::Pool, format!("no pool is labelled or identified {name:?}")))
     }
 
     /// Resolves a container label or UUID within a pool.
@@ -1012,7 +1020,10 @@ impl MsState {
             }
         }
         p.containers.values().find(|c| c.label == name).map(|c| c.uuid).ok_or_else(|| {
-            ShoalError::NotFound(format!("pool {} has no container labelled or identified {name:?}", p.label))
+            ShoalError::not_found(
+                Entity::Container,
+                format!("pool {} has no container labelled or identified {name:?}", p.label),
+            )
         })
     }
 
@@ -1039,8 +1050,11 @@ impl MsState {
     }
 
     pub fn cont_info(&self, pool: PoolId, cont: ContId) -> Result<ContInfo> {
-        let c =
-            self.pool(pool)?.containers.get(&cont).ok_or_else(|| ShoalError::NotFound(format!("container {cont}")))?;
+        let c = self
+            .pool(pool)?
+            .containers
+            .get(&cont)
+            .ok_or_else(|| ShoalError::not_found(Entity::Container, format!("container {cont}")))?;
         Ok(ContInfo {
             uuid: c.uuid,
             label: c.label.clone(),
@@ -1406,7 +1420,7 @@ mod tests {
         // In service: nothing to reintegrate, and nothing changes.
         let before = s.clone();
         assert!(s.apply(&Command::Reintegrate { pool: None, rank: 3 }).is_err());
-        assert!(matches!(s.apply(&Command::Reintegrate { pool: None, rank: 9 }), Err(ShoalError::NotFound(_))));
+        assert!(matches!(s.apply(&Command::Reintegrate { pool: None, rank: 9 }), Err(ShoalError::NotFound { .. })));
         assert_eq!(s, before);
         // Rank 3 goes down, is excluded, and its spares are rebuilt.
         s.apply(&Command::MarkDown { rank: 3, now_ms: 1 }).unwrap();
