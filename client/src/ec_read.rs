@@ -155,7 +155,7 @@ impl Object {
                 let parity = parity_cells.as_ref().expect("fetched above");
                 let cells: Vec<Option<(Epoch, Bytes)>> =
                     data_cells.iter().chain(parity.iter()).map(|r| r.as_ref().ok().map(|v| v[i].clone())).collect();
-                match self.decode_newest(&cells, k, p)? {
+                match decode_newest(cells.clone(), k, p).await? {
                     Some(stripe) => out.push(stripe),
                     None if cells.iter().flatten().count() >= k => {
                         if attempt < OLDER_AFTER {
@@ -202,31 +202,6 @@ impl Object {
         }
     }
 
-    /// Decodes a stripe from the newest version that at least k of its
-    /// cells carry; `None` when no version has k cells.
-    fn decode_newest(&self, cells: &[Option<(Epoch, Bytes)>], k: usize, p: u32) -> Result<Option<Bytes>> {
-        let mut epochs: Vec<Epoch> = cells.iter().flatten().map(|c| c.0).collect();
-        epochs.sort_unstable_by(|a, b| b.cmp(a));
-        let Some(e) = epochs.iter().copied().find(|e| epochs.iter().filter(|x| *x == e).count() >= k) else {
-            return Ok(None);
-        };
-        let cell = cells.iter().flatten().map(|c| c.1.len()).next().unwrap_or(0);
-        let mut stripe = BytesMut::with_capacity(k * cell);
-        if cells[..k].iter().all(|c| matches!(c, Some((ce, _)) if *ce == e)) {
-            for c in cells[..k].iter().flatten() {
-                stripe.extend_from_slice(&c.1);
-            }
-            return Ok(Some(stripe.freeze()));
-        }
-        let mut shards: Vec<Option<Vec<u8>>> =
-            cells.iter().map(|c| c.as_ref().and_then(|(ce, d)| (*ce == e).then(|| d.to_vec()))).collect();
-        codec(k as u32, p)?.reconstruct(&mut shards)?;
-        for c in shards.iter().take(k).flatten() {
-            stripe.extend_from_slice(c);
-        }
-        Ok(Some(stripe.freeze()))
-    }
-
     /// Reads stripe `s` for a read-modify-write: every cell, so that the
     /// rewrite can expect what each shard holds now.
     pub(crate) async fn read_for_rmw(
@@ -268,7 +243,7 @@ impl Object {
         }
         let expected: Vec<Option<Epoch>> = cells.iter().map(|c| c.as_ref().map(|c| c.0)).collect();
         let newest = expected.iter().flatten().copied().max().unwrap_or(0);
-        let data = match self.decode_newest(&cells, k as usize, p)? {
+        let data = match decode_newest(cells.clone(), k as usize, p).await? {
             Some(d) => d,
             // No version has k cells: the stripe as it was before the
             // newest (failed or in-flight) write. If that write completes
@@ -281,4 +256,48 @@ impl Object {
         };
         Ok(RmwBase { data, expected, newest })
     }
+}
+
+/// Stripes at least this large are decoded off the async worker threads.
+const DECODE_OFF_WORKER: usize = 256 << 10;
+
+/// [`decode_stripe`], on a blocking thread when it has to reconstruct a
+/// large stripe (the cells are reference counted: nothing is copied to
+/// get there).
+async fn decode_newest(cells: Vec<Option<(Epoch, Bytes)>>, k: usize, p: u32) -> Result<Option<Bytes>> {
+    let cell = cells.iter().flatten().map(|c| c.1.len()).next().unwrap_or(0);
+    // All data cells of one version: a concatenation, done here.
+    let first = cells[0].as_ref().map(|c| c.0);
+    let whole = first.is_some() && cells[..k].iter().all(|c| c.as_ref().map(|c| c.0) == first);
+    if whole || cell * k < DECODE_OFF_WORKER {
+        return decode_stripe(&cells, k, p);
+    }
+    tokio::task::spawn_blocking(move || decode_stripe(&cells, k, p))
+        .await
+        .map_err(|e| ShoalError::Internal(format!("EC decode task: {e}")))?
+}
+
+/// Decodes a stripe from the newest version that at least k of its cells
+/// carry; `None` when no version has k cells.
+fn decode_stripe(cells: &[Option<(Epoch, Bytes)>], k: usize, p: u32) -> Result<Option<Bytes>> {
+    let mut epochs: Vec<Epoch> = cells.iter().flatten().map(|c| c.0).collect();
+    epochs.sort_unstable_by(|a, b| b.cmp(a));
+    let Some(e) = epochs.iter().copied().find(|e| epochs.iter().filter(|x| *x == e).count() >= k) else {
+        return Ok(None);
+    };
+    let cell = cells.iter().flatten().map(|c| c.1.len()).next().unwrap_or(0);
+    let mut stripe = BytesMut::with_capacity(k * cell);
+    if cells[..k].iter().all(|c| matches!(c, Some((ce, _)) if *ce == e)) {
+        for c in cells[..k].iter().flatten() {
+            stripe.extend_from_slice(&c.1);
+        }
+        return Ok(Some(stripe.freeze()));
+    }
+    let mut shards: Vec<Option<Vec<u8>>> =
+        cells.iter().map(|c| c.as_ref().and_then(|(ce, d)| (*ce == e).then(|| d.to_vec()))).collect();
+    codec(k as u32, p)?.reconstruct(&mut shards)?;
+    for c in shards.iter().take(k).flatten() {
+        stripe.extend_from_slice(c);
+    }
+    Ok(Some(stripe.freeze()))
 }
