@@ -23,7 +23,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -66,6 +66,8 @@ pub(crate) struct Inner {
     pub transport: TcpTransport,
     pub hlc: Hlc,
     ms: Vec<String>,
+    /// Which of `ms` answered last: the MS leader, most likely.
+    ms_leader: AtomicUsize,
     pub timeout: Duration,
     /// Times an operation is sent again after a "stale map" answer.
     pub stale_retries: usize,
@@ -367,6 +369,7 @@ impl ClientBuilder {
             transport: TcpTransport::default(),
             hlc: Hlc::new(),
             ms: self.ms,
+            ms_leader: AtomicUsize::new(0),
             timeout: self.timeout,
             stale_retries: self.stale_retries,
             in_flight: self.max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
@@ -429,17 +432,11 @@ async fn ms_call<R: Rpc>(inner: &Inner, req: &R) -> Result<R::Reply> {
     // Checked here as the MS would: a refusal keeps its structure (which
     // limit, by how much) instead of arriving as text.
     req.validate(&[])?;
-    let mut last = ShoalError::Unreachable("no management service address".into());
-    for addr in &inner.ms {
-        match call(&inner.transport, addr, req, vec![], 0, 0, inner.timeout).await {
-            Ok((r, _)) => return Ok(r),
-            Err(e) if e.peer_failed() => last = e,
-            // A server that does not host the MS: try the next address.
-            Err(e) if e.missing() == Some(Entity::ManagementService) => last = e,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last)
+    // The replica that answered last (the leader) is asked first.
+    let first = inner.ms_leader.load(Ordering::Relaxed);
+    let (reply, leader) = shoal_net::call_ms(&inner.transport, &inner.ms, first, req, inner.timeout).await?;
+    inner.ms_leader.store(leader, Ordering::Relaxed);
+    Ok(reply)
 }
 
 /// A connection to a Shoal system. Cheap to clone.

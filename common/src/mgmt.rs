@@ -384,6 +384,21 @@ pub struct SystemQueryReq {}
 pub struct SystemQueryReply {
     pub members: Vec<Member>,
     pub ms_rank: Option<u32>,
+    /// The management service's replicas, as the leader sees them.
+    pub ms_replicas: Vec<MsReplica>,
+}
+
+/// One replica of the management service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsReplica {
+    /// Its Raft id: its place (from 1) in the list of MS addresses.
+    pub id: u64,
+    pub addr: String,
+    /// `leader`, `follower` or `learner`.
+    pub role: String,
+    pub term: u64,
+    /// The last log index it is known to hold (`None`: not known yet).
+    pub last_log_index: Option<u64>,
 }
 
 mgmt_rpc!(SystemQueryReq, SysQuery, SystemQueryReply);

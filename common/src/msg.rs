@@ -35,6 +35,8 @@ pub enum Opcode {
     Restore = 10,
     ObjList = 11,
     RestoreHave = 12,
+    /// A Raft message between management service replicas.
+    Raft = 13,
     SysJoin = 20,
     SysHeartbeat = 21,
     SysQuery = 22,
@@ -73,6 +75,7 @@ impl Opcode {
             Opcode::Restore => "restore",
             Opcode::ObjList => "obj_list",
             Opcode::RestoreHave => "restore_have",
+            Opcode::Raft => "raft",
             Opcode::SysJoin => "sys_join",
             Opcode::SysHeartbeat => "sys_heartbeat",
             Opcode::SysQuery => "sys_query",
@@ -117,6 +120,7 @@ impl Opcode {
             10 => Opcode::Restore,
             11 => Opcode::ObjList,
             12 => Opcode::RestoreHave,
+            13 => Opcode::Raft,
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
@@ -818,6 +822,35 @@ impl Rpc for RestoreHaveReq {
         check_iods(self.items.len())?;
         if !segments.is_empty() {
             return Err(ShoalError::invalid("a restore-have request carries no data segments"));
+        }
+        Ok(())
+    }
+}
+
+/// Which Raft message a [`RaftReq`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftKind {
+    Vote,
+    Append,
+    Snapshot,
+}
+
+/// A Raft message from one management service replica to another. The
+/// message itself is opaque here (the MS encodes it); the reply carries
+/// the answer the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftReq {
+    pub kind: RaftKind,
+    pub payload: Vec<u8>,
+}
+
+impl Rpc for RaftReq {
+    const OP: Opcode = Opcode::Raft;
+    type Reply = Vec<u8>;
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a Raft message carries no data segments"));
         }
         Ok(())
     }

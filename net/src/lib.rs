@@ -222,3 +222,80 @@ pub async fn call<T: Transport, R: Rpc>(
     let body = decode_reply::<R::Reply>(&reply)?;
     Ok((body, reply.segments))
 }
+
+/// How long [`call_ms`] waits between rounds over the MS replicas when
+/// none of them serves (an election is under way).
+const MS_ROUND_PAUSE: Duration = Duration::from_millis(100);
+
+/// Calls the management service, which may be replicated: tries each
+/// address in turn, starting at `first`, passing over replicas that are
+/// out of reach or are not the leader. While some replica answers that it
+/// is not the leader (a leader is being elected), it goes round again
+/// until `timeout` has passed; when none does (every address is out of
+/// reach) it fails after one round. Any other error is the MS's answer
+/// and is returned at once. Returns the reply and the index of
+/// the address that answered (the leader: start there next time).
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn demo() -> shoal_common::Result<()> {
+/// use std::time::Duration;
+/// use shoal_common::mgmt::PoolListReq;
+/// use shoal_net::{call_ms, tcp::TcpTransport};
+///
+/// let t = TcpTransport::default();
+/// let ms = vec!["10.0.0.1:10001".to_string(), "10.0.0.2:10001".to_string()];
+/// let (pools, leader) = call_ms(&t, &ms, 0, &PoolListReq {}, Duration::from_secs(10)).await?;
+/// println!("{} pools; the leader is at {}", pools.len(), ms[leader]);
+/// # Ok(()) }
+/// ```
+pub async fn call_ms<T: Transport, R: Rpc>(
+    t: &T,
+    addrs: &[String],
+    first: usize,
+    req: &R,
+    timeout: Duration,
+) -> Result<(R::Reply, usize)> {
+    use shoal_common::error::Entity;
+    use shoal_common::ShoalError;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = ShoalError::not_found(Entity::ManagementService, "no management service address given");
+    if addrs.is_empty() {
+        return Err(last);
+    }
+    let leaderless = |last: &ShoalError| {
+        ShoalError::Unreachable(format!(
+            "no management service replica leads after {timeout:?}; a majority of the {} replicas may be down \
+             (last answer: {last})",
+            addrs.len()
+        ))
+    };
+    loop {
+        let mut electing = false;
+        for k in 0..addrs.len() {
+            let i = (first + k) % addrs.len();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(if electing { leaderless(&last) } else { last });
+            }
+            match call(t, &addrs[i], req, vec![], 0, 0, left).await {
+                Ok((r, _)) => return Ok((r, i)),
+                Err(e) if e.peer_failed() || e.missing() == Some(Entity::ManagementService) => last = e,
+                // A replica that does not lead (or is busy): another may.
+                Err(e @ ShoalError::Busy(_)) => {
+                    electing = true;
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !electing {
+            return Err(last);
+        }
+        if tokio::time::Instant::now() + MS_ROUND_PAUSE >= deadline {
+            return Err(leaderless(&last));
+        }
+        tokio::time::sleep(MS_ROUND_PAUSE).await;
+    }
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use shoal_common::mgmt::{HeartbeatReq, JoinReq};
 use shoal_common::{Result, ShoalError};
-use shoal_net::{call, TcpTransport};
+use shoal_net::TcpTransport;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -26,14 +26,7 @@ pub struct Identity {
 }
 
 async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
-    let mut last = ShoalError::Unreachable("no MS address configured".into());
-    for addr in ms {
-        match call(t, addr, req, vec![], 0, 0, Duration::from_secs(5)).await {
-            Ok((r, _)) => return Ok(r),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+    shoal_net::call_ms(t, ms, 0, req, Duration::from_secs(5)).await.map(|(r, _)| r)
 }
 
 /// Joins and heartbeats until `stop` fires.

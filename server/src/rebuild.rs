@@ -361,14 +361,7 @@ async fn others_done(t: &TcpTransport, ms: &[String], info: &PoolInfo, rank: u32
 }
 
 async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
-    let mut last = ShoalError::Unreachable("no MS address configured".into());
-    for addr in ms {
-        match call(t, addr, req, vec![], 0, 0, CALL_TIMEOUT).await {
-            Ok((r, _)) => return Ok(r),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+    shoal_net::call_ms(t, ms, 0, req, CALL_TIMEOUT).await.map(|(r, _)| r)
 }
 
 /// Why a pass ended before it was through.

@@ -152,17 +152,19 @@ impl Server {
                 .with_context(|| format!("open target {t}"))?;
             stores.push(Arc::new(store));
         }
+        let listener = tcp::bind(&cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+        let ms_addrs = if cfg.ms_addrs.is_empty() && cfg.ms { vec![advertise.clone()] } else { cfg.ms_addrs.clone() };
         let ms = if cfg.ms {
-            let dir = cfg.data_dir.join("ms");
-            let ms =
-                tokio::task::spawn_blocking(move || Ms::open(&dir)).await?.context("open the management service")?;
+            let replicas = crate::ms::raft::Replicas::from_addrs(&ms_addrs, &advertise).with_context(|| {
+                format!("this server hosts an MS replica (--ms) but its address {advertise} is not among the MS addresses {ms_addrs:?}")
+            })?;
+            let ms = Ms::open(&cfg.data_dir.join("ms"), replicas).await.context("open the management service")?;
             Some(Arc::new(ms))
         } else {
             None
         };
-        let listener = tcp::bind(&cfg.listen).await?;
-        let addr = listener.local_addr()?;
-        let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
         let budget = tcp::Budget::new(cfg.frame_budget.as_u64());
         let service = Arc::new(Service::new(stores, ms.clone(), cfg.max_clock_skew, budget.clone()));
         let shutdown = CancellationToken::new();
@@ -180,7 +182,6 @@ impl Server {
                 shutdown.clone(),
             ))
         });
-        let ms_addrs = if cfg.ms_addrs.is_empty() && cfg.ms { vec![advertise.clone()] } else { cfg.ms_addrs.clone() };
         let member = if ms_addrs.is_empty() {
             None
         } else {
@@ -249,6 +250,9 @@ impl Server {
         }
         if let Some(m) = self.metrics {
             m.await.context("metrics endpoint")?;
+        }
+        if let Some(ms) = self.service.ms_handle() {
+            ms.shutdown().await;
         }
         fs::remove_file(self.data_dir.join(ADDR_FILE)).ok();
         let service = self.service;

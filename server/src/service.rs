@@ -359,6 +359,11 @@ impl Service {
         }
     }
 
+    /// The MS replica this server hosts, if any.
+    pub fn ms_handle(&self) -> Option<Arc<Ms>> {
+        self.ms.clone()
+    }
+
     fn ms(&self) -> Result<Arc<Ms>> {
         self.ms.clone().ok_or_else(|| {
             ShoalError::not_found(
@@ -525,6 +530,13 @@ impl Service {
                         .await
                         .map_err(|e| ShoalError::Internal(format!("restore-have task: {e}")))?
                 })
+                .await
+            }
+            Opcode::Raft => {
+                self.run::<shoal_common::msg::RaftReq, _>(
+                    &frame,
+                    |s, r, _| async move { s.ms()?.raft_message(r).await },
+                )
                 .await
             }
             Opcode::ClientHello => {

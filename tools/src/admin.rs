@@ -164,7 +164,11 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
                         None => "unresponsive (not heard from since the MS started)".to_string(),
                     },
                 };
-                let role = if q.ms_rank == Some(m.rank) { "MS" } else { "" };
+                let role = match q.ms_replicas.iter().find(|r| r.addr == m.addr) {
+                    Some(r) => format!("MS {}", r.role),
+                    None if q.ms_rank == Some(m.rank) => "MS".to_string(),
+                    None => String::new(),
+                };
                 t.add_row(vec![
                     m.rank.to_string(),
                     m.addr.clone(),
@@ -172,10 +176,18 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
                     m.targets.to_string(),
                     m.fault_domain.clone(),
                     pid_cell(&m.host, m.pid),
-                    role.to_string(),
+                    role,
                 ]);
             }
             println!("{t}");
+            if !q.ms_replicas.is_empty() {
+                let mut r = out::table(&["MS replica", "address", "role", "term", "log index"]);
+                for m in &q.ms_replicas {
+                    let index = m.last_log_index.map_or("-".to_string(), |i| i.to_string());
+                    r.add_row(vec![m.id.to_string(), m.addr.clone(), m.role.clone(), m.term.to_string(), index]);
+                }
+                println!("{r}");
+            }
             println!("transport: tcp (no RDMA transport is built yet)");
             Ok(())
         }

@@ -87,8 +87,14 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     // A dead server is excluded 3 s after it is declared down (30 s by
     // default), so the demo shows rebuild without a long wait.
-    let mut cluster = LocalCluster::start_with(&dir, a.servers, a.targets, &["--exclude-after", "3s"]).await?;
-    println!("   all joined the management service at {} in {:.2?}", cluster.ms(), t.elapsed());
+    let replicas = if a.servers >= 3 { 3 } else { 1 };
+    let mut cluster =
+        LocalCluster::start_replicated(&dir, a.servers, a.targets, replicas, &["--exclude-after", "3s"]).await?;
+    println!(
+        "   all joined the management service ({replicas} Raft replicas at {}) in {:.2?}",
+        cluster.ms_addrs.join(", "),
+        t.elapsed()
+    );
     let client = cluster.client().await?;
     let pool = client.pool_create("demo", vec![], 0).await?;
     println!(
@@ -266,7 +272,8 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     // A new server joins: the pool is extended onto it, a fair share of
     // the shards move there (copied while the others serve), and the
     // copies left behind are given back.
-    let extra = vec!["--ms-addr".to_string(), cluster.ms(), "--exclude-after".into(), "3s".into()];
+    let mut extra: Vec<String> = cluster.ms_addrs.iter().flat_map(|m| ["--ms-addr".to_string(), m.clone()]).collect();
+    extra.extend(["--exclude-after".to_string(), "3s".to_string()]);
     let added = LocalServer::start_with(&dir.join(format!("server{}", a.servers)), a.targets, extra).await?;
     let t = Instant::now();
     let new_rank = loop {
@@ -316,6 +323,24 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
         "== killed server {other} instead; read back every byte with the reintegrated one serving: correct ({:.2?})",
         t.elapsed()
     );
+
+    if replicas > 1 {
+        // The management service's leader dies: another replica takes
+        // over, and the next management call finds it by itself.
+        let q = client.system_query().await?;
+        let leader = q.ms_replicas.iter().find(|r| r.role == "leader").context("no MS leader")?;
+        let l = cluster.servers.iter().position(|s| s.addr == leader.addr).context("the leader is a server")?;
+        cluster.servers[l].kill9();
+        let t = Instant::now();
+        let p = client.pool_query("demo").await.context("pool query after the MS leader died")?;
+        let q = client.system_query().await?;
+        let now = q.ms_replicas.iter().find(|r| r.role == "leader").map_or("?".to_string(), |r| r.addr.clone());
+        println!(
+            "== killed the management service's leader (server {l}): the new leader at {now} answered a pool query (map version {}) {:.2?} later",
+            p.map.version,
+            t.elapsed()
+        );
+    }
 
     for s in cluster.servers.iter_mut().filter(|s| s.pid().is_some()) {
         s.terminate()?;

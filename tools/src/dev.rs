@@ -12,12 +12,15 @@ use crate::{out, Ctx};
 
 #[derive(Debug, Subcommand)]
 pub enum DevCmd {
-    /// Starts N servers on loopback (ports chosen by the OS); server 0 hosts
-    /// the management service. Writes the cluster file other commands use.
+    /// Starts N servers on loopback; the first ones host the management
+    /// service's replicas. Writes the cluster file other commands use.
     Up {
         /// Number of servers.
         #[arg(long, default_value_t = 6)]
         servers: usize,
+        /// MS replicas (1, 3 or 5; default 3 with at least 3 servers, else 1).
+        #[arg(long)]
+        ms_replicas: Option<usize>,
         /// Targets per server.
         #[arg(long, default_value_t = 2)]
         targets: u32,
@@ -85,7 +88,7 @@ fn alive(pid: u32) -> bool {
 
 pub async fn run(ctx: &Ctx, cmd: DevCmd) -> anyhow::Result<()> {
     match cmd {
-        DevCmd::Up { servers, targets, dir } => up(ctx, servers, targets, &dir).await,
+        DevCmd::Up { servers, ms_replicas, targets, dir } => up(ctx, servers, ms_replicas, targets, &dir).await,
         DevCmd::Down { clean } => down(ctx, clean).await,
         DevCmd::Kill { rank } => {
             let (mut f, i) = server_of(ctx, rank).await?;
@@ -104,7 +107,7 @@ pub async fn run(ctx: &Ctx, cmd: DevCmd) -> anyhow::Result<()> {
             if s.pid != 0 && alive(s.pid) {
                 bail!("rank {rank} ({}) is running (pid {}); `shoal dev kill {rank}` first", s.addr, s.pid);
             }
-            let extra = if i == 0 { vec!["--ms".to_string()] } else { vec!["--ms-addr".to_string(), f.ms[0].clone()] };
+            let extra = server_flags(&f, &s.addr);
             let mut server = LocalServer::existing(&s.dir, targets_of(&s.dir)?, &s.addr, extra);
             server.restart().await?;
             f.servers[i].pid = server.detach().context("server process")?;
@@ -115,7 +118,7 @@ pub async fn run(ctx: &Ctx, cmd: DevCmd) -> anyhow::Result<()> {
         DevCmd::Add { targets } => {
             let mut f = ClusterFile::load(&ctx.cluster_file).context("no dev cluster")?;
             let dir = f.dir.join(format!("server{}", f.servers.len()));
-            let server = LocalServer::start_with(&dir, targets, vec!["--ms-addr".into(), f.ms[0].clone()]).await?;
+            let server = LocalServer::start_with(&dir, targets, server_flags(&f, "")).await?;
             let addr = server.addr.clone();
             let pid = server.detach().context("server process")?;
             f.servers.push(DevServer { dir, addr: addr.clone(), pid });
@@ -154,7 +157,17 @@ fn targets_of(dir: &Path) -> anyhow::Result<u32> {
     v["targets"].as_u64().map(|t| t as u32).context("superblock without a target count")
 }
 
-async fn up(ctx: &Ctx, n: usize, targets: u32, dir: &Path) -> anyhow::Result<()> {
+/// The flags that start a server of the dev cluster at `addr`: every MS
+/// address, and `--ms` if it hosts a replica.
+fn server_flags(f: &ClusterFile, addr: &str) -> Vec<String> {
+    let mut v: Vec<String> = f.ms.iter().flat_map(|a| ["--ms-addr".to_string(), a.clone()]).collect();
+    if f.ms.iter().any(|a| a == addr) {
+        v.push("--ms".into());
+    }
+    v
+}
+
+async fn up(ctx: &Ctx, n: usize, replicas: Option<usize>, targets: u32, dir: &Path) -> anyhow::Result<()> {
     if let Ok(f) = ClusterFile::load(&ctx.cluster_file) {
         if f.servers.iter().any(|s| alive(s.pid)) {
             bail!("a dev cluster is already running (see {}); `shoal dev down` first", ctx.cluster_file.display());
@@ -166,15 +179,19 @@ async fn up(ctx: &Ctx, n: usize, targets: u32, dir: &Path) -> anyhow::Result<()>
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         bail!("{} is not empty; pick another --dir or remove it (shoal dev down --clean)", dir.display());
     }
-    let cluster = LocalCluster::start(dir, n, targets).await?;
-    let ms = cluster.ms();
+    let replicas = replicas.unwrap_or(if n >= 3 { 3 } else { 1 });
+    if ![1, 3, 5].contains(&replicas) || replicas > n {
+        bail!("--ms-replicas must be 1, 3 or 5, and at most --servers ({n})");
+    }
+    let cluster = LocalCluster::start_replicated(dir, n, targets, replicas, &[]).await?;
+    let ms = cluster.ms_addrs.clone();
     let mut servers = Vec::new();
     for s in cluster.servers {
         let (d, addr) = (s.dir.clone(), s.addr.clone());
         let pid = s.detach().context("server process")?;
         servers.push(DevServer { dir: d, addr, pid });
     }
-    let file = ClusterFile { ms: vec![ms], dir: dir.to_path_buf(), servers };
+    let file = ClusterFile { ms, dir: dir.to_path_buf(), servers };
     if let Some(parent) = ctx.cluster_file.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -187,7 +204,7 @@ async fn up(ctx: &Ctx, n: usize, targets: u32, dir: &Path) -> anyhow::Result<()>
         t.add_row(vec![i.to_string(), s.addr.clone(), s.pid.to_string(), s.dir.display().to_string()]);
     }
     println!("{t}");
-    println!("management service at {}; cluster file {}", file.ms[0], ctx.cluster_file.display());
+    println!("management service replicas at {}; cluster file {}", file.ms.join(", "), ctx.cluster_file.display());
     Ok(())
 }
 

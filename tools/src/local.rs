@@ -190,10 +190,13 @@ impl Drop for LocalServer {
     }
 }
 
-/// A local multi-server system: server 0 hosts the management service and
-/// every server joins it.
+/// A local multi-server system: the first servers host the management
+/// service's replicas (server 0 alone, unless asked for more) and every
+/// server joins it.
 pub struct LocalCluster {
     pub servers: Vec<LocalServer>,
+    /// The MS replicas' addresses (those of the first servers).
+    pub ms_addrs: Vec<String>,
 }
 
 impl LocalCluster {
@@ -205,31 +208,66 @@ impl LocalCluster {
 
     /// Starts a cluster whose servers all get the further flags `extra`.
     pub async fn start_with(dir: &Path, n: usize, targets: u32, extra: &[&str]) -> anyhow::Result<LocalCluster> {
+        LocalCluster::start_replicated(dir, n, targets, 1, extra).await
+    }
+
+    /// Starts `n` servers of which the first `replicas` host the
+    /// management service's replicas (1, 3 or 5), on ports picked now.
+    pub async fn start_replicated(
+        dir: &Path,
+        n: usize,
+        targets: u32,
+        replicas: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<LocalCluster> {
         anyhow::ensure!(n >= 1, "a cluster needs at least one server");
+        anyhow::ensure!((1..=n).contains(&replicas), "1..={n} MS replicas, not {replicas}");
         std::fs::create_dir_all(dir)?;
         let more = |v: Vec<String>| v.into_iter().chain(extra.iter().map(|s| s.to_string())).collect::<Vec<_>>();
-        let first = LocalServer::start_with(&dir.join("server0"), targets, more(vec!["--ms".into()])).await?;
-        let ms = first.addr.clone();
-        let mut servers = vec![first];
-        for i in 1..n {
-            let extra = more(vec!["--ms-addr".into(), ms.clone()]);
-            servers.push(LocalServer::start_with(&dir.join(format!("server{i}")), targets, extra).await?);
+        let mut servers = Vec::new();
+        let ms_addrs = if replicas == 1 {
+            let first = LocalServer::start_with(&dir.join("server0"), targets, more(vec!["--ms".into()])).await?;
+            let addrs = vec![first.addr.clone()];
+            servers.push(first);
+            addrs
+        } else {
+            let addrs = free_addrs(replicas)?;
+            let flags = |me: bool| {
+                let mut v: Vec<String> = addrs.iter().flat_map(|a| ["--ms-addr".to_string(), a.clone()]).collect();
+                if me {
+                    v.push("--ms".into());
+                }
+                more(v)
+            };
+            // Started together: the replicas elect a leader once a majority runs.
+            let starts = addrs.iter().enumerate().map(|(i, a)| {
+                let mut s = LocalServer::existing(&dir.join(format!("server{i}")), targets, a, flags(true));
+                async move { s.spawn().await.map(|()| s) }
+            });
+            for s in futures::future::join_all(starts).await {
+                servers.push(s?);
+            }
+            addrs
+        };
+        for i in servers.len()..n {
+            let flags: Vec<String> = ms_addrs.iter().flat_map(|a| ["--ms-addr".to_string(), a.clone()]).collect();
+            servers.push(LocalServer::start_with(&dir.join(format!("server{i}")), targets, more(flags)).await?);
         }
-        let c = LocalCluster { servers };
+        let c = LocalCluster { servers, ms_addrs };
         c.wait_joined(n).await?;
         Ok(c)
     }
 
-    /// The management service's address.
+    /// The management service's first address (see `ms_addrs` for all).
     pub fn ms(&self) -> String {
-        self.servers[0].addr.clone()
+        self.ms_addrs[0].clone()
     }
 
     /// Waits until `n` members have joined and are heard from.
     pub async fn wait_joined(&self, n: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok(c) = shoal_client::Client::connect(vec![self.ms()]).await {
+            if let Ok(c) = shoal_client::Client::connect(self.ms_addrs.clone()).await {
                 if let Ok(q) = c.system_query().await {
                     let up = q.members.iter().filter(|m| m.state == shoal_common::mgmt::MemberState::Joined).count();
                     if up >= n {
@@ -246,8 +284,15 @@ impl LocalCluster {
 
     /// A client connected to this cluster's MS.
     pub async fn client(&self) -> anyhow::Result<shoal_client::Client> {
-        Ok(shoal_client::Client::connect(vec![self.ms()]).await?)
+        Ok(shoal_client::Client::connect(self.ms_addrs.clone()).await?)
     }
+}
+
+/// `n` loopback addresses with ports free right now.
+fn free_addrs(n: usize) -> anyhow::Result<Vec<String>> {
+    let held: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    Ok(held.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?)
 }
 
 /// Deterministic pseudo-random bytes for a given seed, so a test or the demo

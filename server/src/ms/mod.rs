@@ -1,14 +1,19 @@
 //! The management service (MS): system membership, pools, containers and
 //! OID allocation.
 //!
-//! One server hosts it (`ms = true` in its config). Every change is a
-//! [`state::Command`] applied to the deterministic [`state::MsState`] and
-//! committed to the durable log ([`crate::store::meta::MetaLog`]) before
-//! its caller hears of it. Heartbeats are volatile: they only decide
-//! whether `system query` calls a member unresponsive.
+//! One server, or 3 or 5 (`ms = true` in their config, each listed in
+//! `ms_addrs`), host a replica. Every change is a [`state::Command`]
+//! committed to the Raft log of a majority of replicas ([`raft`]) and
+//! applied to the deterministic [`state::MsState`] before its caller hears
+//! of it. Only the leader answers; the others say they are not the leader
+//! and callers go on to the next address. Reads are linearizable (the
+//! leader confirms its leadership first). Heartbeats, reports and rebuild
+//! progress are volatile and kept by the leader: a new leader learns them
+//! again from the servers' next heartbeats.
 //!
-//! All methods block on RocksDB; call them from a blocking thread.
+//! All methods block; call them from a blocking thread.
 
+pub mod raft;
 pub mod state;
 
 use std::collections::HashMap;
@@ -28,6 +33,7 @@ use shoal_common::{ContId, Epoch, PoolId, Result, ShoalError};
 use tracing::info;
 
 use crate::store::meta::MetaLog;
+use raft::{MsRaft, MsStore, NodeId, Replicas};
 use state::{Command, MsState, Outcome};
 
 /// A member silent for longer than this (or three of its heartbeat
@@ -85,19 +91,42 @@ fn decode_command(raw: &[u8]) -> Result<Command> {
     }
 }
 
+/// Waits for `f` from synchronous MS code: on a blocking thread, or on
+/// a runtime worker (the metrics endpoint), which it hands its other tasks
+/// first.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let h = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| h.block_on(f))
+}
+
+/// What a replica that does not lead answers (the request was not run):
+/// callers go on to the next MS address (see `shoal_net::call_ms`).
+fn not_leader(leader: Option<openraft::BasicNode>) -> ShoalError {
+    let hint = match leader {
+        Some(n) => format!("; the leader is at {}", n.addr),
+        None => "; a leader is being elected".to_string(),
+    };
+    ShoalError::Busy(format!("this management service replica is not the leader{hint}"))
+}
+
 fn random_u128() -> u128 {
     rand::random()
 }
 
 /// The management service.
 pub struct Ms {
-    state: Mutex<MsState>,
-    log: MetaLog,
+    /// The state machine (applied by Raft), to read.
+    state: Arc<Mutex<MsState>>,
+    raft: MsRaft,
+    me: NodeId,
+    /// The term in which this replica last became leader, once it has
+    /// started acting as one (see [`Ms::lead`]).
+    led: Mutex<Option<u64>>,
     /// Per rank: when it was last heard from, and its heartbeat period.
     heartbeats: Mutex<HashMap<u32, (Instant, Duration)>>,
-    /// When this MS started serving: a rank not heard from since counts as
-    /// silent from then.
-    started: Instant,
+    /// When this replica started leading: a rank not heard from since
+    /// counts as silent from then.
+    started: Mutex<Instant>,
     /// Per rank: who reported failed calls to it, and when.
     reports: Mutex<HashMap<u32, Vec<(String, Instant)>>>,
     /// Per rank: how many destroyed containers it has dropped, as it said
@@ -151,19 +180,39 @@ pub const REPORTS_FOR_DOWN: usize = 2;
 pub const REPORT_WINDOW: Duration = Duration::from_secs(10);
 
 impl Ms {
-    /// Opens the MS log in `dir` and loads the last committed state.
-    pub fn open(dir: &Path) -> Result<Ms> {
-        let log = MetaLog::open(dir)?;
-        let state = match log.load_state()? {
-            Some(raw) => decode_state(&raw)?,
-            None => MsState::default(),
-        };
-        info!(members = state.members.len(), pools = state.pools.len(), applied = state.applied, "MS state loaded");
+    /// Opens the MS replica in `dir` and starts its Raft node among
+    /// `replicas`. On a fresh system the replica with the lowest id
+    /// initializes the group.
+    pub async fn open(dir: &Path, replicas: Replicas) -> Result<Ms> {
+        let dir = dir.to_path_buf();
+        let store = tokio::task::spawn_blocking(move || MsStore::open(Arc::new(MetaLog::open(&dir)?)))
+            .await
+            .map_err(|e| ShoalError::Internal(format!("open MS task: {e}")))??;
+        let state = store.state();
+        {
+            let s = state.lock().expect("MS lock");
+            info!(members = s.members.len(), pools = s.pools.len(), applied = s.applied, "MS state loaded");
+        }
+        let config =
+            Arc::new(raft::config().validate().map_err(|e| ShoalError::Internal(format!("Raft config: {e}")))?);
+        let (log_store, sm) = openraft::storage::Adaptor::new(store);
+        let raft = MsRaft::new(replicas.me, config, raft::MsNetwork::default(), log_store, sm)
+            .await
+            .map_err(|e| ShoalError::Internal(format!("start the MS Raft node: {e}")))?;
+        let first = replicas.members.keys().next().copied();
+        if first == Some(replicas.me) && !raft.is_initialized().await.unwrap_or(true) {
+            match raft.initialize(replicas.members.clone()).await {
+                Ok(()) => info!(replicas = replicas.members.len(), "MS replica group initialized"),
+                Err(e) => tracing::warn!("initialize the MS replica group: {e}"),
+            }
+        }
         Ok(Ms {
-            state: Mutex::new(state),
-            log,
+            state,
+            raft,
+            me: replicas.me,
+            led: Mutex::new(None),
             heartbeats: Mutex::new(HashMap::new()),
-            started: Instant::now(),
+            started: Mutex::new(Instant::now()),
             reports: Mutex::new(HashMap::new()),
             dropped: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
@@ -171,18 +220,98 @@ impl Ms {
         })
     }
 
-    /// Applies a command and commits it before returning.
+    /// Commits a command to a majority of the replicas and applies it
+    /// before returning its outcome.
     fn propose(&self, cmd: Command) -> Result<Outcome> {
-        let mut st = self.state.lock().expect("MS lock");
-        let mut next = st.clone();
-        let out = next.apply(&cmd)?;
-        self.log.commit(next.applied, &encode(&cmd)?, &encode(&next)?)?;
-        *st = next;
-        Ok(out)
+        use openraft::error::{ClientWriteError, RaftError};
+        match block_on(self.raft.client_write(cmd)) {
+            Ok(r) => r.data.0.map_err(ShoalError::from_wire),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node)),
+            Err(e) => Err(ShoalError::Unreachable(format!("the management service could not commit: {e}"))),
+        }
     }
 
+    /// Reads the state once this replica has confirmed it is the leader
+    /// (so the read sees every committed change).
     fn read<T>(&self, f: impl FnOnce(&MsState) -> Result<T>) -> Result<T> {
-        f(&self.state.lock().expect("MS lock"))
+        use openraft::error::{CheckIsLeaderError, RaftError};
+        match block_on(self.raft.ensure_linearizable()) {
+            Ok(_) => f(&self.state.lock().expect("MS lock")),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(f.leader_node)),
+            Err(e) => Err(ShoalError::Unreachable(format!("the management service cannot confirm its leader: {e}"))),
+        }
+    }
+
+    /// Whether this replica leads. On the first call of a new term as
+    /// leader it counts silence from now (a server heard from before is
+    /// never silent for longer than this replica has led) and forgets
+    /// reports of failed calls.
+    fn lead(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        let mut led = self.led.lock().expect("lock");
+        if m.current_leader != Some(self.me) {
+            *led = None;
+            return false;
+        }
+        if *led != Some(m.current_term) {
+            *led = Some(m.current_term);
+            *self.started.lock().expect("lock") = Instant::now();
+            self.reports.lock().expect("lock").clear();
+            info!(term = m.current_term, "this MS replica leads");
+        }
+        true
+    }
+
+    /// Answers a Raft message from another replica.
+    pub async fn raft_message(&self, req: shoal_common::msg::RaftReq) -> Result<Vec<u8>> {
+        raft::serve(&self.raft, req).await
+    }
+
+    /// The replicas: id, address, role, term and last log index, as this
+    /// replica sees them.
+    pub fn replicas(&self) -> Vec<shoal_common::mgmt::MsReplica> {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| {
+                let role = if m.current_leader == Some(*id) {
+                    "leader"
+                } else if voters.contains(id) {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                let index = if *id == self.me {
+                    m.last_log_index
+                } else {
+                    m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index)
+                };
+                shoal_common::mgmt::MsReplica {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    role: role.into(),
+                    term: m.current_term,
+                    last_log_index: index,
+                }
+            })
+            .collect()
+    }
+
+    /// Waits until some replica leads (this one or another).
+    pub async fn wait_leader(&self, timeout: Duration) -> Result<()> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map(|_| ())
+            .map_err(|e| ShoalError::Timeout(format!("no MS leader: {e}")))
+    }
+
+    /// Stops the Raft node.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
     }
 
     pub fn join(&self, req: JoinReq) -> Result<JoinReply> {
@@ -263,6 +392,10 @@ impl Ms {
     /// Declares silent servers down and excludes those down for longer than
     /// the grace time. Returns the ranks it changed. Call it periodically.
     pub fn check_liveness(&self, l: Liveness) -> Result<Vec<u32>> {
+        if !self.lead() {
+            return Ok(Vec::new());
+        }
+        let started = *self.started.lock().expect("lock");
         let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
         let hb = self.heartbeats.lock().expect("lock").clone();
         let reports = {
@@ -284,7 +417,7 @@ impl Ms {
                     }
                     continue;
                 }
-                let silent = hb.get(rank).map_or(self.started.elapsed(), |(t, _)| t.elapsed());
+                let silent = hb.get(rank).map_or(started.elapsed(), |(t, _)| t.elapsed().min(started.elapsed()));
                 let period = hb.get(rank).map_or(Duration::ZERO, |(_, p)| *p);
                 let mut who: Vec<&String> =
                     reports.get(rank).map(|v| v.iter().map(|(w, _)| w).collect()).unwrap_or_default();
@@ -445,7 +578,7 @@ impl Ms {
                     }
                 })
                 .collect();
-            Ok(SystemQueryReply { members, ms_rank })
+            Ok(SystemQueryReply { members, ms_rank, ms_replicas: self.replicas() })
         })
     }
 
@@ -475,6 +608,9 @@ impl Ms {
     /// that is down meanwhile catches up before it serves again.
     fn wait_dropped(&self) {
         let deadline = Instant::now() + DROP_WAIT;
+        // Early in a leadership every member counts as in service until it
+        // has had time to heartbeat here.
+        let fresh = self.started.lock().expect("lock").elapsed() < HEARTBEAT_TIMEOUT;
         loop {
             let hb = self.heartbeats.lock().expect("lock").clone();
             let dropped = self.dropped.lock().expect("lock").clone();
@@ -485,7 +621,10 @@ impl Ms {
                         .keys()
                         .copied()
                         .filter(|r| !s.excluded.contains(r) && !s.down.contains_key(r))
-                        .filter(|r| hb.get(r).is_some_and(|(t, p)| t.elapsed() <= HEARTBEAT_TIMEOUT.max(*p * 3)))
+                        .filter(|r| match hb.get(r) {
+                            Some((t, p)) => t.elapsed() <= HEARTBEAT_TIMEOUT.max(*p * 3),
+                            None => fresh,
+                        })
                         .filter(|r| dropped.get(r).copied().unwrap_or(0) < count)
                         .collect())
                 })
@@ -653,11 +792,36 @@ impl Ms {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_ms_state_survives_a_restart() {
+    fn one() -> Replicas {
+        Replicas::from_addrs(&["127.0.0.1:1".to_string()], "127.0.0.1:1").unwrap()
+    }
+
+    async fn open(dir: &Path) -> Arc<Ms> {
+        // Raft's tasks let go of the previous instance's store a moment
+        // after its shutdown.
+        let mut tries = 0;
+        let ms = loop {
+            match Ms::open(dir, one()).await {
+                Ok(ms) => break Arc::new(ms),
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    tracing::debug!("reopen: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        ms.wait_leader(Duration::from_secs(10)).await.unwrap();
+        ms
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ms_state_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let ms = Ms::open(dir.path()).unwrap();
+        let ms = open(dir.path()).await;
+        let m = ms.clone();
+        tokio::task::spawn_blocking(move || {
+            let ms = m;
             let j = JoinReq {
                 uuid: 5,
                 addr: "127.0.0.1:1".into(),
@@ -668,11 +832,22 @@ mod tests {
             };
             assert_eq!(ms.join(j).unwrap().rank, 0);
             ms.pool_create(PoolCreateReq { label: "p".into(), ranks: vec![], targets_per_server: 0 }).unwrap();
-        }
-        let ms = Ms::open(dir.path()).unwrap();
-        let p = ms.pool_query(PoolQueryReq { pool: "p".into() }).unwrap();
-        assert_eq!(p.map.targets.len(), 1);
-        assert_eq!(ms.system_query(None).unwrap().members.len(), 1);
+        })
+        .await
+        .unwrap();
+        ms.shutdown().await;
+        drop(ms);
+        let ms = open(dir.path()).await;
+        tokio::task::spawn_blocking(move || {
+            let p = ms.pool_query(PoolQueryReq { pool: "p".into() }).unwrap();
+            assert_eq!(p.map.targets.len(), 1);
+            let q = ms.system_query(None).unwrap();
+            assert_eq!(q.members.len(), 1);
+            assert_eq!(q.ms_replicas.len(), 1);
+            assert_eq!(q.ms_replicas[0].role, "leader");
+        })
+        .await
+        .unwrap();
     }
 }
 

@@ -94,7 +94,7 @@ pub enum Command {
 }
 
 /// What applying a command produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     Rank(u32),
     Pool(PoolInfo),

@@ -1,0 +1,102 @@
+//! The management service replicated with Raft: losing its leader stops
+//! nothing for long, loses no acknowledged change and hands out no OID
+//! twice; losing a majority stops changes with a clear error until the
+//! replicas come back.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shoal_client::{Client, ErrorKind};
+use shoal_common::mgmt::ContProps;
+use shoal_common::oclass::ObjType;
+use shoal_tests::TestCluster;
+
+async fn leader(client: &Client, cluster: &TestCluster) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(q) = client.system_query().await {
+            if let Some(r) = q.ms_replicas.iter().find(|r| r.role == "leader") {
+                return cluster.servers.iter().position(|s| s.addr == r.addr).expect("a leader among the servers");
+            }
+        }
+        assert!(Instant::now() < deadline, "no MS leader within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ms_survives_the_loss_of_its_leader_and_stops_safely_without_a_majority() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Servers 0-2 host the MS replicas; the pools live on servers 3-5, so
+    // killing MS leaders costs the data nothing.
+    let mut cluster = TestCluster::start_replicated(tmp.path(), 6, 1, 3, &[]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let q = client.system_query().await.unwrap();
+    assert_eq!(q.ms_replicas.len(), 3, "{q:?}");
+    assert_eq!(q.ms_replicas.iter().filter(|r| r.role == "leader").count(), 1, "{q:?}");
+    let data: Vec<u32> = cluster.servers[3..]
+        .iter()
+        .map(|s| q.members.iter().find(|m| m.addr == s.addr).expect("joined").rank)
+        .collect();
+
+    client.pool_create("tank", data.clone(), 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    pool.cont_create("c", ContProps { rd_fac: 1, ..ContProps::default() }).await.unwrap();
+    let cont = pool.cont_open("c").await.unwrap();
+    let kv = cont.kv_create(None).await.unwrap();
+    kv.put("before", Bytes::from_static(b"1")).await.unwrap();
+    let mut oids = HashSet::new();
+    for _ in 0..20 {
+        assert!(oids.insert(cont.alloc_oid(ObjType::Kv, None).await.unwrap()));
+    }
+
+    // Kill the leader, three times over: each time a new one serves, what
+    // was acknowledged is there, and no OID comes back twice.
+    for round in 0..3 {
+        let l = leader(&client, &cluster).await;
+        cluster.servers[l].kill9();
+        let killed = Instant::now();
+        // The first change after the loss goes through without an error
+        // reaching the caller (the client follows the new leader).
+        client.pool_create(&format!("after{round}"), data.clone(), 0).await.unwrap();
+        println!("round {round}: leader (server {l}) killed; a change committed {:?} later", killed.elapsed());
+        for _ in 0..20 {
+            assert!(oids.insert(cont.alloc_oid(ObjType::Kv, None).await.unwrap()), "an OID handed out twice");
+        }
+        // Data I/O of a client holding the pool map goes on.
+        kv.put(format!("during{round}"), Bytes::from_static(b"2")).await.unwrap();
+        assert_eq!(kv.get("before").await.unwrap().as_deref(), Some(&b"1"[..]));
+        cluster.servers[l].restart().await.unwrap();
+    }
+    let pools: Vec<String> = client.pool_list().await.unwrap().into_iter().map(|p| p.label).collect();
+    for want in ["tank", "after0", "after1", "after2"] {
+        assert!(pools.contains(&want.to_string()), "{want} lost: {pools:?}");
+    }
+
+    // Without a majority: changes are refused with a clear error, and
+    // nothing diverges; once the replicas are back, the MS resumes.
+    let l = leader(&client, &cluster).await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != l).collect();
+    for &i in &others {
+        cluster.servers[i].kill9();
+    }
+    let short = Client::builder().ms(cluster.ms_addrs.clone()).timeout(Duration::from_secs(4)).connect().await;
+    match short {
+        Ok(c) => {
+            let e = c.pool_create("nomajority", data.clone(), 0).await.unwrap_err();
+            assert!(matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::Timeout | ErrorKind::Busy), "{e:?}");
+        }
+        Err(e) => {
+            assert!(matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::Timeout | ErrorKind::NotFound), "{e:?}")
+        }
+    }
+    for &i in &others {
+        cluster.servers[i].restart().await.unwrap();
+    }
+    client.pool_create("resumed", data.clone(), 0).await.unwrap();
+    let pools: Vec<String> = client.pool_list().await.unwrap().into_iter().map(|p| p.label).collect();
+    assert!(pools.contains(&"resumed".to_string()) && pools.contains(&"tank".to_string()), "{pools:?}");
+    assert!(!pools.contains(&"nomajority".to_string()) || pools.len() == 6, "{pools:?}");
+    assert_eq!(kv.get("during2").await.unwrap().as_deref(), Some(&b"2"[..]));
+}
