@@ -93,6 +93,11 @@ pub enum ShoalError {
     /// was stored. Sending it again may succeed.
     #[error("damaged in transit: {0}")]
     Damaged(String),
+    /// The management service replica asked does not lead; the request
+    /// was not run. Callers go on to another replica (kind
+    /// [`ErrorKind::Busy`]; `shoal_net::call_ms` does it by itself).
+    #[error("{0}")]
+    NotLeader(String),
     /// What the request would create exists already (`what` says what);
     /// nothing was changed.
     #[error("exists already: {message}")]
@@ -309,7 +314,7 @@ impl ShoalError {
             ShoalError::Protocol(_) | ShoalError::BadPeer { .. } => ErrorKind::Protocol,
             ShoalError::Timeout(_) => ErrorKind::Timeout,
             ShoalError::Unreachable(_) | ShoalError::Connection { .. } => ErrorKind::Unreachable,
-            ShoalError::Busy(_) => ErrorKind::Busy,
+            ShoalError::Busy(_) | ShoalError::NotLeader(_) => ErrorKind::Busy,
             ShoalError::Internal(_) => ErrorKind::Internal,
             ShoalError::Conflict { .. } => ErrorKind::Conflict,
             ShoalError::Damaged(_) => ErrorKind::Damaged,
@@ -383,6 +388,7 @@ impl ShoalError {
             ShoalError::Damaged(_) => 15,
             ShoalError::Caller { .. } => 8,
             ShoalError::Exists { .. } => 16,
+            ShoalError::NotLeader(_) => 17,
         }
     }
 
@@ -395,6 +401,7 @@ impl ShoalError {
                 | ShoalError::Unreachable(_)
                 | ShoalError::Connection { .. }
                 | ShoalError::Busy(_)
+                | ShoalError::NotLeader(_)
                 | ShoalError::Conflict { .. }
                 | ShoalError::Damaged(_)
         )
@@ -422,6 +429,7 @@ impl ShoalError {
             | ShoalError::Timeout(m)
             | ShoalError::Unreachable(m)
             | ShoalError::Busy(m)
+            | ShoalError::NotLeader(m)
             | ShoalError::Internal(m)
             | ShoalError::Conflict { message: m, .. }
             | ShoalError::Damaged(m) => m.clone(),
@@ -452,6 +460,7 @@ impl ShoalError {
             13 => ShoalError::Internal(m),
             14 => ShoalError::Conflict { server_now: ((w.a as u64) << 32) | w.b as u64, message: m },
             15 => ShoalError::Damaged(m),
+            17 => ShoalError::NotLeader(m),
             16 => ShoalError::Exists { what: Entity::from_code(w.a), message: m },
             other => ShoalError::Internal(format!("unknown error code {other}: {m}")),
         }
@@ -492,6 +501,7 @@ mod tests {
             ShoalError::Conflict { server_now: 0x1234_5678_9abc_def0, message: "x".into() },
             ShoalError::Damaged("x".into()),
             ShoalError::exists(Entity::Container, "x"),
+            ShoalError::NotLeader("x".into()),
         ];
         for e in all {
             assert_eq!(ShoalError::from_wire(e.to_wire()), e);

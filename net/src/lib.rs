@@ -271,6 +271,13 @@ pub async fn call_ms<T: Transport, R: Rpc>(
             addrs.len()
         ))
     };
+    // With several replicas, one that does not answer (a host gone dark)
+    // must not take the whole time: each try gets a share of it, but at
+    // least 12 s (a destroy may wait 10 s for the servers).
+    let per_try = match addrs.len() {
+        1 => timeout,
+        n => (timeout / n as u32).max(Duration::from_secs(12)).min(timeout),
+    };
     loop {
         let mut electing = false;
         for k in 0..addrs.len() {
@@ -279,11 +286,11 @@ pub async fn call_ms<T: Transport, R: Rpc>(
             if left.is_zero() {
                 return Err(if electing { leaderless(&last) } else { last });
             }
-            match call(t, &addrs[i], req, vec![], 0, 0, left).await {
+            match call(t, &addrs[i], req, vec![], 0, 0, left.min(per_try)).await {
                 Ok((r, _)) => return Ok((r, i)),
                 Err(e) if e.peer_failed() || e.missing() == Some(Entity::ManagementService) => last = e,
-                // A replica that does not lead (or is busy): another may.
-                Err(e @ ShoalError::Busy(_)) => {
+                // A replica that does not lead: another may.
+                Err(e @ ShoalError::NotLeader(_)) => {
                     electing = true;
                     last = e;
                 }

@@ -26,7 +26,12 @@ pub struct Identity {
 }
 
 async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
-    shoal_net::call_ms(t, ms, 0, req, Duration::from_secs(5)).await.map(|(r, _)| r)
+    // The replica that answered last (the leader) is asked first.
+    static LEADER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let first = LEADER.load(std::sync::atomic::Ordering::Relaxed);
+    let (r, leader) = shoal_net::call_ms(t, ms, first, req, Duration::from_secs(5)).await?;
+    LEADER.store(leader, std::sync::atomic::Ordering::Relaxed);
+    Ok(r)
 }
 
 /// Joins and heartbeats until `stop` fires.

@@ -106,7 +106,7 @@ fn not_leader(leader: Option<openraft::BasicNode>) -> ShoalError {
         Some(n) => format!("; the leader is at {}", n.addr),
         None => "; a leader is being elected".to_string(),
     };
-    ShoalError::Busy(format!("this management service replica is not the leader{hint}"))
+    ShoalError::NotLeader(format!("this management service replica is not the leader{hint}"))
 }
 
 fn random_u128() -> u128 {
@@ -137,6 +137,10 @@ pub struct Ms {
     /// Per pool: the map version rebuild last reported on, and since when.
     rebuild_since: Mutex<HashMap<PoolId, (u32, Instant)>>,
 }
+
+/// How long a change may wait to be committed by a majority of the
+/// replicas before its caller is told it failed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a destroy waits for the servers in service to drop the
 /// container before it answers anyway.
@@ -185,7 +189,8 @@ impl Ms {
     /// initializes the group.
     pub async fn open(dir: &Path, replicas: Replicas) -> Result<Ms> {
         let dir = dir.to_path_buf();
-        let store = tokio::task::spawn_blocking(move || MsStore::open(Arc::new(MetaLog::open(&dir)?)))
+        let alone = replicas.members.len() == 1;
+        let store = tokio::task::spawn_blocking(move || MsStore::open(Arc::new(MetaLog::open(&dir)?), alone))
             .await
             .map_err(|e| ShoalError::Internal(format!("open MS task: {e}")))??;
         let state = store.state();
@@ -224,7 +229,13 @@ impl Ms {
     /// before returning its outcome.
     fn propose(&self, cmd: Command) -> Result<Outcome> {
         use openraft::error::{ClientWriteError, RaftError};
-        match block_on(self.raft.client_write(cmd)) {
+        let write = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd));
+        let Ok(written) = block_on(write) else {
+            return Err(ShoalError::Timeout(format!(
+                "the management service could not commit within {COMMIT_TIMEOUT:?}; a majority of its replicas may be down"
+            )));
+        };
+        match written {
             Ok(r) => r.data.0.map_err(ShoalError::from_wire),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(f.leader_node)),
             Err(e) => Err(ShoalError::Unreachable(format!("the management service could not commit: {e}"))),
@@ -327,6 +338,7 @@ impl Ms {
     }
 
     pub fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply> {
+        self.lead();
         self.read(|s| match s.members.get(&req.rank) {
             Some(m) if m.join.uuid == req.uuid => Ok(()),
             _ => Err(ShoalError::not_found(Entity::Server, format!("rank {} is not a member; join first", req.rank))),
@@ -608,9 +620,11 @@ impl Ms {
     /// that is down meanwhile catches up before it serves again.
     fn wait_dropped(&self) {
         let deadline = Instant::now() + DROP_WAIT;
+        self.lead();
         // Early in a leadership every member counts as in service until it
-        // has had time to heartbeat here.
-        let fresh = self.started.lock().expect("lock").elapsed() < HEARTBEAT_TIMEOUT;
+        // has had time to heartbeat here; silence counts from its start.
+        let led = self.started.lock().expect("lock").elapsed();
+        let fresh = led < HEARTBEAT_TIMEOUT;
         loop {
             let hb = self.heartbeats.lock().expect("lock").clone();
             let dropped = self.dropped.lock().expect("lock").clone();
@@ -622,7 +636,7 @@ impl Ms {
                         .copied()
                         .filter(|r| !s.excluded.contains(r) && !s.down.contains_key(r))
                         .filter(|r| match hb.get(r) {
-                            Some((t, p)) => t.elapsed() <= HEARTBEAT_TIMEOUT.max(*p * 3),
+                            Some((t, p)) => t.elapsed().min(led) <= HEARTBEAT_TIMEOUT.max(*p * 3),
                             None => fresh,
                         })
                         .filter(|r| dropped.get(r).copied().unwrap_or(0) < count)

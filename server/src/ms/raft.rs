@@ -109,8 +109,10 @@ pub struct MsStore {
 
 impl MsStore {
     /// Opens the storage over `log`. A state written by the unreplicated
-    /// MS (before Raft) is taken as the starting state.
-    pub fn open(log: Arc<MetaLog>) -> shoal_common::Result<MsStore> {
+    /// MS (before Raft) is taken as the starting state of a one-replica MS
+    /// (`alone`); with several replicas it is refused, as the others would
+    /// start from nothing and diverge.
+    pub fn open(log: Arc<MetaLog>, alone: bool) -> shoal_common::Result<MsStore> {
         let (state, last, membership) = match log.record(APPLIED)? {
             Some(raw) => {
                 let r: AppliedRecord = serde_json::from_slice(&raw)
@@ -118,6 +120,12 @@ impl MsStore {
                 (super::decode_state(&r.state)?, r.last, r.membership)
             }
             None => match log.load_state()? {
+                Some(_) if !alone => {
+                    return Err(ShoalError::invalid(
+                        "this MS directory was written before the MS used Raft; start it as the only MS replica \
+                         (adding replicas to a running MS is not supported yet)",
+                    ))
+                }
                 Some(raw) => (super::decode_state(&raw)?, None, StoredMembership::default()),
                 None => (MsState::default(), None, StoredMembership::default()),
             },
@@ -180,9 +188,19 @@ impl RaftLogReader<TypeConfig> for MsStore {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for MsStore {
+/// A snapshot's contents, taken when openraft asks for a builder (while
+/// it holds the state machine still), so the data is exactly the state as
+/// of `last` even if entries are applied before the snapshot is built.
+pub struct MsSnapshotBuilder {
+    log: Arc<MetaLog>,
+    data: Vec<u8>,
+    last: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for MsSnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let data = super::encode(&*self.state.lock().expect("MS lock")).map_err(io_err)?;
+        let data = std::mem::take(&mut self.data);
         let id = match self.last {
             Some(l) => format!("{}-{}", l.leader_id, l.index),
             None => "empty".to_string(),
@@ -196,7 +214,7 @@ impl RaftSnapshotBuilder<TypeConfig> for MsStore {
 
 impl RaftStorage<TypeConfig> for MsStore {
     type LogReader = MsLogReader;
-    type SnapshotBuilder = MsStore;
+    type SnapshotBuilder = MsSnapshotBuilder;
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
         self.log.put_records(&[(VOTE, &to_json(vote)?)]).map_err(|e| StorageIOError::write_vote(&e).into())
@@ -282,8 +300,9 @@ impl RaftStorage<TypeConfig> for MsStore {
         Ok(out)
     }
 
-    async fn get_snapshot_builder(&mut self) -> MsStore {
-        self.clone()
+    async fn get_snapshot_builder(&mut self) -> MsSnapshotBuilder {
+        let data = super::encode(&*self.state.lock().expect("MS lock")).unwrap_or_default();
+        MsSnapshotBuilder { log: self.log.clone(), data, last: self.last, membership: self.membership.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
@@ -298,12 +317,14 @@ impl RaftStorage<TypeConfig> for MsStore {
         let data = snapshot.into_inner();
         let state = super::decode_state(&data)
             .map_err(|e| StorageError::from(StorageIOError::read_snapshot(Some(meta.signature()), &e)))?;
+        let applied = AppliedRecord { last: meta.last_log_id, membership: meta.last_membership.clone(), state: data };
+        let snap = SnapshotRecord { meta: meta.clone(), data: applied.state.clone() };
+        // The snapshot and the state it sets are written together.
+        self.log.put_records(&[(SNAPSHOT, &to_json(&snap)?), (APPLIED, &to_json(&applied)?)]).map_err(io_err)?;
         *self.state.lock().expect("MS lock") = state;
         self.last = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        let rec = SnapshotRecord { meta: meta.clone(), data };
-        self.log.put_records(&[(SNAPSHOT, &to_json(&rec)?)]).map_err(io_err)?;
-        self.save_applied()
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
@@ -418,7 +439,8 @@ pub fn config() -> openraft::Config {
         election_timeout_max: 1000,
         install_snapshot_timeout: 5000,
         max_payload_entries: 64,
-        snapshot_max_chunk_size: 256 << 10,
+        // JSON spells a byte in up to 4: a chunk stays well under a frame body.
+        snapshot_max_chunk_size: 128 << 10,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
         max_in_snapshot_log_to_keep: 200,
         ..Default::default()
