@@ -66,6 +66,14 @@ pub(crate) const MAX_SHARD_REQUEST: u64 = 16 << 20;
 /// hold a version as new as its epoch.
 pub(crate) const CONFLICT_RETRIES: u32 = 32;
 
+/// A key and an attribute key as the API takes them, checked against
+/// their limits before anything is sent.
+fn keys<'a>(dkey: &'a [u8], akey: &'a [u8]) -> Result<(&'a [u8], &'a [u8])> {
+    check_key("a key", dkey)?;
+    check_key("an attribute key", akey)?;
+    Ok((dkey, akey))
+}
+
 /// Whether an error means the shard's server is out of reach, so another
 /// copy or a decode should be tried.
 pub(crate) fn shard_down(e: &ShoalError) -> bool {
@@ -631,9 +639,7 @@ impl Object {
     /// # Ok(()) }
     /// ```
     pub async fn update_single(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>, value: Bytes) -> Result<Epoch> {
-        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
-        check_key("a key", dkey)?;
-        check_key("an attribute key", akey)?;
+        let (dkey, akey) = keys(dkey.as_ref(), akey.as_ref())?;
         self.update_value(dkey, akey, ValueKind::Single, value).await
     }
 
@@ -657,9 +663,7 @@ impl Object {
     /// # Ok(()) }
     /// ```
     pub async fn update_max(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>, v: u64) -> Result<Epoch> {
-        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
-        check_key("a key", dkey)?;
-        check_key("an attribute key", akey)?;
+        let (dkey, akey) = keys(dkey.as_ref(), akey.as_ref())?;
         self.update_value(dkey, akey, ValueKind::MaxU64, Bytes::copy_from_slice(&v.to_le_bytes())).await
     }
 
@@ -691,9 +695,7 @@ impl Object {
         akey: impl AsRef<[u8]>,
         epoch: Epoch,
     ) -> Result<Option<Bytes>> {
-        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
-        check_key("a key", dkey)?;
-        check_key("an attribute key", akey)?;
+        let (dkey, akey) = keys(dkey.as_ref(), akey.as_ref())?;
         self.with_layout(|st, layout| async move {
             let shards = self.value_shards(layout.dkey_shards(dkey));
             let iods = vec![FetchIod { akey: akey.to_vec(), kind: ValueKind::Single }];
@@ -761,9 +763,7 @@ impl Object {
     /// # Ok(()) }
     /// ```
     pub async fn punch_akey(&self, dkey: impl AsRef<[u8]>, akey: impl AsRef<[u8]>) -> Result<Epoch> {
-        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
-        check_key("a key", dkey)?;
-        check_key("an attribute key", akey)?;
+        let (dkey, akey) = keys(dkey.as_ref(), akey.as_ref())?;
         self.punch_scope(Some(dkey), Some(akey)).await
     }
 
@@ -916,9 +916,7 @@ impl Object {
         offset: u64,
         data: Bytes,
     ) -> Result<Epoch> {
-        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
-        check_key("a key", dkey)?;
-        check_key("an attribute key", akey)?;
+        let (dkey, akey) = keys(dkey.as_ref(), akey.as_ref())?;
         if data.is_empty() {
             return Err(ShoalError::invalid("an extent write needs at least one byte"));
         }
@@ -998,9 +996,7 @@ impl Object {
         len: u64,
         epoch: Epoch,
     ) -> Result<Bytes> {
-        let (dkey, akey) = (dkey.as_ref(), akey.as_ref());
-        check_key("a key", dkey)?;
-        check_key("an attribute key", akey)?;
+        let (dkey, akey) = keys(dkey.as_ref(), akey.as_ref())?;
         if len == 0 {
             return Ok(Bytes::new());
         }

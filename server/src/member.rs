@@ -25,13 +25,23 @@ pub struct Identity {
     pub targets: u32,
 }
 
-async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
-    // The replica that answered last (the leader) is asked first.
+/// Calls the management service for this server's own tasks (heartbeats,
+/// rebuild), asking first the replica that answered last: the leader.
+pub(crate) async fn ask_ms<R: shoal_common::msg::Rpc>(
+    t: &TcpTransport,
+    ms: &[String],
+    req: &R,
+    timeout: Duration,
+) -> Result<R::Reply> {
     static LEADER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let first = LEADER.load(std::sync::atomic::Ordering::Relaxed);
-    let (r, leader) = shoal_net::call_ms(t, ms, first, req, Duration::from_secs(5)).await?;
+    let (r, leader) = shoal_net::call_ms(t, ms, first, req, timeout).await?;
     LEADER.store(leader, std::sync::atomic::Ordering::Relaxed);
     Ok(r)
+}
+
+async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
+    ask_ms(t, ms, req, Duration::from_secs(5)).await
 }
 
 /// Joins and heartbeats until `stop` fires.

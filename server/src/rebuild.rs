@@ -361,12 +361,7 @@ async fn others_done(t: &TcpTransport, ms: &[String], info: &PoolInfo, rank: u32
 }
 
 async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {
-    // The replica that answered last (the leader) is asked first.
-    static LEADER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let first = LEADER.load(std::sync::atomic::Ordering::Relaxed);
-    let (r, leader) = shoal_net::call_ms(t, ms, first, req, CALL_TIMEOUT).await?;
-    LEADER.store(leader, std::sync::atomic::Ordering::Relaxed);
-    Ok(r)
+    crate::member::ask_ms(t, ms, req, CALL_TIMEOUT).await
 }
 
 /// Why a pass ended before it was through.

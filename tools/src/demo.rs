@@ -10,7 +10,7 @@ use clap::Args;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use shoal_common::mgmt::ContProps;
 use shoal_common::oclass::ObjType;
-use shoal_tools::local::{pattern, LocalCluster, LocalServer};
+use shoal_tools::local::{ms_flags, pattern, LocalCluster, LocalServer};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -272,7 +272,7 @@ pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
     // A new server joins: the pool is extended onto it, a fair share of
     // the shards move there (copied while the others serve), and the
     // copies left behind are given back.
-    let mut extra: Vec<String> = cluster.ms_addrs.iter().flat_map(|m| ["--ms-addr".to_string(), m.clone()]).collect();
+    let mut extra = ms_flags(&cluster.ms_addrs, "");
     extra.extend(["--exclude-after".to_string(), "3s".to_string()]);
     let added = LocalServer::start_with(&dir.join(format!("server{}", a.servers)), a.targets, extra).await?;
     let t = Instant::now();

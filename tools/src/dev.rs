@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
-use shoal_tools::local::{LocalCluster, LocalServer};
+use shoal_tools::local::{ms_flags, LocalCluster, LocalServer};
 
 use crate::{out, Ctx};
 
@@ -107,7 +107,7 @@ pub async fn run(ctx: &Ctx, cmd: DevCmd) -> anyhow::Result<()> {
             if s.pid != 0 && alive(s.pid) {
                 bail!("rank {rank} ({}) is running (pid {}); `shoal dev kill {rank}` first", s.addr, s.pid);
             }
-            let extra = server_flags(&f, &s.addr);
+            let extra = ms_flags(&f.ms, &s.addr);
             let mut server = LocalServer::existing(&s.dir, targets_of(&s.dir)?, &s.addr, extra);
             server.restart().await?;
             f.servers[i].pid = server.detach().context("server process")?;
@@ -118,7 +118,7 @@ pub async fn run(ctx: &Ctx, cmd: DevCmd) -> anyhow::Result<()> {
         DevCmd::Add { targets } => {
             let mut f = ClusterFile::load(&ctx.cluster_file).context("no dev cluster")?;
             let dir = f.dir.join(format!("server{}", f.servers.len()));
-            let server = LocalServer::start_with(&dir, targets, server_flags(&f, "")).await?;
+            let server = LocalServer::start_with(&dir, targets, ms_flags(&f.ms, "")).await?;
             let addr = server.addr.clone();
             let pid = server.detach().context("server process")?;
             f.servers.push(DevServer { dir, addr: addr.clone(), pid });
@@ -155,16 +155,6 @@ fn targets_of(dir: &Path) -> anyhow::Result<u32> {
         .with_context(|| format!("read the superblock of {}", dir.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
     v["targets"].as_u64().map(|t| t as u32).context("superblock without a target count")
-}
-
-/// The flags that start a server of the dev cluster at `addr`: every MS
-/// address, and `--ms` if it hosts a replica.
-fn server_flags(f: &ClusterFile, addr: &str) -> Vec<String> {
-    let mut v: Vec<String> = f.ms.iter().flat_map(|a| ["--ms-addr".to_string(), a.clone()]).collect();
-    if f.ms.iter().any(|a| a == addr) {
-        v.push("--ms".into());
-    }
-    v
 }
 
 async fn up(ctx: &Ctx, n: usize, replicas: Option<usize>, targets: u32, dir: &Path) -> anyhow::Result<()> {

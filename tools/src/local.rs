@@ -232,16 +232,10 @@ impl LocalCluster {
             addrs
         } else {
             let addrs = free_addrs(replicas)?;
-            let flags = |me: bool| {
-                let mut v: Vec<String> = addrs.iter().flat_map(|a| ["--ms-addr".to_string(), a.clone()]).collect();
-                if me {
-                    v.push("--ms".into());
-                }
-                more(v)
-            };
             // Started together: the replicas elect a leader once a majority runs.
             let starts = addrs.iter().enumerate().map(|(i, a)| {
-                let mut s = LocalServer::existing(&dir.join(format!("server{i}")), targets, a, flags(true));
+                let mut s =
+                    LocalServer::existing(&dir.join(format!("server{i}")), targets, a, more(ms_flags(&addrs, a)));
                 async move { s.spawn().await.map(|()| s) }
             });
             for s in futures::future::join_all(starts).await {
@@ -250,8 +244,8 @@ impl LocalCluster {
             addrs
         };
         for i in servers.len()..n {
-            let flags: Vec<String> = ms_addrs.iter().flat_map(|a| ["--ms-addr".to_string(), a.clone()]).collect();
-            servers.push(LocalServer::start_with(&dir.join(format!("server{i}")), targets, more(flags)).await?);
+            let flags = more(ms_flags(&ms_addrs, ""));
+            servers.push(LocalServer::start_with(&dir.join(format!("server{i}")), targets, flags).await?);
         }
         let c = LocalCluster { servers, ms_addrs };
         c.wait_joined(n).await?;
@@ -286,6 +280,17 @@ impl LocalCluster {
     pub async fn client(&self) -> anyhow::Result<shoal_client::Client> {
         Ok(shoal_client::Client::connect(self.ms_addrs.clone()).await?)
     }
+}
+
+/// The `shoal-server` flags of a server at `addr` in a system whose MS
+/// replicas are at `ms`: every replica's address, and `--ms` if `addr` is
+/// one of them.
+pub fn ms_flags(ms: &[String], addr: &str) -> Vec<String> {
+    let mut v: Vec<String> = ms.iter().flat_map(|a| ["--ms-addr".to_string(), a.clone()]).collect();
+    if ms.iter().any(|a| a == addr) {
+        v.push("--ms".into());
+    }
+    v
 }
 
 /// `n` loopback addresses with ports free right now.

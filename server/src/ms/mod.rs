@@ -109,6 +109,14 @@ fn not_leader(leader: Option<openraft::BasicNode>) -> ShoalError {
     ShoalError::NotLeader(format!("this management service replica is not the leader{hint}"))
 }
 
+/// How long `rank` has been silent as a leader that took over at
+/// `started` counts it (never longer than it has led), and its heartbeat
+/// period (zero if not heard from).
+fn silence(hb: &HashMap<u32, (Instant, Duration)>, rank: u32, started: Instant) -> (Duration, Duration) {
+    let led = started.elapsed();
+    hb.get(&rank).map_or((led, Duration::ZERO), |(t, p)| (t.elapsed().min(led), *p))
+}
+
 fn random_u128() -> u128 {
     rand::random()
 }
@@ -429,8 +437,7 @@ impl Ms {
                     }
                     continue;
                 }
-                let silent = hb.get(rank).map_or(started.elapsed(), |(t, _)| t.elapsed().min(started.elapsed()));
-                let period = hb.get(rank).map_or(Duration::ZERO, |(_, p)| *p);
+                let (silent, period) = silence(&hb, *rank, started);
                 let mut who: Vec<&String> =
                     reports.get(rank).map(|v| v.iter().map(|(w, _)| w).collect()).unwrap_or_default();
                 who.sort();
@@ -623,8 +630,7 @@ impl Ms {
         self.lead();
         // Early in a leadership every member counts as in service until it
         // has had time to heartbeat here; silence counts from its start.
-        let led = self.started.lock().expect("lock").elapsed();
-        let fresh = led < HEARTBEAT_TIMEOUT;
+        let started = *self.started.lock().expect("lock");
         loop {
             let hb = self.heartbeats.lock().expect("lock").clone();
             let dropped = self.dropped.lock().expect("lock").clone();
@@ -635,9 +641,9 @@ impl Ms {
                         .keys()
                         .copied()
                         .filter(|r| !s.excluded.contains(r) && !s.down.contains_key(r))
-                        .filter(|r| match hb.get(r) {
-                            Some((t, p)) => t.elapsed().min(led) <= HEARTBEAT_TIMEOUT.max(*p * 3),
-                            None => fresh,
+                        .filter(|r| {
+                            let (silent, period) = silence(&hb, *r, started);
+                            silent <= HEARTBEAT_TIMEOUT.max(period * 3)
                         })
                         .filter(|r| dropped.get(r).copied().unwrap_or(0) < count)
                         .collect())

@@ -98,7 +98,6 @@ struct SnapshotRecord {
 }
 
 /// The MS's Raft storage and state machine.
-#[derive(Clone)]
 pub struct MsStore {
     log: Arc<MetaLog>,
     /// The state machine, shared with the MS that reads it.
@@ -193,14 +192,15 @@ impl RaftLogReader<TypeConfig> for MsStore {
 /// of `last` even if entries are applied before the snapshot is built.
 pub struct MsSnapshotBuilder {
     log: Arc<MetaLog>,
-    data: Vec<u8>,
+    /// The encoded state (or why it could not be encoded).
+    data: shoal_common::Result<Vec<u8>>,
     last: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for MsSnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let data = std::mem::take(&mut self.data);
+        let data = std::mem::replace(&mut self.data, Ok(Vec::new())).map_err(io_err)?;
         let id = match self.last {
             Some(l) => format!("{}-{}", l.leader_id, l.index),
             None => "empty".to_string(),
@@ -301,7 +301,7 @@ impl RaftStorage<TypeConfig> for MsStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> MsSnapshotBuilder {
-        let data = super::encode(&*self.state.lock().expect("MS lock")).unwrap_or_default();
+        let data = super::encode(&*self.state.lock().expect("MS lock"));
         MsSnapshotBuilder { log: self.log.clone(), data, last: self.last, membership: self.membership.clone() }
     }
 

@@ -1,13 +1,12 @@
 //! The management service's durable log: a small RocksDB instance holding
-//! every applied command by index and the state after the latest one.
+//! its Raft log (entries by index under `raft/log/`) and a few named
+//! records (vote, purge point, applied state, snapshot). Appends and
+//! records are synced before they return. Bytes are opaque here; the MS
+//! module owns their encoding.
 //!
-//! Each commit writes the entry and the new state in one synced batch, so
-//! after a crash the state and the log agree. Bytes are opaque here; the
-//! MS module owns their encoding.
-//!
-//! The replicated MS keeps its Raft log here too: entries by index under
-//! `raft/log/`, and a few named records (vote, purge point, applied state,
-//! snapshot). Appends and records are synced before they return.
+//! Before the MS used Raft, each command was kept by index under `log/`
+//! with the state after it under `state`; [`MetaLog::load_state`] still
+//! reads that state, so such a directory can be taken over.
 
 use std::path::Path;
 
@@ -16,6 +15,7 @@ use shoal_common::{Result, ShoalError};
 
 const STATE_KEY: &[u8] = b"state";
 
+#[cfg(test)]
 fn entry_key(index: u64) -> Vec<u8> {
     let mut k = b"log/".to_vec();
     k.extend_from_slice(&index.to_be_bytes());
@@ -58,12 +58,13 @@ impl MetaLog {
         Ok(MetaLog { db })
     }
 
-    /// The latest committed state, if any.
+    /// The state the pre-Raft MS committed last, if any.
     pub fn load_state(&self) -> Result<Option<Vec<u8>>> {
         self.db.get(STATE_KEY).map_err(|e| ShoalError::Io(format!("read MS state: {e}")))
     }
 
-    /// The entry at `index`, if kept.
+    /// The pre-Raft entry at `index`, if kept.
+    #[cfg(test)]
     pub fn entry(&self, index: u64) -> Result<Option<Vec<u8>>> {
         self.db.get(entry_key(index)).map_err(|e| ShoalError::Io(format!("read MS log: {e}")))
     }
@@ -131,7 +132,9 @@ impl MetaLog {
         self.db.write_opt(b, &synced()).map_err(io("trim the MS Raft log"))
     }
 
-    /// Durably records entry `index` and the state it produced.
+    /// Durably records entry `index` and the state it produced, as the
+    /// pre-Raft MS did (tests write such directories with it).
+    #[cfg(test)]
     pub fn commit(&self, index: u64, entry: &[u8], state: &[u8]) -> Result<()> {
         let mut b = WriteBatch::default();
         b.put(entry_key(index), entry);
