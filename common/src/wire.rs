@@ -56,6 +56,9 @@ pub struct Header {
     pub opcode: u16,
     pub request_id: u64,
     pub map_version: u32,
+    /// I/O: the container handle's token ([`TOKEN_REBUILD`] between
+    /// servers for rebuild). Management requests: the operation id, the
+    /// same for every try of one change, so it is applied once.
     pub token: u128,
 }
 

@@ -236,6 +236,11 @@ const MS_ROUND_PAUSE: Duration = Duration::from_millis(100);
 /// and is returned at once. Returns the reply and the index of
 /// the address that answered (the leader: start there next time).
 ///
+/// Every try carries one operation id (in the frame's token), so a change
+/// whose answer was lost (its replica died after committing it) and that is
+/// asked again of the next leader is applied once: the retry gets the first
+/// try's answer, not "exists" or a second OID range.
+///
 /// # Examples
 ///
 /// ```no_run
@@ -260,6 +265,8 @@ pub async fn call_ms<T: Transport, R: Rpc>(
     use shoal_common::error::Entity;
     use shoal_common::ShoalError;
     let deadline = tokio::time::Instant::now() + timeout;
+    // Not 0: that means "no operation id".
+    let op = rand::random::<u128>() | 1;
     let mut last = ShoalError::not_found(Entity::ManagementService, "no management service address given");
     if addrs.is_empty() {
         return Err(last);
@@ -286,7 +293,7 @@ pub async fn call_ms<T: Transport, R: Rpc>(
             if left.is_zero() {
                 return Err(if electing { leaderless(&last) } else { last });
             }
-            match call(t, &addrs[i], req, vec![], 0, 0, left.min(per_try)).await {
+            match call(t, &addrs[i], req, vec![], 0, op, left.min(per_try)).await {
                 Ok((r, _)) => return Ok((r, i)),
                 Err(e) if e.peer_failed() || e.missing() == Some(Entity::ManagementService) => last = e,
                 // A replica that does not lead: another may.

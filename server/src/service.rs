@@ -43,7 +43,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, Instrument};
 
 use crate::locks::StripeLocks;
-use crate::ms::Ms;
+use crate::ms::{Ms, OpId};
 use crate::store::{Mutation, TargetStore};
 
 /// Bytes of keys one list reply carries at most (well under the reply
@@ -373,16 +373,19 @@ impl Service {
         })
     }
 
-    /// Runs a management request on a blocking thread.
+    /// Runs a management request on a blocking thread. A change gets the
+    /// operation id its caller sent in the frame's token (the same for
+    /// every try: see `shoal_net::call_ms`), so that it is applied once.
     async fn run_ms<R: Rpc>(
         self: &Arc<Self>,
         frame: &Frame,
-        f: impl FnOnce(&Ms, R) -> Result<R::Reply> + Send + 'static,
+        f: impl FnOnce(&Ms, R, OpId) -> Result<R::Reply> + Send + 'static,
     ) -> Frame {
+        let op = frame.header.token;
         let reply = async {
             let req = decode_request::<R>(frame)?;
             let ms = self.ms()?;
-            tokio::task::spawn_blocking(move || f(&ms, req))
+            tokio::task::spawn_blocking(move || f(&ms, req, op))
                 .await
                 .map_err(|e| ShoalError::Internal(format!("MS task: {e}")))?
         }
@@ -504,17 +507,17 @@ impl Service {
                 })
                 .await
             }
-            Opcode::SysJoin => self.run_ms::<JoinReq>(&frame, |ms, r| ms.join(r)).await,
-            Opcode::SysHeartbeat => self.run_ms::<HeartbeatReq>(&frame, |ms, r| ms.heartbeat(r)).await,
-            Opcode::SysReport => self.run_ms::<ReportReq>(&frame, |ms, r| ms.report(r)).await,
-            Opcode::SysExclude => self.run_ms::<ExcludeReq>(&frame, |ms, r| ms.exclude(r.rank)).await,
-            Opcode::RebuildDone => self.run_ms::<RebuildDoneReq>(&frame, |ms, r| ms.rebuild_done(r)).await,
-            Opcode::Drain => self.run_ms::<shoal_common::mgmt::DrainReq>(&frame, |ms, r| ms.drain(r)).await,
+            Opcode::SysJoin => self.run_ms::<JoinReq>(&frame, |ms, r, op| ms.join(r, op)).await,
+            Opcode::SysHeartbeat => self.run_ms::<HeartbeatReq>(&frame, |ms, r, _| ms.heartbeat(r)).await,
+            Opcode::SysReport => self.run_ms::<ReportReq>(&frame, |ms, r, op| ms.report(r, op)).await,
+            Opcode::SysExclude => self.run_ms::<ExcludeReq>(&frame, |ms, r, op| ms.exclude(r.rank, op)).await,
+            Opcode::RebuildDone => self.run_ms::<RebuildDoneReq>(&frame, |ms, r, op| ms.rebuild_done(r, op)).await,
+            Opcode::Drain => self.run_ms::<shoal_common::mgmt::DrainReq>(&frame, |ms, r, op| ms.drain(r, op)).await,
             Opcode::RebuildCtl => {
-                self.run_ms::<shoal_common::mgmt::RebuildCtlReq>(&frame, |ms, r| ms.rebuild_ctl(r)).await
+                self.run_ms::<shoal_common::mgmt::RebuildCtlReq>(&frame, |ms, r, op| ms.rebuild_ctl(r, op)).await
             }
             Opcode::Reintegrate => {
-                self.run_ms::<shoal_common::mgmt::ReintegrateReq>(&frame, |ms, r| ms.reintegrate(r)).await
+                self.run_ms::<shoal_common::mgmt::ReintegrateReq>(&frame, |ms, r, op| ms.reintegrate(r, op)).await
             }
             Opcode::Restore => {
                 self.run::<RestoreReq, _>(&frame, |s, r, segs| async move {
@@ -541,22 +544,22 @@ impl Service {
             }
             Opcode::ClientHello => {
                 let now = self.hlc.now(wall_ns());
-                self.run_ms::<ClientHelloReq>(&frame, move |ms, r| ms.client_hello(r, now)).await
+                self.run_ms::<ClientHelloReq>(&frame, move |ms, r, op| ms.client_hello(r, now, op)).await
             }
             Opcode::SysQuery => {
                 let rank = *self.rank.read().expect("lock");
-                self.run_ms::<SystemQueryReq>(&frame, move |ms, _| ms.system_query(rank)).await
+                self.run_ms::<SystemQueryReq>(&frame, move |ms, _, _| ms.system_query(rank)).await
             }
-            Opcode::PoolCreate => self.run_ms::<PoolCreateReq>(&frame, |ms, r| ms.pool_create(r)).await,
-            Opcode::PoolDestroy => self.run_ms::<PoolDestroyReq>(&frame, |ms, r| ms.pool_destroy(r)).await,
-            Opcode::PoolExtend => self.run_ms::<PoolExtendReq>(&frame, |ms, r| ms.pool_extend(r)).await,
-            Opcode::PoolList => self.run_ms::<PoolListReq>(&frame, |ms, r| ms.pool_list(r)).await,
-            Opcode::PoolQuery => self.run_ms::<PoolQueryReq>(&frame, |ms, r| ms.pool_query(r)).await,
-            Opcode::ContCreate => self.run_ms::<ContCreateReq>(&frame, |ms, r| ms.cont_create(r)).await,
-            Opcode::ContDestroy => self.run_ms::<ContDestroyReq>(&frame, |ms, r| ms.cont_destroy(r)).await,
-            Opcode::ContList => self.run_ms::<ContListReq>(&frame, |ms, r| ms.cont_list(r)).await,
-            Opcode::ContQuery => self.run_ms::<ContQueryReq>(&frame, |ms, r| ms.cont_query(r)).await,
-            Opcode::OidAlloc => self.run_ms::<OidAllocReq>(&frame, |ms, r| ms.oid_alloc(r)).await,
+            Opcode::PoolCreate => self.run_ms::<PoolCreateReq>(&frame, |ms, r, op| ms.pool_create(r, op)).await,
+            Opcode::PoolDestroy => self.run_ms::<PoolDestroyReq>(&frame, |ms, r, op| ms.pool_destroy(r, op)).await,
+            Opcode::PoolExtend => self.run_ms::<PoolExtendReq>(&frame, |ms, r, op| ms.pool_extend(r, op)).await,
+            Opcode::PoolList => self.run_ms::<PoolListReq>(&frame, |ms, r, _| ms.pool_list(r)).await,
+            Opcode::PoolQuery => self.run_ms::<PoolQueryReq>(&frame, |ms, r, _| ms.pool_query(r)).await,
+            Opcode::ContCreate => self.run_ms::<ContCreateReq>(&frame, |ms, r, op| ms.cont_create(r, op)).await,
+            Opcode::ContDestroy => self.run_ms::<ContDestroyReq>(&frame, |ms, r, op| ms.cont_destroy(r, op)).await,
+            Opcode::ContList => self.run_ms::<ContListReq>(&frame, |ms, r, _| ms.cont_list(r)).await,
+            Opcode::ContQuery => self.run_ms::<ContQueryReq>(&frame, |ms, r, _| ms.cont_query(r)).await,
+            Opcode::OidAlloc => self.run_ms::<OidAllocReq>(&frame, |ms, r, op| ms.oid_alloc(r, op)).await,
             #[allow(unreachable_patterns)]
             _ => reply_frame::<()>(&h, mv, Err(ShoalError::protocol(format!("unsupported opcode {op:?}"))), vec![]),
         }

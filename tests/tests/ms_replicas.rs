@@ -100,3 +100,40 @@ async fn the_ms_survives_the_loss_of_its_leader_and_stops_safely_without_a_major
     assert!(!pools.contains(&"nomajority".to_string()) || pools.len() == 6, "{pools:?}");
     assert_eq!(kv.get("during2").await.unwrap().as_deref(), Some(&b"2"[..]));
 }
+
+/// A change whose leader dies once it has committed it, before answering,
+/// is answered by the next leader as it was applied: once. The caller
+/// hears neither "exists" nor of a second pool or container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_answer_died_with_the_leader_is_applied_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_replicated(tmp.path(), 3, 1, 3, &[]).await.unwrap();
+    for s in &mut cluster.servers {
+        s.env = vec![("FAILPOINTS".into(), "ms::committed=return(doomed)".into())];
+        s.restart().await.unwrap();
+    }
+    cluster.wait_joined(3).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+
+    let l = leader(&client, &cluster).await;
+    let made = pool.cont_create("doomed", ContProps::default()).await.unwrap();
+    assert!(cluster.servers[l].exited(), "the leader (server {l}) should have died after committing");
+    let conts = pool.cont_list().await.unwrap();
+    let doomed: Vec<_> = conts.iter().filter(|c| c.label == "doomed").collect();
+    assert_eq!(doomed.len(), 1, "{conts:?}");
+    assert_eq!(doomed[0].uuid, made.uuid, "the retry answered with another container");
+    cluster.servers[l].restart().await.unwrap();
+
+    let l = leader(&client, &cluster).await;
+    let made = client.pool_create("doomed", vec![], 0).await.unwrap();
+    assert!(cluster.servers[l].exited(), "the leader (server {l}) should have died after committing");
+    let pools = client.pool_list().await.unwrap();
+    let doomed: Vec<_> = pools.iter().filter(|p| p.label == "doomed").collect();
+    assert_eq!(doomed.len(), 1, "{pools:?}");
+    assert_eq!(doomed[0].uuid, made.uuid);
+    // A second create of the same name, by a new call, is refused.
+    let e = client.pool_create("doomed", vec![], 0).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Exists, "{e:?}");
+}

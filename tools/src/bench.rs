@@ -27,6 +27,10 @@ pub enum BenchCmd {
     /// detect, to exclusion and to full redundancy, rebuild throughput,
     /// and foreground bandwidth before, during and after rebuild.
     Rebuild(crate::bench_rebuild::RebuildArgs),
+    /// A local cluster with a replicated MS loses its MS leader, again and
+    /// again: time from the kill until a change is committed and a read is
+    /// answered by the new leader.
+    Failover(crate::bench_failover::FailoverArgs),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +82,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Store(a) => store(a).await,
         BenchCmd::Cluster(a) => cluster(a).await,
         BenchCmd::Rebuild(a) => crate::bench_rebuild::run(a).await,
+        BenchCmd::Failover(a) => crate::bench_failover::run(a).await,
     }
 }
 

@@ -161,6 +161,11 @@ impl LocalServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the server's process has ended (reaping it if so).
+    pub fn exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Kills the server with SIGKILL and reaps it.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

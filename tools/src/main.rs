@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod bench_failover;
 mod bench_rebuild;
 mod data;
 mod demo;

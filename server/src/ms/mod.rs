@@ -34,6 +34,7 @@ use tracing::info;
 
 use crate::store::meta::MetaLog;
 use raft::{MsRaft, MsStore, NodeId, Replicas};
+pub use state::OpId;
 use state::{Command, MsState, Outcome};
 
 /// A member silent for longer than this (or three of its heartbeat
@@ -55,12 +56,15 @@ const FORMAT_V2: u8 = 2;
 /// Format 3: postcard of `MsState` (targets' exclusion order, rebuild
 /// controls) and of commands (older commands decode unchanged).
 const FORMAT_V3: u8 = 3;
-/// Format 4: postcard of `MsState` (targets' extension order) and of
+/// Format 4: postcard of `MsStateV4` (targets' extension order) and of
 /// commands (older commands decode unchanged).
 const FORMAT_V4: u8 = 4;
+/// Format 5: postcard of `MsState` (outcomes by operation id) and of
+/// commands (older commands decode unchanged).
+const FORMAT_V5: u8 = 5;
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
-    let mut out = vec![FORMAT_V4];
+    let mut out = vec![FORMAT_V5];
     out.extend(postcard::to_stdvec(v).map_err(|e| ShoalError::Internal(format!("encode MS record: {e}")))?);
     Ok(out)
 }
@@ -75,7 +79,8 @@ fn decode_state(raw: &[u8]) -> Result<MsState> {
         Some((&FORMAT_V1, rest)) => Ok(postcard_of::<state::MsStateV1>(rest)?.migrate()),
         Some((&FORMAT_V2, rest)) => Ok(postcard_of::<state::MsStateV2>(rest)?.migrate()),
         Some((&FORMAT_V3, rest)) => Ok(postcard_of::<state::MsStateV3>(rest)?.migrate()),
-        Some((&FORMAT_V4, rest)) => postcard_of(rest),
+        Some((&FORMAT_V4, rest)) => Ok(postcard_of::<state::MsStateV4>(rest)?.migrate()),
+        Some((&FORMAT_V5, rest)) => postcard_of(rest),
         Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
         None => Err(ShoalError::Io("empty MS record".into())),
     }
@@ -85,7 +90,7 @@ fn decode_state(raw: &[u8]) -> Result<MsState> {
 #[cfg(test)]
 fn decode_command(raw: &[u8]) -> Result<Command> {
     match raw.split_first() {
-        Some((&(FORMAT_V1 | FORMAT_V2 | FORMAT_V3 | FORMAT_V4), rest)) => postcard_of(rest),
+        Some((&(FORMAT_V1 | FORMAT_V2 | FORMAT_V3 | FORMAT_V4 | FORMAT_V5), rest)) => postcard_of(rest),
         Some((v, _)) => Err(ShoalError::Io(format!("MS record has unknown format {v}"))),
         None => Err(ShoalError::Io("empty MS record".into())),
     }
@@ -233,10 +238,45 @@ impl Ms {
         })
     }
 
+    /// Makes one change under its caller's operation id `op` (0: none; see
+    /// [`Command::Once`]): if a try of it was applied already (the caller
+    /// lost the answer to a leader change and asks again), returns what
+    /// that gave; else `make` builds the command from the current state
+    /// (names resolved, preconditions checked) and it is committed.
+    fn change(&self, op: OpId, make: impl FnOnce(&MsState) -> Result<Command>) -> Result<Outcome> {
+        let made = self.read(|s| match s.ops.get(op) {
+            Some(out) if op != 0 => Ok(Err(out.clone())),
+            _ => make(s).map(Ok),
+        })?;
+        match made {
+            Ok(cmd) => {
+                let out = self.propose(op, cmd)?;
+                // Tests: this replica dies once it has committed the
+                // create of the pool or container the failpoint names,
+                // before its caller hears of it.
+                #[cfg(feature = "failpoints")]
+                if let Some(Some(doomed)) = fail::eval("ms::committed", |label| label) {
+                    if matches!(&out, Outcome::Pool(p) if p.label == doomed)
+                        || matches!(&out, Outcome::Cont(c) if c.label == doomed)
+                    {
+                        std::process::abort();
+                    }
+                }
+                Ok(out)
+            }
+            Err(done) => Ok(done),
+        }
+    }
+
     /// Commits a command to a majority of the replicas and applies it
-    /// before returning its outcome.
-    fn propose(&self, cmd: Command) -> Result<Outcome> {
+    /// before returning its outcome; under operation id `op` (if not 0)
+    /// it is applied once, however often it is proposed.
+    fn propose(&self, op: OpId, cmd: Command) -> Result<Outcome> {
         use openraft::error::{ClientWriteError, RaftError};
+        let cmd = match op {
+            0 => cmd,
+            op => Command::Once { op, cmd: Box::new(cmd) },
+        };
         let write = tokio::time::timeout(COMMIT_TIMEOUT, self.raft.client_write(cmd));
         let Ok(written) = block_on(write) else {
             return Err(ShoalError::Timeout(format!(
@@ -333,9 +373,9 @@ impl Ms {
         let _ = self.raft.shutdown().await;
     }
 
-    pub fn join(&self, req: JoinReq) -> Result<JoinReply> {
+    pub fn join(&self, req: JoinReq, op: OpId) -> Result<JoinReply> {
         let addr = req.addr.clone();
-        match self.propose(Command::Join(req))? {
+        match self.change(op, |_| Ok(Command::Join(req)))? {
             Outcome::Rank(rank) => {
                 self.heartbeats.lock().expect("lock").insert(rank, (Instant::now(), Duration::ZERO));
                 info!(rank, %addr, "server joined");
@@ -400,10 +440,10 @@ impl Ms {
     }
 
     /// Gives a client its clock tag.
-    pub fn client_hello(&self, req: ClientHelloReq, now: Epoch) -> Result<ClientHelloReply> {
+    pub fn client_hello(&self, req: ClientHelloReq, now: Epoch, op: OpId) -> Result<ClientHelloReply> {
         let wall_ns = shoal_common::hlc::wall_ns();
         let cmd = Command::ClientHello { owner: req.owner, renew: req.renew, now_ms: wall_ns / 1_000_000 };
-        match self.propose(cmd)? {
+        match self.change(op, |_| Ok(cmd))? {
             Outcome::ClientTag(tag) => Ok(ClientHelloReply { tag, lease_ms: state::TAG_LEASE_MS, now, wall_ns }),
             o => Err(ShoalError::Internal(format!("client hello produced {o:?}"))),
         }
@@ -450,17 +490,17 @@ impl Ms {
         })?;
         for &rank in &to_down {
             info!(rank, "server declared down");
-            self.propose(Command::MarkDown { rank, now_ms })?;
+            self.propose(0, Command::MarkDown { rank, now_ms })?;
         }
         for &rank in &to_out {
             info!(rank, "server excluded");
-            self.propose(Command::Exclude { rank })?;
+            self.propose(0, Command::Exclude { rank })?;
         }
         Ok(to_down.into_iter().chain(to_out).collect())
     }
 
     /// Records that `reporter` saw calls to a rank fail.
-    pub fn report(&self, req: ReportReq) -> Result<()> {
+    pub fn report(&self, req: ReportReq, op: OpId) -> Result<()> {
         self.read(|s| match s.members.get(&req.rank) {
             Some(_) => Ok(()),
             None => Err(ShoalError::not_found(Entity::Server, format!("rank {}", req.rank))),
@@ -468,7 +508,7 @@ impl Ms {
         if req.missed_write {
             let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
             info!(rank = req.rank, reporter = %req.reporter, "server declared down: it missed a write");
-            self.propose(Command::MarkDown { rank: req.rank, now_ms })?;
+            self.change(op, |_| Ok(Command::MarkDown { rank: req.rank, now_ms }))?;
             return Ok(());
         }
         self.reports.lock().expect("lock").entry(req.rank).or_default().push((req.reporter, Instant::now()));
@@ -476,22 +516,17 @@ impl Ms {
     }
 
     /// Starts draining a rank from a pool (or all): see [`Command::Drain`].
-    pub fn drain(&self, req: shoal_common::mgmt::DrainReq) -> Result<()> {
-        let pool = match &req.pool {
-            Some(name) => Some(self.read(|s| s.find_pool(name))?),
-            None => None,
-        };
-        self.propose(Command::Drain { pool, rank: req.rank })?;
+    pub fn drain(&self, req: shoal_common::mgmt::DrainReq, op: OpId) -> Result<()> {
+        self.change(op, |s| {
+            let pool = req.pool.as_ref().map(|name| s.find_pool(name)).transpose()?;
+            Ok(Command::Drain { pool, rank: req.rank })
+        })?;
         info!(rank = req.rank, "server draining");
         Ok(())
     }
 
     /// Brings a rank back into a pool (or all): see [`Command::Reintegrate`].
-    pub fn reintegrate(&self, req: ReintegrateReq) -> Result<()> {
-        let pool = match &req.pool {
-            Some(name) => Some(self.read(|s| s.find_pool(name))?),
-            None => None,
-        };
+    pub fn reintegrate(&self, req: ReintegrateReq, op: OpId) -> Result<()> {
         let heard = self.heartbeats.lock().expect("lock").get(&req.rank).copied();
         let limit = heard.map_or(HEARTBEAT_TIMEOUT, |(_, p)| HEARTBEAT_TIMEOUT.max(p * 3));
         match heard.map(|(t, _)| t.elapsed()) {
@@ -511,17 +546,21 @@ impl Ms {
         // Old reports of failed calls must not mark it down again.
         self.reports.lock().expect("lock").remove(&req.rank);
         info!(rank = req.rank, "server reintegrated");
-        self.propose(Command::Reintegrate { pool, rank: req.rank }).map(|_| ())
+        self.change(op, |s| {
+            let pool = req.pool.as_ref().map(|name| s.find_pool(name)).transpose()?;
+            Ok(Command::Reintegrate { pool, rank: req.rank })
+        })
+        .map(|_| ())
     }
 
     /// Records that a rank rebuilt what it was the source of.
-    pub fn rebuild_done(&self, req: RebuildDoneReq) -> Result<shoal_common::mgmt::RebuildDoneReply> {
+    pub fn rebuild_done(&self, req: RebuildDoneReq, op: OpId) -> Result<shoal_common::mgmt::RebuildDoneReply> {
         let states = |s: &MsState| -> Result<(Vec<TargetState>, u32)> {
             let p = s.pool(req.pool)?;
             Ok((p.map.targets.iter().filter(|t| t.rank == req.rank).map(|t| t.state).collect(), p.map.version))
         };
         let (before, _) = self.read(states)?;
-        self.propose(Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version })?;
+        self.change(op, |_| Ok(Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version }))?;
         let (after, version) = self.read(states)?;
         let drained = before.contains(&TargetState::Drain)
             && !after.is_empty()
@@ -558,11 +597,13 @@ impl Ms {
         });
     }
 
-    /// Excludes a rank now (an operator's decision).
-    pub fn exclude(&self, rank: u32) -> Result<()> {
+    /// Excludes a rank now (an operator's decision). Its two steps are
+    /// operations `op` and `op + 1`.
+    pub fn exclude(&self, rank: u32, op: OpId) -> Result<()> {
         let now_ms = shoal_common::hlc::wall_ns() / 1_000_000;
-        self.propose(Command::MarkDown { rank, now_ms })?;
-        self.propose(Command::Exclude { rank }).map(|_| ())
+        self.change(op, |_| Ok(Command::MarkDown { rank, now_ms }))?;
+        let second = if op == 0 { 0 } else { op.wrapping_add(1) };
+        self.change(second, |_| Ok(Command::Exclude { rank })).map(|_| ())
     }
 
     pub fn system_query(&self, ms_rank: Option<u32>) -> Result<SystemQueryReply> {
@@ -601,22 +642,21 @@ impl Ms {
         })
     }
 
-    pub fn pool_create(&self, req: PoolCreateReq) -> Result<PoolInfo> {
+    pub fn pool_create(&self, req: PoolCreateReq, op: OpId) -> Result<PoolInfo> {
         let cmd = Command::PoolCreate {
             uuid: PoolId(random_u128()),
             label: req.label,
             ranks: req.ranks,
             targets_per_server: req.targets_per_server,
         };
-        match self.propose(cmd)? {
+        match self.change(op, |_| Ok(cmd))? {
             Outcome::Pool(p) => Ok(p),
             o => Err(ShoalError::Internal(format!("pool create produced {o:?}"))),
         }
     }
 
-    pub fn pool_destroy(&self, req: PoolDestroyReq) -> Result<()> {
-        let pool = self.read(|s| s.find_pool(&req.pool))?;
-        self.propose(Command::PoolDestroy { pool, force: req.force })?;
+    pub fn pool_destroy(&self, req: PoolDestroyReq, op: OpId) -> Result<()> {
+        self.change(op, |s| Ok(Command::PoolDestroy { pool: s.find_pool(&req.pool)?, force: req.force }))?;
         self.wait_dropped();
         Ok(())
     }
@@ -660,9 +700,8 @@ impl Ms {
         }
     }
 
-    pub fn pool_extend(&self, req: PoolExtendReq) -> Result<PoolInfo> {
-        let pool = self.read(|s| s.find_pool(&req.pool))?;
-        match self.propose(Command::PoolExtend { pool, ranks: req.ranks })? {
+    pub fn pool_extend(&self, req: PoolExtendReq, op: OpId) -> Result<PoolInfo> {
+        match self.change(op, |s| Ok(Command::PoolExtend { pool: s.find_pool(&req.pool)?, ranks: req.ranks }))? {
             Outcome::Pool(p) => Ok(p),
             o => Err(ShoalError::Internal(format!("pool extend produced {o:?}"))),
         }
@@ -747,37 +786,40 @@ impl Ms {
     }
 
     /// Stops or starts a pool's rebuild, or sets its pace.
-    pub fn rebuild_ctl(&self, req: RebuildCtlReq) -> Result<RebuildCtl> {
-        let pool = self.read(|s| s.find_pool(&req.pool))?;
+    pub fn rebuild_ctl(&self, req: RebuildCtlReq, op: OpId) -> Result<RebuildCtl> {
         if req.rate_mib.is_some_and(|r| r > 1 << 20) {
             return Err(ShoalError::invalid("a rebuild rate is at most 1048576 MiB/s (0: automatic)"));
         }
-        let cmd =
-            Command::SetRebuild { pool, paused: req.paused, rate_mib: req.rate_mib, accept_loss: req.accept_loss };
-        match self.propose(cmd)? {
+        let cmd = |s: &MsState| {
+            let pool = s.find_pool(&req.pool)?;
+            Ok(Command::SetRebuild { pool, paused: req.paused, rate_mib: req.rate_mib, accept_loss: req.accept_loss })
+        };
+        match self.change(op, cmd)? {
             Outcome::RebuildCtl(c) => {
-                info!(%pool, paused = c.paused, rate_mib = c.rate_mib, "rebuild control changed");
+                info!(pool = %req.pool, paused = c.paused, rate_mib = c.rate_mib, "rebuild control changed");
                 Ok(c)
             }
             o => Err(ShoalError::Internal(format!("rebuild control produced {o:?}"))),
         }
     }
 
-    pub fn cont_create(&self, req: ContCreateReq) -> Result<ContInfo> {
-        let pool = self.read(|s| s.find_pool(&req.pool))?;
-        let cmd = Command::ContCreate { pool, uuid: ContId(random_u128()), label: req.label, props: req.props };
-        match self.propose(cmd)? {
+    pub fn cont_create(&self, req: ContCreateReq, op: OpId) -> Result<ContInfo> {
+        let cmd = |s: &MsState| {
+            let pool = s.find_pool(&req.pool)?;
+            Ok(Command::ContCreate { pool, uuid: ContId(random_u128()), label: req.label, props: req.props })
+        };
+        match self.change(op, cmd)? {
             Outcome::Cont(c) => Ok(c),
             o => Err(ShoalError::Internal(format!("container create produced {o:?}"))),
         }
     }
 
-    pub fn cont_destroy(&self, req: ContDestroyReq) -> Result<ContInfo> {
-        let (pool, cont) = self.read(|s| {
-            let p = s.find_pool(&req.pool)?;
-            Ok((p, s.find_cont(p, &req.cont)?))
-        })?;
-        match self.propose(Command::ContDestroy { pool, cont })? {
+    pub fn cont_destroy(&self, req: ContDestroyReq, op: OpId) -> Result<ContInfo> {
+        let cmd = |s: &MsState| {
+            let pool = s.find_pool(&req.pool)?;
+            Ok(Command::ContDestroy { pool, cont: s.find_cont(pool, &req.cont)? })
+        };
+        match self.change(op, cmd)? {
             Outcome::Cont(c) => {
                 self.wait_dropped();
                 Ok(c)
@@ -800,8 +842,8 @@ impl Ms {
         })
     }
 
-    pub fn oid_alloc(&self, req: OidAllocReq) -> Result<OidAllocReply> {
-        match self.propose(Command::OidAlloc { pool: req.pool, cont: req.cont, count: req.count })? {
+    pub fn oid_alloc(&self, req: OidAllocReq, op: OpId) -> Result<OidAllocReply> {
+        match self.change(op, |_| Ok(Command::OidAlloc { pool: req.pool, cont: req.cont, count: req.count }))? {
             Outcome::FirstOid(first) => Ok(OidAllocReply { first }),
             o => Err(ShoalError::Internal(format!("OID allocation produced {o:?}"))),
         }
@@ -850,8 +892,8 @@ mod tests {
                 host: "h".into(),
                 pid: 1,
             };
-            assert_eq!(ms.join(j).unwrap().rank, 0);
-            ms.pool_create(PoolCreateReq { label: "p".into(), ranks: vec![], targets_per_server: 0 }).unwrap();
+            assert_eq!(ms.join(j, 1).unwrap().rank, 0);
+            ms.pool_create(PoolCreateReq { label: "p".into(), ranks: vec![], targets_per_server: 0 }, 2).unwrap();
         })
         .await
         .unwrap();
@@ -976,11 +1018,31 @@ mod fixture {
     }
 
     #[test]
-    fn format_4_state_decodes() {
+    fn format_4_state_decodes_and_migrates() {
         let want = sample_v4();
         let joined = want.pools[&PoolId(5)].map.targets.iter().find(|t| t.rank == 1).unwrap();
         assert_eq!((joined.state, joined.added), (TargetState::UpIn, 2));
-        assert_eq!(hex(&encode(&want).unwrap()), STATE_V4.trim(), "format 4 encoding changed");
         assert_eq!(decode_state(&unhex(STATE_V4)).unwrap(), want);
+    }
+
+    /// Format 4's sample with an OID range handed out under an operation
+    /// id.
+    const STATE_V5: &str = include_str!("fixtures/state-v5.hex");
+
+    fn sample_v5() -> MsState {
+        let mut s = sample_v4();
+        let cmd = Command::OidAlloc { pool: PoolId(5), cont: ContId(6), count: 3 };
+        s.apply(&Command::Once { op: 77, cmd: Box::new(cmd) }).unwrap_err();
+        let cmd = Command::PoolExtend { pool: PoolId(5), ranks: vec![] };
+        s.apply(&Command::Once { op: 78, cmd: Box::new(cmd) }).unwrap();
+        s
+    }
+
+    #[test]
+    fn format_5_state_decodes() {
+        let want = sample_v5();
+        assert!(want.ops.get(78).is_some());
+        assert_eq!(hex(&encode(&want).unwrap()), STATE_V5.trim(), "format 5 encoding changed");
+        assert_eq!(decode_state(&unhex(STATE_V5)).unwrap(), want);
     }
 }

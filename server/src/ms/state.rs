@@ -5,7 +5,7 @@
 //! gives the same state on every replica. That is what lets a later issue
 //! replicate the MS with Raft without a redesign. No I/O here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use shoal_common::error::Entity;
@@ -91,6 +91,53 @@ pub enum Command {
         pool: Option<PoolId>,
         rank: u32,
     },
+    /// `cmd` under its caller's operation id: applied once, however often
+    /// it is proposed (a caller that lost the answer, to a leader change,
+    /// proposes it again and gets the first outcome back).
+    Once {
+        op: OpId,
+        cmd: Box<Command>,
+    },
+}
+
+/// An operation id: the same for every try of one change by its caller,
+/// so that a change retried after its answer was lost is applied once.
+pub type OpId = u128;
+
+/// How many changes' outcomes the state keeps for their retries.
+pub const OPS_KEPT: usize = 4096;
+
+/// Outcomes of the latest changes made under an operation id, oldest
+/// first; the oldest are forgotten past [`OPS_KEPT`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ops {
+    order: VecDeque<OpId>,
+    outcomes: BTreeMap<OpId, Outcome>,
+}
+
+impl Ops {
+    /// What the change `op` gave, if it was applied (and not forgotten).
+    pub fn get(&self, op: OpId) -> Option<&Outcome> {
+        self.outcomes.get(&op)
+    }
+
+    fn remember(&mut self, op: OpId, out: Outcome) {
+        self.order.push_back(op);
+        self.outcomes.insert(op, out);
+        while self.order.len() > OPS_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.outcomes.remove(&old);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
 }
 
 /// What applying a command produced.
@@ -149,7 +196,7 @@ pub struct TagLease {
     pub until_ms: u64,
 }
 
-/// The whole MS state (format 4).
+/// The whole MS state (format 5).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsState {
     pub members: BTreeMap<u32, MemberRec>,
@@ -176,6 +223,46 @@ pub struct MsState {
     pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
     /// Per pool: how rebuild runs, where an operator changed it.
     pub rebuild_ctl: BTreeMap<PoolId, shoal_common::mgmt::RebuildCtl>,
+    /// Outcomes of recent changes, by operation id (see [`Command::Once`]).
+    pub ops: Ops,
+}
+
+/// The MS state as format 4 stored it (no operation ids);
+/// [`MsStateV4::migrate`] brings it to the current format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsStateV4 {
+    pub members: BTreeMap<u32, MemberRec>,
+    pub pools: BTreeMap<PoolId, PoolRec>,
+    pub applied: u64,
+    pub clients: u64,
+    pub tags: BTreeMap<u16, TagLease>,
+    pub tombstones: Vec<ContId>,
+    pub down: BTreeMap<u32, u64>,
+    pub excluded: std::collections::BTreeSet<u32>,
+    pub rebuilding: BTreeMap<PoolId, Vec<(u32, u32)>>,
+    pub rebuild_done: BTreeMap<PoolId, (u32, std::collections::BTreeSet<u32>)>,
+    pub rebuild_ctl: BTreeMap<PoolId, shoal_common::mgmt::RebuildCtl>,
+}
+
+impl MsStateV4 {
+    /// The same state in the current format, remembering no change's
+    /// outcome yet.
+    pub fn migrate(self) -> MsState {
+        MsState {
+            members: self.members,
+            pools: self.pools,
+            applied: self.applied,
+            clients: self.clients,
+            tags: self.tags,
+            tombstones: self.tombstones,
+            down: self.down,
+            excluded: self.excluded,
+            rebuilding: self.rebuilding,
+            rebuild_done: self.rebuild_done,
+            rebuild_ctl: self.rebuild_ctl,
+            ops: Ops::default(),
+        }
+    }
 }
 
 /// The MS state as format 3 stored it (targets without the order they
@@ -241,6 +328,7 @@ impl MsStateV3 {
             rebuilding: self.rebuilding,
             rebuild_done: self.rebuild_done,
             rebuild_ctl: self.rebuild_ctl,
+            ops: Ops::default(),
         }
     }
 }
@@ -286,6 +374,7 @@ impl MsStateV2 {
             rebuilding: self.rebuilding,
             rebuild_done: self.rebuild_done,
             rebuild_ctl: BTreeMap::new(),
+            ops: Ops::default(),
         }
     }
 }
@@ -343,6 +432,7 @@ impl MsStateV1 {
             rebuilding: BTreeMap::new(),
             rebuild_done: BTreeMap::new(),
             rebuild_ctl: BTreeMap::new(),
+            ops: Ops::default(),
         }
     }
 }
@@ -359,6 +449,17 @@ impl MsState {
 
     fn apply_inner(&mut self, cmd: &Command) -> Result<Outcome> {
         match cmd {
+            Command::Once { cmd: inner, .. } if matches!(**inner, Command::Once { .. }) => {
+                Err(ShoalError::invalid("an operation id wraps one change, not another operation"))
+            }
+            Command::Once { op, cmd } => {
+                if let Some(out) = self.ops.get(*op) {
+                    return Ok(out.clone());
+                }
+                let out = self.apply_inner(cmd)?;
+                self.ops.remember(*op, out.clone());
+                Ok(out)
+            }
             Command::Join(j) => Ok(Outcome::Rank(self.join(j)?)),
             Command::PoolCreate { uuid, label, ranks, targets_per_server } => {
                 self.pool_create(*uuid, label, ranks, *targets_per_server).map(Outcome::Pool)
@@ -1132,6 +1233,58 @@ mod tests {
             Outcome::Rank(r) => r,
             o => panic!("{o:?}"),
         }
+    }
+
+    #[test]
+    fn a_change_proposed_twice_under_one_operation_id_is_applied_once() {
+        let mut s = MsState::default();
+        join(&mut s, 10);
+        let pool = PoolId(5);
+        let create = Command::PoolCreate { uuid: pool, label: "p".into(), ranks: vec![], targets_per_server: 0 };
+        s.apply(&create).unwrap();
+        let cont = |uuid, label: &str| Command::ContCreate {
+            pool,
+            uuid: ContId(uuid),
+            label: label.into(),
+            props: ContProps { rd_fac: 0, oclass: Some("S1".into()), ..ContProps::default() },
+        };
+        s.apply(&cont(6, "c")).unwrap();
+        let once = |op, cmd: Command| Command::Once { op, cmd: Box::new(cmd) };
+        // OIDs: the retry gets the same range, and the next caller the
+        // range after it.
+        let alloc = Command::OidAlloc { pool, cont: ContId(6), count: 10 };
+        let first = s.apply(&once(1, alloc.clone())).unwrap();
+        assert_eq!(s.apply(&once(1, alloc.clone())).unwrap(), first);
+        let Outcome::FirstOid(a) = first else { panic!("{first:?}") };
+        assert_eq!(s.apply(&once(2, alloc)).unwrap(), Outcome::FirstOid(a + 10));
+        // A create retried answers as the first did, not "exists"; a
+        // destroy retried, not "not found".
+        let made = s.apply(&once(3, cont(7, "d"))).unwrap();
+        assert_eq!(s.apply(&once(3, cont(7, "d"))).unwrap(), made);
+        let destroy = Command::ContDestroy { pool, cont: ContId(7) };
+        let gone = s.apply(&once(4, destroy.clone())).unwrap();
+        assert_eq!(s.apply(&once(4, destroy.clone())).unwrap(), gone);
+        assert_eq!(s.tombstones, vec![ContId(7)]);
+        // Without an operation id it is a second destroy, and refused.
+        assert!(s.apply(&destroy).unwrap_err().missing().is_some());
+        // A refused change is not remembered: its retry runs again.
+        let before = s.clone();
+        assert!(s.apply(&once(5, cont(8, "c"))).is_err());
+        assert_eq!(s, before);
+        assert!(s.apply(&once(5, cont(8, "e"))).is_ok());
+        assert!(s.apply(&once(6, once(7, Command::Exclude { rank: 0 }))).is_err());
+    }
+
+    #[test]
+    fn the_oldest_operation_outcomes_are_forgotten() {
+        let mut s = MsState::default();
+        join(&mut s, 10);
+        for op in 0..(OPS_KEPT as u128 + 10) {
+            s.apply(&Command::Once { op, cmd: Box::new(Command::Exclude { rank: 0 }) }).unwrap();
+        }
+        assert_eq!(s.ops.len(), OPS_KEPT);
+        assert!(s.ops.get(9).is_none());
+        assert!(s.ops.get(10).is_some());
     }
 
     #[test]
