@@ -541,6 +541,45 @@ impl Client {
         self.ms_call(&shoal_common::mgmt::ExcludeReq { rank }).await
     }
 
+    /// Adds the server `rank` to the management service's replicas: it
+    /// starts an empty replica, the leader brings it up to date, then it
+    /// votes (Raft joint consensus). Returns the replicas afterwards; a
+    /// server that hosts one already changes nothing. Not cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// // From 3 replicas to 5.
+    /// client.ms_add(3).await?;
+    /// let replicas = client.ms_add(4).await?;
+    /// assert_eq!(replicas.len(), 5);
+    /// # Ok(()) }
+    /// ```
+    pub async fn ms_add(&self, rank: u32) -> Result<Vec<shoal_common::mgmt::MsReplica>> {
+        self.ms_call(&shoal_common::mgmt::MsMembersReq { rank, add: true }).await
+    }
+
+    /// Removes the server `rank`'s MS replica (joint consensus); its server
+    /// stops hosting it. Returns the replicas afterwards; a server that
+    /// hosts none changes nothing. The last replica cannot be removed. Not
+    /// cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// // Replace the replica on rank 0 by one on rank 6.
+    /// client.ms_add(6).await?;
+    /// client.ms_remove(0).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ms_remove(&self, rank: u32) -> Result<Vec<shoal_common::mgmt::MsReplica>> {
+        self.ms_call(&shoal_common::mgmt::MsMembersReq { rank, add: false }).await
+    }
+
     /// Brings a down or excluded server back into `pool` (every pool when
     /// `None`): its targets take writes at once, are rebuilt from the
     /// others, and serve reads once rebuilt. Not cancel safe.

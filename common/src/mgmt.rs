@@ -391,7 +391,8 @@ pub struct SystemQueryReply {
 /// One replica of the management service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsReplica {
-    /// Its Raft id: its place (from 1) in the list of MS addresses.
+    /// Its Raft id: its place (from 1) in the list of MS addresses the
+    /// system was created with, or 1000 + rank for one added later.
     pub id: u64,
     pub addr: String,
     /// `leader`, `follower` or `learner`.
@@ -429,6 +430,27 @@ impl PoolInfo {
         crate::placement::Placement::with_rebuilding(&self.map, &self.rebuilding)
     }
 }
+
+/// Adds the server `rank` to the management service's replicas (`add`),
+/// or removes it from them. The MS leader changes its Raft membership by
+/// joint consensus; the reply is the replicas afterwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsMembersReq {
+    pub rank: u32,
+    pub add: bool,
+}
+
+mgmt_rpc!(MsMembersReq, MsMembers, Vec<MsReplica>);
+
+/// Sent by the MS leader to a server: host the MS replica with Raft id
+/// `id` (a new, empty one that the leader then brings up to date), or, with
+/// `id` 0, stop hosting the one it has (it was removed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsHostReq {
+    pub id: u64,
+}
+
+mgmt_rpc!(MsHostReq, MsHost, ());
 
 /// Creates a pool over the given ranks (all joined ranks when empty),
 /// using `targets_per_server` targets of each (all when 0).

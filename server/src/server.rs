@@ -135,6 +135,8 @@ impl Server {
     /// Starts a server: opens and replays every target, binds and serves.
     pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         cfg.validate()?;
+        let formatted = !cfg.data_dir.join(SUPERBLOCK).exists();
+        let ms_dir_was_there = cfg.data_dir.join("ms").exists();
         let (lock, sb) = prepare_data_dir(&cfg)?;
         fs::remove_file(cfg.data_dir.join(ADDR_FILE)).ok();
         fs::remove_file(cfg.data_dir.join(METRICS_ADDR_FILE)).ok();
@@ -156,24 +158,52 @@ impl Server {
         let addr = listener.local_addr()?;
         let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
         let ms_addrs = if cfg.ms_addrs.is_empty() && cfg.ms { vec![advertise.clone()] } else { cfg.ms_addrs.clone() };
-        let ms = if cfg.ms {
-            let replicas = crate::ms::raft::Replicas::from_addrs(&ms_addrs, &advertise).with_context(|| {
-                format!("this server hosts an MS replica (--ms) but its address {advertise} is not among the MS addresses {ms_addrs:?}")
-            })?;
-            let ms = Ms::open(&cfg.data_dir.join("ms"), replicas).await.context("open the management service")?;
-            Some(Arc::new(ms))
-        } else {
-            None
+        // A replica added to a running system (or removed from it) was
+        // recorded beside the MS directory; the config names the replicas
+        // the system was created with.
+        let replicas = match (crate::ms::hosting(&cfg.data_dir)?, cfg.ms) {
+            (Some(crate::ms::Hosting::Added(id)), _) => {
+                Some(crate::ms::raft::Replicas { me: id, members: Default::default(), founding: false })
+            }
+            (Some(crate::ms::Hosting::Removed), ms) => {
+                if ms {
+                    tracing::warn!(
+                        "this server's MS replica was removed (shoal system remove-ms); it hosts none whatever its \
+                         config says: take `ms = true` out of it, or add it again with shoal system add-ms"
+                    );
+                }
+                None
+            }
+            (None, true) => {
+                let mut r = crate::ms::raft::Replicas::from_addrs(&ms_addrs, &advertise).with_context(|| {
+                    format!("this server hosts an MS replica (--ms) but its address {advertise} is not among the MS addresses {ms_addrs:?}")
+                })?;
+                // The group is founded on the system's first start (or the
+                // next, if that one ended before it was); a replica whose MS
+                // directory was lost since rejoins it. A lone replica has
+                // no one to rejoin.
+                r.founding = formatted || ms_dir_was_there || r.members.len() == 1;
+                Some(r)
+            }
+            (None, false) => None,
+        };
+        let ms = match replicas {
+            Some(r) => {
+                let ms = Ms::open(&cfg.data_dir.join("ms"), r).await.context("open the management service")?;
+                Some(Arc::new(ms))
+            }
+            None => None,
         };
         let budget = tcp::Budget::new(cfg.frame_budget.as_u64());
-        let service = Arc::new(Service::new(stores, ms.clone(), cfg.max_clock_skew, budget.clone()));
+        let service = Arc::new(Service::new(stores, ms, &cfg.data_dir, cfg.max_clock_skew, budget.clone()));
         let shutdown = CancellationToken::new();
         let serve_opts = tcp::ServeOptions { budget, ..tcp::ServeOptions::default() };
         let task = tokio::spawn(tcp::serve(listener, service.clone(), shutdown.clone(), serve_opts));
-        let monitor = ms.clone().map(|ms| {
+        let monitor = {
             let l = crate::ms::Liveness { down_after: cfg.down_after, exclude_after: cfg.exclude_after };
-            tokio::spawn(crate::ms::monitor(ms, l, shutdown.clone()))
-        });
+            let s = service.clone();
+            Some(tokio::spawn(crate::ms::monitor(move || s.ms_handle(), l, shutdown.clone())))
+        };
         let aggregator = (!cfg.aggregation_interval.is_zero()).then(|| {
             tokio::spawn(aggregate::run(
                 service.clone(),

@@ -65,7 +65,14 @@ pub struct Service {
     max_skew: Duration,
     budget: Arc<Budget>,
     map_version: u32,
-    ms: Option<Arc<Ms>>,
+    /// The MS replica this server hosts, if any: from the start (its
+    /// config), or since the MS leader asked it to (see
+    /// [`Service::host_ms`]).
+    ms: RwLock<Option<Arc<Ms>>>,
+    /// Where this server keeps its MS replica (`<data_dir>/ms`).
+    data_dir: std::path::PathBuf,
+    /// Held while a replica is started or stopped.
+    hosting: tokio::sync::Mutex<()>,
     /// Pool-map versions as last heard from the MS (or by rebuild).
     pool_versions: RwLock<HashMap<PoolId, u32>>,
     /// Held shared by every update, punch, restore, fetch and list from its
@@ -113,7 +120,13 @@ impl Service {
     /// Updates more than `max_skew` ahead of this server's clock are
     /// refused; fetch replies take their size from `budget` while they are
     /// read.
-    pub fn new(stores: Vec<Arc<TargetStore>>, ms: Option<Arc<Ms>>, max_skew: Duration, budget: Arc<Budget>) -> Service {
+    pub fn new(
+        stores: Vec<Arc<TargetStore>>,
+        ms: Option<Arc<Ms>>,
+        data_dir: &std::path::Path,
+        max_skew: Duration,
+        budget: Arc<Budget>,
+    ) -> Service {
         let admission = stores.iter().map(|_| Arc::new(Semaphore::new(MAX_QUEUED_WRITES))).collect();
         let hlc = Hlc::new();
         for s in &stores {
@@ -126,7 +139,9 @@ impl Service {
             max_skew,
             budget,
             map_version: 0,
-            ms,
+            ms: RwLock::new(ms),
+            data_dir: data_dir.to_path_buf(),
+            hosting: tokio::sync::Mutex::new(()),
             pool_versions: RwLock::new(HashMap::new()),
             map_fence: tokio::sync::RwLock::new(()),
             newest: RwLock::new(HashMap::new()),
@@ -157,7 +172,7 @@ impl Service {
         }
         m.down_pools.set(self.down_in.read().expect("lock").len() as i64);
         m.rebuild_active.set(self.rebuilding.read().expect("lock").len() as i64);
-        if let Some(ms) = &self.ms {
+        if let Some(ms) = self.ms_handle() {
             ms.fill_metrics(m);
         }
         m.render()
@@ -361,11 +376,41 @@ impl Service {
 
     /// The MS replica this server hosts, if any.
     pub fn ms_handle(&self) -> Option<Arc<Ms>> {
-        self.ms.clone()
+        self.ms.read().expect("lock").clone()
+    }
+
+    /// Starts hosting the MS replica with Raft id `id`, as the MS leader
+    /// asked (a new, empty one: the leader brings it up to date), or with
+    /// `id` 0 stops hosting the one this server has (it was removed). What
+    /// it was asked is recorded first, so a restart does the same.
+    pub async fn host_ms(&self, id: u64) -> Result<()> {
+        let _one = self.hosting.lock().await;
+        let current = self.ms_handle();
+        if id != 0 && current.as_ref().is_some_and(|ms| ms.id() == id) {
+            return Ok(());
+        }
+        if let Some(ms) = current {
+            *self.ms.write().expect("lock") = None;
+            tracing::info!(id = ms.id(), "stopping an MS replica");
+            ms.shutdown().await;
+            tracing::info!(id = ms.id(), "stopped hosting an MS replica");
+        }
+        let data_dir = self.data_dir.clone();
+        let h = if id == 0 { crate::ms::Hosting::Removed } else { crate::ms::Hosting::Added(id) };
+        tokio::task::spawn_blocking(move || crate::ms::set_hosting(&data_dir, h))
+            .await
+            .map_err(|e| ShoalError::Internal(format!("MS hosting task: {e}")))??;
+        if id != 0 {
+            let replicas = crate::ms::raft::Replicas { me: id, members: Default::default(), founding: false };
+            let ms = Ms::open(&self.data_dir.join("ms"), replicas).await?;
+            *self.ms.write().expect("lock") = Some(Arc::new(ms));
+            tracing::info!(id, "hosting an MS replica; the leader brings it up to date");
+        }
+        Ok(())
     }
 
     fn ms(&self) -> Result<Arc<Ms>> {
-        self.ms.clone().ok_or_else(|| {
+        self.ms_handle().ok_or_else(|| {
             ShoalError::not_found(
                 Entity::ManagementService,
                 "this server does not host the management service; ask the MS address",
@@ -532,6 +577,25 @@ impl Service {
                     tokio::task::spawn_blocking(move || store.holds(r.cont, r.oid, &r.dkey, &r.items))
                         .await
                         .map_err(|e| ShoalError::Internal(format!("restore-have task: {e}")))?
+                })
+                .await
+            }
+            Opcode::MsHost => {
+                self.run::<shoal_common::mgmt::MsHostReq, _>(&frame, |s, r, _| async move { s.host_ms(r.id).await })
+                    .await
+            }
+            Opcode::MsMembers => {
+                let this = self.clone();
+                self.run_ms::<shoal_common::mgmt::MsMembersReq>(&frame, move |ms, r, _| {
+                    let (replicas, removed_me) = ms.ms_members(r)?;
+                    if removed_me {
+                        // The change is committed by a majority of the new
+                        // voters: they elect a leader among themselves once
+                        // this one stops. It stops before answering, so
+                        // that the caller can count on it.
+                        tokio::runtime::Handle::current().block_on(this.host_ms(0))?;
+                    }
+                    Ok(replicas)
                 })
                 .await
             }

@@ -65,6 +65,15 @@ fn the_cli_drives_a_dev_cluster_end_to_end() {
     let sys = json(&cli.ok(&["system", "query", "--json"]));
     assert_eq!(sys["members"].as_array().unwrap().len(), 4);
     assert!(cli.ok(&["system", "query"]).contains("MS"));
+    // The server without an MS replica gets one, and loses it again.
+    let replicas = sys["ms_replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 3, "{sys}");
+    let spare = sys["members"].as_array().unwrap().iter().find(|m| !replicas.iter().any(|r| r["addr"] == m["addr"]));
+    let spare = spare.unwrap()["rank"].as_u64().unwrap().to_string();
+    let added = json(&cli.ok(&["system", "add-ms", &spare, "--json"]));
+    assert_eq!(added.as_array().unwrap().len(), 4, "{added}");
+    assert!(cli.ok(&["system", "remove-ms", &spare]).contains("hosts no MS replica"));
+    assert!(cli.fails(&["system", "add-ms", "99"]).contains("rank 99"));
 
     cli.ok(&["pool", "create", "tank"]);
     assert!(cli.fails(&["pool", "create", "tank"]).contains("exists already"));

@@ -137,3 +137,115 @@ async fn a_change_whose_answer_died_with_the_leader_is_applied_once() {
     let e = client.pool_create("doomed", vec![], 0).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Exists, "{e:?}");
 }
+
+/// Replicas are added and removed while the system runs, by joint
+/// consensus: an added one is brought up to date and votes (the MS goes on
+/// with it and one original replica once another is lost), a removed one
+/// (here the leader) stops hosting, also after a restart with `--ms` still
+/// in its flags, and an added one is hosted again after its server
+/// restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_are_added_and_removed_while_the_system_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_replicated(tmp.path(), 4, 1, 3, &[]).await.unwrap();
+    let all: Vec<String> = cluster.servers.iter().map(|s| s.addr.clone()).collect();
+    let client = Client::builder().ms(all.clone()).connect().await.unwrap();
+    let q = client.system_query().await.unwrap();
+    let ranks: Vec<u32> =
+        cluster.servers.iter().map(|s| q.members.iter().find(|m| m.addr == s.addr).expect("joined").rank).collect();
+    client.pool_create("tank", vec![], 0).await.unwrap();
+
+    // Server 3 gets a replica; it votes once it is up to date.
+    let replicas = client.ms_add(ranks[3]).await.unwrap();
+    assert_eq!(replicas.len(), 4, "{replicas:?}");
+    let added = replicas.iter().find(|r| r.addr == all[3]).expect("server 3 among the replicas");
+    assert_eq!(added.id, 1000 + u64::from(ranks[3]));
+    assert_ne!(added.role, "learner", "{replicas:?}");
+    assert_eq!(client.ms_add(ranks[3]).await.unwrap().len(), 4, "adding it again changes nothing");
+
+    // The leader's own replica is removed.
+    let l = leader(&client, &cluster).await;
+    let replicas = client.ms_remove(ranks[l]).await.unwrap();
+    assert_eq!(replicas.len(), 3, "{replicas:?}");
+    assert!(!replicas.iter().any(|r| r.addr == all[l]), "{replicas:?}");
+    client.pool_create("after-remove", vec![ranks[3]], 0).await.unwrap();
+
+    // Voters: two original replicas and the added one. Without one of the
+    // originals, the other and the added one are a majority.
+    let other = (0..3).find(|i| *i != l).unwrap();
+    cluster.servers[other].kill9();
+    client.pool_create("with-the-added-one", vec![ranks[3]], 0).await.unwrap();
+    cluster.servers[other].restart().await.unwrap();
+
+    // Restarts: the removed server hosts nothing (its flags still say
+    // --ms); the added one hosts its replica again.
+    cluster.servers[l].restart().await.unwrap();
+    cluster.servers[3].restart().await.unwrap();
+    let e = Client::builder().ms(vec![all[l].clone()]).timeout(Duration::from_secs(5)).connect().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = client.system_query().await.unwrap();
+        let hosts: Vec<&str> = q.ms_replicas.iter().map(|r| r.addr.as_str()).collect();
+        assert_eq!(hosts.len(), 3, "{q:?}");
+        assert!(hosts.contains(&all[3].as_str()) && !hosts.contains(&all[l].as_str()), "{hosts:?}");
+        if q.ms_replicas.iter().all(|r| r.last_log_index.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replicas did not catch up: {q:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pools: Vec<String> = client.pool_list().await.unwrap().into_iter().map(|p| p.label).collect();
+    for want in ["tank", "after-remove", "with-the-added-one"] {
+        assert!(pools.contains(&want.to_string()), "{want} lost: {pools:?}");
+    }
+    // The last replicas cannot all go.
+    client.ms_remove(ranks[3]).await.unwrap();
+    let last = (0..3).filter(|i| *i != l).map(|i| ranks[i]).collect::<Vec<_>>();
+    client.ms_remove(last[0]).await.unwrap();
+    let e = client.ms_remove(last[1]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e:?}");
+}
+
+/// The replica that founded the group loses its MS directory: restarted,
+/// it does not found a second group but is brought up to date by the
+/// leader, and then counts in a majority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_directory_is_brought_up_to_date() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_replicated(tmp.path(), 3, 1, 3, &[]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    for i in 0..5 {
+        client.pool_create(&format!("p{i}"), vec![], 0).await.unwrap();
+    }
+    cluster.servers[0].kill9();
+    std::fs::remove_dir_all(cluster.servers[0].dir.join("ms")).unwrap();
+    cluster.servers[0].restart().await.unwrap();
+    client.pool_create("after", vec![], 0).await.unwrap();
+    // Once server 0 holds the log, it and one other are a majority.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = client.system_query().await.unwrap();
+        let lead = q.ms_replicas.iter().find(|r| r.role == "leader").and_then(|r| r.last_log_index);
+        let zero = q.ms_replicas.iter().find(|r| r.addr == cluster.servers[0].addr).and_then(|r| r.last_log_index);
+        if lead.is_some() && zero == lead {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server 0 did not catch up: {q:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let l = leader(&client, &cluster).await;
+    let other = (1..3).find(|i| *i != l).unwrap();
+    cluster.servers[other].kill9();
+    if l != 0 {
+        // Server 0 must now vote for the leader's changes.
+        client.pool_create("with-zero", vec![], 0).await.unwrap();
+    }
+    cluster.servers[l].kill9();
+    cluster.servers[other].restart().await.unwrap();
+    // Server 0 and the restarted one elect a leader; the state is whole.
+    let pools: Vec<String> = client.pool_list().await.unwrap().into_iter().map(|p| p.label).collect();
+    for want in ["p0", "p4", "after"] {
+        assert!(pools.contains(&want.to_string()), "{want} lost: {pools:?}");
+    }
+}

@@ -30,6 +30,20 @@ pub enum SystemCmd {
         /// The server's rank.
         rank: u32,
     },
+    /// Adds a server to the management service's replicas (Raft joint
+    /// consensus): it starts an empty replica, is brought up to date, then
+    /// votes. Run it twice to go from 3 replicas to 5.
+    AddMs {
+        /// The server's rank.
+        rank: u32,
+    },
+    /// Removes a server's MS replica (joint consensus); its server stops
+    /// hosting it. To replace a replica: add the new one, then remove the
+    /// old one.
+    RemoveMs {
+        /// The server's rank.
+        rank: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -181,14 +195,24 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             }
             println!("{t}");
             if !q.ms_replicas.is_empty() {
-                let mut r = out::table(&["MS replica", "address", "role", "term", "log index"]);
-                for m in &q.ms_replicas {
-                    let index = m.last_log_index.map_or("-".to_string(), |i| i.to_string());
-                    r.add_row(vec![m.id.to_string(), m.addr.clone(), m.role.clone(), m.term.to_string(), index]);
-                }
-                println!("{r}");
+                println!("{}", replica_table(&q.ms_replicas));
             }
             println!("transport: tcp (no RDMA transport is built yet)");
+            Ok(())
+        }
+        SystemCmd::AddMs { rank } | SystemCmd::RemoveMs { rank } => {
+            let add = matches!(cmd, SystemCmd::AddMs { .. });
+            let client = ctx.client().await?;
+            let replicas = if add { client.ms_add(rank).await? } else { client.ms_remove(rank).await? };
+            if ctx.json {
+                return out::json(&replicas);
+            }
+            println!("{}", replica_table(&replicas));
+            let what = if add { "hosts an MS replica" } else { "hosts no MS replica" };
+            println!(
+                "rank {rank} {what}; list the replicas' addresses in the servers' ms_addrs and in clients' \
+                 $SHOAL_MS (callers find the leader through any listed replica meanwhile)"
+            );
             Ok(())
         }
         SystemCmd::Exclude { rank } => {
@@ -207,6 +231,16 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The MS replicas: id, address, role, term and log index.
+fn replica_table(replicas: &[shoal_common::mgmt::MsReplica]) -> out::Table {
+    let mut r = out::table(&["MS replica", "address", "role", "term", "log index"]);
+    for m in replicas {
+        let index = m.last_log_index.map_or("-".to_string(), |i| i.to_string());
+        r.add_row(vec![m.id.to_string(), m.addr.clone(), m.role.clone(), m.term.to_string(), index]);
+    }
+    r
 }
 
 fn rate_text(rate_mib: u32) -> String {

@@ -1,7 +1,7 @@
 //! Output helpers: human tables (comfy-table) or JSON.
 
 use comfy_table::presets::UTF8_BORDERS_ONLY;
-use comfy_table::Table;
+pub use comfy_table::Table;
 use serde::Serialize;
 
 /// A table with the given header.

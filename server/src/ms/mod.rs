@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use shoal_common::error::Entity;
 use shoal_common::mgmt::{
     ClientHelloReply, ClientHelloReq, ContCreateReq, ContDestroyReq, ContInfo, ContListReq, ContQueryReq,
-    HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, OidAllocReply, OidAllocReq, PoolCreateReq,
-    PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, RebuildCtl, RebuildCtlReq, RebuildDoneReq,
-    RebuildProgress, RebuildState, RebuildStatus, ReintegrateReq, ReportReq, SystemQueryReply,
+    HeartbeatReply, HeartbeatReq, JoinReply, JoinReq, Member, MemberState, MsMembersReq, OidAllocReply, OidAllocReq,
+    PoolCreateReq, PoolDestroyReq, PoolExtendReq, PoolInfo, PoolListReq, PoolQueryReq, RebuildCtl, RebuildCtlReq,
+    RebuildDoneReq, RebuildProgress, RebuildState, RebuildStatus, ReintegrateReq, ReportReq, SystemQueryReply,
 };
 use shoal_common::placement::TargetState;
 use shoal_common::{ContId, Epoch, PoolId, Result, ShoalError};
@@ -96,6 +96,58 @@ fn decode_command(raw: &[u8]) -> Result<Command> {
     }
 }
 
+/// What a server recorded of the MS leader's requests to host a replica
+/// (`<data_dir>/ms-replica`): it hosts the one with this Raft id, added to
+/// a running system; or its replica was removed. Neither: it hosts one if
+/// its config says so (`ms = true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hosting {
+    Added(NodeId),
+    Removed,
+}
+
+const HOSTING_FILE: &str = "ms-replica";
+
+/// What `<data_dir>/ms-replica` says, if it is there.
+pub fn hosting(data_dir: &Path) -> Result<Option<Hosting>> {
+    let path = data_dir.join(HOSTING_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ShoalError::Io(format!("read {}: {e}", path.display()))),
+    };
+    let bad = || ShoalError::Io(format!("{} says {text:?}: expected 'added ID' or 'removed'", path.display()));
+    match text.split_whitespace().collect::<Vec<_>>()[..] {
+        ["added", id] => Ok(Some(Hosting::Added(id.parse().map_err(|_| bad())?))),
+        ["removed"] => Ok(Some(Hosting::Removed)),
+        _ => Err(bad()),
+    }
+}
+
+/// Records durably that this server hosts an added replica, or that its
+/// replica was removed; the MS directory of a removed replica is moved
+/// aside to `ms.removed-<unix seconds>` (a replica added again starts
+/// empty and is brought up to date by the leader).
+pub fn set_hosting(data_dir: &Path, h: Hosting) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| ShoalError::Io(format!("{what} in {}: {e}", data_dir.display()));
+    let dir = data_dir.join("ms");
+    if dir.exists() && (h == Hosting::Removed || hosting(data_dir)?.is_some_and(|old| old != h)) {
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        std::fs::rename(&dir, data_dir.join(format!("ms.removed-{secs}")))
+            .map_err(|e| io("move the old MS aside", e))?;
+    }
+    let text = match h {
+        Hosting::Added(id) => format!("added {id}\n"),
+        Hosting::Removed => "removed\n".to_string(),
+    };
+    let tmp = data_dir.join(format!("{HOSTING_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io("create ms-replica", e))?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| io("write ms-replica", e))?;
+    f.sync_all().map_err(|e| io("sync ms-replica", e))?;
+    std::fs::rename(&tmp, data_dir.join(HOSTING_FILE)).map_err(|e| io("rename ms-replica", e))?;
+    std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(|e| io("sync the data directory", e))
+}
+
 /// Waits for `f` from synchronous MS code: on a blocking thread, or on
 /// a runtime worker (the metrics endpoint), which it hands its other tasks
 /// first.
@@ -131,6 +183,8 @@ pub struct Ms {
     /// The state machine (applied by Raft), to read.
     state: Arc<Mutex<MsState>>,
     raft: MsRaft,
+    /// To ask servers to host a replica, or to stop.
+    transport: Arc<shoal_net::tcp::TcpTransport>,
     me: NodeId,
     /// The term in which this replica last became leader, once it has
     /// started acting as one (see [`Ms::lead`]).
@@ -150,6 +204,9 @@ pub struct Ms {
     /// Per pool: the map version rebuild last reported on, and since when.
     rebuild_since: Mutex<HashMap<PoolId, (u32, Instant)>>,
 }
+
+/// How long each step of adding or removing an MS replica may take.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// How long a change may wait to be committed by a majority of the
 /// replicas before its caller is told it failed.
@@ -174,13 +231,15 @@ impl Default for Liveness {
 
 /// Watches members until `stop`: declares silent ones down and excludes
 /// those down past the grace time (see [`Ms::check_liveness`]).
-pub async fn monitor(ms: Arc<Ms>, l: Liveness, stop: tokio_util::sync::CancellationToken) {
+/// `hosted` gives the replica this server hosts now, if any (one may be
+/// added or removed while it runs).
+pub async fn monitor(hosted: impl Fn() -> Option<Arc<Ms>>, l: Liveness, stop: tokio_util::sync::CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        let ms = ms.clone();
+        let Some(ms) = hosted() else { continue };
         match tokio::task::spawn_blocking(move || ms.check_liveness(l)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!("liveness check failed: {e}"),
@@ -214,11 +273,13 @@ impl Ms {
         let config =
             Arc::new(raft::config().validate().map_err(|e| ShoalError::Internal(format!("Raft config: {e}")))?);
         let (log_store, sm) = openraft::storage::Adaptor::new(store);
-        let raft = MsRaft::new(replicas.me, config, raft::MsNetwork::default(), log_store, sm)
+        let transport = Arc::new(shoal_net::tcp::TcpTransport::default());
+        let network = raft::MsNetwork::new(transport.clone());
+        let raft = MsRaft::new(replicas.me, config, network, log_store, sm)
             .await
             .map_err(|e| ShoalError::Internal(format!("start the MS Raft node: {e}")))?;
         let first = replicas.members.keys().next().copied();
-        if first == Some(replicas.me) && !raft.is_initialized().await.unwrap_or(true) {
+        if replicas.founding && first == Some(replicas.me) && !raft.is_initialized().await.unwrap_or(true) {
             match raft.initialize(replicas.members.clone()).await {
                 Ok(()) => info!(replicas = replicas.members.len(), "MS replica group initialized"),
                 Err(e) => tracing::warn!("initialize the MS replica group: {e}"),
@@ -227,6 +288,7 @@ impl Ms {
         Ok(Ms {
             state,
             raft,
+            transport,
             me: replicas.me,
             led: Mutex::new(None),
             heartbeats: Mutex::new(HashMap::new()),
@@ -308,7 +370,9 @@ impl Ms {
     fn lead(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
         let mut led = self.led.lock().expect("lock");
-        if m.current_leader != Some(self.me) {
+        // A replica restarted after its removal still holds the vote it led
+        // with, but is a learner.
+        if m.current_leader != Some(self.me) || m.state != openraft::ServerState::Leader {
             *led = None;
             return false;
         }
@@ -356,6 +420,97 @@ impl Ms {
                 }
             })
             .collect()
+    }
+
+    /// This replica's Raft id.
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// Adds the server `rank` to the replicas, or removes it, by joint
+    /// consensus (see [`MsMembersReq`]). Adding asks the server to host a
+    /// new replica, brings it up to date as a learner, then makes it a
+    /// voter; removing takes it out of the voters and tells the server to
+    /// stop hosting it. Both are idempotent: a retry, or adding a replica
+    /// that is one already, answers with the replicas as they are. Returns
+    /// the replicas, and whether this replica was the one removed (its
+    /// server stops hosting it once the answer is sent).
+    pub fn ms_members(&self, req: MsMembersReq) -> Result<(Vec<shoal_common::mgmt::MsReplica>, bool)> {
+        use std::collections::BTreeSet;
+        let addr = self.read(|s| match s.members.get(&req.rank) {
+            Some(m) => Ok(m.join.addr.clone()),
+            None => Err(ShoalError::not_found(Entity::Server, format!("rank {}", req.rank))),
+        })?;
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let here = membership.nodes().find(|(_, n)| n.addr == addr).map(|(id, _)| *id);
+        let failed = |what: &str, e: &dyn std::fmt::Display| {
+            ShoalError::Unreachable(format!("{what} rank {} ({addr}): {e}", req.rank))
+        };
+        let mut removed_me = false;
+        if req.add {
+            if here.is_some_and(|id| voters.contains(&id)) {
+                return Ok((self.replicas(), false));
+            }
+            let id = here.unwrap_or(raft::added_id(req.rank));
+            let host = shoal_common::mgmt::MsHostReq { id };
+            block_on(shoal_net::call(&*self.transport, &addr, &host, vec![], 0, 0, MEMBERSHIP_TIMEOUT))?;
+            info!(rank = req.rank, id, %addr, "adding an MS replica: it catches up as a learner");
+            let learner = tokio::time::timeout(
+                MEMBERSHIP_TIMEOUT,
+                self.raft.add_learner(id, openraft::BasicNode::new(&addr), true),
+            );
+            match block_on(learner) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(failed("could not bring up to date the new MS replica on", &e)),
+                Err(_) => return Err(failed("timed out bringing up to date the new MS replica on", &"")),
+            }
+            let mut next = voters;
+            next.insert(id);
+            self.change_voters(next)?;
+            info!(rank = req.rank, id, "MS replica added");
+        } else {
+            let Some(id) = here.filter(|id| voters.contains(id)) else {
+                return Ok((self.replicas(), false));
+            };
+            if voters.len() == 1 {
+                return Err(ShoalError::invalid("the last MS replica cannot be removed"));
+            }
+            let mut next = voters;
+            next.remove(&id);
+            self.change_voters(next)?;
+            info!(rank = req.rank, id, "MS replica removed");
+            if id == self.me {
+                removed_me = true;
+            } else {
+                // Best effort: a server that does not hear it keeps a
+                // replica that no longer votes, until told again.
+                let unhost = shoal_common::mgmt::MsHostReq { id: 0 };
+                if let Err(e) =
+                    block_on(shoal_net::call(&*self.transport, &addr, &unhost, vec![], 0, 0, MEMBERSHIP_TIMEOUT))
+                {
+                    tracing::warn!(rank = req.rank, "the removed MS replica's server did not stop it: {e}");
+                }
+            }
+        }
+        Ok((self.replicas(), removed_me))
+    }
+
+    /// Makes `voters` the voting replicas (joint consensus: the old and
+    /// the new set both agree on the change).
+    fn change_voters(&self, voters: std::collections::BTreeSet<NodeId>) -> Result<()> {
+        use openraft::error::{ClientWriteError, RaftError};
+        let change = tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft.change_membership(voters, false));
+        match block_on(change) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(not_leader(f.leader_node)),
+            Ok(Err(e)) => Err(ShoalError::invalid(format!("the MS replicas could not be changed: {e}"))),
+            Err(_) => Err(ShoalError::Timeout(format!(
+                "the MS replicas were not changed within {MEMBERSHIP_TIMEOUT:?}; a majority of the old or the new \
+                 replicas may be down"
+            ))),
+        }
     }
 
     /// Waits until some replica leads (this one or another).

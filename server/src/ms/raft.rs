@@ -344,6 +344,12 @@ pub struct MsNetwork {
     transport: Arc<TcpTransport>,
 }
 
+impl MsNetwork {
+    pub fn new(transport: Arc<TcpTransport>) -> MsNetwork {
+        MsNetwork { transport }
+    }
+}
+
 /// A connection to one replica.
 pub struct MsPeer {
     transport: Arc<TcpTransport>,
@@ -447,11 +453,22 @@ pub fn config() -> openraft::Config {
     }
 }
 
+/// The Raft id of a replica added to a running system on the server of
+/// rank `rank` (those the system was created with have ids 1 to 5).
+pub fn added_id(rank: u32) -> NodeId {
+    1000 + NodeId::from(rank)
+}
+
 /// The replicas of an MS: this one's id and every member's address.
 #[derive(Debug, Clone)]
 pub struct Replicas {
     pub me: NodeId,
     pub members: BTreeMap<NodeId, BasicNode>,
+    /// Whether the replica with the lowest id may found the group (write
+    /// its first membership) if its log is empty: only on the system's first
+    /// start. A replica whose MS directory was lost must not found a second
+    /// group; it waits for the leader to bring it up to date.
+    pub founding: bool,
 }
 
 impl Replicas {
@@ -462,6 +479,6 @@ impl Replicas {
         let members: BTreeMap<NodeId, BasicNode> =
             addrs.iter().enumerate().map(|(i, a)| (i as NodeId + 1, BasicNode::new(a))).collect();
         let me = members.iter().find(|(_, n)| n.addr == me).map(|(id, _)| *id)?;
-        Some(Replicas { me, members })
+        Some(Replicas { me, members, founding: true })
     }
 }
