@@ -443,11 +443,13 @@ pub struct MsMembersReq {
 mgmt_rpc!(MsMembersReq, MsMembers, Vec<MsReplica>);
 
 /// Sent by the MS leader to a server: host the MS replica with Raft id
-/// `id` (a new, empty one that the leader then brings up to date), or, with
-/// `id` 0, stop hosting the one it has (it was removed).
+/// `id` (`host`: a new, empty one that the leader then brings up to date),
+/// or stop hosting it (it was removed; a server hosting another id ignores
+/// it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsHostReq {
     pub id: u64,
+    pub host: bool,
 }
 
 mgmt_rpc!(MsHostReq, MsHost, ());

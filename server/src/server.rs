@@ -136,7 +136,6 @@ impl Server {
     pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         cfg.validate()?;
         let formatted = !cfg.data_dir.join(SUPERBLOCK).exists();
-        let ms_dir_was_there = cfg.data_dir.join("ms").exists();
         let (lock, sb) = prepare_data_dir(&cfg)?;
         fs::remove_file(cfg.data_dir.join(ADDR_FILE)).ok();
         fs::remove_file(cfg.data_dir.join(METRICS_ADDR_FILE)).ok();
@@ -162,9 +161,10 @@ impl Server {
         // recorded beside the MS directory; the config names the replicas
         // the system was created with.
         let replicas = match (crate::ms::hosting(&cfg.data_dir)?, cfg.ms) {
-            (Some(crate::ms::Hosting::Added(id)), _) => {
-                Some(crate::ms::raft::Replicas { me: id, members: Default::default(), founding: false })
-            }
+            (Some(crate::ms::Hosting::Added(id)), _) => Some((
+                crate::ms::added_dir(&cfg.data_dir, id),
+                crate::ms::raft::Replicas { me: id, members: Default::default(), founding: false },
+            )),
             (Some(crate::ms::Hosting::Removed), ms) => {
                 if ms {
                     tracing::warn!(
@@ -178,18 +178,18 @@ impl Server {
                 let mut r = crate::ms::raft::Replicas::from_addrs(&ms_addrs, &advertise).with_context(|| {
                     format!("this server hosts an MS replica (--ms) but its address {advertise} is not among the MS addresses {ms_addrs:?}")
                 })?;
-                // The group is founded on the system's first start (or the
-                // next, if that one ended before it was); a replica whose MS
-                // directory was lost since rejoins it. A lone replica has
-                // no one to rejoin.
-                r.founding = formatted || ms_dir_was_there || r.members.len() == 1;
-                Some(r)
+                // The group is founded on the system's first start only: a
+                // replica whose MS directory was lost since (even a lone
+                // one, which may have been joined by added replicas) waits
+                // to be brought up to date rather than found a second group.
+                r.founding = formatted;
+                Some((cfg.data_dir.join("ms"), r))
             }
             (None, false) => None,
         };
         let ms = match replicas {
-            Some(r) => {
-                let ms = Ms::open(&cfg.data_dir.join("ms"), r).await.context("open the management service")?;
+            Some((dir, r)) => {
+                let ms = Ms::open(&dir, r).await.context("open the management service")?;
                 Some(Arc::new(ms))
             }
             None => None,

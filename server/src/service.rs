@@ -379,30 +379,40 @@ impl Service {
         self.ms.read().expect("lock").clone()
     }
 
-    /// Starts hosting the MS replica with Raft id `id`, as the MS leader
-    /// asked (a new, empty one: the leader brings it up to date), or with
-    /// `id` 0 stops hosting the one this server has (it was removed). What
-    /// it was asked is recorded first, so a restart does the same.
-    pub async fn host_ms(&self, id: u64) -> Result<()> {
+    /// Starts hosting the MS replica with Raft id `id` (`host`), as the MS
+    /// leader asked: a new, empty one in `<data_dir>/ms-<id>` that the
+    /// leader brings up to date. Or stops hosting it (it was removed) and
+    /// moves its directory aside; a request to stop another id than the
+    /// one hosted (a late one) changes nothing. What it was asked is
+    /// recorded first, so a restart does the same.
+    pub async fn host_ms(&self, id: u64, host: bool) -> Result<()> {
         let _one = self.hosting.lock().await;
         let current = self.ms_handle();
-        if id != 0 && current.as_ref().is_some_and(|ms| ms.id() == id) {
-            return Ok(());
+        if id == 0 {
+            return Err(ShoalError::invalid("an MS replica's Raft id is not 0"));
         }
-        if let Some(ms) = current {
-            *self.ms.write().expect("lock") = None;
-            tracing::info!(id = ms.id(), "stopping an MS replica");
-            ms.shutdown().await;
-            tracing::info!(id = ms.id(), "stopped hosting an MS replica");
+        match (&current, host) {
+            (Some(ms), true) if ms.id() == id => return Ok(()),
+            (Some(ms), false) if ms.id() != id => return Ok(()),
+            (None, false) => return Ok(()),
+            _ => {}
         }
         let data_dir = self.data_dir.clone();
-        let h = if id == 0 { crate::ms::Hosting::Removed } else { crate::ms::Hosting::Added(id) };
+        let h = if host { crate::ms::Hosting::Added(id) } else { crate::ms::Hosting::Removed };
         tokio::task::spawn_blocking(move || crate::ms::set_hosting(&data_dir, h))
             .await
             .map_err(|e| ShoalError::Internal(format!("MS hosting task: {e}")))??;
-        if id != 0 {
+        // The leader asks to host only a replica that is not a member: one
+        // this server still runs was removed already.
+        if let Some(ms) = current {
+            *self.ms.write().expect("lock") = None;
+            tracing::info!(id = ms.id(), "stopping an MS replica that was removed");
+            ms.shutdown().await;
+            crate::ms::move_aside(ms.dir())?;
+        }
+        if host {
             let replicas = crate::ms::raft::Replicas { me: id, members: Default::default(), founding: false };
-            let ms = Ms::open(&self.data_dir.join("ms"), replicas).await?;
+            let ms = Ms::open(&crate::ms::added_dir(&self.data_dir, id), replicas).await?;
             *self.ms.write().expect("lock") = Some(Arc::new(ms));
             tracing::info!(id, "hosting an MS replica; the leader brings it up to date");
         }
@@ -581,8 +591,11 @@ impl Service {
                 .await
             }
             Opcode::MsHost => {
-                self.run::<shoal_common::mgmt::MsHostReq, _>(&frame, |s, r, _| async move { s.host_ms(r.id).await })
-                    .await
+                self.run::<shoal_common::mgmt::MsHostReq, _>(
+                    &frame,
+                    |s, r, _| async move { s.host_ms(r.id, r.host).await },
+                )
+                .await
             }
             Opcode::MsMembers => {
                 let this = self.clone();
@@ -593,7 +606,7 @@ impl Service {
                         // voters: they elect a leader among themselves once
                         // this one stops. It stops before answering, so
                         // that the caller can count on it.
-                        tokio::runtime::Handle::current().block_on(this.host_ms(0))?;
+                        tokio::runtime::Handle::current().block_on(this.host_ms(ms.id(), false))?;
                     }
                     Ok(replicas)
                 })

@@ -159,7 +159,7 @@ async fn replicas_are_added_and_removed_while_the_system_runs() {
     let replicas = client.ms_add(ranks[3]).await.unwrap();
     assert_eq!(replicas.len(), 4, "{replicas:?}");
     let added = replicas.iter().find(|r| r.addr == all[3]).expect("server 3 among the replicas");
-    assert_eq!(added.id, 1000 + u64::from(ranks[3]));
+    assert!(added.id > 1000, "{added:?}");
     assert_ne!(added.role, "learner", "{replicas:?}");
     assert_eq!(client.ms_add(ranks[3]).await.unwrap().len(), 4, "adding it again changes nothing");
 

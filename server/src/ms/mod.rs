@@ -124,18 +124,16 @@ pub fn hosting(data_dir: &Path) -> Result<Option<Hosting>> {
     }
 }
 
+/// The directory of the replica with Raft id `id` added to a running
+/// system (those the system was created with use `<data_dir>/ms`).
+pub fn added_dir(data_dir: &Path, id: NodeId) -> std::path::PathBuf {
+    data_dir.join(format!("ms-{id}"))
+}
+
 /// Records durably that this server hosts an added replica, or that its
-/// replica was removed; the MS directory of a removed replica is moved
-/// aside to `ms.removed-<unix seconds>` (a replica added again starts
-/// empty and is brought up to date by the leader).
+/// replica was removed.
 pub fn set_hosting(data_dir: &Path, h: Hosting) -> Result<()> {
     let io = |what: &str, e: std::io::Error| ShoalError::Io(format!("{what} in {}: {e}", data_dir.display()));
-    let dir = data_dir.join("ms");
-    if dir.exists() && (h == Hosting::Removed || hosting(data_dir)?.is_some_and(|old| old != h)) {
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-        std::fs::rename(&dir, data_dir.join(format!("ms.removed-{secs}")))
-            .map_err(|e| io("move the old MS aside", e))?;
-    }
     let text = match h {
         Hosting::Added(id) => format!("added {id}\n"),
         Hosting::Removed => "removed\n".to_string(),
@@ -146,6 +144,18 @@ pub fn set_hosting(data_dir: &Path, h: Hosting) -> Result<()> {
     f.sync_all().map_err(|e| io("sync ms-replica", e))?;
     std::fs::rename(&tmp, data_dir.join(HOSTING_FILE)).map_err(|e| io("rename ms-replica", e))?;
     std::fs::File::open(data_dir).and_then(|d| d.sync_all()).map_err(|e| io("sync the data directory", e))
+}
+
+/// Moves a removed replica's directory aside, to
+/// `<its name>.removed-<unix seconds>` beside it.
+pub fn move_aside(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let to = dir.with_file_name(format!("{name}.removed-{secs}"));
+    std::fs::rename(dir, &to).map_err(|e| ShoalError::Io(format!("move {} aside: {e}", dir.display())))
 }
 
 /// Waits for `f` from synchronous MS code: on a blocking thread, or on
@@ -185,6 +195,11 @@ pub struct Ms {
     raft: MsRaft,
     /// To ask servers to host a replica, or to stop.
     transport: Arc<shoal_net::tcp::TcpTransport>,
+    /// Its directory.
+    dir: std::path::PathBuf,
+    /// Held while the replicas are being changed: one change at a time (a
+    /// caller's retry waits for its first try, then finds it done).
+    changing: Mutex<()>,
     me: NodeId,
     /// The term in which this replica last became leader, once it has
     /// started acting as one (see [`Ms::lead`]).
@@ -260,11 +275,17 @@ impl Ms {
     /// `replicas`. On a fresh system the replica with the lowest id
     /// initializes the group.
     pub async fn open(dir: &Path, replicas: Replicas) -> Result<Ms> {
-        let dir = dir.to_path_buf();
+        let path = dir.to_path_buf();
         let alone = replicas.members.len() == 1;
-        let store = tokio::task::spawn_blocking(move || MsStore::open(Arc::new(MetaLog::open(&dir)?), alone))
+        let want = replicas.me;
+        let store = tokio::task::spawn_blocking(move || MsStore::open(Arc::new(MetaLog::open(&path)?), alone, want))
             .await
             .map_err(|e| ShoalError::Internal(format!("open MS task: {e}")))??;
+        let me = store.me;
+        if me != want {
+            info!(id = me, listed = want, "this MS replica keeps the Raft id its directory was made for");
+        }
+        let founding = replicas.founding || store.legacy;
         let state = store.state();
         {
             let s = state.lock().expect("MS lock");
@@ -275,11 +296,11 @@ impl Ms {
         let (log_store, sm) = openraft::storage::Adaptor::new(store);
         let transport = Arc::new(shoal_net::tcp::TcpTransport::default());
         let network = raft::MsNetwork::new(transport.clone());
-        let raft = MsRaft::new(replicas.me, config, network, log_store, sm)
+        let raft = MsRaft::new(me, config, network, log_store, sm)
             .await
             .map_err(|e| ShoalError::Internal(format!("start the MS Raft node: {e}")))?;
         let first = replicas.members.keys().next().copied();
-        if replicas.founding && first == Some(replicas.me) && !raft.is_initialized().await.unwrap_or(true) {
+        if founding && first == Some(me) && !raft.is_initialized().await.unwrap_or(true) {
             match raft.initialize(replicas.members.clone()).await {
                 Ok(()) => info!(replicas = replicas.members.len(), "MS replica group initialized"),
                 Err(e) => tracing::warn!("initialize the MS replica group: {e}"),
@@ -289,7 +310,9 @@ impl Ms {
             state,
             raft,
             transport,
-            me: replicas.me,
+            dir: dir.to_path_buf(),
+            changing: Mutex::new(()),
+            me,
             led: Mutex::new(None),
             heartbeats: Mutex::new(HashMap::new()),
             started: Mutex::new(Instant::now()),
@@ -429,79 +452,88 @@ impl Ms {
 
     /// Adds the server `rank` to the replicas, or removes it, by joint
     /// consensus (see [`MsMembersReq`]). Adding asks the server to host a
-    /// new replica, brings it up to date as a learner, then makes it a
-    /// voter; removing takes it out of the voters and tells the server to
-    /// stop hosting it. Both are idempotent: a retry, or adding a replica
-    /// that is one already, answers with the replicas as they are. Returns
-    /// the replicas, and whether this replica was the one removed (its
-    /// server stops hosting it once the answer is sent).
+    /// new replica (a fresh Raft id), brings it up to date as a learner,
+    /// then makes it a voter; removing takes it out of the voters and the
+    /// nodes and tells the server to stop it. One change at a time; both
+    /// are idempotent and finish what an earlier try left half done (a
+    /// learner not yet voting, a joint configuration): a retry, or adding a
+    /// replica that is one already, answers with the replicas as they are.
+    /// Returns the replicas, and whether this replica was the one removed
+    /// (its server stops it before answering).
     pub fn ms_members(&self, req: MsMembersReq) -> Result<(Vec<shoal_common::mgmt::MsReplica>, bool)> {
+        use openraft::ChangeMembers;
         use std::collections::BTreeSet;
+        let _one = self.changing.lock().expect("lock");
         let addr = self.read(|s| match s.members.get(&req.rank) {
             Some(m) => Ok(m.join.addr.clone()),
             None => Err(ShoalError::not_found(Entity::Server, format!("rank {}", req.rank))),
         })?;
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let joint = membership.get_joint_config();
+        let settled = joint.len() == 1;
+        let last: BTreeSet<NodeId> = joint.last().cloned().unwrap_or_default();
+        let voting = |id: NodeId| joint.iter().any(|c| c.contains(&id));
         let here = membership.nodes().find(|(_, n)| n.addr == addr).map(|(id, _)| *id);
         let failed = |what: &str, e: &dyn std::fmt::Display| {
             ShoalError::Unreachable(format!("{what} rank {} ({addr}): {e}", req.rank))
         };
+        let host = |id: NodeId, host: bool| {
+            let r = shoal_common::mgmt::MsHostReq { id, host };
+            block_on(shoal_net::call(&*self.transport, &addr, &r, vec![], 0, 0, MEMBERSHIP_TIMEOUT)).map(|_| ())
+        };
         let mut removed_me = false;
         if req.add {
-            if here.is_some_and(|id| voters.contains(&id)) {
+            let id = here.unwrap_or_else(raft::new_id);
+            if settled && last.contains(&id) {
                 return Ok((self.replicas(), false));
             }
-            let id = here.unwrap_or(raft::added_id(req.rank));
-            let host = shoal_common::mgmt::MsHostReq { id };
-            block_on(shoal_net::call(&*self.transport, &addr, &host, vec![], 0, 0, MEMBERSHIP_TIMEOUT))?;
-            info!(rank = req.rank, id, %addr, "adding an MS replica: it catches up as a learner");
-            let learner = tokio::time::timeout(
-                MEMBERSHIP_TIMEOUT,
-                self.raft.add_learner(id, openraft::BasicNode::new(&addr), true),
-            );
-            match block_on(learner) {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(failed("could not bring up to date the new MS replica on", &e)),
-                Err(_) => return Err(failed("timed out bringing up to date the new MS replica on", &"")),
+            if !voting(id) {
+                host(id, true)?;
+                info!(rank = req.rank, id, %addr, "adding an MS replica: it catches up as a learner");
+                let learner = tokio::time::timeout(
+                    MEMBERSHIP_TIMEOUT,
+                    self.raft.add_learner(id, openraft::BasicNode::new(&addr), true),
+                );
+                match block_on(learner) {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return Err(failed("could not bring up to date the new MS replica on", &e)),
+                    Err(_) => return Err(failed("timed out bringing up to date the new MS replica on", &"")),
+                }
             }
-            let mut next = voters;
-            next.insert(id);
-            self.change_voters(next)?;
+            self.change_members(ChangeMembers::AddVoterIds(BTreeSet::from([id])))?;
             info!(rank = req.rank, id, "MS replica added");
         } else {
-            let Some(id) = here.filter(|id| voters.contains(id)) else {
+            let Some(id) = here else {
                 return Ok((self.replicas(), false));
             };
-            if voters.len() == 1 {
-                return Err(ShoalError::invalid("the last MS replica cannot be removed"));
+            if voting(id) {
+                if last.len() == 1 && last.contains(&id) {
+                    return Err(ShoalError::invalid("the last MS replica cannot be removed"));
+                }
+                // Its node goes with it (not kept as a learner).
+                self.change_members(ChangeMembers::RemoveVoters(BTreeSet::from([id])))?;
+            } else {
+                // A learner an unfinished add left behind.
+                self.change_members(ChangeMembers::RemoveNodes(BTreeSet::from([id])))?;
             }
-            let mut next = voters;
-            next.remove(&id);
-            self.change_voters(next)?;
             info!(rank = req.rank, id, "MS replica removed");
             if id == self.me {
                 removed_me = true;
-            } else {
-                // Best effort: a server that does not hear it keeps a
-                // replica that no longer votes, until told again.
-                let unhost = shoal_common::mgmt::MsHostReq { id: 0 };
-                if let Err(e) =
-                    block_on(shoal_net::call(&*self.transport, &addr, &unhost, vec![], 0, 0, MEMBERSHIP_TIMEOUT))
-                {
-                    tracing::warn!(rank = req.rank, "the removed MS replica's server did not stop it: {e}");
-                }
+            } else if let Err(e) = host(id, false) {
+                // The server keeps a replica that no longer votes and that
+                // no leader sends to; removing it again tells it again.
+                tracing::warn!(rank = req.rank, "the removed MS replica's server did not stop it: {e}");
             }
         }
         Ok((self.replicas(), removed_me))
     }
 
-    /// Makes `voters` the voting replicas (joint consensus: the old and
-    /// the new set both agree on the change).
-    fn change_voters(&self, voters: std::collections::BTreeSet<NodeId>) -> Result<()> {
+    /// Changes the replicas by joint consensus (the old and the new set
+    /// of voters both agree on the change).
+    fn change_members(&self, change: openraft::ChangeMembers<NodeId, openraft::BasicNode>) -> Result<()> {
         use openraft::error::{ClientWriteError, RaftError};
-        let change = tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft.change_membership(voters, false));
+        let change = tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft.change_membership(change, false));
         match block_on(change) {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(not_leader(f.leader_node)),
@@ -511,6 +543,11 @@ impl Ms {
                  replicas may be down"
             ))),
         }
+    }
+
+    /// This replica's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Waits until some replica leads (this one or another).
@@ -682,6 +719,11 @@ impl Ms {
 
     /// Brings a rank back into a pool (or all): see [`Command::Reintegrate`].
     pub fn reintegrate(&self, req: ReintegrateReq, op: OpId) -> Result<()> {
+        // A retry of one that was applied: answered before the checks (a
+        // new leader may not have heard from the rank yet).
+        if op != 0 && self.read(|s| Ok(s.ops.get(op).is_some()))? {
+            return Ok(());
+        }
         let heard = self.heartbeats.lock().expect("lock").get(&req.rank).copied();
         let limit = heard.map_or(HEARTBEAT_TIMEOUT, |(_, p)| HEARTBEAT_TIMEOUT.max(p * 3));
         match heard.map(|(t, _)| t.elapsed()) {
@@ -710,16 +752,12 @@ impl Ms {
 
     /// Records that a rank rebuilt what it was the source of.
     pub fn rebuild_done(&self, req: RebuildDoneReq, op: OpId) -> Result<shoal_common::mgmt::RebuildDoneReply> {
-        let states = |s: &MsState| -> Result<(Vec<TargetState>, u32)> {
-            let p = s.pool(req.pool)?;
-            Ok((p.map.targets.iter().filter(|t| t.rank == req.rank).map(|t| t.state).collect(), p.map.version))
+        let cmd = Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version };
+        let drained = match self.change(op, |_| Ok(cmd))? {
+            Outcome::Drained(d) => d,
+            o => return Err(ShoalError::Internal(format!("rebuild done produced {o:?}"))),
         };
-        let (before, _) = self.read(states)?;
-        self.change(op, |_| Ok(Command::RebuildDone { pool: req.pool, rank: req.rank, version: req.version }))?;
-        let (after, version) = self.read(states)?;
-        let drained = before.contains(&TargetState::Drain)
-            && !after.is_empty()
-            && after.iter().all(|s| *s == TargetState::DownOut);
+        let version = self.read(|s| Ok(s.pool(req.pool)?.map.version))?;
         Ok(shoal_common::mgmt::RebuildDoneReply { drained, version })
     }
 
@@ -1030,6 +1068,32 @@ mod tests {
         };
         ms.wait_leader(Duration::from_secs(10)).await.unwrap();
         ms
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_keeps_its_raft_id_when_the_address_list_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ms = open(dir.path()).await;
+        assert_eq!(ms.id(), 1);
+        ms.shutdown().await;
+        drop(ms);
+        // Its address is now listed second: it is still node 1.
+        let addrs = ["127.0.0.1:2".to_string(), "127.0.0.1:1".to_string()];
+        let listed = Replicas::from_addrs(&addrs, "127.0.0.1:1").unwrap();
+        assert_eq!(listed.me, 2);
+        let mut tries = 0;
+        let ms = loop {
+            match Ms::open(dir.path(), listed.clone()).await {
+                Ok(ms) => break ms,
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(ms.id(), 1);
+        ms.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,7 @@ const VOTE: &str = "raft/vote";
 const PURGED: &str = "raft/purged";
 const APPLIED: &str = "raft/sm";
 const SNAPSHOT: &str = "raft/snap";
+const REPLICA_ID: &str = "raft/id";
 
 /// Raft's records are JSON: self-describing, so openraft's own serde
 /// attributes are honoured whatever they are.
@@ -104,6 +105,10 @@ pub struct MsStore {
     state: Arc<Mutex<MsState>>,
     last: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
+    /// This replica's Raft id, as recorded when its directory was made.
+    pub me: NodeId,
+    /// Whether it starts from a state the unreplicated MS wrote.
+    pub legacy: bool,
 }
 
 impl MsStore {
@@ -111,7 +116,22 @@ impl MsStore {
     /// MS (before Raft) is taken as the starting state of a one-replica MS
     /// (`alone`); with several replicas it is refused, as the others would
     /// start from nothing and diverge.
-    pub fn open(log: Arc<MetaLog>, alone: bool) -> shoal_common::Result<MsStore> {
+    /// The directory keeps the Raft id it was made for (`me` on its first
+    /// open): a replica is the same node whatever its place in the MS
+    /// address list becomes.
+    pub fn open(log: Arc<MetaLog>, alone: bool, me: NodeId) -> shoal_common::Result<MsStore> {
+        let me = match log.record(REPLICA_ID)? {
+            Some(b) => {
+                let raw: [u8; 8] =
+                    b.as_slice().try_into().map_err(|_| ShoalError::Io("corrupt MS replica id record".into()))?;
+                NodeId::from_le_bytes(raw)
+            }
+            None => {
+                log.put_records(&[(REPLICA_ID, &me.to_le_bytes())])?;
+                me
+            }
+        };
+        let mut legacy = false;
         let (state, last, membership) = match log.record(APPLIED)? {
             Some(raw) => {
                 let r: AppliedRecord = serde_json::from_slice(&raw)
@@ -125,11 +145,14 @@ impl MsStore {
                          (adding replicas to a running MS is not supported yet)",
                     ))
                 }
-                Some(raw) => (super::decode_state(&raw)?, None, StoredMembership::default()),
+                Some(raw) => {
+                    legacy = true;
+                    (super::decode_state(&raw)?, None, StoredMembership::default())
+                }
                 None => (MsState::default(), None, StoredMembership::default()),
             },
         };
-        Ok(MsStore { log, state: Arc::new(Mutex::new(state)), last, membership })
+        Ok(MsStore { log, state: Arc::new(Mutex::new(state)), last, membership, me, legacy })
     }
 
     /// The state machine, to read.
@@ -434,15 +457,19 @@ pub async fn serve(raft: &MsRaft, req: RaftReq) -> shoal_common::Result<Vec<u8>>
     encoded.map_err(|e| ShoalError::Internal(format!("encode a Raft reply: {e}")))
 }
 
-/// The Raft settings of the MS: an election within about a second of a
-/// leader's loss on a local network, and snapshots every 1000 entries
+/// The Raft settings of the MS: a new leader about a second after the
+/// last one's loss on a local network, and snapshots every 1000 entries
 /// (keeping 200 behind them for replicas that lag a little).
+///
+/// A follower that has heard from a leader waits out that leader's lease
+/// (openraft sets it to `election_timeout_max`) and then its own election
+/// timeout before it stands: 0.9 to 1.2 s here.
 pub fn config() -> openraft::Config {
     openraft::Config {
         cluster_name: "shoal-ms".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
         install_snapshot_timeout: 5000,
         max_payload_entries: 64,
         // JSON spells a byte in up to 4: a chunk stays well under a frame body.
@@ -453,10 +480,12 @@ pub fn config() -> openraft::Config {
     }
 }
 
-/// The Raft id of a replica added to a running system on the server of
-/// rank `rank` (those the system was created with have ids 1 to 5).
-pub fn added_id(rank: u32) -> NodeId {
-    1000 + NodeId::from(rank)
+/// A fresh Raft id for a replica added to a running system (those the
+/// system was created with have ids 1 to 5): never one a replica had
+/// before, so a re-added server cannot vote again under an old id with its
+/// vote forgotten.
+pub fn new_id() -> NodeId {
+    1000 + NodeId::from(rand::random::<u32>())
 }
 
 /// The replicas of an MS: this one's id and every member's address.

@@ -150,6 +150,9 @@ pub enum Outcome {
     ClientTag(u16),
     RebuildCtl(shoal_common::mgmt::RebuildCtl),
     Done,
+    /// A rank's rebuild report finished its drain: its targets in the pool
+    /// turned `DOWNOUT`.
+    Drained(bool),
 }
 
 /// A server known to the system: its rank and what it said when it last
@@ -640,15 +643,24 @@ impl MsState {
                 let p = self.pool(*pool)?;
                 if p.map.version != *version || !self.rebuilding.contains_key(pool) {
                     // Done for an older map: the rank rebuilds again.
-                    return Ok(Outcome::Done);
+                    return Ok(Outcome::Drained(false));
                 }
+                let states = |s: &MsState| -> Result<Vec<TargetState>> {
+                    Ok(s.pool(*pool)?.map.targets.iter().filter(|t| t.rank == *rank).map(|t| t.state).collect())
+                };
+                let before = states(self)?;
                 let entry = self.rebuild_done.entry(*pool).or_insert_with(|| (*version, Default::default()));
                 if entry.0 != *version {
                     *entry = (*version, Default::default());
                 }
                 entry.1.insert(*rank);
                 self.try_finish_rebuild(*pool)?;
-                Ok(Outcome::Done)
+                let after = states(self)?;
+                Ok(Outcome::Drained(
+                    before.contains(&TargetState::Drain)
+                        && !after.is_empty()
+                        && after.iter().all(|s| *s == TargetState::DownOut),
+                ))
             }
             Command::SetRebuild { pool, paused, rate_mib, accept_loss } => {
                 self.pool(*pool)?;
