@@ -249,3 +249,48 @@ async fn a_replica_that_lost_its_directory_is_brought_up_to_date() {
         assert!(pools.contains(&want.to_string()), "{want} lost: {pools:?}");
     }
 }
+
+/// A frozen MS leader (SIGSTOP: its sockets stay open, it answers
+/// nothing) is replaced: changes go through the new leader, the servers'
+/// heartbeats find it, so no live server is declared down, and data I/O
+/// goes on. Thawed, the old leader follows the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_replaced_and_live_servers_stay_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_replicated(tmp.path(), 5, 1, 3, &[]).await.unwrap();
+    let client = cluster.client().await.unwrap();
+    let q = client.system_query().await.unwrap();
+    let rank = |i: usize| q.members.iter().find(|m| m.addr == cluster.servers[i].addr).expect("joined").rank;
+    let data = vec![rank(3), rank(4)];
+    client.pool_create("tank", data.clone(), 0).await.unwrap();
+    let pool = client.pool_connect("tank").await.unwrap();
+    pool.cont_create("c", ContProps::default()).await.unwrap();
+    let kv = pool.cont_open("c").await.unwrap().kv_create(None).await.unwrap();
+
+    let l = leader(&client, &cluster).await;
+    cluster.servers[l].freeze();
+    client.pool_create("while-frozen", data.clone(), 0).await.unwrap();
+    kv.put("k", Bytes::from_static(b"v")).await.unwrap();
+    // Past the time after which a silent server is declared down.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let q = client.system_query().await.unwrap();
+    for m in q.members.iter().filter(|m| m.addr != cluster.servers[l].addr) {
+        assert_eq!(m.state, shoal_common::mgmt::MemberState::Joined, "{m:?} while the old leader is frozen");
+    }
+    assert_eq!(kv.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+
+    cluster.servers[l].thaw();
+    client.pool_create("after-thaw", data, 0).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = client.system_query().await.unwrap();
+        let leaders: Vec<_> = q.ms_replicas.iter().filter(|r| r.role == "leader").collect();
+        if leaders.len() == 1 && q.ms_replicas.iter().all(|r| r.last_log_index.is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{q:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pools: Vec<String> = client.pool_list().await.unwrap().into_iter().map(|p| p.label).collect();
+    assert_eq!(pools.len(), 3, "{pools:?}");
+}
