@@ -23,7 +23,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -65,9 +65,13 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 pub(crate) struct Inner {
     pub transport: TcpTransport,
     pub hlc: Hlc,
+    /// The MS addresses the client was given.
     ms: Vec<String>,
-    /// Which of `ms` answered last: the MS leader, most likely.
-    ms_leader: AtomicUsize,
+    /// The MS replicas as the MS named them at the last hello (see
+    /// [`shoal_common::mgmt::ms_addrs`]).
+    ms_learned: std::sync::RwLock<Vec<String>>,
+    /// The address that answered last: the MS leader, most likely.
+    ms_leader: Mutex<Option<String>>,
     pub timeout: Duration,
     /// Times an operation is sent again after a "stale map" answer.
     pub stale_retries: usize,
@@ -131,9 +135,18 @@ impl Inner {
         let back = (self.clock)();
         self.hlc.set_tag(hello.tag as u64);
         self.hlc.observe(hello.now);
+        if !hello.ms_replicas.is_empty() {
+            *self.ms_learned.write().expect("lock") = hello.ms_replicas.clone();
+        }
         // The lease runs from when the request left, less a margin.
         *self.lease_until.lock().expect("lock") = started + Duration::from_millis(hello.lease_ms * 2 / 3);
         Ok((hello.wall_ns, sent, back))
+    }
+
+    /// The MS addresses calls go round: the replicas the MS named last,
+    /// then those the client was given.
+    pub fn ms_addrs(&self) -> Vec<String> {
+        shoal_common::mgmt::ms_addrs(&self.ms_learned.read().expect("lock"), &self.ms)
     }
 
     /// Tells the MS that `rank` missed a write this client is about to
@@ -147,7 +160,7 @@ impl Inner {
     /// Tells the MS, in the background, that calls to `rank` failed.
     pub fn report(&self, rank: u32) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let (ms, transport_timeout) = (self.ms.clone(), self.timeout.min(Duration::from_secs(5)));
+        let (ms, transport_timeout) = (self.ms_addrs(), self.timeout.min(Duration::from_secs(5)));
         let req = shoal_common::mgmt::ReportReq {
             rank,
             reporter: format!("client-{:032x}", self.owner),
@@ -369,7 +382,8 @@ impl ClientBuilder {
             transport: TcpTransport::default(),
             hlc: Hlc::new(),
             ms: self.ms,
-            ms_leader: AtomicUsize::new(0),
+            ms_learned: Default::default(),
+            ms_leader: Mutex::new(None),
             timeout: self.timeout,
             stale_retries: self.stale_retries,
             in_flight: self.max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
@@ -433,9 +447,11 @@ async fn ms_call<R: Rpc>(inner: &Inner, req: &R) -> Result<R::Reply> {
     // limit, by how much) instead of arriving as text.
     req.validate(&[])?;
     // The replica that answered last (the leader) is asked first.
-    let first = inner.ms_leader.load(Ordering::Relaxed);
-    let (reply, leader) = shoal_net::call_ms(&inner.transport, &inner.ms, first, req, inner.timeout).await?;
-    inner.ms_leader.store(leader, Ordering::Relaxed);
+    let ms = inner.ms_addrs();
+    let hint = inner.ms_leader.lock().expect("lock").clone();
+    let first = hint.and_then(|h| ms.iter().position(|a| *a == h)).unwrap_or(0);
+    let (reply, leader) = shoal_net::call_ms(&inner.transport, &ms, first, req, inner.timeout).await?;
+    *inner.ms_leader.lock().expect("lock") = Some(ms[leader].clone());
     Ok(reply)
 }
 
@@ -524,6 +540,24 @@ impl Client {
 
     async fn ms_call<R: Rpc>(&self, req: &R) -> Result<R::Reply> {
         ms_call(&self.inner, req).await
+    }
+
+    /// The MS addresses this client goes round: the replicas the MS named
+    /// when the client last said hello (at connect, and with each lease
+    /// renewal), then the addresses it was given. A client given one
+    /// replica's address reaches the others when that one is down, and
+    /// finds replicas added later.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_common::Result<()> {
+    /// let client = shoal_client::Client::connect(vec!["10.0.0.1:10001".into()]).await?;
+    /// println!("MS replicas: {:?}", client.ms_addrs());
+    /// # Ok(()) }
+    /// ```
+    pub fn ms_addrs(&self) -> Vec<String> {
+        self.inner.ms_addrs()
     }
 
     /// Excludes a server from every pool now: its targets turn `DOWNOUT`

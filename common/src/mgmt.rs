@@ -263,6 +263,34 @@ pub struct HeartbeatReply {
     pub rebuilding: Vec<PoolId>,
     /// How rebuild runs in pools where it is not the default.
     pub rebuild_ctl: Vec<(PoolId, RebuildCtl)>,
+    /// The addresses of the MS replicas now (they change with
+    /// `shoal system add-ms`/`remove-ms`).
+    pub ms_replicas: Vec<String>,
+}
+
+/// The MS addresses a caller goes round: the replicas the MS named last
+/// (`learned`), then those it was given (`configured`) that are not among
+/// them, so that a list naming one replica reaches them all, and a replica
+/// added later is found without a config change.
+///
+/// # Examples
+///
+/// ```
+/// use shoal_common::mgmt::ms_addrs;
+///
+/// let given = vec!["a:1".to_string()];
+/// let named = vec!["b:1".to_string(), "a:1".to_string(), "c:1".to_string()];
+/// assert_eq!(ms_addrs(&named, &given), ["b:1", "a:1", "c:1"]);
+/// assert_eq!(ms_addrs(&[], &given), ["a:1"]);
+/// ```
+pub fn ms_addrs(learned: &[String], configured: &[String]) -> Vec<String> {
+    let mut all: Vec<String> = learned.to_vec();
+    for a in configured {
+        if !all.contains(a) {
+            all.push(a.clone());
+        }
+    }
+    all
 }
 
 /// A client introduces itself (or renews its lease): it gets a clock tag
@@ -288,6 +316,8 @@ pub struct ClientHelloReply {
     /// The service's wall clock (ns since the Unix epoch), so a client can
     /// tell how far its own clock is off.
     pub wall_ns: u64,
+    /// The addresses of the MS replicas now.
+    pub ms_replicas: Vec<String>,
 }
 
 mgmt_rpc!(ClientHelloReq, ClientHello, ClientHelloReply);

@@ -45,7 +45,10 @@ async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R
 }
 
 /// Joins and heartbeats until `stop` fires.
-pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<Service>, stop: CancellationToken) {
+///
+/// The MS addresses come from `service` (see [`Service::ms_addrs`]) and
+/// follow the replicas each heartbeat reply names.
+pub async fn run(id: Identity, period: Duration, service: Arc<Service>, stop: CancellationToken) {
     let t = TcpTransport::default();
     let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let join = JoinReq {
@@ -60,7 +63,7 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
     let mut tombstones_seen = 0u64;
     'outer: loop {
         let rank = loop {
-            match ask(&t, &ms, &join).await {
+            match ask(&t, &service.ms_addrs(), &join).await {
                 Ok(r) => break r.rank,
                 Err(e @ ShoalError::InvalidArgument(_)) => {
                     warn!("the management service refuses this server: {e}");
@@ -83,8 +86,9 @@ pub async fn run(id: Identity, ms: Vec<String>, period: Duration, service: Arc<S
                 wall_ns: shoal_common::hlc::wall_ns(),
                 rebuild: service.rebuild_progress(),
             };
-            match ask(&t, &ms, &hb).await {
+            match ask(&t, &service.ms_addrs(), &hb).await {
                 Ok(r) => {
+                    service.learn_ms(&r.ms_replicas);
                     service.set_clock_fault(None);
                     service.set_pool_versions(&r.pools);
                     service.set_down_in(&r.down_in);

@@ -71,7 +71,7 @@ pub struct Progress {
 
 /// Rebuilds, every second, the pools the MS says are rebuilding, until
 /// `stop`.
-pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken) {
+pub async fn run(service: Arc<Service>, stop: CancellationToken) {
     let t = TcpTransport::default();
     let mut done: HashMap<PoolId, u32> = HashMap::new();
     // Per pool, the map version this server has given back strays for.
@@ -84,6 +84,7 @@ pub async fn run(service: Arc<Service>, ms: Vec<String>, stop: CancellationToken
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         let Some(rank) = service.rank() else { continue };
+        let ms = service.ms_addrs();
         for pool in service.rebuilding() {
             let info = match ask(&t, &ms, &PoolQueryReq { pool: pool.to_string() }).await {
                 Ok(i) => i,

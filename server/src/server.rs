@@ -212,6 +212,7 @@ impl Server {
                 shutdown.clone(),
             ))
         });
+        service.set_ms_configured(ms_addrs.clone());
         let member = if ms_addrs.is_empty() {
             None
         } else {
@@ -222,10 +223,10 @@ impl Server {
                 fault_domain: cfg.fault_domain.clone().unwrap_or_else(|| advertise.clone()),
                 targets: cfg.targets,
             };
-            Some(tokio::spawn(member::run(id, ms_addrs.clone(), cfg.heartbeat, service.clone(), shutdown.clone())))
+            Some(tokio::spawn(member::run(id, cfg.heartbeat, service.clone(), shutdown.clone())))
         };
-        let rebuilder = (!ms_addrs.is_empty())
-            .then(|| tokio::spawn(crate::rebuild::run(service.clone(), ms_addrs.clone(), shutdown.clone())));
+        let rebuilder =
+            (!ms_addrs.is_empty()).then(|| tokio::spawn(crate::rebuild::run(service.clone(), shutdown.clone())));
         let metrics = match &cfg.metrics {
             Some(at) => {
                 let s = service.clone();

@@ -73,6 +73,10 @@ pub struct Service {
     data_dir: std::path::PathBuf,
     /// Held while a replica is started or stopped.
     hosting: tokio::sync::Mutex<()>,
+    /// The MS addresses this server was configured with, and the replicas
+    /// the MS named in its last heartbeat reply (see [`Service::ms_addrs`]).
+    ms_configured: RwLock<Vec<String>>,
+    ms_learned: RwLock<Vec<String>>,
     /// Pool-map versions as last heard from the MS (or by rebuild).
     pool_versions: RwLock<HashMap<PoolId, u32>>,
     /// Held shared by every update, punch, restore, fetch and list from its
@@ -142,6 +146,8 @@ impl Service {
             ms: RwLock::new(ms),
             data_dir: data_dir.to_path_buf(),
             hosting: tokio::sync::Mutex::new(()),
+            ms_configured: RwLock::new(Vec::new()),
+            ms_learned: RwLock::new(Vec::new()),
             pool_versions: RwLock::new(HashMap::new()),
             map_fence: tokio::sync::RwLock::new(()),
             newest: RwLock::new(HashMap::new()),
@@ -371,6 +377,24 @@ impl Service {
         match self.pool_versions.read().expect("lock").get(&pool) {
             Some(&current) if current > sent => Err(ShoalError::StaleMap { sent, current }),
             _ => Ok(()),
+        }
+    }
+
+    /// The MS addresses this server's own calls go round: the replicas
+    /// the MS named last, then the configured ones.
+    pub fn ms_addrs(&self) -> Vec<String> {
+        shoal_common::mgmt::ms_addrs(&self.ms_learned.read().expect("lock"), &self.ms_configured.read().expect("lock"))
+    }
+
+    /// Sets the configured MS addresses.
+    pub fn set_ms_configured(&self, addrs: Vec<String>) {
+        *self.ms_configured.write().expect("lock") = addrs;
+    }
+
+    /// Keeps the MS replicas' addresses as the MS named them.
+    pub fn learn_ms(&self, replicas: &[String]) {
+        if !replicas.is_empty() {
+            *self.ms_learned.write().expect("lock") = replicas.to_vec();
         }
     }
 

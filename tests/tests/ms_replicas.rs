@@ -257,7 +257,7 @@ async fn a_replica_that_lost_its_directory_is_brought_up_to_date() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_replaced_and_live_servers_stay_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = TestCluster::start_replicated(tmp.path(), 5, 1, 3, &[]).await.unwrap();
+    let cluster = TestCluster::start_replicated(tmp.path(), 5, 1, 3, &[]).await.unwrap();
     let client = cluster.client().await.unwrap();
     let q = client.system_query().await.unwrap();
     let rank = |i: usize| q.members.iter().find(|m| m.addr == cluster.servers[i].addr).expect("joined").rank;
@@ -293,4 +293,23 @@ async fn a_frozen_leader_is_replaced_and_live_servers_stay_up() {
     }
     let pools: Vec<String> = client.pool_list().await.unwrap().into_iter().map(|p| p.label).collect();
     assert_eq!(pools.len(), 3, "{pools:?}");
+}
+
+/// A client given one MS replica's address learns the others from the MS
+/// and goes on when that one dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_one_replica_learns_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start_replicated(tmp.path(), 3, 1, 3, &[]).await.unwrap();
+    let one = cluster.servers[0].addr.clone();
+    let client = Client::builder().ms(vec![one.clone()]).connect().await.unwrap();
+    let mut learned = client.ms_addrs();
+    learned.sort();
+    let mut all = cluster.ms_addrs.clone();
+    all.sort();
+    assert_eq!(learned, all);
+    client.pool_create("tank", vec![], 0).await.unwrap();
+    cluster.servers[0].kill9();
+    client.pool_create("without-the-one", vec![], 0).await.unwrap();
+    assert_eq!(client.pool_list().await.unwrap().len(), 2);
 }

@@ -210,8 +210,8 @@ pub async fn system(ctx: &Ctx, cmd: SystemCmd) -> anyhow::Result<()> {
             println!("{}", replica_table(&replicas));
             let what = if add { "hosts an MS replica" } else { "hosts no MS replica" };
             println!(
-                "rank {rank} {what}; list the replicas' addresses in the servers' ms_addrs and in clients' \
-                 $SHOAL_MS (callers find the leader through any listed replica meanwhile)"
+                "rank {rank} {what}; servers and clients learn the replicas from the MS, but list them in the \
+                 servers' ms_addrs and in clients' $SHOAL_MS too, for their next start"
             );
             Ok(())
         }

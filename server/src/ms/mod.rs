@@ -627,8 +627,16 @@ impl Ms {
                     })
                     .map(|p| p.uuid)
                     .collect(),
+                ms_replicas: self.replica_addrs(),
             })
         })
+    }
+
+    /// The replicas' addresses, voters first.
+    fn replica_addrs(&self) -> Vec<String> {
+        let mut r = self.replicas();
+        r.sort_by_key(|x| x.role == "learner");
+        r.into_iter().map(|x| x.addr).collect()
     }
 
     /// Gives a client its clock tag.
@@ -636,7 +644,13 @@ impl Ms {
         let wall_ns = shoal_common::hlc::wall_ns();
         let cmd = Command::ClientHello { owner: req.owner, renew: req.renew, now_ms: wall_ns / 1_000_000 };
         match self.change(op, |_| Ok(cmd))? {
-            Outcome::ClientTag(tag) => Ok(ClientHelloReply { tag, lease_ms: state::TAG_LEASE_MS, now, wall_ns }),
+            Outcome::ClientTag(tag) => Ok(ClientHelloReply {
+                tag,
+                lease_ms: state::TAG_LEASE_MS,
+                now,
+                wall_ns,
+                ms_replicas: self.replica_addrs(),
+            }),
             o => Err(ShoalError::Internal(format!("client hello produced {o:?}"))),
         }
     }
