@@ -264,12 +264,22 @@ async fn bits_flipped_on_the_wire_or_in_server_memory_are_caught_never_stored() 
     .await
     .unwrap();
     let client = Client::connect(vec![s2.addr.clone()]).await.unwrap();
+    joined(&client).await;
     client.pool_create("tank", vec![], 0).await.unwrap();
     let cont = container(&client, "c", "S1").await;
     let kv = cont.kv_create(None).await.unwrap();
     kv.put(b"k", Bytes::from(value.clone())).await.unwrap();
     assert_eq!(client.stats().checksum_errors, 1, "the flip was caught once");
     assert!(kv.get(b"k").await.unwrap().unwrap() == value[..]);
+}
+
+/// Waits until the lone server of a system has joined its own MS.
+async fn joined(client: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.system_query().await.unwrap().members.is_empty() {
+        assert!(Instant::now() < deadline, "the server never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +300,7 @@ async fn a_flood_of_large_writes_stays_within_the_servers_frame_budget() {
         line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() << 10
     };
     let admin = Client::connect(vec![srv.addr.clone()]).await.unwrap();
+    joined(&admin).await;
     admin.pool_create("tank", vec![], 0).await.unwrap();
     let cont = container(&admin, "c", "S1").await;
     let oid = cont.alloc_oid(shoal_common::oclass::ObjType::Multi, None).await.unwrap();

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use shoal_client::{Array, Client, Kv};
 use shoal_common::mgmt::{ContProps, MemberState};
+use shoal_common::placement::TargetState;
 use shoal_common::{ErrorKind, ShoalError};
 use shoal_tests::{pattern, TestCluster};
 use tokio::sync::Mutex;
@@ -391,18 +392,33 @@ async fn a_write_in_flight_when_rebuild_starts_is_not_lost() {
     let (client, _, cont) = shoal_tests::tank(&cluster, props).await;
     let (_, index_of) = ranks_to_servers(&client, &cluster).await;
     // A KV object on two servers, neither of them the MS's.
-    let (kv, a, b) = loop {
+    let (kv, a, b, rank_a) = loop {
         let kv = cont.kv_create(None).await.unwrap();
         let g = kv.object().layout().unwrap().groups[0].clone();
         let (a, b) = (index_of(g[0].rank), index_of(g[1].rank));
         if a != 0 && b != 0 {
-            break (kv, a, b);
+            break (kv, a, b, g[0].rank);
         }
     };
     // Server a holds updates of "stall..." dkeys for 8 s.
     cluster.servers[a].env = vec![("FAILPOINTS".into(), "service::stall_update=return(8000)".into())];
     cluster.servers[a].restart().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Its restart may have had it declared down (a client's write missed
+    // it) and excluded: it must be back in and rebuilt, or b's death below
+    // would leave the object no copy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = client.pool_query("tank").await.unwrap();
+        let mine: Vec<TargetState> = p.map.targets.iter().filter(|t| t.rank == rank_a).map(|t| t.state).collect();
+        if mine.iter().all(|s| *s == TargetState::UpIn) && p.rebuilding.is_empty() {
+            break;
+        }
+        if mine.iter().any(|s| matches!(s, TargetState::Down | TargetState::DownOut)) {
+            let _ = client.reintegrate(Some("tank"), rank_a).await;
+        }
+        assert!(Instant::now() < deadline, "server {a} never served again: {:?}", p.map.targets);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     while kv.put(b"warm", Bytes::from_static(b"up")).await.is_err() {
         assert!(Instant::now() < deadline, "server {a} never served again");
         tokio::time::sleep(Duration::from_millis(100)).await;
