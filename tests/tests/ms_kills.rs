@@ -66,18 +66,7 @@ fn told<T>(r: Result<T, ShoalError>, ok: impl FnOnce(T) -> Told) -> Told {
 }
 
 async fn leader(client: &Client, cluster: &TestCluster) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(q) = client.system_query().await {
-            if let Some(r) = q.ms_replicas.iter().find(|r| r.role == "leader") {
-                if let Some(i) = cluster.servers.iter().position(|s| s.addr == r.addr) {
-                    return i;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no MS leader within 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster.ms_leader(client, Duration::from_secs(30)).await.unwrap()
 }
 
 /// Asks the MS for one change or read after another until `stop`,

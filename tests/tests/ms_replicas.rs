@@ -13,16 +13,7 @@ use shoal_common::oclass::ObjType;
 use shoal_tests::TestCluster;
 
 async fn leader(client: &Client, cluster: &TestCluster) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(q) = client.system_query().await {
-            if let Some(r) = q.ms_replicas.iter().find(|r| r.role == "leader") {
-                return cluster.servers.iter().position(|s| s.addr == r.addr).expect("a leader among the servers");
-            }
-        }
-        assert!(Instant::now() < deadline, "no MS leader within 20 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.ms_leader(client, Duration::from_secs(20)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

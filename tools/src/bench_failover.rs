@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use clap::Args;
-use shoal_client::Client;
 use shoal_common::mgmt::ContProps;
 use shoal_tools::local::LocalCluster;
 
@@ -35,22 +34,6 @@ pub struct FailoverArgs {
     /// Seconds the cluster runs between kills.
     #[arg(long, default_value_t = 2)]
     pause: u64,
-}
-
-/// Whose replica leads now, as the MS answers.
-async fn leader(client: &Client, cluster: &LocalCluster) -> anyhow::Result<usize> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(q) = client.system_query().await {
-            if let Some(r) = q.ms_replicas.iter().find(|r| r.role == "leader") {
-                if let Some(i) = cluster.servers.iter().position(|s| s.addr == r.addr) {
-                    return Ok(i);
-                }
-            }
-        }
-        ensure!(Instant::now() < deadline, "no MS leader within 60 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn ms(d: Duration) -> String {
@@ -116,7 +99,7 @@ pub async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     let (mut changes, mut reads) = (Vec::new(), Vec::new());
     for k in 0..a.kills {
         tokio::time::sleep(Duration::from_secs(a.pause)).await;
-        let l = leader(&client, &cluster).await?;
+        let l = cluster.ms_leader(&client, Duration::from_secs(60)).await?;
         // The client knows the leader (it just answered), as a busy one would.
         cluster.servers[l].kill9();
         let killed = Instant::now();

@@ -281,6 +281,24 @@ impl LocalCluster {
         }
     }
 
+    /// Which server's MS replica leads, as the MS answers through
+    /// `client`; waits up to `limit` while a leader is being elected.
+    pub async fn ms_leader(&self, client: &shoal_client::Client, limit: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(q) = client.system_query().await {
+                let leader = q.ms_replicas.iter().find(|r| r.role == "leader");
+                if let Some(i) = leader.and_then(|r| self.servers.iter().position(|s| s.addr == r.addr)) {
+                    return Ok(i);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no MS leader within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A client connected to this cluster's MS.
     pub async fn client(&self) -> anyhow::Result<shoal_client::Client> {
         Ok(shoal_client::Client::connect(self.ms_addrs.clone()).await?)
