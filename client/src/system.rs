@@ -71,7 +71,7 @@ pub(crate) struct Inner {
     /// [`shoal_common::mgmt::ms_addrs`]).
     ms_learned: std::sync::RwLock<Vec<String>>,
     /// The address that answered last: the MS leader, most likely.
-    ms_leader: Mutex<Option<String>>,
+    ms_leader: shoal_net::MsLeader,
     pub timeout: Duration,
     /// Times an operation is sent again after a "stale map" answer.
     pub stale_retries: usize,
@@ -383,7 +383,7 @@ impl ClientBuilder {
             hlc: Hlc::new(),
             ms: self.ms,
             ms_learned: Default::default(),
-            ms_leader: Mutex::new(None),
+            ms_leader: shoal_net::MsLeader::new(),
             timeout: self.timeout,
             stale_retries: self.stale_retries,
             in_flight: self.max_in_flight.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
@@ -447,12 +447,7 @@ async fn ms_call<R: Rpc>(inner: &Inner, req: &R) -> Result<R::Reply> {
     // limit, by how much) instead of arriving as text.
     req.validate(&[])?;
     // The replica that answered last (the leader) is asked first.
-    let ms = inner.ms_addrs();
-    let hint = inner.ms_leader.lock().expect("lock").clone();
-    let first = hint.and_then(|h| ms.iter().position(|a| *a == h)).unwrap_or(0);
-    let (reply, leader) = shoal_net::call_ms(&inner.transport, &ms, first, req, inner.timeout).await?;
-    *inner.ms_leader.lock().expect("lock") = Some(ms[leader].clone());
-    Ok(reply)
+    inner.ms_leader.call(&inner.transport, &inner.ms_addrs(), req, inner.timeout).await
 }
 
 /// A connection to a Shoal system. Cheap to clone.

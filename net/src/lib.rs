@@ -223,6 +223,36 @@ pub async fn call<T: Transport, R: Rpc>(
     Ok((body, reply.segments))
 }
 
+/// Which MS address answered last (the leader, most likely): a caller's
+/// management calls start there, whatever the list of addresses has
+/// become since.
+#[derive(Debug, Default)]
+pub struct MsLeader(std::sync::Mutex<Option<String>>);
+
+impl MsLeader {
+    pub const fn new() -> MsLeader {
+        MsLeader(std::sync::Mutex::new(None))
+    }
+
+    /// [`call_ms`] starting at the address that answered last, which it
+    /// then remembers.
+    pub async fn call<T: Transport, R: Rpc>(
+        &self,
+        t: &T,
+        addrs: &[String],
+        req: &R,
+        timeout: Duration,
+    ) -> Result<R::Reply> {
+        let first = {
+            let hint = self.0.lock().expect("lock");
+            hint.as_ref().and_then(|h| addrs.iter().position(|a| a == h)).unwrap_or(0)
+        };
+        let (reply, leader) = call_ms(t, addrs, first, req, timeout).await?;
+        *self.0.lock().expect("lock") = Some(addrs[leader].clone());
+        Ok(reply)
+    }
+}
+
 /// How long [`call_ms`] waits between rounds over the MS replicas when
 /// none of them serves (an election is under way).
 const MS_ROUND_PAUSE: Duration = Duration::from_millis(100);

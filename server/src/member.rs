@@ -33,11 +33,8 @@ pub(crate) async fn ask_ms<R: shoal_common::msg::Rpc>(
     req: &R,
     timeout: Duration,
 ) -> Result<R::Reply> {
-    static LEADER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let first = LEADER.load(std::sync::atomic::Ordering::Relaxed);
-    let (r, leader) = shoal_net::call_ms(t, ms, first, req, timeout).await?;
-    LEADER.store(leader, std::sync::atomic::Ordering::Relaxed);
-    Ok(r)
+    static LEADER: shoal_net::MsLeader = shoal_net::MsLeader::new();
+    LEADER.call(t, ms, req, timeout).await
 }
 
 async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R) -> Result<R::Reply> {

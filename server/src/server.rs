@@ -53,7 +53,7 @@ pub struct Server {
     task: tokio::task::JoinHandle<()>,
     member: Option<tokio::task::JoinHandle<()>>,
     aggregator: Option<tokio::task::JoinHandle<()>>,
-    monitor: Option<tokio::task::JoinHandle<()>>,
+    monitor: tokio::task::JoinHandle<()>,
     rebuilder: Option<tokio::task::JoinHandle<()>>,
     metrics: Option<tokio::task::JoinHandle<()>>,
     service: Arc<Service>,
@@ -202,7 +202,7 @@ impl Server {
         let monitor = {
             let l = crate::ms::Liveness { down_after: cfg.down_after, exclude_after: cfg.exclude_after };
             let s = service.clone();
-            Some(tokio::spawn(crate::ms::monitor(move || s.ms_handle(), l, shutdown.clone())))
+            tokio::spawn(crate::ms::monitor(move || s.ms_handle(), l, shutdown.clone()))
         };
         let aggregator = (!cfg.aggregation_interval.is_zero()).then(|| {
             tokio::spawn(aggregate::run(
@@ -273,9 +273,7 @@ impl Server {
         if let Some(a) = self.aggregator {
             a.await.context("aggregation task")?;
         }
-        if let Some(m) = self.monitor {
-            m.await.context("liveness monitor")?;
-        }
+        self.monitor.await.context("liveness monitor")?;
         if let Some(r) = self.rebuilder {
             r.await.context("rebuild task")?;
         }

@@ -220,7 +220,9 @@ fn dd_figures(dir: &Path, mib: u64, small: u64) -> anyhow::Result<Disk> {
     })
 }
 
-fn bench_dir(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+/// The directory a benchmark's servers keep their data in: the one given,
+/// or a temporary one under /var/tmp (removed when the second value drops).
+pub(crate) fn bench_dir(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     match dir {
         Some(d) => {
             std::fs::create_dir_all(&d)?;

@@ -48,14 +48,7 @@ fn summary(what: &str, mut v: Vec<Duration>) {
 pub async fn run(a: FailoverArgs) -> anyhow::Result<()> {
     ensure!(matches!(a.replicas, 3 | 5), "--replicas is 3 or 5 (a single replica cannot fail over)");
     ensure!(a.kills >= 1, "--kills is at least 1");
-    let tmp;
-    let dir = match a.dir {
-        Some(d) => d,
-        None => {
-            tmp = tempfile::Builder::new().prefix("shoal-bench-failover-").tempdir_in("/var/tmp")?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (dir, _tmp) = crate::bench::bench_dir(a.dir)?;
     let n = a.replicas + 2;
     let mut cluster = LocalCluster::start_replicated(&dir, n, 1, a.replicas, &[]).await?;
     let client = cluster.client().await?;

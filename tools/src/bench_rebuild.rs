@@ -76,14 +76,7 @@ pub async fn run(a: RebuildArgs) -> anyhow::Result<()> {
     let rd_fac = class.tolerated_failures();
     ensure!(rd_fac >= 1, "class {class} survives no failure; rebuild needs a redundant class");
     ensure!(a.servers as u32 > class.group_size(), "{class} needs more than {} servers to have a spare", a.servers);
-    let tmp;
-    let dir = match a.dir {
-        Some(d) => d,
-        None => {
-            tmp = tempfile::Builder::new().prefix("shoal-bench-rebuild-").tempdir_in("/var/tmp")?;
-            tmp.path().to_path_buf()
-        }
-    };
+    let (dir, _tmp) = crate::bench::bench_dir(a.dir)?;
     let mut cluster =
         LocalCluster::start_with(&dir, a.servers, a.targets, &["--exclude-after", &a.exclude_after]).await?;
     let client = cluster.client().await?;

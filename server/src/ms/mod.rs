@@ -733,35 +733,32 @@ impl Ms {
 
     /// Brings a rank back into a pool (or all): see [`Command::Reintegrate`].
     pub fn reintegrate(&self, req: ReintegrateReq, op: OpId) -> Result<()> {
-        // A retry of one that was applied: answered before the checks (a
-        // new leader may not have heard from the rank yet).
-        if op != 0 && self.read(|s| Ok(s.ops.get(op).is_some()))? {
-            return Ok(());
-        }
-        let heard = self.heartbeats.lock().expect("lock").get(&req.rank).copied();
-        let limit = heard.map_or(HEARTBEAT_TIMEOUT, |(_, p)| HEARTBEAT_TIMEOUT.max(p * 3));
-        match heard.map(|(t, _)| t.elapsed()) {
-            Some(silent) if silent <= limit => {}
-            silent => {
-                self.read(|s| match s.members.contains_key(&req.rank) {
-                    true => Ok(()),
-                    false => Err(ShoalError::not_found(Entity::Server, format!("rank {}", req.rank))),
-                })?;
-                let since = silent.map_or("since this MS started".to_string(), |d| format!("for {d:.0?}"));
-                return Err(ShoalError::invalid(format!(
-                    "rank {} has not been heard from {since}: start it, then reintegrate it",
-                    req.rank
-                )));
-            }
-        }
-        // Old reports of failed calls must not mark it down again.
-        self.reports.lock().expect("lock").remove(&req.rank);
-        info!(rank = req.rank, "server reintegrated");
+        // The checks run for a first try only: a retry of one that was
+        // applied is answered as it was (a new leader may not have heard
+        // from the rank yet).
         self.change(op, |s| {
+            let heard = self.heartbeats.lock().expect("lock").get(&req.rank).copied();
+            let limit = heard.map_or(HEARTBEAT_TIMEOUT, |(_, p)| HEARTBEAT_TIMEOUT.max(p * 3));
+            match heard.map(|(t, _)| t.elapsed()) {
+                Some(silent) if silent <= limit => {}
+                _ if !s.members.contains_key(&req.rank) => {
+                    return Err(ShoalError::not_found(Entity::Server, format!("rank {}", req.rank)))
+                }
+                silent => {
+                    let since = silent.map_or("since this MS started".to_string(), |d| format!("for {d:.0?}"));
+                    return Err(ShoalError::invalid(format!(
+                        "rank {} has not been heard from {since}: start it, then reintegrate it",
+                        req.rank
+                    )));
+                }
+            }
             let pool = req.pool.as_ref().map(|name| s.find_pool(name)).transpose()?;
+            // Old reports of failed calls must not mark it down again.
+            self.reports.lock().expect("lock").remove(&req.rank);
             Ok(Command::Reintegrate { pool, rank: req.rank })
-        })
-        .map(|_| ())
+        })?;
+        info!(rank = req.rank, "server reintegrated");
+        Ok(())
     }
 
     /// Records that a rank rebuilt what it was the source of.
