@@ -4,7 +4,8 @@
 set -euo pipefail
 
 need=()
-for p in clang libclang-dev build-essential pkg-config ca-certificates curl; do
+# fuse3 (fusermount3), rsync, attr (setfattr) and python3 for the POSIX mount and its tests.
+for p in clang libclang-dev build-essential pkg-config ca-certificates curl fuse3 rsync attr python3; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then

@@ -50,7 +50,7 @@ const STRIPE_LOCK_LEASE: Duration = Duration::from_secs(10);
 
 /// A stripe lock held at the group's first shard; released on
 /// [`StripeLock::release`] or, failing that, when dropped.
-struct StripeLock {
+pub(crate) struct StripeLock {
     obj: Object,
     st: PoolState,
     leader: Shard,
@@ -110,7 +110,7 @@ impl StripeLock {
         }
     }
 
-    async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         self.released = true;
         let _ = self.obj.rpc(&self.st, &self.leader, &self.unlock_req(), vec![]).await;
     }
@@ -133,6 +133,29 @@ impl Drop for StripeLock {
 }
 
 impl Object {
+    /// Takes the server-kept lock on `stripes` of `dkey` (the stripe
+    /// numbers name independent locks), at the first shard in service of
+    /// the dkey's group, as partial-stripe writes do. Other users: the
+    /// POSIX namespace, which serialises changes of a directory across
+    /// mounts with it. The lease is not renewed: for work that ends well
+    /// within [`STRIPE_LOCK_LEASE`].
+    pub(crate) async fn lock(&self, dkey: &[u8], stripes: Vec<u64>) -> Result<StripeLock> {
+        self.with_layout(|st, layout| {
+            let stripes = stripes.clone();
+            async move {
+                let group = layout.dkey_shards(dkey);
+                let leader = group
+                    .iter()
+                    .find(|s| s.available)
+                    .or(group.first())
+                    .copied()
+                    .ok_or_else(|| ShoalError::Internal("a layout group without shards".into()))?;
+                StripeLock::take(self, &st, leader, dkey, stripes).await
+            }
+        })
+        .await
+    }
+
     /// Writes stripes covering `[offset, offset + data.len())` (see the
     /// module docs). Every stripe is written whole, at one epoch, to all
     /// k + p shards.

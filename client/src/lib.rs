@@ -45,6 +45,8 @@ pub mod array;
 pub mod discover;
 pub mod ec_read;
 pub mod ec_write;
+pub mod fs;
+pub mod fuse;
 pub mod kv;
 pub mod object;
 pub mod rp;

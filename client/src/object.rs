@@ -643,6 +643,44 @@ impl Object {
         self.update_value(dkey, akey, ValueKind::Single, value).await
     }
 
+    /// Writes several single values of one dkey at one epoch, in one
+    /// request per shard. Not cancel safe.
+    pub async fn update_many(&self, dkey: impl AsRef<[u8]>, values: &[(&[u8], Bytes)]) -> Result<Epoch> {
+        let dkey = dkey.as_ref();
+        check_key("a key", dkey)?;
+        let mut iods = Vec::with_capacity(values.len());
+        for (akey, v) in values {
+            check_key("an attribute key", akey)?;
+            iods.push(UpdateIod::new(akey, ValueKind::Single, v));
+        }
+        let data: Vec<Bytes> = values.iter().map(|(_, v)| v.clone()).collect();
+        self.with_layout(|st, layout| {
+            let (iods, data) = (&iods, &data);
+            async move {
+                let shards = self.value_shards(layout.dkey_shards(dkey));
+                self.blind_write(|epoch| self.update_all(&st, shards, dkey, epoch, iods, data)).await
+            }
+        })
+        .await
+    }
+
+    /// Reads several single values of one dkey (latest versions) in one
+    /// request; `None` where a value is missing. Cancel safe.
+    pub async fn fetch_many(&self, dkey: impl AsRef<[u8]>, akeys: &[&[u8]]) -> Result<Vec<Option<Bytes>>> {
+        let dkey = dkey.as_ref();
+        check_key("a key", dkey)?;
+        for a in akeys {
+            check_key("an attribute key", a)?;
+        }
+        self.with_layout(|st, layout| async move {
+            let shards = self.value_shards(layout.dkey_shards(dkey));
+            let iods = akeys.iter().map(|a| FetchIod { akey: a.to_vec(), kind: ValueKind::Single }).collect();
+            let (values, segs) = self.fetch_any(&st, shards, dkey, EPOCH_MAX, iods).await?;
+            Ok(values.iter().zip(segs).map(|(v, s)| matches!(v, Fetched::Single { .. }).then_some(s)).collect())
+        })
+        .await
+    }
+
     /// Raises a u64 single value to at least `v` (atomically per shard).
     /// Not cancel safe.
     ///

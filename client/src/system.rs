@@ -1389,7 +1389,7 @@ impl Container {
     }
 
     /// Opens `oid` as an object of type `want`, refusing any other type.
-    fn open_as(&self, oid: Oid, want: ObjType) -> Result<Object> {
+    pub(crate) fn open_as(&self, oid: Oid, want: ObjType) -> Result<Object> {
         let name = |t: Option<ObjType>| match t {
             Some(ObjType::Multi) => "a generic object",
             Some(ObjType::Kv) => "a key-value object",

@@ -31,6 +31,10 @@ pub enum BenchCmd {
     /// again: time from the kill until a change is committed and a read is
     /// answered by the new leader.
     Failover(crate::bench_failover::FailoverArgs),
+    /// A local cluster mounted with FUSE: sequential bandwidth and file
+    /// create/stat/unlink rates through the mount, through the native API
+    /// and on the local disk, with the ratios.
+    Fs(crate::bench_fs::FsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +87,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Cluster(a) => cluster(a).await,
         BenchCmd::Rebuild(a) => crate::bench_rebuild::run(a).await,
         BenchCmd::Failover(a) => crate::bench_failover::run(a).await,
+        BenchCmd::Fs(a) => crate::bench_fs::run(a).await,
     }
 }
 

@@ -3,10 +3,12 @@
 mod admin;
 mod bench;
 mod bench_failover;
+mod bench_fs;
 mod bench_rebuild;
 mod data;
 mod demo;
 mod dev;
+mod mount;
 mod out;
 mod salvage;
 
@@ -63,6 +65,13 @@ enum Cmd {
     /// Benchmarks; each prints its numbers and the raw disk's beside them.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Mounts a container as a POSIX file system (FUSE).
+    Mount(mount::MountArgs),
+    /// Unmounts a mount of `shoal mount` (also after its process died).
+    Umount(mount::UmountArgs),
+    /// The POSIX namespace of a container: layout defaults, checks.
+    #[command(subcommand)]
+    Fs(mount::FsCmd),
     /// Asks one server who it is.
     Ping {
         /// Server address (host:port).
@@ -134,6 +143,9 @@ async fn main() {
         Cmd::Array(c) => data::array(&ctx, c).await,
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Bench(b) => bench::run(b).await,
+        Cmd::Mount(a) => mount::mount(&ctx, a).await,
+        Cmd::Umount(a) => mount::umount(a),
+        Cmd::Fs(c) => mount::fs(&ctx, c).await,
         Cmd::Ping { addr } => ping(&addr).await,
     };
     if let Err(e) = r {

@@ -1,0 +1,1313 @@
+//! The POSIX namespace: a file system inside a container, usable from Rust
+//! without FUSE (like DAOS DFS). The FUSE daemon (`shoal mount`) is a thin
+//! shim over it.
+//!
+//! # Layout
+//!
+//! - The **superblock** is object 2 (replicated like the name index): dkey
+//!   `sb` holds the format magic; dkey `mounts` one heartbeat per mounted
+//!   client (akey = mount id, value = its wall clock), so orphans of dead
+//!   mounts can be found.
+//! - Every **inode** is one object: directories, symlinks, FIFOs, sockets
+//!   and devices are generic objects, regular files are arrays. The inode
+//!   record (type, mode, owner, link count, rdev, symlink target, parent of
+//!   a directory, extended attributes) is the single value `inode` under
+//!   the inode dkey (`\0` for generic objects; `meta` for arrays, beside
+//!   the array's chunk size and size). The times are separate single
+//!   values (`atime`, `mtime`, `ctime`, nanoseconds), so that a write can
+//!   stamp them without reading the record. A file's size is its array's.
+//! - A **directory entry** is dkey `name` of the directory's object, akey
+//!   `e`: the inode's OID and type. Names never contain `/` or NUL, so
+//!   they never meet the inode dkey. Hard links are several entries that
+//!   name one inode, whose record counts them.
+//! - The root directory is object 3; the **orphan list** is object 4: dkey
+//!   = the OID of an inode whose last name was removed, value = the mount
+//!   that removed it. The inode is destroyed when its last user closes it
+//!   (or by [`Fs::clean_orphans`] once its mount is gone).
+//!
+//! # Consistency
+//!
+//! Readers take no locks. Every change takes the server-kept locks of what
+//! it changes (a directory's entries, an inode's record), in one global
+//! order (the rename lock, then entry locks by OID, then inode locks by
+//! OID), so changes from many mounts of one container serialise and never
+//! deadlock. A rename writes the new name before it removes the old one:
+//! a reader of the new name sees the old target or the new one, never
+//! nothing. A client that dies mid-change may leave an extra name or an
+//! unreferenced object, never a name that loses data it had.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use shoal_common::oclass::{make_oid, oid_type, ObjType, ObjectClass};
+use shoal_common::{ErrorKind, Oid, ShoalError, EPOCH_MAX};
+
+use crate::ec_write::StripeLock;
+use crate::{Array, Container, Object, Pool};
+
+/// Longest name of a directory entry, in bytes.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target, in bytes.
+pub const PATH_MAX: usize = 4096;
+/// Largest value of one extended attribute.
+pub const XATTR_SIZE_MAX: usize = 64 << 10;
+/// Most bytes of names and values of one inode's extended attributes.
+const XATTR_TOTAL_MAX: usize = 256 << 10;
+/// A directory that names these attributes chooses the class and chunk
+/// size of files created below it (and passes them on to new directories).
+pub const XATTR_OCLASS: &str = "user.shoal.oclass";
+pub const XATTR_CHUNK: &str = "user.shoal.chunk_size";
+
+const SB_SEQ: u128 = 2;
+const ROOT_SEQ: u128 = 3;
+const ORPHANS_SEQ: u128 = 4;
+const MAGIC: &[u8] = b"shoal-posix-1";
+const SB_DKEY: &[u8] = b"sb";
+const MOUNTS_DKEY: &[u8] = b"mounts";
+const OBJ_DKEY: &[u8] = b"\0";
+const FILE_DKEY: &[u8] = b"meta";
+const REC: &[u8] = b"inode";
+const ATIME: &[u8] = b"atime";
+const MTIME: &[u8] = b"mtime";
+const CTIME: &[u8] = b"ctime";
+const SIZE: &[u8] = b"size";
+const ENTRY: &[u8] = b"e";
+const OWNER: &[u8] = b"owner";
+/// Lock numbers (stripes of the inode dkey): the order they are taken in.
+const RENAME_LOCK: u64 = 0;
+const ENTRIES_LOCK: u64 = 1;
+const INODE_LOCK: u64 = 2;
+const APPEND_LOCK: u64 = 3;
+/// How often a mount refreshes its heartbeat, and when a mount that has
+/// not is taken for gone.
+const HEARTBEAT: Duration = Duration::from_secs(30);
+const MOUNT_GONE: Duration = Duration::from_secs(300);
+/// Entries looked up at once while listing a directory.
+const LIST_PARALLEL: usize = 64;
+
+/// A failure of a namespace call, with the errno a POSIX program expects.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// A POSIX error (`ENOENT`, `EEXIST`, ...).
+    #[error("{msg}")]
+    Posix { errno: i32, msg: String },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] ShoalError),
+}
+
+impl FsError {
+    /// The errno for this error: POSIX errors as they are; a full pool is
+    /// `ENOSPC`, a refused permission `EACCES`, data that cannot be read
+    /// or servers out of reach `EIO`.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Posix { errno, .. } => *errno,
+            FsError::Store(e) => match e.kind() {
+                ErrorKind::NoSpace => libc::ENOSPC,
+                ErrorKind::NoPermission => libc::EACCES,
+                ErrorKind::InvalidArgument => libc::EINVAL,
+                ErrorKind::NotFound => libc::ENOENT,
+                ErrorKind::Exists => libc::EEXIST,
+                ErrorKind::Busy | ErrorKind::Conflict => libc::EAGAIN,
+                ErrorKind::Timeout => libc::ETIMEDOUT,
+                _ => libc::EIO,
+            },
+        }
+    }
+}
+
+/// The result of a namespace call.
+pub type FsResult<T> = std::result::Result<T, FsError>;
+
+fn posix(errno: i32, msg: impl Into<String>) -> FsError {
+    FsError::Posix { errno, msg: msg.into() }
+}
+
+/// The type of an inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl Kind {
+    /// The type bits of `st_mode` (`S_IFREG`, ...).
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        }
+    }
+
+    /// The type named by the type bits of `mode`.
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// The stored inode record (the times and a file's size are kept apart).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Record {
+    kind: Kind,
+    /// Permission bits with setuid, setgid and sticky (`0o7777`).
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    rdev: u32,
+    /// A directory's parent (`None` for the root).
+    parent: Option<Oid>,
+    /// A symlink's target.
+    target: Option<Vec<u8>>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    crtime: i64,
+}
+
+/// A directory entry as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    oid: Oid,
+    kind: Kind,
+}
+
+/// What `stat` shows of an inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub oid: Oid,
+    pub kind: Kind,
+    /// Permission bits with setuid, setgid and sticky (`0o7777`).
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub rdev: u32,
+    /// Nanoseconds since the Unix epoch.
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub crtime: i64,
+}
+
+impl Attr {
+    /// `st_mode`: type and permission bits.
+    pub fn mode(&self) -> u32 {
+        self.kind.mode_bits() | self.perm
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub oid: Oid,
+    pub kind: Kind,
+}
+
+/// What a new inode is.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub kind: Kind,
+    /// Permission bits (`0o7777`), after the umask.
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    /// A symlink's target.
+    pub target: Option<Vec<u8>>,
+}
+
+/// A change of attributes (`None`: unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<i64>,
+    pub mtime: Option<i64>,
+    pub ctime: Option<i64>,
+}
+
+/// `renameat2` flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    /// Fail with `EEXIST` if the new name exists.
+    pub noreplace: bool,
+    /// Swap the two names (both must exist).
+    pub exchange: bool,
+}
+
+/// How `setxattr` may treat an existing attribute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrMode {
+    /// Create or replace.
+    Any,
+    /// Fail with `EEXIST` if it exists.
+    Create,
+    /// Fail with `ENODATA` if it does not.
+    Replace,
+}
+
+/// `statfs` of a mount: the pool's real capacity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    pub block_size: u32,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub name_max: u32,
+}
+
+/// A file's layout, for `shoal fs get-attr`.
+#[derive(Clone, Debug)]
+pub struct FileLayout {
+    pub class: ObjectClass,
+    pub chunk_size: u64,
+    /// The servers (ranks) that hold the file's shards.
+    pub ranks: Vec<u32>,
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+fn ns(v: i64) -> Bytes {
+    Bytes::copy_from_slice(&v.to_le_bytes())
+}
+
+fn un_ns(v: &Option<Bytes>) -> i64 {
+    v.as_deref().and_then(|b| b.try_into().ok()).map_or(0, i64::from_le_bytes)
+}
+
+fn encode<T: Serialize>(v: &T) -> Bytes {
+    Bytes::from(postcard::to_stdvec(v).expect("namespace records always encode"))
+}
+
+fn decode<'a, T: Deserialize<'a>>(b: &'a [u8], what: &str, oid: Oid) -> FsResult<T> {
+    postcard::from_bytes(b).map_err(|e| FsError::Store(ShoalError::Io(format!("corrupt {what} of inode {oid}: {e}"))))
+}
+
+/// Checks a name of a directory entry.
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(posix(libc::ENAMETOOLONG, format!("a name is at most {NAME_MAX} bytes")));
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(posix(libc::EINVAL, format!("{:?} is not a valid name", String::from_utf8_lossy(name))));
+    }
+    Ok(())
+}
+
+/// A mounted namespace. Cheap to clone.
+#[derive(Clone)]
+pub struct Fs {
+    inner: Arc<FsInner>,
+}
+
+struct FsInner {
+    cont: Container,
+    sb: Object,
+    root: Oid,
+    orphans: Object,
+    /// The class of directories and other small inodes.
+    meta_class: ObjectClass,
+    mount_id: u128,
+    /// Open arrays, so a write does not fetch the chunk size again.
+    arrays: Mutex<std::collections::HashMap<Oid, Array>>,
+    heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for FsInner {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeat.lock().expect("heartbeat").take() {
+            h.abort();
+        }
+    }
+}
+
+/// Locks held by one change; released (in the background) when dropped.
+struct Locks(Vec<StripeLock>);
+
+impl Locks {
+    async fn release(self) {
+        futures::future::join_all(self.0.into_iter().map(StripeLock::release)).await;
+    }
+}
+
+impl Fs {
+    /// Opens the namespace of `cont`, formatting it if the container has
+    /// none yet. Cancel safe once formatted.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn demo() -> shoal_client::fs::FsResult<()> {
+    /// # let client = shoal_client::Client::connect(vec!["127.0.0.1:10001".into()]).await?;
+    /// # let cont = client.pool_connect("tank").await?.cont_open("files").await?;
+    /// use shoal_client::fs::{Fs, Kind, NewNode};
+    ///
+    /// let fs = Fs::mount(cont).await?;
+    /// let node = NewNode { kind: Kind::File, perm: 0o644, uid: 0, gid: 0, rdev: 0, target: None };
+    /// let (file, _) = fs.create(fs.root(), b"hello.txt", &node, true).await?;
+    /// fs.write(file.oid, 0, bytes::Bytes::from_static(b"hello")).await?;
+    /// assert_eq!(fs.lookup(fs.root(), b"hello.txt").await?.size, 5);
+    /// # Ok(()) }
+    /// ```
+    pub async fn mount(cont: Container) -> FsResult<Fs> {
+        let rd_fac = cont.info().props.rd_fac;
+        let meta_class: ObjectClass =
+            if rd_fac == 0 { "S1".parse()? } else { format!("RP_{}G1", rd_fac + 1).parse()? };
+        let sb = cont.open_as(make_oid(SB_SEQ, meta_class, ObjType::Multi), ObjType::Multi)?;
+        let root = make_oid(ROOT_SEQ, meta_class, ObjType::Multi);
+        let orphans = cont.open_as(make_oid(ORPHANS_SEQ, meta_class, ObjType::Multi), ObjType::Multi)?;
+        let fs = Fs {
+            inner: Arc::new(FsInner {
+                cont,
+                sb,
+                root,
+                orphans,
+                meta_class,
+                mount_id: rand::random(),
+                arrays: Mutex::default(),
+                heartbeat: Mutex::default(),
+            }),
+        };
+        match fs.inner.sb.fetch_single(SB_DKEY, b"magic", EPOCH_MAX).await? {
+            Some(m) if m == MAGIC => {}
+            Some(m) => {
+                return Err(posix(
+                    libc::EINVAL,
+                    format!(
+                        "the container holds namespace format {:?}, not {:?}",
+                        String::from_utf8_lossy(&m),
+                        "shoal-posix-1"
+                    ),
+                ))
+            }
+            None => fs.format().await?,
+        }
+        fs.beat().await?;
+        let weak = Arc::downgrade(&fs.inner);
+        let h = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(HEARTBEAT).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let _ = (Fs { inner }).beat().await;
+            }
+        });
+        *fs.inner.heartbeat.lock().expect("heartbeat") = Some(h);
+        Ok(fs)
+    }
+
+    /// Writes the superblock and the root directory (under the superblock's
+    /// lock, so two first mounts format once).
+    async fn format(&self) -> FsResult<()> {
+        let lock = Locks(vec![self.inner.sb.lock(OBJ_DKEY, vec![RENAME_LOCK]).await?]);
+        let r: FsResult<_> = async {
+            if self.inner.sb.fetch_single(SB_DKEY, b"magic", EPOCH_MAX).await?.is_some() {
+                return Ok(());
+            }
+            let now = now_ns();
+            let rec = Record {
+                kind: Kind::Dir,
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+                nlink: 2,
+                rdev: 0,
+                parent: None,
+                target: None,
+                xattrs: BTreeMap::new(),
+                crtime: now,
+            };
+            let root = self.inner.cont.open_as(self.inner.root, ObjType::Multi)?;
+            write_record(&root, OBJ_DKEY, &rec, Some(now)).await?;
+            self.inner.sb.update_single(SB_DKEY, b"magic", Bytes::from_static(MAGIC)).await?;
+            Ok(())
+        }
+        .await;
+        lock.release().await;
+        r
+    }
+
+    /// Refreshes this mount's heartbeat.
+    async fn beat(&self) -> FsResult<()> {
+        let id = self.inner.mount_id.to_le_bytes();
+        self.inner.sb.update_single(MOUNTS_DKEY, id, ns(now_ns())).await?;
+        Ok(())
+    }
+
+    /// Ends this mount: its heartbeat is removed, so what it left in the
+    /// orphan list is cleaned by the next mount.
+    pub async fn unmount(&self) -> FsResult<()> {
+        if let Some(h) = self.inner.heartbeat.lock().expect("heartbeat").take() {
+            h.abort();
+        }
+        self.inner.sb.punch_akey(MOUNTS_DKEY, self.inner.mount_id.to_le_bytes()).await?;
+        Ok(())
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> Oid {
+        self.inner.root
+    }
+
+    /// The container this namespace lives in.
+    pub fn container(&self) -> &Container {
+        &self.inner.cont
+    }
+
+    /// The object and inode dkey of `oid`.
+    fn node(&self, oid: Oid) -> FsResult<(Object, &'static [u8])> {
+        Ok(match oid_type(oid) {
+            Some(ObjType::Array) => (self.inner.cont.open_as(oid, ObjType::Array)?, FILE_DKEY),
+            Some(ObjType::Multi) => (self.inner.cont.open_as(oid, ObjType::Multi)?, OBJ_DKEY),
+            _ => return Err(posix(libc::ESTALE, format!("{oid} is not an inode of this namespace"))),
+        })
+    }
+
+    /// The object of directory `oid`.
+    fn dir(&self, oid: Oid) -> FsResult<Object> {
+        match oid_type(oid) {
+            Some(ObjType::Multi) => Ok(self.inner.cont.open_as(oid, ObjType::Multi)?),
+            _ => Err(posix(libc::ENOTDIR, format!("{oid} is not a directory"))),
+        }
+    }
+
+    /// The open array of file `oid`.
+    async fn array(&self, oid: Oid) -> FsResult<Array> {
+        if let Some(a) = self.inner.arrays.lock().expect("arrays").get(&oid) {
+            return Ok(a.clone());
+        }
+        if oid_type(oid) != Some(ObjType::Array) {
+            return Err(posix(libc::EISDIR, format!("{oid} is not a regular file")));
+        }
+        let a = Array::open(self.inner.cont.open_as(oid, ObjType::Array)?).await?;
+        let mut m = self.inner.arrays.lock().expect("arrays");
+        if m.len() >= 4096 {
+            m.clear();
+        }
+        m.insert(oid, a.clone());
+        Ok(a)
+    }
+
+    async fn entry(&self, dir: &Object, name: &[u8]) -> FsResult<Option<Entry>> {
+        match dir.fetch_single(name, ENTRY, EPOCH_MAX).await? {
+            Some(v) => Ok(Some(decode(&v, "directory entry", dir.oid())?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn record(&self, oid: Oid) -> FsResult<Record> {
+        let (obj, dkey) = self.node(oid)?;
+        match obj.fetch_single(dkey, REC, EPOCH_MAX).await? {
+            Some(v) => decode(&v, "inode record", oid),
+            None => Err(posix(libc::ENOENT, format!("inode {oid} does not exist (removed?)"))),
+        }
+    }
+
+    /// Takes locks in the global order: by number, then by OID.
+    async fn lock(&self, mut keys: Vec<(u64, Oid)>) -> FsResult<Locks> {
+        keys.sort();
+        keys.dedup();
+        let mut held = Locks(Vec::with_capacity(keys.len()));
+        for (n, oid) in keys {
+            let (obj, dkey) = if n == RENAME_LOCK { (self.inner.sb.clone(), OBJ_DKEY) } else { self.node(oid)? };
+            match obj.lock(dkey, vec![n]).await {
+                Ok(l) => held.0.push(l),
+                Err(e) => {
+                    held.release().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Looks `name` up in directory `dir`.
+    pub async fn lookup(&self, dir: Oid, name: &[u8]) -> FsResult<Attr> {
+        check_name(name).map_err(|e| if e.errno() == libc::EINVAL { posix(libc::ENOENT, e.to_string()) } else { e })?;
+        let d = self.dir(dir)?;
+        match self.entry(&d, name).await? {
+            Some(e) => self.getattr(e.oid).await,
+            None => Err(posix(libc::ENOENT, format!("no entry {:?}", String::from_utf8_lossy(name)))),
+        }
+    }
+
+    /// Resolves `path` (absolute within the namespace; symlinks are not
+    /// followed).
+    pub async fn resolve(&self, path: &str) -> FsResult<Attr> {
+        let mut a = self.getattr(self.root()).await?;
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if a.kind != Kind::Dir {
+                return Err(posix(libc::ENOTDIR, format!("{path}: a component is not a directory")));
+            }
+            a = self.lookup(a.oid, part.as_bytes()).await?;
+        }
+        Ok(a)
+    }
+
+    /// The attributes of inode `oid`: one request.
+    pub async fn getattr(&self, oid: Oid) -> FsResult<Attr> {
+        let (obj, dkey) = self.node(oid)?;
+        let file = dkey == FILE_DKEY;
+        let akeys: &[&[u8]] = if file { &[REC, ATIME, MTIME, CTIME, SIZE] } else { &[REC, ATIME, MTIME, CTIME] };
+        let v = obj.fetch_many(dkey, akeys).await?;
+        let rec: Record = match &v[0] {
+            Some(b) => decode(b, "inode record", oid)?,
+            None => return Err(posix(libc::ENOENT, format!("inode {oid} does not exist (removed?)"))),
+        };
+        let size = match rec.kind {
+            Kind::File => {
+                v.get(4).and_then(|b| b.as_deref()).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+            }
+            Kind::Dir => 4096,
+            Kind::Symlink => rec.target.as_ref().map_or(0, |t| t.len() as u64),
+            _ => 0,
+        };
+        Ok(Attr {
+            oid,
+            kind: rec.kind,
+            perm: rec.perm,
+            uid: rec.uid,
+            gid: rec.gid,
+            nlink: rec.nlink,
+            size,
+            rdev: rec.rdev,
+            atime: un_ns(&v[1]),
+            mtime: un_ns(&v[2]),
+            ctime: un_ns(&v[3]),
+            crtime: rec.crtime,
+        })
+    }
+
+    /// Changes attributes; returns the new ones. A size change truncates
+    /// or extends a regular file.
+    pub async fn setattr(&self, oid: Oid, set: &SetAttr) -> FsResult<Attr> {
+        let (obj, dkey) = self.node(oid)?;
+        let now = now_ns();
+        if let Some(size) = set.size {
+            let a = self.array(oid).await?;
+            a.set_size(size).await?;
+        }
+        if set.perm.is_some() || set.uid.is_some() || set.gid.is_some() {
+            let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
+            let r: FsResult<_> = async {
+                let mut rec = self.record(oid).await?;
+                if let Some(p) = set.perm {
+                    rec.perm = p & 0o7777;
+                }
+                if let Some(u) = set.uid {
+                    rec.uid = u;
+                }
+                if let Some(g) = set.gid {
+                    rec.gid = g;
+                }
+                obj.update_single(dkey, REC, encode(&rec)).await?;
+                Ok::<_, FsError>(())
+            }
+            .await;
+            locks.release().await;
+            r?;
+        }
+        let mut times: Vec<(&[u8], Bytes)> = Vec::new();
+        if let Some(t) = set.atime {
+            times.push((ATIME, ns(t)));
+        }
+        if let Some(t) = set.mtime.or(set.size.map(|_| now)) {
+            times.push((MTIME, ns(t)));
+        }
+        times.push((CTIME, ns(set.ctime.unwrap_or(now))));
+        obj.update_many(dkey, &times).await?;
+        self.getattr(oid).await
+    }
+
+    /// Creates `name` in `dir`. With `excl` an existing name fails with
+    /// `EEXIST`; without it, an existing regular file is returned as it is
+    /// (`false`: not created here), as `open(O_CREAT)` wants.
+    pub async fn create(&self, dir: Oid, name: &[u8], node: &NewNode, excl: bool) -> FsResult<(Attr, bool)> {
+        check_name(name)?;
+        if let Some(t) = &node.target {
+            if t.len() > PATH_MAX || t.is_empty() {
+                return Err(posix(libc::ENAMETOOLONG, format!("a symlink target is 1..={PATH_MAX} bytes")));
+            }
+        }
+        let d = self.dir(dir)?;
+        let locks = self.lock(vec![(ENTRIES_LOCK, dir)]).await?;
+        let r: FsResult<_> = async {
+            let (existing, parent) = futures::join!(self.entry(&d, name), self.record(dir));
+            let parent = parent?;
+            if parent.kind != Kind::Dir {
+                return Err(posix(libc::ENOTDIR, "not a directory"));
+            }
+            if parent.nlink == 0 {
+                return Err(posix(libc::ENOENT, "the directory was removed"));
+            }
+            if let Some(e) = existing? {
+                if excl || node.kind != Kind::File || e.kind != Kind::File {
+                    return Err(posix(libc::EEXIST, format!("{:?} exists", String::from_utf8_lossy(name))));
+                }
+                return Ok((e.oid, false));
+            }
+            let now = now_ns();
+            let mut rec = Record {
+                kind: node.kind,
+                perm: node.perm & 0o7777,
+                uid: node.uid,
+                gid: node.gid,
+                nlink: if node.kind == Kind::Dir { 2 } else { 1 },
+                rdev: node.rdev,
+                parent: (node.kind == Kind::Dir).then_some(dir),
+                target: node.target.clone(),
+                xattrs: BTreeMap::new(),
+                crtime: now,
+            };
+            // BSD group semantics under a setgid directory.
+            if parent.perm & libc::S_ISGID != 0 {
+                rec.gid = parent.gid;
+                if node.kind == Kind::Dir {
+                    rec.perm |= libc::S_ISGID;
+                }
+            }
+            let oid = match node.kind {
+                Kind::File => {
+                    let (class, chunk) = self.file_layout(&parent)?;
+                    let oid = self.inner.cont.alloc_oid(ObjType::Array, class).await?;
+                    let a = Array::create(self.inner.cont.open_as(oid, ObjType::Array)?, chunk, None).await?;
+                    write_record(a.object(), FILE_DKEY, &rec, Some(now)).await?;
+                    oid
+                }
+                _ => {
+                    if node.kind == Kind::Dir {
+                        for k in [XATTR_OCLASS, XATTR_CHUNK] {
+                            if let Some(v) = parent.xattrs.get(k.as_bytes()) {
+                                rec.xattrs.insert(k.as_bytes().to_vec(), v.clone());
+                            }
+                        }
+                    }
+                    let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
+                    let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
+                    write_record(&obj, OBJ_DKEY, &rec, Some(now)).await?;
+                    oid
+                }
+            };
+            let entry = encode(&Entry { oid, kind: node.kind });
+            let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
+            a?;
+            b?;
+            Ok((oid, true))
+        }
+        .await;
+        locks.release().await;
+        let (oid, created) = r?;
+        Ok((self.getattr(oid).await?, created))
+    }
+
+    /// The class and chunk size of a new file in a directory whose record
+    /// is `parent`: the directory's attributes, else the container's.
+    fn file_layout(&self, parent: &Record) -> FsResult<(Option<ObjectClass>, u64)> {
+        let class = match parent.xattrs.get(XATTR_OCLASS.as_bytes()) {
+            Some(v) => Some(parse_class(v)?),
+            None => None,
+        };
+        let chunk = match parent.xattrs.get(XATTR_CHUNK.as_bytes()) {
+            Some(v) => parse_chunk(v)?,
+            None => self.inner.cont.info().props.chunk_size,
+        };
+        Ok((class, chunk))
+    }
+
+    /// Reads a symlink's target.
+    pub async fn readlink(&self, oid: Oid) -> FsResult<Vec<u8>> {
+        let rec = self.record(oid).await?;
+        rec.target.filter(|_| rec.kind == Kind::Symlink).ok_or_else(|| posix(libc::EINVAL, "not a symlink"))
+    }
+
+    /// Adds the name `name` in `dir` for inode `oid` (a hard link).
+    pub async fn link(&self, oid: Oid, dir: Oid, name: &[u8]) -> FsResult<Attr> {
+        check_name(name)?;
+        let d = self.dir(dir)?;
+        let (obj, dkey) = self.node(oid)?;
+        let locks = self.lock(vec![(ENTRIES_LOCK, dir), (INODE_LOCK, oid)]).await?;
+        let r: FsResult<_> = async {
+            let (existing, rec, parent) = futures::join!(self.entry(&d, name), self.record(oid), self.record(dir));
+            let (mut rec, parent) = (rec?, parent?);
+            if rec.kind == Kind::Dir {
+                return Err(posix(libc::EPERM, "directories cannot have hard links"));
+            }
+            if parent.nlink == 0 {
+                return Err(posix(libc::ENOENT, "the directory was removed"));
+            }
+            if existing?.is_some() {
+                return Err(posix(libc::EEXIST, format!("{:?} exists", String::from_utf8_lossy(name))));
+            }
+            if rec.nlink == 0 {
+                return Err(posix(libc::ENOENT, "the file was removed"));
+            }
+            let now = now_ns();
+            rec.nlink += 1;
+            write_record(&obj, dkey, &rec, None).await?;
+            obj.update_single(dkey, CTIME, ns(now)).await?;
+            let entry = encode(&Entry { oid, kind: rec.kind });
+            let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
+            a?;
+            b
+        }
+        .await;
+        locks.release().await;
+        r?;
+        self.getattr(oid).await
+    }
+
+    /// Removes the name `name` of a non-directory from `dir`. Returns the
+    /// inode if that was its last name: it is then in the orphan list, and
+    /// the caller frees it with [`Fs::reclaim`] once nobody has it open.
+    pub async fn unlink(&self, dir: Oid, name: &[u8]) -> FsResult<Option<Oid>> {
+        check_name(name)?;
+        let d = self.dir(dir)?;
+        loop {
+            let Some(e) = self.entry(&d, name).await? else {
+                return Err(posix(libc::ENOENT, format!("no entry {:?}", String::from_utf8_lossy(name))));
+            };
+            if e.kind == Kind::Dir {
+                return Err(posix(libc::EISDIR, format!("{:?} is a directory", String::from_utf8_lossy(name))));
+            }
+            let locks = self.lock(vec![(ENTRIES_LOCK, dir), (INODE_LOCK, e.oid)]).await?;
+            let r: FsResult<_> = async {
+                if self.entry(&d, name).await? != Some(e) {
+                    return Ok(None); // changed meanwhile: look again
+                }
+                let now = now_ns();
+                let mut rec = self.record(e.oid).await?;
+                rec.nlink = rec.nlink.saturating_sub(1);
+                let last = rec.nlink == 0;
+                // The orphan entry first: a crash leaves a freeable
+                // orphan, never an unreachable object.
+                if last {
+                    self.add_orphan(e.oid).await?;
+                }
+                let (obj, dkey) = self.node(e.oid)?;
+                obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                d.punch_dkey(name).await?;
+                touch_dir(&d, now).await?;
+                Ok(Some(last))
+            }
+            .await;
+            locks.release().await;
+            match r? {
+                Some(last) => return Ok(last.then_some(e.oid)),
+                None => continue,
+            }
+        }
+    }
+
+    /// Removes the empty directory `name` from `dir` (`ENOTEMPTY` if it
+    /// has entries). Returns its inode, now in the orphan list.
+    pub async fn rmdir(&self, dir: Oid, name: &[u8]) -> FsResult<Oid> {
+        check_name(name)?;
+        let d = self.dir(dir)?;
+        loop {
+            let Some(e) = self.entry(&d, name).await? else {
+                return Err(posix(libc::ENOENT, format!("no entry {:?}", String::from_utf8_lossy(name))));
+            };
+            if e.kind != Kind::Dir {
+                return Err(posix(libc::ENOTDIR, format!("{:?} is not a directory", String::from_utf8_lossy(name))));
+            }
+            let locks = self.lock(vec![(ENTRIES_LOCK, dir), (ENTRIES_LOCK, e.oid), (INODE_LOCK, e.oid)]).await?;
+            let r: FsResult<_> = async {
+                if self.entry(&d, name).await? != Some(e) {
+                    return Ok(false);
+                }
+                let child = self.dir(e.oid)?;
+                if !self.is_empty(&child).await? {
+                    return Err(posix(libc::ENOTEMPTY, format!("{:?} is not empty", String::from_utf8_lossy(name))));
+                }
+                let now = now_ns();
+                let mut rec = self.record(e.oid).await?;
+                rec.nlink = 0;
+                self.add_orphan(e.oid).await?;
+                child.update_many(OBJ_DKEY, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                d.punch_dkey(name).await?;
+                touch_dir(&d, now).await?;
+                Ok(true)
+            }
+            .await;
+            locks.release().await;
+            if r? {
+                return Ok(e.oid);
+            }
+        }
+    }
+
+    async fn is_empty(&self, dir: &Object) -> FsResult<bool> {
+        Ok(dir.list_dkeys().await?.iter().all(|k| k == OBJ_DKEY))
+    }
+
+    /// Renames `dir/name` to `newdir/newname`, replacing what the new name
+    /// named (atomically for readers) unless `flags` says otherwise.
+    /// Returns an inode whose last name the replacement removed (see
+    /// [`Fs::unlink`]).
+    pub async fn rename(
+        &self,
+        dir: Oid,
+        name: &[u8],
+        newdir: Oid,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> FsResult<Option<Oid>> {
+        check_name(name)?;
+        check_name(newname)?;
+        if flags.noreplace && flags.exchange {
+            return Err(posix(libc::EINVAL, "RENAME_NOREPLACE and RENAME_EXCHANGE exclude each other"));
+        }
+        let (d, nd) = (self.dir(dir)?, self.dir(newdir)?);
+        let quote = |n: &[u8]| format!("{:?}", String::from_utf8_lossy(n));
+        loop {
+            let (src, dst) = futures::join!(self.entry(&d, name), self.entry(&nd, newname));
+            let Some(src) = src? else { return Err(posix(libc::ENOENT, format!("no entry {}", quote(name)))) };
+            let dst = dst?;
+            if dir == newdir && name == newname {
+                return Ok(None);
+            }
+            if let Some(t) = dst {
+                if t.oid == src.oid {
+                    // Two names of one inode: POSIX says do nothing.
+                    return Ok(None);
+                }
+                if flags.noreplace {
+                    return Err(posix(libc::EEXIST, format!("{} exists", quote(newname))));
+                }
+                if !flags.exchange {
+                    if src.kind == Kind::Dir && t.kind != Kind::Dir {
+                        return Err(posix(libc::ENOTDIR, format!("{} is not a directory", quote(newname))));
+                    }
+                    if src.kind != Kind::Dir && t.kind == Kind::Dir {
+                        return Err(posix(libc::EISDIR, format!("{} is a directory", quote(newname))));
+                    }
+                }
+            } else if flags.exchange {
+                return Err(posix(libc::ENOENT, format!("no entry {}", quote(newname))));
+            }
+            // Directories that change parent: their records, and the check
+            // that none moves below itself.
+            let mut moved: Vec<Oid> = Vec::new();
+            if dir != newdir {
+                if src.kind == Kind::Dir {
+                    moved.push(src.oid);
+                }
+                if let Some(t) = dst.filter(|t| flags.exchange && t.kind == Kind::Dir) {
+                    moved.push(t.oid);
+                }
+            }
+            let mut keys = vec![(ENTRIES_LOCK, dir), (ENTRIES_LOCK, newdir)];
+            if !moved.is_empty() {
+                keys.push((RENAME_LOCK, self.inner.root));
+            }
+            keys.extend(moved.iter().map(|o| (INODE_LOCK, *o)));
+            if let Some(t) = dst.filter(|_| !flags.exchange) {
+                keys.push((INODE_LOCK, t.oid));
+                if t.kind == Kind::Dir {
+                    keys.push((ENTRIES_LOCK, t.oid));
+                }
+            }
+            let locks = self.lock(keys).await?;
+            let r: FsResult<_> = async {
+                let (s2, t2) = futures::join!(self.entry(&d, name), self.entry(&nd, newname));
+                if s2? != Some(src) || t2? != dst {
+                    return Ok(None);
+                }
+                for m in &moved {
+                    let to = if *m == src.oid { newdir } else { dir };
+                    if self.is_below(to, *m).await? {
+                        return Err(posix(libc::EINVAL, "cannot move a directory into itself or below it"));
+                    }
+                }
+                let now = now_ns();
+                let mut orphan = None;
+                match dst {
+                    Some(t) if flags.exchange => {
+                        nd.update_single(newname, ENTRY, encode(&src)).await?;
+                        d.update_single(name, ENTRY, encode(&t)).await?;
+                    }
+                    Some(t) => {
+                        if t.kind == Kind::Dir && !self.is_empty(&self.dir(t.oid)?).await? {
+                            return Err(posix(libc::ENOTEMPTY, format!("{} is not empty", quote(newname))));
+                        }
+                        // The new name first: a crash leaves two names,
+                        // never none.
+                        nd.update_single(newname, ENTRY, encode(&src)).await?;
+                        d.punch_dkey(name).await?;
+                        let mut rec = self.record(t.oid).await?;
+                        rec.nlink = if t.kind == Kind::Dir { 0 } else { rec.nlink.saturating_sub(1) };
+                        if rec.nlink == 0 {
+                            self.add_orphan(t.oid).await?;
+                            orphan = Some(t.oid);
+                        }
+                        let (obj, dkey) = self.node(t.oid)?;
+                        obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                    }
+                    None => {
+                        nd.update_single(newname, ENTRY, encode(&src)).await?;
+                        d.punch_dkey(name).await?;
+                    }
+                }
+                for m in &moved {
+                    let mut rec = self.record(*m).await?;
+                    rec.parent = Some(if *m == src.oid { newdir } else { dir });
+                    self.dir(*m)?.update_single(OBJ_DKEY, REC, encode(&rec)).await?;
+                }
+                let (obj, dkey) = self.node(src.oid)?;
+                obj.update_single(dkey, CTIME, ns(now)).await?;
+                touch_dir(&d, now).await?;
+                if dir != newdir {
+                    touch_dir(&nd, now).await?;
+                }
+                Ok(Some(orphan))
+            }
+            .await;
+            locks.release().await;
+            if let Some(orphan) = r? {
+                return Ok(orphan);
+            }
+        }
+    }
+
+    /// Whether directory `dir` is `ancestor` or below it (walks the
+    /// parents up to the root).
+    async fn is_below(&self, mut dir: Oid, ancestor: Oid) -> FsResult<bool> {
+        for _ in 0..4096 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == self.inner.root {
+                return Ok(false);
+            }
+            match self.record(dir).await?.parent {
+                Some(p) => dir = p,
+                None => return Ok(false),
+            }
+        }
+        Err(posix(libc::ELOOP, "directory parents form a loop; run `shoal fs check`"))
+    }
+
+    /// The entries of directory `dir` (without `.` and `..`).
+    pub async fn readdir(&self, dir: Oid) -> FsResult<Vec<DirEntry>> {
+        let d = self.dir(dir)?;
+        let names: Vec<Vec<u8>> = d.list_dkeys().await?.into_iter().filter(|k| k != OBJ_DKEY).collect();
+        let d = &d;
+        stream::iter(names)
+            .map(|name| async move {
+                let e = self.entry(d, &name).await?;
+                Ok::<_, FsError>(e.map(|e| DirEntry { name, oid: e.oid, kind: e.kind }))
+            })
+            .buffered(LIST_PARALLEL)
+            .try_filter_map(|e| async move { Ok(e) })
+            .try_collect()
+            .await
+    }
+
+    /// Reads up to `len` bytes of file `oid` at `offset` (short at the end
+    /// of the file).
+    pub async fn read(&self, oid: Oid, offset: u64, len: u64) -> FsResult<Bytes> {
+        let a = self.array(oid).await?;
+        let size = a.size().await?;
+        if offset >= size {
+            return Ok(Bytes::new());
+        }
+        Ok(a.read(offset, len.min(size - offset)).await?)
+    }
+
+    /// Writes `data` at `offset` of file `oid` and stamps its mtime and
+    /// ctime. Durable when it returns.
+    pub async fn write(&self, oid: Oid, offset: u64, data: Bytes) -> FsResult<u64> {
+        let a = self.array(oid).await?;
+        let n = data.len() as u64;
+        let now = ns(now_ns());
+        let stamp = [(MTIME, now.clone()), (CTIME, now)];
+        let (w, t) = futures::join!(a.write(offset, data), a.object().update_many(FILE_DKEY, &stamp));
+        w?;
+        t?;
+        Ok(n)
+    }
+
+    /// Appends `data` to file `oid` at its size, under the file's append
+    /// lock, so appends from many mounts never overwrite each other.
+    /// Returns the offset written at.
+    pub async fn append(&self, oid: Oid, data: Bytes) -> FsResult<u64> {
+        let a = self.array(oid).await?;
+        let locks = self.lock(vec![(APPEND_LOCK, oid)]).await?;
+        let r: FsResult<_> = async {
+            let at = a.size().await?;
+            self.write(oid, at, data).await?;
+            Ok::<_, FsError>(at)
+        }
+        .await;
+        locks.release().await;
+        r
+    }
+
+    /// `fallocate`: mode 0 extends the size (space is not reserved: the
+    /// pool allocates as data arrives), `FALLOC_FL_KEEP_SIZE` alone does
+    /// nothing, `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE` zero the
+    /// range (freeing whole chunks). Others: `EOPNOTSUPP`.
+    pub async fn fallocate(&self, oid: Oid, mode: i32, offset: u64, len: u64) -> FsResult<()> {
+        let a = self.array(oid).await?;
+        let end = offset.checked_add(len).ok_or_else(|| posix(libc::EFBIG, "range past 2^64"))?;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let zero = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | zero) != 0 {
+            return Err(posix(libc::EOPNOTSUPP, format!("fallocate mode {mode:#x} is not supported")));
+        }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && !keep {
+            return Err(posix(libc::EINVAL, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE"));
+        }
+        if mode & zero != 0 {
+            let size = a.size().await?;
+            let stop = if keep { end.min(size) } else { end };
+            if stop > offset {
+                a.punch(offset, stop - offset).await?;
+            }
+        }
+        if !keep && end > a.size().await? {
+            a.set_size(end).await?;
+        }
+        let now = ns(now_ns());
+        a.object().update_many(FILE_DKEY, &[(MTIME, now.clone()), (CTIME, now)]).await?;
+        Ok(())
+    }
+
+    /// Makes what was written to file `oid` durable. Every write is durable
+    /// when it returns already, so this checks only that the file exists.
+    pub async fn fsync(&self, oid: Oid) -> FsResult<()> {
+        self.getattr(oid).await.map(|_| ())
+    }
+
+    /// Reads the extended attribute `name` of inode `oid` (`ENODATA` if it
+    /// has none).
+    pub async fn getxattr(&self, oid: Oid, name: &[u8]) -> FsResult<Vec<u8>> {
+        let rec = self.record(oid).await?;
+        rec.xattrs.get(name).cloned().ok_or_else(|| posix(libc::ENODATA, "no such attribute"))
+    }
+
+    /// The names of inode `oid`'s extended attributes.
+    pub async fn listxattr(&self, oid: Oid) -> FsResult<Vec<Vec<u8>>> {
+        Ok(self.record(oid).await?.xattrs.into_keys().collect())
+    }
+
+    /// Sets an extended attribute. Names are `user.`, `trusted.` or
+    /// `security.` (the kernel checks who may set which); the
+    /// `user.shoal.*` ones are checked as layout hints.
+    pub async fn setxattr(&self, oid: Oid, name: &[u8], value: &[u8], mode: XattrMode) -> FsResult<()> {
+        check_xattr_name(name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(posix(libc::E2BIG, format!("an attribute value is at most {XATTR_SIZE_MAX} bytes")));
+        }
+        if name == XATTR_OCLASS.as_bytes() {
+            let class = parse_class(value)?;
+            let c = &self.inner.cont;
+            class
+                .check(c.info().props.rd_fac, c.inner.pool.state().info.map.widest_group())
+                .map_err(|e| posix(libc::EINVAL, e.to_string()))?;
+        } else if name == XATTR_CHUNK.as_bytes() {
+            parse_chunk(value)?;
+        }
+        self.change_record(oid, |rec| {
+            let has = rec.xattrs.contains_key(name);
+            match mode {
+                XattrMode::Create if has => return Err(posix(libc::EEXIST, "the attribute exists")),
+                XattrMode::Replace if !has => return Err(posix(libc::ENODATA, "no such attribute")),
+                _ => {}
+            }
+            rec.xattrs.insert(name.to_vec(), value.to_vec());
+            let total: usize = rec.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum();
+            if total > XATTR_TOTAL_MAX {
+                return Err(posix(libc::ENOSPC, format!("an inode's attributes take at most {XATTR_TOTAL_MAX} bytes")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes an extended attribute (`ENODATA` if absent).
+    pub async fn removexattr(&self, oid: Oid, name: &[u8]) -> FsResult<()> {
+        self.change_record(oid, |rec| {
+            rec.xattrs.remove(name).map(|_| ()).ok_or_else(|| posix(libc::ENODATA, "no such attribute"))
+        })
+        .await
+    }
+
+    /// Changes inode `oid`'s record under its lock and stamps its ctime.
+    async fn change_record(&self, oid: Oid, f: impl FnOnce(&mut Record) -> FsResult<()>) -> FsResult<()> {
+        let (obj, dkey) = self.node(oid)?;
+        let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
+        let r: FsResult<_> = async {
+            let mut rec = self.record(oid).await?;
+            f(&mut rec)?;
+            obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now_ns()))]).await?;
+            Ok(())
+        }
+        .await;
+        locks.release().await;
+        r
+    }
+
+    /// The pool's capacity as `statfs` shows it: the space of every target
+    /// that answers.
+    pub async fn statfs(&self) -> FsResult<StatFs> {
+        let pool = Pool { inner: self.inner.cont.inner.pool.clone() };
+        let (mut used, mut free) = (0u64, 0u64);
+        for (_, _, u) in pool.target_usage().await {
+            if let Ok(u) = u {
+                used += u.data_bytes;
+                free += u.free_bytes;
+            }
+        }
+        let bs = 4096u64;
+        Ok(StatFs {
+            block_size: bs as u32,
+            blocks: (used + free) / bs,
+            blocks_free: free / bs,
+            name_max: NAME_MAX as u32,
+        })
+    }
+
+    /// The class, chunk size and servers of file `oid`.
+    pub async fn layout(&self, oid: Oid) -> FsResult<FileLayout> {
+        let a = self.array(oid).await?;
+        let layout = a.object().layout()?;
+        let mut ranks: Vec<u32> = layout.groups.iter().flatten().map(|s| s.rank).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        Ok(FileLayout { class: a.object().class(), chunk_size: a.chunk_size(), ranks })
+    }
+
+    /// Puts `oid` in the orphan list, owned by this mount.
+    async fn add_orphan(&self, oid: Oid) -> FsResult<()> {
+        let owner = Bytes::copy_from_slice(&self.inner.mount_id.to_le_bytes());
+        self.inner.orphans.update_single(oid_key(oid), OWNER, owner).await?;
+        Ok(())
+    }
+
+    /// Frees an orphaned inode once nobody has it open: destroys its
+    /// object if it has no names left, and drops it from the orphan list.
+    pub async fn reclaim(&self, oid: Oid) -> FsResult<()> {
+        let (obj, _) = self.node(oid)?;
+        match self.record(oid).await {
+            Ok(rec) if rec.nlink == 0 => {
+                obj.punch().await?;
+            }
+            // Linked again, or gone already: nothing to free.
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::ENOENT => {}
+            Err(e) => return Err(e),
+        }
+        self.inner.arrays.lock().expect("arrays").remove(&oid);
+        self.inner.orphans.punch_dkey(oid_key(oid)).await?;
+        Ok(())
+    }
+
+    /// Frees the orphans of mounts that are gone (unmounted, or no
+    /// heartbeat for five minutes), and this mount's own if `mine`.
+    /// Returns how many were freed. Cancel safe.
+    pub async fn clean_orphans(&self, mine: bool) -> FsResult<usize> {
+        let keys = self.inner.orphans.list_dkeys().await?;
+        let now = now_ns();
+        let mut freed = 0;
+        for k in keys {
+            let Ok(b) = <[u8; 16]>::try_from(k.as_slice()) else { continue };
+            let (hi, lo) = b.split_at(8);
+            let oid = Oid {
+                hi: u64::from_be_bytes(hi.try_into().expect("8 bytes")),
+                lo: u64::from_be_bytes(lo.try_into().expect("8 bytes")),
+            };
+            let owner = self.inner.orphans.fetch_single(&k, OWNER, EPOCH_MAX).await?;
+            let owner = owner.as_deref().and_then(|o| <[u8; 16]>::try_from(o).ok()).map(u128::from_le_bytes);
+            let gone = match owner {
+                Some(o) if o == self.inner.mount_id => mine,
+                Some(o) => match self.inner.sb.fetch_single(MOUNTS_DKEY, o.to_le_bytes(), EPOCH_MAX).await? {
+                    Some(t) => now - un_ns(&Some(t)) > MOUNT_GONE.as_nanos() as i64,
+                    None => true,
+                },
+                None => true,
+            };
+            if gone {
+                self.reclaim(oid).await?;
+                freed += 1;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+fn oid_key(oid: Oid) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&oid.hi.to_be_bytes());
+    k[8..].copy_from_slice(&oid.lo.to_be_bytes());
+    k
+}
+
+fn check_xattr_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(posix(libc::ERANGE, format!("an attribute name is at most {NAME_MAX} bytes")));
+    }
+    let ok = [&b"user."[..], b"trusted.", b"security."].iter().any(|p| name.starts_with(p) && name.len() > p.len());
+    if !ok {
+        return Err(posix(libc::EOPNOTSUPP, "attribute names are user.*, trusted.* or security.*"));
+    }
+    Ok(())
+}
+
+/// Writes an inode record, and all three times if `times` is given.
+async fn write_record(obj: &Object, dkey: &[u8], rec: &Record, times: Option<i64>) -> FsResult<()> {
+    let mut v: Vec<(&[u8], Bytes)> = vec![(REC, encode(rec))];
+    if let Some(t) = times {
+        v.extend([(ATIME, ns(t)), (MTIME, ns(t)), (CTIME, ns(t))]);
+    }
+    obj.update_many(dkey, &v).await?;
+    Ok(())
+}
+
+/// Stamps a directory's mtime and ctime (blind: the latest stamp wins).
+async fn touch_dir(d: &Object, now: i64) -> FsResult<()> {
+    d.update_many(OBJ_DKEY, &[(MTIME, ns(now)), (CTIME, ns(now))]).await?;
+    Ok(())
+}
+
+fn parse_class(v: &[u8]) -> FsResult<ObjectClass> {
+    let s = std::str::from_utf8(v).map_err(|_| posix(libc::EINVAL, "an object class is text"))?;
+    s.trim().parse::<ObjectClass>().map_err(|e| posix(libc::EINVAL, e.to_string()))
+}
+
+fn parse_chunk(v: &[u8]) -> FsResult<u64> {
+    let s = std::str::from_utf8(v).map_err(|_| posix(libc::EINVAL, "a chunk size is text"))?;
+    let n = s.trim().parse::<bytesize::ByteSize>().map_err(|e| posix(libc::EINVAL, e))?.as_u64();
+    if n == 0 || n > 1 << 30 {
+        return Err(posix(libc::EINVAL, "a chunk size is 1 byte to 1GiB"));
+    }
+    Ok(n)
+}

@@ -1,0 +1,346 @@
+//! A container mounted with FUSE (`shoal mount`) on a 6-server loopback
+//! cluster, used by ordinary tools: coreutils, tar, rsync, several
+//! processes at once, and POSIX error codes checked from Python as other
+//! users. What the mount wrote is read back through the native API.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal_client::fs::Fs;
+use shoal_common::mgmt::ContProps;
+use shoal_tests::TestCluster;
+
+fn shoal_bin() -> PathBuf {
+    shoal_tests::server_bin().with_file_name("shoal")
+}
+
+fn mounted(dir: &Path) -> bool {
+    let canon = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == canon))
+}
+
+/// A `shoal mount --foreground` process of our own, so a test can kill it.
+struct Mount {
+    dir: PathBuf,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Mount {
+    fn start(ms: &str, target: &str, dir: &Path, extra: &[&str]) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = dir.with_extension("log");
+        let child = Command::new(shoal_bin())
+            .args(["--ms", ms, "mount", target])
+            .arg(dir)
+            .arg("--foreground")
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let m = Mount { dir: dir.to_path_buf(), child, log };
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while !mounted(dir) {
+            assert!(Instant::now() < give_up, "no mount after 30s: {}", m.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new(shoal_bin()).args(["umount", "--lazy"]).arg(&self.dir).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a bash script (with `-euo pipefail`) in `cwd`; returns stdout.
+#[track_caller]
+fn sh(cwd: &Path, env: &[(&str, &Path)], script: &str) -> String {
+    let mut c = Command::new("bash");
+    c.args(["-euo", "pipefail", "-c", script]).current_dir(cwd);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "script failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+async fn cluster(tmp: &Path) -> TestCluster {
+    let cluster = TestCluster::start(tmp, 6, 1).await.unwrap();
+    let props = ContProps { rd_fac: 1, ..Default::default() };
+    shoal_tests::tank(&cluster, props).await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordinary_tools_work_on_a_mounted_container() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = cluster(tmp.path()).await;
+    let mnt = tmp.path().join("mnt");
+    let m = Mount::start(&cluster.ms(), "tank/c", &mnt, &["--allow-other"]);
+    let local = tmp.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    let env = [("M", mnt.as_path()), ("T", local.as_path())];
+
+    // coreutils.
+    sh(
+        &mnt,
+        &env,
+        r#"
+        echo hello > a.txt
+        cp a.txt b.txt && cmp a.txt b.txt
+        mv b.txt c.txt && test ! -e b.txt && test "$(cat c.txt)" = hello
+        ln c.txt hard && test "$(stat -c %h c.txt)" = 2 && test "$(stat -c %i c.txt)" = "$(stat -c %i hard)"
+        ln -s a.txt sym && test "$(readlink sym)" = a.txt && test "$(cat sym)" = hello
+        ls -l > /dev/null
+        touch -d '2001-02-03 04:05:06' a.txt
+        test "$(stat -c %Y a.txt)" = "$(date -d '2001-02-03 04:05:06' +%s)"
+        chmod 640 a.txt && test "$(stat -c %a a.txt)" = 640
+        chown 1234:5678 a.txt && test "$(stat -c %u:%g a.txt)" = 1234:5678
+        mkdir -p x/y/z && echo deep > x/y/z/f && rm -r x && test ! -e x
+        truncate -s 1M big && test "$(stat -c %s big)" = 1048576
+        truncate -s 10 big && test "$(stat -c %s big)" = 10
+        fallocate -l 2M big2 && test "$(stat -c %s big2)" = 2097152
+        head -c 100000 /dev/urandom > holes && fallocate -p -o 4096 -l 8192 holes
+        test "$(stat -c %s holes)" = 100000
+        test "$(dd if=holes bs=4096 skip=1 count=2 status=none | tr -d '\0' | wc -c)" = 0
+        du -s . > /dev/null
+        df . | grep -q shoal
+        test "$(stat -f -c %l .)" = 255
+        mkfifo fifo && test -p fifo
+        setfattr -n user.note -v hi a.txt && test "$(getfattr --only-values -n user.note a.txt)" = hi
+        rm hard c.txt && test ! -e c.txt
+    "#,
+    );
+
+    // tar in and out, byte for byte; rsync -a with its metadata.
+    sh(
+        &mnt,
+        &env,
+        r#"
+        tar -C /usr/include -cf - linux | tar -C "$M" -xf -
+        diff -r /usr/include/linux "$M/linux"
+        tar -C "$M" -cf "$T/out.tar" linux
+        mkdir "$T/back" && tar -C "$T/back" -xf "$T/out.tar"
+        diff -r /usr/include/linux "$T/back/linux"
+        rsync -a /usr/include/asm-generic "$M/"
+        diff -r /usr/include/asm-generic "$M/asm-generic"
+        # rsync kept modes and times: a second run has nothing to send.
+        test -z "$(rsync -ai /usr/include/asm-generic "$M/")"
+        rm -r "$M/linux" "$M/asm-generic"
+    "#,
+    );
+
+    // Several processes: one file each, and one file at disjoint offsets.
+    sh(
+        &mnt,
+        &env,
+        r#"
+        head -c 8M /dev/urandom > "$T/r"
+        for i in 0 1 2 3; do cp "$T/r" "$M/w$i" & done; wait
+        for i in 0 1 2 3; do cmp "$T/r" "$M/w$i"; done
+        for i in 0 1 2 3 4 5 6 7; do
+            dd if="$T/r" of="$M/shared" bs=1M count=1 skip=$i seek=$i conv=notrunc status=none &
+        done; wait
+        cmp "$T/r" "$M/shared"
+    "#,
+    );
+
+    // A sparse file far past its data, and an unlinked file kept open.
+    sh(
+        &mnt,
+        &env,
+        r#"
+        printf 'end' | dd of=sparse bs=1 seek=$((10 << 30)) status=none
+        test "$(stat -c %s sparse)" = $(((10 << 30) + 3))
+        test "$(tail -c 3 sparse)" = end
+        test "$(dd if=sparse bs=1M skip=5000 count=1 status=none | tr -d '\0' | wc -c)" = 0
+        echo secret > open.txt
+        exec 3< open.txt 4>> open.txt
+        rm open.txt && test ! -e open.txt
+        echo more >&4
+        test "$(cat <&3)" = "$(printf 'secret\nmore')"
+        exec 3<&- 4>&-
+    "#,
+    );
+
+    // O_APPEND from two processes: every line whole.
+    sh(
+        &mnt,
+        &env,
+        r#"
+        for p in a b; do (for i in $(seq 50); do echo "$p-$i-xxxxxxxxxxxxxxxxxxxx" >> log; done) & done; wait
+        test "$(wc -l < log)" = 100
+        test "$(grep -c -E '^[ab]-[0-9]+-x{20}$' log)" = 100
+    "#,
+    );
+
+    // The native API reads what the mount wrote.
+    let client = cluster.client().await.unwrap();
+    let cont = client.pool_connect("tank").await.unwrap().cont_open("c").await.unwrap();
+    let fs = Fs::mount(cont).await.unwrap();
+    let w0 = fs.resolve("/w0").await.unwrap();
+    let want = std::fs::read(local.join("r")).unwrap();
+    assert_eq!(w0.size, want.len() as u64);
+    assert!(fs.read(w0.oid, 0, w0.size).await.unwrap() == want[..], "native read differs from what the mount wrote");
+    fs.unmount().await.unwrap();
+    drop(m);
+    assert!(!mounted(&mnt));
+}
+
+/// POSIX error codes, permissions, sticky directories and setuid clearing,
+/// checked from Python as root and as other users.
+const POSIX_PY: &str = r#"
+import errno, os, sys
+M = sys.argv[1]
+def expect(code, f, *a):
+    try:
+        f(*a)
+    except OSError as e:
+        assert e.errno == code, f"{f.__name__}{a}: {errno.errorcode[e.errno]}, not {errno.errorcode[code]}"
+        return
+    raise AssertionError(f"{f.__name__}{a} did not fail with {errno.errorcode[code]}")
+def as_user(uid, f):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([]); os.setgid(uid); os.setuid(uid); f(); os._exit(0)
+        except BaseException as e:
+            print(f"as uid {uid}: {e!r}", file=sys.stderr); os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0, f"check as uid {uid} failed"
+os.chdir(M)
+os.mkdir("e"); os.chdir("e")
+expect(errno.ENOENT, os.stat, "missing")
+expect(errno.ENOENT, open, "missing/x")
+os.mkdir("d"); open("d/f", "w").close(); open("file", "w").close()
+expect(errno.EEXIST, os.mkdir, "d")
+expect(errno.EEXIST, os.open, "file", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+expect(errno.ENOTDIR, os.stat, "file/x")
+expect(errno.EISDIR, open, "d", "w")
+expect(errno.ENOTEMPTY, os.rmdir, "d")
+expect(errno.ENAMETOOLONG, open, "n" * 256, "w")
+open("n" * 255, "w").close()
+expect(errno.EINVAL, os.rename, "d", "d/sub")
+os.symlink("loop", "loop")
+expect(errno.ELOOP, open, "loop")
+expect(errno.EXDEV, os.rename, "file", os.path.join(sys.argv[2], "file"))
+# rename over an existing file replaces it; hard-link counts follow.
+with open("old", "w") as f: f.write("old")
+with open("new", "w") as f: f.write("new")
+os.link("old", "old2")
+assert os.stat("old").st_nlink == 2
+os.rename("new", "old")
+assert open("old").read() == "new" and open("old2").read() == "old"
+assert os.stat("old2").st_nlink == 1
+# Timestamps: a write moves mtime and ctime, chmod only ctime.
+st = os.stat("old2")
+os.utime("old2", ns=(1_000_000_000, 1_000_000_000))
+with open("old2", "a") as f: f.write("x")
+st2 = os.stat("old2")
+assert st2.st_mtime_ns > 1_000_000_000 and st2.st_ctime_ns >= st.st_ctime_ns
+os.utime("old2", ns=(5_000_000_000, 5_000_000_000))
+os.chmod("old2", 0o600)
+st3 = os.stat("old2")
+assert st3.st_mtime_ns == 5_000_000_000 and st3.st_ctime_ns > 5_000_000_000
+os.utime(".", ns=(1_000_000_000, 1_000_000_000))
+open("fresh", "w").close()
+assert os.stat(".").st_mtime_ns > 1_000_000_000, "creating an entry moves the directory's mtime"
+# Permissions as other users.
+os.chmod(".", 0o777)
+with open("ro", "w") as f: f.write("x")
+os.chmod("ro", 0o444)
+as_user(1000, lambda: expect(errno.EACCES, open, "ro", "w"))
+as_user(1000, lambda: expect(errno.EPERM, os.chmod, "ro", 0o777))
+as_user(1000, lambda: expect(errno.EPERM, os.chown, "ro", 1000, 1000))
+# Sticky directory: others' files cannot be removed or renamed.
+os.mkdir("sticky"); os.chmod("sticky", 0o1777)
+def mine():
+    with open("sticky/u1000", "w") as f: f.write("x")
+as_user(1000, mine)
+as_user(1001, lambda: expect(errno.EPERM, os.unlink, "sticky/u1000"))
+as_user(1001, lambda: expect(errno.EPERM, os.rename, "sticky/u1000", "sticky/stolen"))
+as_user(1000, lambda: os.unlink("sticky/u1000"))
+# setuid and setgid are cleared when someone else writes, and on chown.
+with open("suid", "w") as f: f.write("x")
+os.chmod("suid", 0o6777)
+as_user(1000, lambda: open("suid", "r+").write("y"))
+assert os.stat("suid").st_mode & 0o6000 == 0, oct(os.stat("suid").st_mode)
+os.chmod("suid", 0o4755)
+os.chown("suid", 1000, 1000)
+assert os.stat("suid").st_mode & 0o4000 == 0, "chown clears setuid"
+print("posix checks passed")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posix_errors_permissions_and_times_hold_on_a_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = cluster(tmp.path()).await;
+    let mnt = tmp.path().join("mnt");
+    let other = tmp.path().join("other");
+    let _m = Mount::start(&cluster.ms(), "tank/c", &mnt, &["--allow-other", "--attr-timeout", "0s"]);
+    std::fs::create_dir_all(&other).unwrap();
+    // Let other users walk down to the mount.
+    sh(tmp.path(), &[], "chmod 755 .");
+    let o = Command::new("python3").args(["-c", POSIX_PY]).arg(&mnt).arg(&other).output().unwrap();
+    assert!(o.status.success(), "{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mounts_see_each_others_changes_and_a_crashed_mount_unmounts_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = cluster(tmp.path()).await;
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let ma = Mount::start(&cluster.ms(), "tank/c", &a, &["--attr-timeout", "0s", "--entry-timeout", "0s"]);
+    let mut mb = Mount::start(&cluster.ms(), "tank/c", &b, &["--attr-timeout", "0s", "--entry-timeout", "0s"]);
+    let env = [("A", a.as_path()), ("B", b.as_path())];
+    sh(
+        tmp.path(),
+        &env,
+        r#"
+        echo one > "$A/f" && test "$(cat "$B/f")" = one
+        mv "$B/f" "$B/g" && test ! -e "$A/f" && test "$(cat "$A/g")" = one
+        mkdir "$A/d" && ln "$B/g" "$B/d/h" && test "$(stat -c %h "$A/g")" = 2
+        # Exclusive creates from both mounts: exactly one wins each name.
+        for i in $(seq 20); do
+            ( set -C; echo a > "$A/x$i" ) 2>/dev/null & ( set -C; echo b > "$B/x$i" ) 2>/dev/null & wait
+            test "$(wc -l < "$A/x$i")" = 1
+        done
+    "#,
+    );
+
+    // Kill the serving process: `shoal umount` leaves no hung mount.
+    mb.child.kill().unwrap();
+    mb.child.wait().unwrap();
+    let o = Command::new(shoal_bin()).arg("umount").arg(&b).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!mounted(&b));
+    assert!(std::fs::read_dir(&b).unwrap().next().is_none(), "the mount point is an empty directory again");
+    // SIGTERM unmounts the other cleanly.
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(ma.child.id() as i32, libc::SIGTERM) };
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while mounted(&a) {
+        assert!(Instant::now() < give_up, "SIGTERM did not unmount: {}", ma.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(ma);
+}

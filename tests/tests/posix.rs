@@ -1,0 +1,278 @@
+//! The POSIX namespace from Rust (no FUSE): what POSIX says each call does,
+//! its error codes, and two mounts of one container changing it at once.
+
+use bytes::Bytes;
+use shoal_client::fs::{Fs, FsError, Kind, NewNode, RenameFlags, SetAttr, XattrMode};
+use shoal_common::mgmt::ContProps;
+use shoal_tests::TestCluster;
+
+fn file(perm: u32) -> NewNode {
+    NewNode { kind: Kind::File, perm, uid: 1000, gid: 1000, rdev: 0, target: None }
+}
+
+fn dir() -> NewNode {
+    NewNode { kind: Kind::Dir, perm: 0o755, uid: 1000, gid: 1000, rdev: 0, target: None }
+}
+
+#[track_caller]
+fn errno<T: std::fmt::Debug>(r: Result<T, FsError>, want: i32) {
+    match r {
+        Err(e) => assert_eq!(e.errno(), want, "wrong errno for: {e}"),
+        Ok(v) => panic!("expected errno {want}, got {v:?}"),
+    }
+}
+
+async fn setup(tmp: &std::path::Path, servers: usize) -> (TestCluster, Fs) {
+    let cluster = TestCluster::start(tmp, servers, 1).await.unwrap();
+    let props = ContProps { rd_fac: 1, ..Default::default() };
+    let (_, _, cont) = shoal_tests::tank(&cluster, props).await;
+    let fs = Fs::mount(cont).await.unwrap();
+    (cluster, fs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_namespace_does_what_posix_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cluster, fs) = setup(tmp.path(), 3).await;
+    let root = fs.root();
+
+    // Create, look up, write, read back; O_EXCL and plain O_CREAT.
+    let (a, created) = fs.create(root, b"a.txt", &file(0o644), true).await.unwrap();
+    assert!(created);
+    assert_eq!((a.kind, a.perm, a.nlink, a.size, a.uid), (Kind::File, 0o644, 1, 0, 1000));
+    errno(fs.create(root, b"a.txt", &file(0o644), true).await, libc::EEXIST);
+    let (again, created) = fs.create(root, b"a.txt", &file(0o600), false).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.oid, a.oid);
+    fs.write(a.oid, 0, Bytes::from_static(b"hello world")).await.unwrap();
+    assert_eq!(&fs.read(a.oid, 6, 100).await.unwrap()[..], b"world");
+    assert_eq!(fs.lookup(root, b"a.txt").await.unwrap().size, 11);
+
+    // Names: too long, invalid, missing.
+    errno(fs.create(root, &[b'x'; 256], &file(0o644), true).await, libc::ENAMETOOLONG);
+    fs.create(root, &[b'y'; 255], &file(0o644), true).await.unwrap();
+    errno(fs.create(root, b"a/b", &file(0o644), true).await, libc::EINVAL);
+    errno(fs.lookup(root, b"missing").await, libc::ENOENT);
+
+    // Directories: mkdir, ENOTDIR, EISDIR, ENOTEMPTY, rmdir.
+    let d = fs.create(root, b"d", &dir(), true).await.unwrap().0;
+    assert_eq!(d.kind, Kind::Dir);
+    errno(fs.lookup(a.oid, b"x").await, libc::ENOTDIR);
+    errno(fs.unlink(root, b"d").await, libc::EISDIR);
+    errno(fs.rmdir(root, b"a.txt").await, libc::ENOTDIR);
+    fs.create(d.oid, b"inner", &file(0o644), true).await.unwrap();
+    errno(fs.rmdir(root, b"d").await, libc::ENOTEMPTY);
+
+    // Hard links count their names; a directory cannot have one.
+    let l = fs.link(a.oid, d.oid, b"link").await.unwrap();
+    assert_eq!(l.nlink, 2);
+    errno(fs.link(d.oid, root, b"dlink").await, libc::EPERM);
+    errno(fs.link(a.oid, d.oid, b"link").await, libc::EEXIST);
+    assert_eq!(fs.unlink(root, b"a.txt").await.unwrap(), None, "one name is left");
+    let l = fs.lookup(d.oid, b"link").await.unwrap();
+    assert_eq!((l.nlink, l.size), (1, 11));
+    assert_eq!(&fs.read(l.oid, 0, 5).await.unwrap()[..], b"hello");
+
+    // Rename: over a file (the old target's last name goes), into a
+    // descendant (EINVAL), NOREPLACE, EXCHANGE, file over directory.
+    let b = fs.create(root, b"b", &file(0o644), true).await.unwrap().0;
+    fs.write(b.oid, 0, Bytes::from_static(b"bbb")).await.unwrap();
+    let gone = fs.rename(d.oid, b"link", root, b"b", RenameFlags::default()).await.unwrap();
+    assert_eq!(gone, Some(b.oid), "the replaced file lost its last name");
+    fs.reclaim(b.oid).await.unwrap();
+    assert_eq!(&fs.read(fs.lookup(root, b"b").await.unwrap().oid, 0, 5).await.unwrap()[..], b"hello");
+    errno(fs.lookup(d.oid, b"link").await, libc::ENOENT);
+    let sub = fs.create(d.oid, b"sub", &dir(), true).await.unwrap().0;
+    errno(fs.rename(root, b"d", sub.oid, b"d2", RenameFlags::default()).await, libc::EINVAL);
+    errno(fs.rename(root, b"d", d.oid, b"self", RenameFlags::default()).await, libc::EINVAL);
+    let noreplace = RenameFlags { noreplace: true, exchange: false };
+    errno(fs.rename(root, b"b", d.oid, b"inner", noreplace).await, libc::EEXIST);
+    let exchange = RenameFlags { noreplace: false, exchange: true };
+    fs.rename(root, b"b", d.oid, b"sub", exchange).await.unwrap();
+    assert_eq!(fs.lookup(root, b"b").await.unwrap().kind, Kind::Dir);
+    assert_eq!(fs.lookup(d.oid, b"sub").await.unwrap().kind, Kind::File);
+    errno(fs.rename(d.oid, b"sub", root, b"b", RenameFlags::default()).await, libc::EISDIR);
+    errno(fs.rename(root, b"b", d.oid, b"sub", RenameFlags::default()).await, libc::ENOTDIR);
+    // The exchanged directory's parent moved with it: moving root's "b"
+    // below itself is refused, moving it under d is fine.
+    fs.rename(root, b"b", d.oid, b"b", RenameFlags::default()).await.unwrap();
+
+    // Symlinks, FIFOs, sockets.
+    let s = NewNode { kind: Kind::Symlink, perm: 0o777, uid: 0, gid: 0, rdev: 0, target: Some(b"d/inner".to_vec()) };
+    let s = fs.create(root, b"sym", &s, true).await.unwrap().0;
+    assert_eq!((s.kind, s.size), (Kind::Symlink, 7));
+    assert_eq!(fs.readlink(s.oid).await.unwrap(), b"d/inner");
+    errno(fs.readlink(d.oid).await, libc::EINVAL);
+    for (name, kind) in [(&b"fifo"[..], Kind::Fifo), (b"sock", Kind::Socket)] {
+        let n = NewNode { kind, perm: 0o600, uid: 0, gid: 0, rdev: 0, target: None };
+        assert_eq!(fs.create(root, name, &n, true).await.unwrap().0.kind, kind);
+    }
+
+    // Attributes: chmod, chown, times, truncate, setgid directories.
+    let t = SetAttr { perm: Some(0o4755), uid: Some(7), mtime: Some(1_000_000_000), ..Default::default() };
+    let inner = fs.lookup(d.oid, b"inner").await.unwrap();
+    let after = fs.setattr(inner.oid, &t).await.unwrap();
+    assert_eq!((after.perm, after.uid, after.mtime), (0o4755, 7, 1_000_000_000));
+    assert!(after.ctime > inner.ctime);
+    fs.write(inner.oid, 0, Bytes::from(vec![9u8; 10_000])).await.unwrap();
+    let cut = fs.setattr(inner.oid, &SetAttr { size: Some(100), ..Default::default() }).await.unwrap();
+    assert_eq!(cut.size, 100);
+    let grown = fs.setattr(inner.oid, &SetAttr { size: Some(5000), ..Default::default() }).await.unwrap();
+    assert_eq!(grown.size, 5000);
+    assert!(fs.read(inner.oid, 100, 4900).await.unwrap().iter().all(|b| *b == 0), "truncated bytes come back as zeros");
+    let sg = fs.create(root, b"sg", &dir(), true).await.unwrap().0;
+    fs.setattr(sg.oid, &SetAttr { perm: Some(0o2775), gid: Some(55), ..Default::default() }).await.unwrap();
+    let child = fs.create(sg.oid, b"child", &dir(), true).await.unwrap().0;
+    assert_eq!((child.gid, child.perm & 0o2000), (55, 0o2000), "setgid directories pass on their group");
+
+    // Directory times change when entries do.
+    let before = fs.getattr(root).await.unwrap().mtime;
+    fs.create(root, b"new", &file(0o644), true).await.unwrap();
+    assert!(fs.getattr(root).await.unwrap().mtime > before);
+
+    // Extended attributes.
+    fs.setxattr(inner.oid, b"user.color", b"blue", XattrMode::Create).await.unwrap();
+    errno(fs.setxattr(inner.oid, b"user.color", b"red", XattrMode::Create).await, libc::EEXIST);
+    errno(fs.setxattr(inner.oid, b"user.none", b"x", XattrMode::Replace).await, libc::ENODATA);
+    errno(fs.setxattr(inner.oid, b"bogus.x", b"x", XattrMode::Any).await, libc::EOPNOTSUPP);
+    assert_eq!(fs.getxattr(inner.oid, b"user.color").await.unwrap(), b"blue");
+    assert_eq!(fs.listxattr(inner.oid).await.unwrap(), vec![b"user.color".to_vec()]);
+    fs.removexattr(inner.oid, b"user.color").await.unwrap();
+    errno(fs.getxattr(inner.oid, b"user.color").await, libc::ENODATA);
+
+    // Layout hints on a directory: checked, inherited, applied.
+    errno(fs.setxattr(d.oid, b"user.shoal.oclass", b"NOPE", XattrMode::Any).await, libc::EINVAL);
+    fs.setxattr(d.oid, b"user.shoal.oclass", b"RP_3G1", XattrMode::Any).await.unwrap();
+    fs.setxattr(d.oid, b"user.shoal.chunk_size", b"64KiB", XattrMode::Any).await.unwrap();
+    let below = fs.create(d.oid, b"deep", &dir(), true).await.unwrap().0;
+    let f = fs.create(below.oid, b"f", &file(0o644), true).await.unwrap().0;
+    let layout = fs.layout(f.oid).await.unwrap();
+    assert_eq!((layout.class.to_string().as_str(), layout.chunk_size), ("RP_3G1", 64 << 10));
+    assert_eq!(layout.ranks.len(), 3);
+
+    // fallocate: extend, punch a hole.
+    fs.fallocate(f.oid, 0, 0, 300_000).await.unwrap();
+    assert_eq!(fs.getattr(f.oid).await.unwrap().size, 300_000);
+    fs.write(f.oid, 0, Bytes::from(vec![1u8; 300_000])).await.unwrap();
+    fs.fallocate(f.oid, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 1000, 200_000).await.unwrap();
+    let back = fs.read(f.oid, 0, 300_000).await.unwrap();
+    assert_eq!(back.len(), 300_000);
+    assert!(back[..1000].iter().all(|b| *b == 1) && back[1000..201_000].iter().all(|b| *b == 0));
+    assert!(back[201_000..].iter().all(|b| *b == 1));
+    errno(fs.fallocate(f.oid, libc::FALLOC_FL_PUNCH_HOLE, 0, 10).await, libc::EINVAL);
+
+    // statfs shows the pool's real space.
+    let st = fs.statfs().await.unwrap();
+    assert!(st.blocks > 0 && st.blocks_free > 0 && st.blocks_free <= st.blocks);
+
+    // A listing holds every entry once.
+    let mut names: Vec<String> =
+        fs.readdir(root).await.unwrap().into_iter().map(|e| String::from_utf8(e.name).unwrap()).collect();
+    names.sort();
+    let want = ["d", "fifo", "new", "sg", "sock", "sym"];
+    assert_eq!(names.iter().filter(|n| n.len() < 255).cloned().collect::<Vec<_>>(), want);
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlinked_open_file_lives_until_reclaimed_also_after_its_mount_died() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cluster, fs) = setup(tmp.path(), 3).await;
+    let root = fs.root();
+    let f = fs.create(root, b"tmp", &file(0o600), true).await.unwrap().0;
+    fs.write(f.oid, 0, Bytes::from(vec![5u8; 100_000])).await.unwrap();
+    let gone = fs.unlink(root, b"tmp").await.unwrap();
+    assert_eq!(gone, Some(f.oid));
+    // Still readable and writable through the inode.
+    fs.write(f.oid, 100_000, Bytes::from_static(b"more")).await.unwrap();
+    assert_eq!(fs.getattr(f.oid).await.unwrap().nlink, 0);
+    assert_eq!(fs.read(f.oid, 99_998, 10).await.unwrap().len(), 6);
+
+    // Another mount does not free what a live mount holds...
+    let other = Fs::mount(fs.container().clone()).await.unwrap();
+    assert_eq!(other.clean_orphans(false).await.unwrap(), 0);
+    assert_eq!(fs.getattr(f.oid).await.unwrap().size, 100_004);
+    // ...but once that mount is gone, the next cleaning frees it.
+    fs.unmount().await.unwrap();
+    assert_eq!(other.clean_orphans(false).await.unwrap(), 1);
+    errno(other.getattr(f.oid).await, libc::ENOENT);
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_mounts_racing_on_one_name_never_both_win_or_lose_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cluster, a) = setup(tmp.path(), 3).await;
+    let b = Fs::mount(a.container().clone()).await.unwrap();
+    let root = a.root();
+
+    // Exclusive creates of one name: exactly one wins each round.
+    for round in 0..20 {
+        let name = format!("x{round}");
+        let node = file(0o644);
+        let (ra, rb) =
+            futures::join!(a.create(root, name.as_bytes(), &node, true), b.create(root, name.as_bytes(), &node, true));
+        let wins = [ra.is_ok(), rb.is_ok()].iter().filter(|w| **w).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} / {rb:?}");
+        for r in [ra, rb] {
+            if let Err(e) = r {
+                assert_eq!(e.errno(), libc::EEXIST);
+            }
+        }
+    }
+
+    // Renames of two files onto one name at once: the name ends up naming
+    // one of them, the other is gone, nothing is named twice.
+    for round in 0..10 {
+        let (p, q) = (format!("p{round}"), format!("q{round}"));
+        let fp = a.create(root, p.as_bytes(), &file(0o644), true).await.unwrap().0;
+        let fq = a.create(root, q.as_bytes(), &file(0o644), true).await.unwrap().0;
+        let (ra, rb) = futures::join!(
+            a.rename(root, p.as_bytes(), root, b"target", RenameFlags::default()),
+            b.rename(root, q.as_bytes(), root, b"target", RenameFlags::default())
+        );
+        ra.unwrap();
+        rb.unwrap();
+        let t = a.lookup(root, b"target").await.unwrap();
+        assert!(t.oid == fp.oid || t.oid == fq.oid);
+        errno(a.lookup(root, p.as_bytes()).await, libc::ENOENT);
+        errno(a.lookup(root, q.as_bytes()).await, libc::ENOENT);
+    }
+
+    // Two mounts moving two directories into each other: one move wins,
+    // no loop forms.
+    let d1 = a.create(root, b"d1", &dir(), true).await.unwrap().0;
+    let d2 = a.create(root, b"d2", &dir(), true).await.unwrap().0;
+    let (ra, rb) = futures::join!(
+        a.rename(root, b"d1", d2.oid, b"d1", RenameFlags::default()),
+        b.rename(root, b"d2", d1.oid, b"d2", RenameFlags::default())
+    );
+    let oks = [ra.is_ok(), rb.is_ok()].iter().filter(|w| **w).count();
+    assert_eq!(oks, 1, "{ra:?} / {rb:?}");
+    for r in [ra, rb] {
+        if let Err(e) = r {
+            assert!(e.errno() == libc::EINVAL || e.errno() == libc::ENOENT, "{e}");
+        }
+    }
+
+    // Appends from two mounts interleave whole.
+    let log = a.create(root, b"log", &file(0o644), true).await.unwrap().0;
+    let rec = |c: u8| Bytes::from(vec![c; 1000]);
+    let wa = async {
+        for _ in 0..10 {
+            a.append(log.oid, rec(b'a')).await.unwrap();
+        }
+    };
+    let wb = async {
+        for _ in 0..10 {
+            b.append(log.oid, rec(b'b')).await.unwrap();
+        }
+    };
+    futures::join!(wa, wb);
+    let all = a.read(log.oid, 0, 1 << 20).await.unwrap();
+    assert_eq!(all.len(), 20_000);
+    for r in all.chunks(1000) {
+        assert!(r.iter().all(|c| *c == r[0]), "an append was torn or overwritten");
+    }
+    drop(cluster);
+}
