@@ -82,6 +82,18 @@ impl Array {
     /// Creates the array's metadata: the chunk size, aligned to whole
     /// stripes for EC classes. Not cancel safe.
     pub(crate) async fn create(obj: Object, chunk: u64, cell: Option<u64>) -> Result<Array> {
+        Array::create_with(obj, chunk, cell, Vec::new()).await
+    }
+
+    /// [`Array::create`], writing `extra` values under the metadata dkey
+    /// in the same request (the POSIX namespace keeps a file's inode
+    /// there).
+    pub(crate) async fn create_with(
+        obj: Object,
+        chunk: u64,
+        cell: Option<u64>,
+        mut extra: Vec<(&[u8], Bytes)>,
+    ) -> Result<Array> {
         if chunk == 0 || chunk > 1 << 30 {
             return Err(ShoalError::invalid(format!("chunk size {chunk} must be between 1 byte and 1GiB")));
         }
@@ -91,12 +103,13 @@ impl Array {
         };
         let chunk = match obj.ec_geometry() {
             Some((k, _, cell)) => {
-                obj.update_single(META, CELL, Bytes::copy_from_slice(&cell.to_le_bytes())).await?;
+                extra.push((CELL, Bytes::copy_from_slice(&cell.to_le_bytes())));
                 chunk.div_ceil(k as u64 * cell) * (k as u64 * cell)
             }
             None => chunk,
         };
-        obj.update_single(META, CHUNK, Bytes::copy_from_slice(&chunk.to_le_bytes())).await?;
+        extra.push((CHUNK, Bytes::copy_from_slice(&chunk.to_le_bytes())));
+        obj.update_many(META, &extra).await?;
         Ok(Array { obj, chunk })
     }
 
@@ -252,6 +265,31 @@ impl Array {
     /// # Ok(()) }
     /// ```
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_clamped(offset, len).await
+    }
+
+    /// Exactly `len` bytes at `offset`, whatever the array's size says
+    /// (holes and bytes past the end read as zeros), without asking for
+    /// the size: for callers that keep the size themselves (the POSIX
+    /// namespace). Cancel safe.
+    pub(crate) async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        if offset.checked_add(len).is_none() {
+            return Err(ShoalError::invalid("a read past 2^64"));
+        }
+        let parts: Vec<Bytes> = stream::iter(self.pieces(offset, len))
+            .map(|(c, in_chunk, _, n)| async move {
+                self.obj.read_extent(&c.to_be_bytes(), DATA, in_chunk, n, EPOCH_MAX).await
+            })
+            .buffered(PARALLEL_CHUNKS)
+            .try_collect()
+            .await?;
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().expect("one part"));
+        }
+        Ok(Bytes::from(parts.concat()))
+    }
+
+    async fn read_clamped(&self, offset: u64, len: u64) -> Result<Bytes> {
         let size = self.size().await?;
         if offset >= size {
             return Ok(Bytes::new());

@@ -43,6 +43,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
+use shoal_common::msg::ValueKind;
 use shoal_common::oclass::{make_oid, oid_type, ObjType, ObjectClass};
 use shoal_common::{ErrorKind, Oid, ShoalError, EPOCH_MAX};
 
@@ -69,7 +70,6 @@ const MAGIC: &[u8] = b"shoal-posix-1";
 const SB_DKEY: &[u8] = b"sb";
 const MOUNTS_DKEY: &[u8] = b"mounts";
 const OBJ_DKEY: &[u8] = b"\0";
-const FILE_DKEY: &[u8] = b"meta";
 const REC: &[u8] = b"inode";
 const ATIME: &[u8] = b"atime";
 const MTIME: &[u8] = b"mtime";
@@ -86,6 +86,9 @@ const APPEND_LOCK: u64 = 3;
 /// not is taken for gone.
 const HEARTBEAT: Duration = Duration::from_secs(30);
 const MOUNT_GONE: Duration = Duration::from_secs(300);
+/// A file whose first write (or size) reaches this is erasure-coded when
+/// nothing else chooses its class; a smaller one is replicated.
+pub const LARGE_FILE: u64 = 1 << 20;
 /// Entries looked up at once while listing a directory.
 const LIST_PARALLEL: usize = 64;
 
@@ -185,6 +188,12 @@ struct Record {
     target: Option<Vec<u8>>,
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     crtime: i64,
+    /// A regular file's data: an array made at the first write, in the
+    /// class chosen then (see [`Fs::data_for_write`]).
+    data: Option<Oid>,
+    /// The class and chunk size its directory asked for, if any.
+    class: Option<String>,
+    chunk: Option<u64>,
 }
 
 /// A directory entry as stored.
@@ -354,8 +363,14 @@ impl Drop for FsInner {
 struct Locks(Vec<StripeLock>);
 
 impl Locks {
-    async fn release(self) {
-        futures::future::join_all(self.0.into_iter().map(StripeLock::release)).await;
+    /// Releases the locks in the background: the change they guarded is
+    /// complete on every shard, and the next taker waits at most for the
+    /// release to arrive.
+    fn release(self) {
+        if self.0.is_empty() {
+            return;
+        }
+        tokio::spawn(futures::future::join_all(self.0.into_iter().map(StripeLock::release)));
     }
 }
 
@@ -444,6 +459,9 @@ impl Fs {
                 target: None,
                 xattrs: BTreeMap::new(),
                 crtime: now,
+                data: None,
+                class: None,
+                chunk: None,
             };
             let root = self.inner.cont.open_as(self.inner.root, ObjType::Multi)?;
             write_record(&root, OBJ_DKEY, &rec, Some(now)).await?;
@@ -451,7 +469,7 @@ impl Fs {
             Ok(())
         }
         .await;
-        lock.release().await;
+        lock.release();
         r
     }
 
@@ -484,11 +502,10 @@ impl Fs {
 
     /// The object and inode dkey of `oid`.
     fn node(&self, oid: Oid) -> FsResult<(Object, &'static [u8])> {
-        Ok(match oid_type(oid) {
-            Some(ObjType::Array) => (self.inner.cont.open_as(oid, ObjType::Array)?, FILE_DKEY),
-            Some(ObjType::Multi) => (self.inner.cont.open_as(oid, ObjType::Multi)?, OBJ_DKEY),
-            _ => return Err(posix(libc::ESTALE, format!("{oid} is not an inode of this namespace"))),
-        })
+        match oid_type(oid) {
+            Some(ObjType::Multi) => Ok((self.inner.cont.open_as(oid, ObjType::Multi)?, OBJ_DKEY)),
+            _ => Err(posix(libc::ESTALE, format!("{oid} is not an inode of this namespace"))),
+        }
     }
 
     /// The object of directory `oid`.
@@ -499,21 +516,64 @@ impl Fs {
         }
     }
 
-    /// The open array of file `oid`.
-    async fn array(&self, oid: Oid) -> FsResult<Array> {
+    /// The data array of file `oid`, if it has one yet.
+    async fn data(&self, oid: Oid) -> FsResult<Option<Array>> {
+        if let Some(a) = self.inner.arrays.lock().expect("arrays").get(&oid) {
+            return Ok(Some(a.clone()));
+        }
+        let rec = self.record(oid).await?;
+        self.data_of(oid, &rec).await
+    }
+
+    async fn data_of(&self, oid: Oid, rec: &Record) -> FsResult<Option<Array>> {
+        if rec.kind != Kind::File {
+            return Err(posix(if rec.kind == Kind::Dir { libc::EISDIR } else { libc::EINVAL }, "not a regular file"));
+        }
+        let Some(d) = rec.data else { return Ok(None) };
+        let a = Array::open(self.inner.cont.open_as(d, ObjType::Array)?).await?;
+        self.remember(oid, a.clone());
+        Ok(Some(a))
+    }
+
+    /// The data array of file `oid`, made now (under the inode's lock) if
+    /// it has none, in the class [`Fs::data_layout`] chooses for a file
+    /// reaching `end`.
+    async fn data_for_write(&self, oid: Oid, end: u64) -> FsResult<Array> {
         if let Some(a) = self.inner.arrays.lock().expect("arrays").get(&oid) {
             return Ok(a.clone());
         }
-        if oid_type(oid) != Some(ObjType::Array) {
-            return Err(posix(libc::EISDIR, format!("{oid} is not a regular file")));
+        let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
+        let r: FsResult<_> = async {
+            let (rec, size) = futures::join!(self.record(oid), self.size(oid));
+            let mut rec = rec?;
+            if let Some(a) = self.data_of(oid, &rec).await? {
+                return Ok(a);
+            }
+            let (class, chunk) = self.data_layout(&rec, end.max(size?))?;
+            let d = self.inner.cont.alloc_oid(ObjType::Array, class).await?;
+            let a = Array::create(self.inner.cont.open_as(d, ObjType::Array)?, chunk, None).await?;
+            rec.data = Some(d);
+            self.node(oid)?.0.update_single(OBJ_DKEY, REC, encode(&rec)).await?;
+            self.remember(oid, a.clone());
+            Ok(a)
         }
-        let a = Array::open(self.inner.cont.open_as(oid, ObjType::Array)?).await?;
+        .await;
+        locks.release();
+        r
+    }
+
+    fn remember(&self, oid: Oid, a: Array) {
         let mut m = self.inner.arrays.lock().expect("arrays");
         if m.len() >= 4096 {
             m.clear();
         }
-        m.insert(oid, a.clone());
-        Ok(a)
+        m.insert(oid, a);
+    }
+
+    /// A file's size, as its inode keeps it.
+    async fn size(&self, oid: Oid) -> FsResult<u64> {
+        let v = self.node(oid)?.0.fetch_single(OBJ_DKEY, SIZE, EPOCH_MAX).await?;
+        Ok(v.as_deref().and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes))
     }
 
     async fn entry(&self, dir: &Object, name: &[u8]) -> FsResult<Option<Entry>> {
@@ -541,7 +601,7 @@ impl Fs {
             match obj.lock(dkey, vec![n]).await {
                 Ok(l) => held.0.push(l),
                 Err(e) => {
-                    held.release().await;
+                    held.release();
                     return Err(e.into());
                 }
             }
@@ -555,6 +615,7 @@ impl Fs {
         let d = self.dir(dir)?;
         match self.entry(&d, name).await? {
             Some(e) => self.getattr(e.oid).await,
+            None if self.record(dir).await?.kind != Kind::Dir => Err(posix(libc::ENOTDIR, "not a directory")),
             None => Err(posix(libc::ENOENT, format!("no entry {:?}", String::from_utf8_lossy(name)))),
         }
     }
@@ -575,9 +636,7 @@ impl Fs {
     /// The attributes of inode `oid`: one request.
     pub async fn getattr(&self, oid: Oid) -> FsResult<Attr> {
         let (obj, dkey) = self.node(oid)?;
-        let file = dkey == FILE_DKEY;
-        let akeys: &[&[u8]] = if file { &[REC, ATIME, MTIME, CTIME, SIZE] } else { &[REC, ATIME, MTIME, CTIME] };
-        let v = obj.fetch_many(dkey, akeys).await?;
+        let v = obj.fetch_many(dkey, &[REC, ATIME, MTIME, CTIME, SIZE]).await?;
         let rec: Record = match &v[0] {
             Some(b) => decode(b, "inode record", oid)?,
             None => return Err(posix(libc::ENOENT, format!("inode {oid} does not exist (removed?)"))),
@@ -612,8 +671,18 @@ impl Fs {
         let (obj, dkey) = self.node(oid)?;
         let now = now_ns();
         if let Some(size) = set.size {
-            let a = self.array(oid).await?;
-            a.set_size(size).await?;
+            let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
+            let r: FsResult<_> = async {
+                let rec = self.record(oid).await?;
+                if let Some(a) = self.data_of(oid, &rec).await? {
+                    a.set_size(size).await?;
+                }
+                obj.update_single(dkey, SIZE, Bytes::copy_from_slice(&size.to_le_bytes())).await?;
+                Ok(())
+            }
+            .await;
+            locks.release();
+            r?;
         }
         if set.perm.is_some() || set.uid.is_some() || set.gid.is_some() {
             let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
@@ -632,7 +701,7 @@ impl Fs {
                 Ok::<_, FsError>(())
             }
             .await;
-            locks.release().await;
+            locks.release();
             r?;
         }
         let mut times: Vec<(&[u8], Bytes)> = Vec::new();
@@ -672,7 +741,7 @@ impl Fs {
                 if excl || node.kind != Kind::File || e.kind != Kind::File {
                     return Err(posix(libc::EEXIST, format!("{:?} exists", String::from_utf8_lossy(name))));
                 }
-                return Ok((e.oid, false));
+                return Ok(Ok(e.oid));
             }
             let now = now_ns();
             let mut rec = Record {
@@ -686,6 +755,9 @@ impl Fs {
                 target: node.target.clone(),
                 xattrs: BTreeMap::new(),
                 crtime: now,
+                data: None,
+                class: None,
+                chunk: None,
             };
             // BSD group semantics under a setgid directory.
             if parent.perm & libc::S_ISGID != 0 {
@@ -694,52 +766,69 @@ impl Fs {
                     rec.perm |= libc::S_ISGID;
                 }
             }
-            let oid = match node.kind {
+            match node.kind {
                 Kind::File => {
-                    let (class, chunk) = self.file_layout(&parent)?;
-                    let oid = self.inner.cont.alloc_oid(ObjType::Array, class).await?;
-                    let a = Array::create(self.inner.cont.open_as(oid, ObjType::Array)?, chunk, None).await?;
-                    write_record(a.object(), FILE_DKEY, &rec, Some(now)).await?;
-                    oid
+                    let hint = |k: &str| parent.xattrs.get(k.as_bytes());
+                    rec.class = hint(XATTR_OCLASS).map(|v| String::from_utf8_lossy(v).trim().to_string());
+                    rec.chunk = hint(XATTR_CHUNK).map(|v| parse_chunk(v)).transpose()?;
                 }
-                _ => {
-                    if node.kind == Kind::Dir {
-                        for k in [XATTR_OCLASS, XATTR_CHUNK] {
-                            if let Some(v) = parent.xattrs.get(k.as_bytes()) {
-                                rec.xattrs.insert(k.as_bytes().to_vec(), v.clone());
-                            }
+                Kind::Dir => {
+                    for k in [XATTR_OCLASS, XATTR_CHUNK] {
+                        if let Some(v) = parent.xattrs.get(k.as_bytes()) {
+                            rec.xattrs.insert(k.as_bytes().to_vec(), v.clone());
                         }
                     }
-                    let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
-                    let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
-                    write_record(&obj, OBJ_DKEY, &rec, Some(now)).await?;
-                    oid
                 }
-            };
+                _ => {}
+            }
+            let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
+            let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
+            write_record(&obj, OBJ_DKEY, &rec, Some(now)).await?;
             let entry = encode(&Entry { oid, kind: node.kind });
             let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
             a?;
             b?;
-            Ok((oid, true))
+            let size = rec.target.as_ref().map_or(if rec.kind == Kind::Dir { 4096 } else { 0 }, |t| t.len() as u64);
+            Ok(Err(Attr {
+                oid,
+                kind: rec.kind,
+                perm: rec.perm,
+                uid: rec.uid,
+                gid: rec.gid,
+                nlink: rec.nlink,
+                size,
+                rdev: rec.rdev,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                crtime: now,
+            }))
         }
         .await;
-        locks.release().await;
-        let (oid, created) = r?;
-        Ok((self.getattr(oid).await?, created))
+        locks.release();
+        match r? {
+            Ok(existing) => Ok((self.getattr(existing).await?, false)),
+            Err(created) => Ok((created, true)),
+        }
     }
 
-    /// The class and chunk size of a new file in a directory whose record
-    /// is `parent`: the directory's attributes, else the container's.
-    fn file_layout(&self, parent: &Record) -> FsResult<(Option<ObjectClass>, u64)> {
-        let class = match parent.xattrs.get(XATTR_OCLASS.as_bytes()) {
-            Some(v) => Some(parse_class(v)?),
-            None => None,
-        };
-        let chunk = match parent.xattrs.get(XATTR_CHUNK.as_bytes()) {
-            Some(v) => parse_chunk(v)?,
-            None => self.inner.cont.info().props.chunk_size,
-        };
-        Ok((class, chunk))
+    /// The class and chunk size of a file's data, chosen at its first
+    /// write (or size change) that reaches `end`: what its directory asked
+    /// for; else the container's class; else, for a file that starts at
+    /// least [`LARGE_FILE`] long, the automatic array class (erasure-coded
+    /// where the pool has the servers), and for a smaller one replication,
+    /// which a small write costs least in.
+    fn data_layout(&self, rec: &Record, end: u64) -> FsResult<(Option<ObjectClass>, u64)> {
+        let props = &self.inner.cont.info().props;
+        let chunk = rec.chunk.unwrap_or(props.chunk_size);
+        if let Some(c) = &rec.class {
+            return Ok((Some(parse_class(c.as_bytes())?), chunk));
+        }
+        if props.oclass.is_some() || end >= LARGE_FILE {
+            return Ok((None, chunk));
+        }
+        let small = if props.rd_fac == 0 { "S1".to_string() } else { format!("RP_{}GX", props.rd_fac + 1) };
+        Ok((Some(small.parse()?), chunk))
     }
 
     /// Reads a symlink's target.
@@ -779,7 +868,7 @@ impl Fs {
             b
         }
         .await;
-        locks.release().await;
+        locks.release();
         r?;
         self.getattr(oid).await
     }
@@ -799,11 +888,12 @@ impl Fs {
             }
             let locks = self.lock(vec![(ENTRIES_LOCK, dir), (INODE_LOCK, e.oid)]).await?;
             let r: FsResult<_> = async {
-                if self.entry(&d, name).await? != Some(e) {
+                let (again, rec) = futures::join!(self.entry(&d, name), self.record(e.oid));
+                if again? != Some(e) {
                     return Ok(None); // changed meanwhile: look again
                 }
                 let now = now_ns();
-                let mut rec = self.record(e.oid).await?;
+                let mut rec = rec?;
                 rec.nlink = rec.nlink.saturating_sub(1);
                 let last = rec.nlink == 0;
                 // The orphan entry first: a crash leaves a freeable
@@ -812,13 +902,15 @@ impl Fs {
                     self.add_orphan(e.oid).await?;
                 }
                 let (obj, dkey) = self.node(e.oid)?;
-                obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
-                d.punch_dkey(name).await?;
-                touch_dir(&d, now).await?;
+                let stamp = [(REC, encode(&rec)), (CTIME, ns(now))];
+                let (a, b, c) = futures::join!(obj.update_many(dkey, &stamp), d.punch_dkey(name), touch_dir(&d, now));
+                a?;
+                b?;
+                c?;
                 Ok(Some(last))
             }
             .await;
-            locks.release().await;
+            locks.release();
             match r? {
                 Some(last) => return Ok(last.then_some(e.oid)),
                 None => continue,
@@ -857,7 +949,7 @@ impl Fs {
                 Ok(true)
             }
             .await;
-            locks.release().await;
+            locks.release();
             if r? {
                 return Ok(e.oid);
             }
@@ -990,7 +1082,7 @@ impl Fs {
                 Ok(Some(orphan))
             }
             .await;
-            locks.release().await;
+            locks.release();
             if let Some(orphan) = r? {
                 return Ok(orphan);
             }
@@ -1034,22 +1126,40 @@ impl Fs {
     /// Reads up to `len` bytes of file `oid` at `offset` (short at the end
     /// of the file).
     pub async fn read(&self, oid: Oid, offset: u64, len: u64) -> FsResult<Bytes> {
-        let a = self.array(oid).await?;
-        let size = a.size().await?;
+        let Some(a) = self.data(oid).await? else {
+            // No data written yet: the size alone (from truncate or
+            // fallocate) reads as zeros.
+            let size = self.size(oid).await?;
+            return Ok(Bytes::from(vec![0u8; len.min(size.saturating_sub(offset)) as usize]));
+        };
+        if len > 16 << 20 {
+            let size = self.size(oid).await?;
+            return Ok(if offset >= size { Bytes::new() } else { a.read_at(offset, len.min(size - offset)).await? });
+        }
+        // The size and the bytes at once; the bytes past the end are cut.
+        let (size, data) = futures::join!(self.size(oid), a.read_at(offset, len));
+        let (size, mut data) = (size?, data?);
         if offset >= size {
             return Ok(Bytes::new());
         }
-        Ok(a.read(offset, len.min(size - offset)).await?)
+        data.truncate(len.min(size - offset) as usize);
+        Ok(data)
     }
 
     /// Writes `data` at `offset` of file `oid` and stamps its mtime and
     /// ctime. Durable when it returns.
     pub async fn write(&self, oid: Oid, offset: u64, data: Bytes) -> FsResult<u64> {
-        let a = self.array(oid).await?;
         let n = data.len() as u64;
+        let end = offset.checked_add(n).ok_or_else(|| posix(libc::EFBIG, "a write past 2^64"))?;
+        let a = self.data_for_write(oid, end).await?;
         let now = ns(now_ns());
-        let stamp = [(MTIME, now.clone()), (CTIME, now)];
-        let (w, t) = futures::join!(a.write(offset, data), a.object().update_many(FILE_DKEY, &stamp));
+        let stamp = [
+            (MTIME, ValueKind::Single, now.clone()),
+            (CTIME, ValueKind::Single, now),
+            (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
+        ];
+        let inode = self.node(oid)?.0;
+        let (w, t) = futures::join!(a.write(offset, data), inode.update_values(OBJ_DKEY, &stamp));
         w?;
         t?;
         Ok(n)
@@ -1059,15 +1169,14 @@ impl Fs {
     /// lock, so appends from many mounts never overwrite each other.
     /// Returns the offset written at.
     pub async fn append(&self, oid: Oid, data: Bytes) -> FsResult<u64> {
-        let a = self.array(oid).await?;
         let locks = self.lock(vec![(APPEND_LOCK, oid)]).await?;
         let r: FsResult<_> = async {
-            let at = a.size().await?;
+            let at = self.size(oid).await?;
             self.write(oid, at, data).await?;
             Ok::<_, FsError>(at)
         }
         .await;
-        locks.release().await;
+        locks.release();
         r
     }
 
@@ -1076,7 +1185,7 @@ impl Fs {
     /// nothing, `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE` zero the
     /// range (freeing whole chunks). Others: `EOPNOTSUPP`.
     pub async fn fallocate(&self, oid: Oid, mode: i32, offset: u64, len: u64) -> FsResult<()> {
-        let a = self.array(oid).await?;
+        let (inode, _) = self.node(oid)?;
         let end = offset.checked_add(len).ok_or_else(|| posix(libc::EFBIG, "range past 2^64"))?;
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let zero = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
@@ -1087,17 +1196,20 @@ impl Fs {
             return Err(posix(libc::EINVAL, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE"));
         }
         if mode & zero != 0 {
-            let size = a.size().await?;
+            let size = self.size(oid).await?;
             let stop = if keep { end.min(size) } else { end };
-            if stop > offset {
+            if let Some(a) = self.data(oid).await?.filter(|_| stop > offset) {
                 a.punch(offset, stop - offset).await?;
             }
-        }
-        if !keep && end > a.size().await? {
-            a.set_size(end).await?;
+        } else if self.record(oid).await?.kind != Kind::File {
+            return Err(posix(libc::ENODEV, "fallocate works on regular files"));
         }
         let now = ns(now_ns());
-        a.object().update_many(FILE_DKEY, &[(MTIME, now.clone()), (CTIME, now)]).await?;
+        let mut stamp = vec![(MTIME, ValueKind::Single, now.clone()), (CTIME, ValueKind::Single, now)];
+        if !keep {
+            stamp.push((SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())));
+        }
+        inode.update_values(OBJ_DKEY, &stamp).await?;
         Ok(())
     }
 
@@ -1172,7 +1284,7 @@ impl Fs {
             Ok(())
         }
         .await;
-        locks.release().await;
+        locks.release();
         r
     }
 
@@ -1196,14 +1308,15 @@ impl Fs {
         })
     }
 
-    /// The class, chunk size and servers of file `oid`.
-    pub async fn layout(&self, oid: Oid) -> FsResult<FileLayout> {
-        let a = self.array(oid).await?;
+    /// The class, chunk size and servers of file `oid` (`None`: nothing
+    /// written yet, so no class chosen).
+    pub async fn layout(&self, oid: Oid) -> FsResult<Option<FileLayout>> {
+        let Some(a) = self.data(oid).await? else { return Ok(None) };
         let layout = a.object().layout()?;
         let mut ranks: Vec<u32> = layout.groups.iter().flatten().map(|s| s.rank).collect();
         ranks.sort_unstable();
         ranks.dedup();
-        Ok(FileLayout { class: a.object().class(), chunk_size: a.chunk_size(), ranks })
+        Ok(Some(FileLayout { class: a.object().class(), chunk_size: a.chunk_size(), ranks }))
     }
 
     /// Puts `oid` in the orphan list, owned by this mount.
@@ -1219,6 +1332,9 @@ impl Fs {
         let (obj, _) = self.node(oid)?;
         match self.record(oid).await {
             Ok(rec) if rec.nlink == 0 => {
+                if let Some(d) = rec.data {
+                    self.inner.cont.open_as(d, ObjType::Array)?.punch().await?;
+                }
                 obj.punch().await?;
             }
             // Linked again, or gone already: nothing to free.

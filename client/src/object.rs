@@ -646,14 +646,29 @@ impl Object {
     /// Writes several single values of one dkey at one epoch, in one
     /// request per shard. Not cancel safe.
     pub async fn update_many(&self, dkey: impl AsRef<[u8]>, values: &[(&[u8], Bytes)]) -> Result<Epoch> {
+        let values: Vec<(&[u8], ValueKind, Bytes)> =
+            values.iter().map(|(a, v)| (*a, ValueKind::Single, v.clone())).collect();
+        self.update_values(dkey, &values).await
+    }
+
+    /// Writes several values of one dkey, each of its own kind (single
+    /// values, or u64 maxima), at one epoch in one request per shard. Not
+    /// cancel safe.
+    pub async fn update_values(&self, dkey: impl AsRef<[u8]>, values: &[(&[u8], ValueKind, Bytes)]) -> Result<Epoch> {
         let dkey = dkey.as_ref();
         check_key("a key", dkey)?;
         let mut iods = Vec::with_capacity(values.len());
-        for (akey, v) in values {
+        for (akey, kind, v) in values {
             check_key("an attribute key", akey)?;
-            iods.push(UpdateIod::new(akey, ValueKind::Single, v));
+            if matches!(kind, ValueKind::Array { .. }) {
+                return Err(ShoalError::invalid("update_values writes single values and maxima, not array extents"));
+            }
+            if matches!(kind, ValueKind::MaxU64) && v.len() != 8 {
+                return Err(ShoalError::invalid("a u64 maximum is 8 bytes"));
+            }
+            iods.push(UpdateIod::new(akey, *kind, v));
         }
-        let data: Vec<Bytes> = values.iter().map(|(_, v)| v.clone()).collect();
+        let data: Vec<Bytes> = values.iter().map(|(_, _, v)| v.clone()).collect();
         self.with_layout(|st, layout| {
             let (iods, data) = (&iods, &data);
             async move {

@@ -344,3 +344,137 @@ async fn two_mounts_see_each_others_changes_and_a_crashed_mount_unmounts_cleanly
     }
     drop(ma);
 }
+
+/// One file exercised like xfstests' fsx: random writes, reads, truncates,
+/// hole punches, zeroed and extended ranges, fsyncs and reopens, every read
+/// checked against a model of the bytes. Returns the number of operations.
+fn fsx(path: &Path, seed: u64, ops: usize) -> Result<usize, String> {
+    use rand::{Rng, SeedableRng};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    const MAX: u64 = 3 << 19;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut model: Vec<u8> = Vec::new();
+    let open = || std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
+    let mut f = open().map_err(|e| e.to_string())?;
+    let fail = |i: usize, what: String| Err(format!("seed {seed} op {i}: {what}"));
+    let trace = std::env::var_os("SHOAL_FSX_TRACE").is_some();
+    for i in 0..ops {
+        let off = rng.random_range(0..MAX);
+        let len = if rng.random_bool(0.1) { rng.random_range(1..=256 << 10) } else { rng.random_range(1..=64 << 10) };
+        let len = len.min(MAX - off).max(1);
+        let op = rng.random_range(0..100);
+        if trace {
+            eprintln!("{i}: op {op} off {off} len {len} model {}", model.len());
+        }
+        if trace {
+            let st = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+            if st != model.len() as u64 {
+                return fail(i, format!("size {st} before the op, want {}", model.len()));
+            }
+        }
+        match op {
+            0..=34 => {
+                let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                if let Err(e) = f.write_all_at(&data, off) {
+                    return fail(i, format!("write {off}+{len}: {e}"));
+                }
+                let end = (off + len) as usize;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                model[off as usize..end].copy_from_slice(&data);
+            }
+            35..=69 => {
+                let mut buf = vec![0u8; len as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    match f.read_at(&mut buf[got..], off + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) => return fail(i, format!("read {off}+{len}: {e}")),
+                    }
+                }
+                let want = model.get(off as usize..(off as usize + len as usize).min(model.len())).unwrap_or(&[]);
+                if &buf[..got] != want {
+                    let at = buf[..got].iter().zip(want).position(|(a, b)| a != b);
+                    return fail(
+                        i,
+                        format!("read {off}+{len}: got {got} bytes, want {}, first difference at {at:?}", want.len()),
+                    );
+                }
+            }
+            70..=77 => {
+                let size = rng.random_range(0..MAX);
+                if let Err(e) = f.set_len(size) {
+                    return fail(i, format!("truncate {size}: {e}"));
+                }
+                model.resize(size as usize, 0);
+            }
+            78..=85 => {
+                let (mode, name) = match rng.random_range(0..3) {
+                    0 => (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, "punch"),
+                    1 => (libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, "zero"),
+                    _ => (0, "extend"),
+                };
+                // SAFETY: fallocate on an open descriptor.
+                let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+                if r != 0 {
+                    return fail(i, format!("fallocate {name} {off}+{len}: {}", std::io::Error::last_os_error()));
+                }
+                let end = (off + len) as usize;
+                if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                } else if (off as usize) < model.len() {
+                    let stop = end.min(model.len());
+                    model[off as usize..stop].fill(0);
+                }
+            }
+            86..=92 => {
+                if let Err(e) = f.sync_data() {
+                    return fail(i, format!("fdatasync: {e}"));
+                }
+            }
+            _ => {
+                drop(f);
+                f = open().map_err(|e| e.to_string())?;
+                let size = f.metadata().map_err(|e| e.to_string())?.len();
+                if size != model.len() as u64 {
+                    return fail(i, format!("size after reopen {size}, want {}", model.len()));
+                }
+            }
+        }
+    }
+    let all = std::fs::read(path).map_err(|e| e.to_string())?;
+    if all != model {
+        return fail(ops, format!("final contents differ ({} vs {} bytes)", all.len(), model.len()));
+    }
+    Ok(ops)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsx_runs_100000_operations_on_a_mount_without_a_mismatch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = cluster(tmp.path()).await;
+    let mnt = tmp.path().join("mnt");
+    let trace = std::env::var_os("SHOAL_FSX_TRACE").is_some();
+    let _m = Mount::start(&cluster.ms(), "tank/c", &mnt, if trace { &["--attr-timeout", "0s"][..] } else { &[] });
+    let ops: usize = std::env::var("SHOAL_FSX_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let seed: u64 = std::env::var("SHOAL_FSX_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(rand::random);
+    // Four exercisers on four files at once, a quarter of the operations each.
+    let started = Instant::now();
+    let n: u64 = std::env::var("SHOAL_FSX_FILES").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let runs: Vec<_> = (0..n)
+        .map(|i| {
+            let path = mnt.join(format!("fsx{i}"));
+            std::thread::spawn(move || fsx(&path, seed + i, ops / n as usize))
+        })
+        .collect();
+    let mut done = 0;
+    for r in runs {
+        done += r.join().unwrap().unwrap_or_else(|e| panic!("fsx mismatch (rerun with SHOAL_FSX_SEED): {e}"));
+    }
+    eprintln!("fsx: {done} operations in {:.0?} (seed {seed})", started.elapsed());
+}

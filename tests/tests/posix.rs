@@ -146,7 +146,9 @@ async fn the_namespace_does_what_posix_says() {
     fs.setxattr(d.oid, b"user.shoal.chunk_size", b"64KiB", XattrMode::Any).await.unwrap();
     let below = fs.create(d.oid, b"deep", &dir(), true).await.unwrap().0;
     let f = fs.create(below.oid, b"f", &file(0o644), true).await.unwrap().0;
-    let layout = fs.layout(f.oid).await.unwrap();
+    assert!(fs.layout(f.oid).await.unwrap().is_none(), "no class before the first write");
+    fs.write(f.oid, 0, Bytes::from_static(b"x")).await.unwrap();
+    let layout = fs.layout(f.oid).await.unwrap().unwrap();
     assert_eq!((layout.class.to_string().as_str(), layout.chunk_size), ("RP_3G1", 64 << 10));
     assert_eq!(layout.ranks.len(), 3);
 
@@ -160,6 +162,25 @@ async fn the_namespace_does_what_posix_says() {
     assert!(back[..1000].iter().all(|b| *b == 1) && back[1000..201_000].iter().all(|b| *b == 0));
     assert!(back[201_000..].iter().all(|b| *b == 1));
     errno(fs.fallocate(f.oid, libc::FALLOC_FL_PUNCH_HOLE, 0, 10).await, libc::EINVAL);
+
+    // Without hints the class follows the file: a file that starts small
+    // is replicated, one whose first write or size is large is encoded.
+    let class = |oid| {
+        let fs = fs.clone();
+        async move { fs.layout(oid).await.unwrap().unwrap().class.to_string() }
+    };
+    let small = fs.create(sg.oid, b"small", &file(0o644), true).await.unwrap().0;
+    fs.write(small.oid, 0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+    assert_eq!(class(small.oid).await, "RP_2GX");
+    let big = fs.create(sg.oid, b"big", &file(0o644), true).await.unwrap().0;
+    fs.write(big.oid, 0, Bytes::from(vec![1u8; 1 << 20])).await.unwrap();
+    assert_eq!(class(big.oid).await, "EC_2P1GX");
+    let pre = fs.create(sg.oid, b"pre", &file(0o644), true).await.unwrap().0;
+    fs.fallocate(pre.oid, 0, 0, 8 << 20).await.unwrap();
+    assert_eq!(fs.read(pre.oid, (8 << 20) - 10, 100).await.unwrap(), vec![0u8; 10]);
+    fs.write(pre.oid, 0, Bytes::from(vec![1u8; 4096])).await.unwrap();
+    assert_eq!(class(pre.oid).await, "EC_2P1GX");
+    assert_eq!(fs.getattr(pre.oid).await.unwrap().size, 8 << 20);
 
     // statfs shows the pool's real space.
     let st = fs.statfs().await.unwrap();

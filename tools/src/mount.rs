@@ -249,7 +249,13 @@ pub async fn fs(ctx: &Ctx, c: FsCmd) -> anyhow::Result<()> {
             let a = fs.resolve(&path).await?;
             match a.kind {
                 shoal_client::fs::Kind::File => {
-                    let l = fs.layout(a.oid).await?;
+                    let Some(l) = fs.layout(a.oid).await? else {
+                        println!(
+                            "{path}: size {}, no data written yet (its class is chosen at the first write)",
+                            a.size
+                        );
+                        return Ok(());
+                    };
                     let ranks: Vec<String> = l.ranks.iter().map(u32::to_string).collect();
                     if ctx.json {
                         let v = serde_json::json!({"path": path, "oid": a.oid.to_string(), "oclass": l.class.to_string(), "chunk_size": l.chunk_size, "size": a.size, "ranks": l.ranks});
