@@ -46,7 +46,7 @@ use crate::system::PoolState;
 use shoal_common::ec::{codec, Codec};
 
 /// Lease of a stripe lock; the writer renews it every third of it.
-const STRIPE_LOCK_LEASE: Duration = Duration::from_secs(10);
+pub(crate) const STRIPE_LOCK_LEASE: Duration = Duration::from_secs(10);
 
 /// A stripe lock held at the group's first shard; released on
 /// [`StripeLock::release`] or, failing that, when dropped.
@@ -108,6 +108,12 @@ impl StripeLock {
             stripes: self.req.stripes.clone(),
             owner: self.req.owner,
         }
+    }
+
+    /// Sends the lock request again, which renews the lease of a lock
+    /// this owner holds.
+    pub(crate) async fn renew(&self) -> Result<()> {
+        self.obj.rpc(&self.st, &self.leader, &self.req, vec![]).await.map(|_| ())
     }
 
     pub(crate) async fn release(mut self) {

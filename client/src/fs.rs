@@ -8,14 +8,14 @@
 //!   `sb` holds the format magic; dkey `mounts` one heartbeat per mounted
 //!   client (akey = mount id, value = its wall clock), so orphans of dead
 //!   mounts can be found.
-//! - Every **inode** is one object: directories, symlinks, FIFOs, sockets
-//!   and devices are generic objects, regular files are arrays. The inode
-//!   record (type, mode, owner, link count, rdev, symlink target, parent of
-//!   a directory, extended attributes) is the single value `inode` under
-//!   the inode dkey (`\0` for generic objects; `meta` for arrays, beside
-//!   the array's chunk size and size). The times are separate single
-//!   values (`atime`, `mtime`, `ctime`, nanoseconds), so that a write can
-//!   stamp them without reading the record. A file's size is its array's.
+//! - Every **inode** is one small replicated object. Its record (type,
+//!   mode, owner, link count, rdev, symlink target, parent of a directory,
+//!   extended attributes, a file's data array and layout hints) is the
+//!   single value `inode` under dkey `\0`; the times (`atime`, `mtime`,
+//!   `ctime`, nanoseconds) and a file's `size` are values beside it, so a
+//!   write stamps them without reading the record and `stat` is one
+//!   request. A regular file's bytes are an array object of their own,
+//!   made at the first write in the class chosen then.
 //! - A **directory entry** is dkey `name` of the directory's object, akey
 //!   `e`: the inode's OID and type. Names never contain `/` or NUL, so
 //!   they never meet the inode dkey. Hard links are several entries that
@@ -33,8 +33,10 @@
 //! OID), so changes from many mounts of one container serialise and never
 //! deadlock. A rename writes the new name before it removes the old one:
 //! a reader of the new name sees the old target or the new one, never
-//! nothing. A client that dies mid-change may leave an extra name or an
-//! unreferenced object, never a name that loses data it had.
+//! nothing. Names are added before they are removed and link counts are
+//! raised before and lowered after: a client that dies mid-change may
+//! leave an extra name or an unreferenced object, never a name that loses
+//! data it had. Locks are leases renewed while a change runs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -47,7 +49,7 @@ use shoal_common::msg::ValueKind;
 use shoal_common::oclass::{make_oid, oid_type, ObjType, ObjectClass};
 use shoal_common::{ErrorKind, Oid, ShoalError, EPOCH_MAX};
 
-use crate::ec_write::StripeLock;
+use crate::ec_write::{StripeLock, STRIPE_LOCK_LEASE};
 use crate::{Array, Container, Object, Pool};
 
 /// Longest name of a directory entry, in bytes.
@@ -363,6 +365,25 @@ impl Drop for FsInner {
 struct Locks(Vec<StripeLock>);
 
 impl Locks {
+    /// Runs `work` while renewing every lease (a third of the lease
+    /// apart), so a slow change (a failover, a long truncate) never runs
+    /// past its locks.
+    async fn hold<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        if self.0.is_empty() {
+            return work.await;
+        }
+        let renew = async {
+            loop {
+                tokio::time::sleep(STRIPE_LOCK_LEASE / 3).await;
+                futures::future::join_all(self.0.iter().map(StripeLock::renew)).await;
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            _ = renew => unreachable!("the renewal loop never ends"),
+        }
+    }
+
     /// Releases the locks in the background: the change they guarded is
     /// complete on every shard, and the next taker waits at most for the
     /// release to arrive.
@@ -443,32 +464,33 @@ impl Fs {
     /// lock, so two first mounts format once).
     async fn format(&self) -> FsResult<()> {
         let lock = Locks(vec![self.inner.sb.lock(OBJ_DKEY, vec![RENAME_LOCK]).await?]);
-        let r: FsResult<_> = async {
-            if self.inner.sb.fetch_single(SB_DKEY, b"magic", EPOCH_MAX).await?.is_some() {
-                return Ok(());
-            }
-            let now = now_ns();
-            let rec = Record {
-                kind: Kind::Dir,
-                perm: 0o755,
-                uid: 0,
-                gid: 0,
-                nlink: 2,
-                rdev: 0,
-                parent: None,
-                target: None,
-                xattrs: BTreeMap::new(),
-                crtime: now,
-                data: None,
-                class: None,
-                chunk: None,
-            };
-            let root = self.inner.cont.open_as(self.inner.root, ObjType::Multi)?;
-            write_record(&root, OBJ_DKEY, &rec, Some(now)).await?;
-            self.inner.sb.update_single(SB_DKEY, b"magic", Bytes::from_static(MAGIC)).await?;
-            Ok(())
-        }
-        .await;
+        let r: FsResult<_> = lock
+            .hold(async {
+                if self.inner.sb.fetch_single(SB_DKEY, b"magic", EPOCH_MAX).await?.is_some() {
+                    return Ok(());
+                }
+                let now = now_ns();
+                let rec = Record {
+                    kind: Kind::Dir,
+                    perm: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    nlink: 2,
+                    rdev: 0,
+                    parent: None,
+                    target: None,
+                    xattrs: BTreeMap::new(),
+                    crtime: now,
+                    data: None,
+                    class: None,
+                    chunk: None,
+                };
+                let root = self.inner.cont.open_as(self.inner.root, ObjType::Multi)?;
+                write_record(&root, OBJ_DKEY, &rec, Some(now)).await?;
+                self.inner.sb.update_single(SB_DKEY, b"magic", Bytes::from_static(MAGIC)).await?;
+                Ok(())
+            })
+            .await;
         lock.release();
         r
     }
@@ -543,21 +565,22 @@ impl Fs {
             return Ok(a.clone());
         }
         let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
-        let r: FsResult<_> = async {
-            let (rec, size) = futures::join!(self.record(oid), self.size(oid));
-            let mut rec = rec?;
-            if let Some(a) = self.data_of(oid, &rec).await? {
-                return Ok(a);
-            }
-            let (class, chunk) = self.data_layout(&rec, end.max(size?))?;
-            let d = self.inner.cont.alloc_oid(ObjType::Array, class).await?;
-            let a = Array::create(self.inner.cont.open_as(d, ObjType::Array)?, chunk, None).await?;
-            rec.data = Some(d);
-            self.node(oid)?.0.update_single(OBJ_DKEY, REC, encode(&rec)).await?;
-            self.remember(oid, a.clone());
-            Ok(a)
-        }
-        .await;
+        let r: FsResult<_> = locks
+            .hold(async {
+                let (rec, size) = futures::join!(self.record(oid), self.size(oid));
+                let mut rec = rec?;
+                if let Some(a) = self.data_of(oid, &rec).await? {
+                    return Ok(a);
+                }
+                let (class, chunk) = self.data_layout(&rec, end.max(size?))?;
+                let d = self.inner.cont.alloc_oid(ObjType::Array, class).await?;
+                let a = Array::create(self.inner.cont.open_as(d, ObjType::Array)?, chunk, None).await?;
+                rec.data = Some(d);
+                self.node(oid)?.0.update_single(OBJ_DKEY, REC, encode(&rec)).await?;
+                self.remember(oid, a.clone());
+                Ok(a)
+            })
+            .await;
         locks.release();
         r
     }
@@ -592,21 +615,42 @@ impl Fs {
     }
 
     /// Takes locks in the global order: by number, then by OID.
+    ///
+    /// Taking several can wait for each: if that took so long that the
+    /// first leases may have lapsed, or a lock stayed busy, all are let go
+    /// and taken again.
     async fn lock(&self, mut keys: Vec<(u64, Oid)>) -> FsResult<Locks> {
         keys.sort();
         keys.dedup();
-        let mut held = Locks(Vec::with_capacity(keys.len()));
-        for (n, oid) in keys {
-            let (obj, dkey) = if n == RENAME_LOCK { (self.inner.sb.clone(), OBJ_DKEY) } else { self.node(oid)? };
-            match obj.lock(dkey, vec![n]).await {
-                Ok(l) => held.0.push(l),
-                Err(e) => {
-                    held.release();
-                    return Err(e.into());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let started = tokio::time::Instant::now();
+            let mut held = Locks(Vec::with_capacity(keys.len()));
+            let mut busy = None;
+            for &(n, oid) in &keys {
+                let (obj, dkey) = if n == RENAME_LOCK { (self.inner.sb.clone(), OBJ_DKEY) } else { self.node(oid)? };
+                match obj.lock(dkey, vec![n]).await {
+                    Ok(l) => held.0.push(l),
+                    Err(e) if e.kind() == ErrorKind::Busy && attempt < 4 => {
+                        busy = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        held.release();
+                        return Err(e.into());
+                    }
                 }
             }
+            if busy.is_none() && (held.0.len() <= 1 || started.elapsed() < STRIPE_LOCK_LEASE / 2) {
+                return Ok(held);
+            }
+            held.release();
+            if attempt >= 4 {
+                return Err(posix(libc::EIO, "the namespace stayed locked by others; try again"));
+            }
+            tokio::time::sleep(Duration::from_millis(rand::random_range(10..200))).await;
         }
-        Ok(held)
     }
 
     /// Looks `name` up in directory `dir`.
@@ -615,7 +659,8 @@ impl Fs {
         let d = self.dir(dir)?;
         match self.entry(&d, name).await? {
             Some(e) => self.getattr(e.oid).await,
-            None if self.record(dir).await?.kind != Kind::Dir => Err(posix(libc::ENOTDIR, "not a directory")),
+            // A name is looked up in a directory (`resolve` checks); in
+            // anything else nothing is found.
             None => Err(posix(libc::ENOENT, format!("no entry {:?}", String::from_utf8_lossy(name)))),
         }
     }
@@ -672,35 +717,37 @@ impl Fs {
         let now = now_ns();
         if let Some(size) = set.size {
             let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
-            let r: FsResult<_> = async {
-                let rec = self.record(oid).await?;
-                if let Some(a) = self.data_of(oid, &rec).await? {
-                    a.set_size(size).await?;
-                }
-                obj.update_single(dkey, SIZE, Bytes::copy_from_slice(&size.to_le_bytes())).await?;
-                Ok(())
-            }
-            .await;
+            let r: FsResult<_> = locks
+                .hold(async {
+                    let rec = self.record(oid).await?;
+                    if let Some(a) = self.data_of(oid, &rec).await? {
+                        a.set_size(size).await?;
+                    }
+                    obj.update_single(dkey, SIZE, Bytes::copy_from_slice(&size.to_le_bytes())).await?;
+                    Ok(())
+                })
+                .await;
             locks.release();
             r?;
         }
         if set.perm.is_some() || set.uid.is_some() || set.gid.is_some() {
             let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
-            let r: FsResult<_> = async {
-                let mut rec = self.record(oid).await?;
-                if let Some(p) = set.perm {
-                    rec.perm = p & 0o7777;
-                }
-                if let Some(u) = set.uid {
-                    rec.uid = u;
-                }
-                if let Some(g) = set.gid {
-                    rec.gid = g;
-                }
-                obj.update_single(dkey, REC, encode(&rec)).await?;
-                Ok::<_, FsError>(())
-            }
-            .await;
+            let r: FsResult<_> = locks
+                .hold(async {
+                    let mut rec = self.record(oid).await?;
+                    if let Some(p) = set.perm {
+                        rec.perm = p & 0o7777;
+                    }
+                    if let Some(u) = set.uid {
+                        rec.uid = u;
+                    }
+                    if let Some(g) = set.gid {
+                        rec.gid = g;
+                    }
+                    obj.update_single(dkey, REC, encode(&rec)).await?;
+                    Ok::<_, FsError>(())
+                })
+                .await;
             locks.release();
             r?;
         }
@@ -728,83 +775,84 @@ impl Fs {
         }
         let d = self.dir(dir)?;
         let locks = self.lock(vec![(ENTRIES_LOCK, dir)]).await?;
-        let r: FsResult<_> = async {
-            let (existing, parent) = futures::join!(self.entry(&d, name), self.record(dir));
-            let parent = parent?;
-            if parent.kind != Kind::Dir {
-                return Err(posix(libc::ENOTDIR, "not a directory"));
-            }
-            if parent.nlink == 0 {
-                return Err(posix(libc::ENOENT, "the directory was removed"));
-            }
-            if let Some(e) = existing? {
-                if excl || node.kind != Kind::File || e.kind != Kind::File {
-                    return Err(posix(libc::EEXIST, format!("{:?} exists", String::from_utf8_lossy(name))));
+        let r: FsResult<_> = locks
+            .hold(async {
+                let (existing, parent) = futures::join!(self.entry(&d, name), self.record(dir));
+                let parent = parent?;
+                if parent.kind != Kind::Dir {
+                    return Err(posix(libc::ENOTDIR, "not a directory"));
                 }
-                return Ok(Ok(e.oid));
-            }
-            let now = now_ns();
-            let mut rec = Record {
-                kind: node.kind,
-                perm: node.perm & 0o7777,
-                uid: node.uid,
-                gid: node.gid,
-                nlink: if node.kind == Kind::Dir { 2 } else { 1 },
-                rdev: node.rdev,
-                parent: (node.kind == Kind::Dir).then_some(dir),
-                target: node.target.clone(),
-                xattrs: BTreeMap::new(),
-                crtime: now,
-                data: None,
-                class: None,
-                chunk: None,
-            };
-            // BSD group semantics under a setgid directory.
-            if parent.perm & libc::S_ISGID != 0 {
-                rec.gid = parent.gid;
-                if node.kind == Kind::Dir {
-                    rec.perm |= libc::S_ISGID;
+                if parent.nlink == 0 {
+                    return Err(posix(libc::ENOENT, "the directory was removed"));
                 }
-            }
-            match node.kind {
-                Kind::File => {
-                    let hint = |k: &str| parent.xattrs.get(k.as_bytes());
-                    rec.class = hint(XATTR_OCLASS).map(|v| String::from_utf8_lossy(v).trim().to_string());
-                    rec.chunk = hint(XATTR_CHUNK).map(|v| parse_chunk(v)).transpose()?;
+                if let Some(e) = existing? {
+                    if excl || node.kind != Kind::File || e.kind != Kind::File {
+                        return Err(posix(libc::EEXIST, format!("{:?} exists", String::from_utf8_lossy(name))));
+                    }
+                    return Ok(Ok(e.oid));
                 }
-                Kind::Dir => {
-                    for k in [XATTR_OCLASS, XATTR_CHUNK] {
-                        if let Some(v) = parent.xattrs.get(k.as_bytes()) {
-                            rec.xattrs.insert(k.as_bytes().to_vec(), v.clone());
-                        }
+                let now = now_ns();
+                let mut rec = Record {
+                    kind: node.kind,
+                    perm: node.perm & 0o7777,
+                    uid: node.uid,
+                    gid: node.gid,
+                    nlink: if node.kind == Kind::Dir { 2 } else { 1 },
+                    rdev: node.rdev,
+                    parent: (node.kind == Kind::Dir).then_some(dir),
+                    target: node.target.clone(),
+                    xattrs: BTreeMap::new(),
+                    crtime: now,
+                    data: None,
+                    class: None,
+                    chunk: None,
+                };
+                // BSD group semantics under a setgid directory.
+                if parent.perm & libc::S_ISGID != 0 {
+                    rec.gid = parent.gid;
+                    if node.kind == Kind::Dir {
+                        rec.perm |= libc::S_ISGID;
                     }
                 }
-                _ => {}
-            }
-            let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
-            let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
-            write_record(&obj, OBJ_DKEY, &rec, Some(now)).await?;
-            let entry = encode(&Entry { oid, kind: node.kind });
-            let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
-            a?;
-            b?;
-            let size = rec.target.as_ref().map_or(if rec.kind == Kind::Dir { 4096 } else { 0 }, |t| t.len() as u64);
-            Ok(Err(Attr {
-                oid,
-                kind: rec.kind,
-                perm: rec.perm,
-                uid: rec.uid,
-                gid: rec.gid,
-                nlink: rec.nlink,
-                size,
-                rdev: rec.rdev,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                crtime: now,
-            }))
-        }
-        .await;
+                match node.kind {
+                    Kind::File => {
+                        let hint = |k: &str| parent.xattrs.get(k.as_bytes());
+                        rec.class = hint(XATTR_OCLASS).map(|v| String::from_utf8_lossy(v).trim().to_string());
+                        rec.chunk = hint(XATTR_CHUNK).map(|v| parse_chunk(v)).transpose()?;
+                    }
+                    Kind::Dir => {
+                        for k in [XATTR_OCLASS, XATTR_CHUNK] {
+                            if let Some(v) = parent.xattrs.get(k.as_bytes()) {
+                                rec.xattrs.insert(k.as_bytes().to_vec(), v.clone());
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
+                let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
+                write_record(&obj, OBJ_DKEY, &rec, Some(now)).await?;
+                let entry = encode(&Entry { oid, kind: node.kind });
+                let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
+                a?;
+                b?;
+                let size = rec.target.as_ref().map_or(if rec.kind == Kind::Dir { 4096 } else { 0 }, |t| t.len() as u64);
+                Ok(Err(Attr {
+                    oid,
+                    kind: rec.kind,
+                    perm: rec.perm,
+                    uid: rec.uid,
+                    gid: rec.gid,
+                    nlink: rec.nlink,
+                    size,
+                    rdev: rec.rdev,
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                    crtime: now,
+                }))
+            })
+            .await;
         locks.release();
         match r? {
             Ok(existing) => Ok((self.getattr(existing).await?, false)),
@@ -843,31 +891,32 @@ impl Fs {
         let d = self.dir(dir)?;
         let (obj, dkey) = self.node(oid)?;
         let locks = self.lock(vec![(ENTRIES_LOCK, dir), (INODE_LOCK, oid)]).await?;
-        let r: FsResult<_> = async {
-            let (existing, rec, parent) = futures::join!(self.entry(&d, name), self.record(oid), self.record(dir));
-            let (mut rec, parent) = (rec?, parent?);
-            if rec.kind == Kind::Dir {
-                return Err(posix(libc::EPERM, "directories cannot have hard links"));
-            }
-            if parent.nlink == 0 {
-                return Err(posix(libc::ENOENT, "the directory was removed"));
-            }
-            if existing?.is_some() {
-                return Err(posix(libc::EEXIST, format!("{:?} exists", String::from_utf8_lossy(name))));
-            }
-            if rec.nlink == 0 {
-                return Err(posix(libc::ENOENT, "the file was removed"));
-            }
-            let now = now_ns();
-            rec.nlink += 1;
-            write_record(&obj, dkey, &rec, None).await?;
-            obj.update_single(dkey, CTIME, ns(now)).await?;
-            let entry = encode(&Entry { oid, kind: rec.kind });
-            let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
-            a?;
-            b
-        }
-        .await;
+        let r: FsResult<_> = locks
+            .hold(async {
+                let (existing, rec, parent) = futures::join!(self.entry(&d, name), self.record(oid), self.record(dir));
+                let (mut rec, parent) = (rec?, parent?);
+                if rec.kind == Kind::Dir {
+                    return Err(posix(libc::EPERM, "directories cannot have hard links"));
+                }
+                if parent.nlink == 0 {
+                    return Err(posix(libc::ENOENT, "the directory was removed"));
+                }
+                if existing?.is_some() {
+                    return Err(posix(libc::EEXIST, format!("{:?} exists", String::from_utf8_lossy(name))));
+                }
+                if rec.nlink == 0 {
+                    return Err(posix(libc::ENOENT, "the file was removed"));
+                }
+                let now = now_ns();
+                rec.nlink += 1;
+                write_record(&obj, dkey, &rec, None).await?;
+                obj.update_single(dkey, CTIME, ns(now)).await?;
+                let entry = encode(&Entry { oid, kind: rec.kind });
+                let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
+                a?;
+                b
+            })
+            .await;
         locks.release();
         r?;
         self.getattr(oid).await
@@ -887,29 +936,30 @@ impl Fs {
                 return Err(posix(libc::EISDIR, format!("{:?} is a directory", String::from_utf8_lossy(name))));
             }
             let locks = self.lock(vec![(ENTRIES_LOCK, dir), (INODE_LOCK, e.oid)]).await?;
-            let r: FsResult<_> = async {
-                let (again, rec) = futures::join!(self.entry(&d, name), self.record(e.oid));
-                if again? != Some(e) {
-                    return Ok(None); // changed meanwhile: look again
-                }
-                let now = now_ns();
-                let mut rec = rec?;
-                rec.nlink = rec.nlink.saturating_sub(1);
-                let last = rec.nlink == 0;
-                // The orphan entry first: a crash leaves a freeable
-                // orphan, never an unreachable object.
-                if last {
-                    self.add_orphan(e.oid).await?;
-                }
-                let (obj, dkey) = self.node(e.oid)?;
-                let stamp = [(REC, encode(&rec)), (CTIME, ns(now))];
-                let (a, b, c) = futures::join!(obj.update_many(dkey, &stamp), d.punch_dkey(name), touch_dir(&d, now));
-                a?;
-                b?;
-                c?;
-                Ok(Some(last))
-            }
-            .await;
+            let r: FsResult<_> = locks
+                .hold(async {
+                    let (again, rec) = futures::join!(self.entry(&d, name), self.record(e.oid));
+                    if again? != Some(e) {
+                        return Ok(None); // changed meanwhile: look again
+                    }
+                    let now = now_ns();
+                    let mut rec = rec?;
+                    rec.nlink = rec.nlink.saturating_sub(1);
+                    let last = rec.nlink == 0;
+                    // The name first, then the orphan entry, then the count: a
+                    // crash or a failure between leaves a count too high (space
+                    // leaked), never a count below the names (data lost).
+                    let (a, b) = futures::join!(d.punch_dkey(name), touch_dir(&d, now));
+                    a?;
+                    b?;
+                    if last {
+                        self.add_orphan(e.oid).await?;
+                    }
+                    let (obj, dkey) = self.node(e.oid)?;
+                    obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                    Ok(Some(last))
+                })
+                .await;
             locks.release();
             match r? {
                 Some(last) => return Ok(last.then_some(e.oid)),
@@ -931,24 +981,29 @@ impl Fs {
                 return Err(posix(libc::ENOTDIR, format!("{:?} is not a directory", String::from_utf8_lossy(name))));
             }
             let locks = self.lock(vec![(ENTRIES_LOCK, dir), (ENTRIES_LOCK, e.oid), (INODE_LOCK, e.oid)]).await?;
-            let r: FsResult<_> = async {
-                if self.entry(&d, name).await? != Some(e) {
-                    return Ok(false);
-                }
-                let child = self.dir(e.oid)?;
-                if !self.is_empty(&child).await? {
-                    return Err(posix(libc::ENOTEMPTY, format!("{:?} is not empty", String::from_utf8_lossy(name))));
-                }
-                let now = now_ns();
-                let mut rec = self.record(e.oid).await?;
-                rec.nlink = 0;
-                self.add_orphan(e.oid).await?;
-                child.update_many(OBJ_DKEY, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
-                d.punch_dkey(name).await?;
-                touch_dir(&d, now).await?;
-                Ok(true)
-            }
-            .await;
+            let r: FsResult<_> = locks
+                .hold(async {
+                    if self.entry(&d, name).await? != Some(e) {
+                        return Ok(false);
+                    }
+                    let child = self.dir(e.oid)?;
+                    if !self.is_empty(&child).await? {
+                        return Err(posix(
+                            libc::ENOTEMPTY,
+                            format!("{:?} is not empty", String::from_utf8_lossy(name)),
+                        ));
+                    }
+                    let now = now_ns();
+                    let mut rec = self.record(e.oid).await?;
+                    rec.nlink = 0;
+                    // The name first (see `unlink`).
+                    d.punch_dkey(name).await?;
+                    touch_dir(&d, now).await?;
+                    self.add_orphan(e.oid).await?;
+                    child.update_many(OBJ_DKEY, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                    Ok(true)
+                })
+                .await;
             locks.release();
             if r? {
                 return Ok(e.oid);
@@ -1027,66 +1082,113 @@ impl Fs {
                     keys.push((ENTRIES_LOCK, t.oid));
                 }
             }
-            let locks = self.lock(keys).await?;
-            let r: FsResult<_> = async {
-                let (s2, t2) = futures::join!(self.entry(&d, name), self.entry(&nd, newname));
-                if s2? != Some(src) || t2? != dst {
-                    return Ok(None);
-                }
-                for m in &moved {
-                    let to = if *m == src.oid { newdir } else { dir };
-                    if self.is_below(to, *m).await? {
-                        return Err(posix(libc::EINVAL, "cannot move a directory into itself or below it"));
-                    }
-                }
-                let now = now_ns();
-                let mut orphan = None;
-                match dst {
-                    Some(t) if flags.exchange => {
-                        nd.update_single(newname, ENTRY, encode(&src)).await?;
-                        d.update_single(name, ENTRY, encode(&t)).await?;
-                    }
-                    Some(t) => {
-                        if t.kind == Kind::Dir && !self.is_empty(&self.dir(t.oid)?).await? {
-                            return Err(posix(libc::ENOTEMPTY, format!("{} is not empty", quote(newname))));
-                        }
-                        // The new name first: a crash leaves two names,
-                        // never none.
-                        nd.update_single(newname, ENTRY, encode(&src)).await?;
-                        d.punch_dkey(name).await?;
-                        let mut rec = self.record(t.oid).await?;
-                        rec.nlink = if t.kind == Kind::Dir { 0 } else { rec.nlink.saturating_sub(1) };
-                        if rec.nlink == 0 {
-                            self.add_orphan(t.oid).await?;
-                            orphan = Some(t.oid);
-                        }
-                        let (obj, dkey) = self.node(t.oid)?;
-                        obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
-                    }
-                    None => {
-                        nd.update_single(newname, ENTRY, encode(&src)).await?;
-                        d.punch_dkey(name).await?;
-                    }
-                }
-                for m in &moved {
-                    let mut rec = self.record(*m).await?;
-                    rec.parent = Some(if *m == src.oid { newdir } else { dir });
-                    self.dir(*m)?.update_single(OBJ_DKEY, REC, encode(&rec)).await?;
-                }
-                let (obj, dkey) = self.node(src.oid)?;
-                obj.update_single(dkey, CTIME, ns(now)).await?;
-                touch_dir(&d, now).await?;
-                if dir != newdir {
-                    touch_dir(&nd, now).await?;
-                }
-                Ok(Some(orphan))
+            // A file counts its second name while it has two (see below).
+            let bump = src.kind != Kind::Dir && !flags.exchange;
+            if bump {
+                keys.push((INODE_LOCK, src.oid));
             }
-            .await;
+            let locks = self.lock(keys).await?;
+            let r: FsResult<_> = locks
+                .hold(async {
+                    let (s2, t2) = futures::join!(self.entry(&d, name), self.entry(&nd, newname));
+                    if s2? != Some(src) || t2? != dst {
+                        return Ok(None);
+                    }
+                    // Neither directory was removed meanwhile (a name written
+                    // into a removed directory would be lost with it).
+                    let (r1, r2) = futures::join!(self.record(dir), self.record(newdir));
+                    if r1?.nlink == 0 || r2?.nlink == 0 {
+                        return Err(posix(libc::ENOENT, "the directory was removed"));
+                    }
+                    for m in &moved {
+                        let to = if *m == src.oid { newdir } else { dir };
+                        if self.is_below(to, *m).await? {
+                            return Err(posix(libc::EINVAL, "cannot move a directory into itself or below it"));
+                        }
+                    }
+                    let now = now_ns();
+                    let mut orphan = None;
+                    match dst {
+                        Some(t) if flags.exchange => {
+                            nd.update_single(newname, ENTRY, encode(&src)).await?;
+                            d.update_single(name, ENTRY, encode(&t)).await?;
+                            for o in [src.oid, t.oid] {
+                                let (obj, dkey) = self.node(o)?;
+                                obj.update_single(dkey, CTIME, ns(now)).await?;
+                            }
+                        }
+                        Some(t) => {
+                            if t.kind == Kind::Dir && !self.is_empty(&self.dir(t.oid)?).await? {
+                                return Err(posix(libc::ENOTEMPTY, format!("{} is not empty", quote(newname))));
+                            }
+                            self.move_name(bump, src, &d, name, &nd, newname, now).await?;
+                            let mut rec = self.record(t.oid).await?;
+                            rec.nlink = if t.kind == Kind::Dir { 0 } else { rec.nlink.saturating_sub(1) };
+                            if rec.nlink == 0 {
+                                self.add_orphan(t.oid).await?;
+                                orphan = Some(t.oid);
+                            }
+                            let (obj, dkey) = self.node(t.oid)?;
+                            obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                        }
+                        None => self.move_name(bump, src, &d, name, &nd, newname, now).await?,
+                    }
+                    for m in &moved {
+                        let mut rec = self.record(*m).await?;
+                        rec.parent = Some(if *m == src.oid { newdir } else { dir });
+                        self.dir(*m)?.update_many(OBJ_DKEY, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                    }
+                    touch_dir(&d, now).await?;
+                    if dir != newdir {
+                        touch_dir(&nd, now).await?;
+                    }
+                    Ok(Some(orphan))
+                })
+                .await;
             locks.release();
             if let Some(orphan) = r? {
                 return Ok(orphan);
             }
         }
+    }
+
+    /// Moves the name `d/name` of `src` to `nd/newname` (replacing what
+    /// that named). The new name is written before the old one goes, and
+    /// a file (`bump`) counts both while it has two: a crash in between
+    /// leaves an extra name and a count that matches, never a name lost or
+    /// a count below its names. The caller holds the entry locks and, for
+    /// `bump`, `src`'s inode lock.
+    #[allow(clippy::too_many_arguments)]
+    async fn move_name(
+        &self,
+        bump: bool,
+        src: Entry,
+        d: &Object,
+        name: &[u8],
+        nd: &Object,
+        newname: &[u8],
+        now: i64,
+    ) -> FsResult<()> {
+        let (obj, dkey) = self.node(src.oid)?;
+        let mut rec = None;
+        if bump {
+            let mut r = self.record(src.oid).await?;
+            r.nlink += 1;
+            obj.update_single(dkey, REC, encode(&r)).await?;
+            rec = Some(r);
+        }
+        nd.update_single(newname, ENTRY, encode(&src)).await?;
+        d.punch_dkey(name).await?;
+        match rec {
+            Some(mut r) => {
+                r.nlink -= 1;
+                obj.update_many(dkey, &[(REC, encode(&r)), (CTIME, ns(now))]).await?;
+            }
+            None => {
+                obj.update_single(dkey, CTIME, ns(now)).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether directory `dir` is `ancestor` or below it (walks the
@@ -1159,9 +1261,10 @@ impl Fs {
             (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
         ];
         let inode = self.node(oid)?.0;
-        let (w, t) = futures::join!(a.write(offset, data), inode.update_values(OBJ_DKEY, &stamp));
-        w?;
-        t?;
+        // The size only after the bytes: a failed write does not grow the
+        // file.
+        a.write(offset, data).await?;
+        inode.update_values(OBJ_DKEY, &stamp).await?;
         Ok(n)
     }
 
@@ -1170,12 +1273,13 @@ impl Fs {
     /// Returns the offset written at.
     pub async fn append(&self, oid: Oid, data: Bytes) -> FsResult<u64> {
         let locks = self.lock(vec![(APPEND_LOCK, oid)]).await?;
-        let r: FsResult<_> = async {
-            let at = self.size(oid).await?;
-            self.write(oid, at, data).await?;
-            Ok::<_, FsError>(at)
-        }
-        .await;
+        let r: FsResult<_> = locks
+            .hold(async {
+                let at = self.size(oid).await?;
+                self.write(oid, at, data).await?;
+                Ok::<_, FsError>(at)
+            })
+            .await;
         locks.release();
         r
     }
@@ -1277,13 +1381,14 @@ impl Fs {
     async fn change_record(&self, oid: Oid, f: impl FnOnce(&mut Record) -> FsResult<()>) -> FsResult<()> {
         let (obj, dkey) = self.node(oid)?;
         let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
-        let r: FsResult<_> = async {
-            let mut rec = self.record(oid).await?;
-            f(&mut rec)?;
-            obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now_ns()))]).await?;
-            Ok(())
-        }
-        .await;
+        let r: FsResult<_> = locks
+            .hold(async {
+                let mut rec = self.record(oid).await?;
+                f(&mut rec)?;
+                obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now_ns()))]).await?;
+                Ok(())
+            })
+            .await;
         locks.release();
         r
     }
@@ -1372,8 +1477,21 @@ impl Fs {
                 None => true,
             };
             if gone {
-                self.reclaim(oid).await?;
-                freed += 1;
+                match self.reclaim(oid).await {
+                    Ok(()) => freed += 1,
+                    Err(e) => tracing::warn!("orphan {oid} not freed yet: {e}"),
+                }
+            }
+        }
+        // Heartbeats of mounts long gone.
+        for m in self.inner.sb.list_akeys(MOUNTS_DKEY).await? {
+            if m == self.inner.mount_id.to_le_bytes() {
+                continue;
+            }
+            if let Some(t) = self.inner.sb.fetch_single(MOUNTS_DKEY, &m, EPOCH_MAX).await? {
+                if now - un_ns(&Some(t)) > 2 * MOUNT_GONE.as_nanos() as i64 {
+                    self.inner.sb.punch_akey(MOUNTS_DKEY, &m).await?;
+                }
             }
         }
         Ok(freed)

@@ -214,6 +214,8 @@ impl State {
     }
 
     /// An inode lost its last name: free it now, or at its last close.
+    /// Never fails: the name is gone already, and an inode not freed now
+    /// stays in the orphan list for `shoal fs check` or the next mount.
     async fn orphaned(&self, oid: Option<Oid>) -> FsResult<()> {
         let Some(oid) = oid else { return Ok(()) };
         {
@@ -223,7 +225,10 @@ impl State {
                 return Ok(());
             }
         }
-        self.fs.reclaim(oid).await
+        if let Err(e) = self.fs.reclaim(oid).await {
+            tracing::warn!("freeing unlinked inode {oid} failed (the next mount or `shoal fs check` frees it): {e}");
+        }
+        Ok(())
     }
 
     async fn closed(&self, fh: u64) {
@@ -449,7 +454,9 @@ impl Filesystem for ShoalFuse {
         self.run(|st| async move {
             match st.oid(ino) {
                 Ok(oid) => {
-                    let append = flags.0 & libc::O_APPEND != 0;
+                    // With the writeback cache the kernel places appends
+                    // itself, and flushes pages through any handle.
+                    let append = flags.0 & libc::O_APPEND != 0 && !st.opts.writeback_cache;
                     let fh = st.opened(oid, append);
                     // Appends go where the servers say the end is, which
                     // the kernel's cache may not know: no caching for them.
@@ -707,7 +714,7 @@ impl Filesystem for ShoalFuse {
             .await;
             match r {
                 Ok(a) => {
-                    let append = flags & libc::O_APPEND != 0;
+                    let append = flags & libc::O_APPEND != 0 && !st.opts.writeback_cache;
                     let fh = st.opened(a.oid, append);
                     let f = if append { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
                     reply.created(&st.opts.entry_timeout, &st.attr(&a), Generation(0), FileHandle(fh), f);

@@ -243,9 +243,21 @@ pub fn umount(a: UmountArgs) -> anyhow::Result<()> {
 }
 
 pub async fn fs(ctx: &Ctx, c: FsCmd) -> anyhow::Result<()> {
+    let target = match &c {
+        FsCmd::GetAttr { target, .. }
+        | FsCmd::SetAttr { target, .. }
+        | FsCmd::ResetAttr { target, .. }
+        | FsCmd::Check { target } => target.clone(),
+    };
+    let fs = open(ctx, &target).await?;
+    let r = fs_cmd(ctx, &fs, c).await;
+    let _ = fs.unmount().await;
+    r
+}
+
+async fn fs_cmd(ctx: &Ctx, fs: &Fs, c: FsCmd) -> anyhow::Result<()> {
     match c {
-        FsCmd::GetAttr { target, path } => {
-            let fs = open(ctx, &target).await?;
+        FsCmd::GetAttr { path, .. } => {
             let a = fs.resolve(&path).await?;
             match a.kind {
                 shoal_client::fs::Kind::File => {
@@ -295,11 +307,10 @@ pub async fn fs(ctx: &Ctx, c: FsCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        FsCmd::SetAttr { target, path, oclass, chunk_size } => {
+        FsCmd::SetAttr { path, oclass, chunk_size, .. } => {
             if oclass.is_none() && chunk_size.is_none() {
                 bail!("give --oclass, --chunk-size or both");
             }
-            let fs = open(ctx, &target).await?;
             let a = fs.resolve(&path).await?;
             if a.kind != shoal_client::fs::Kind::Dir {
                 bail!("{path} is not a directory: a file's layout is fixed when it is created");
@@ -312,8 +323,7 @@ pub async fn fs(ctx: &Ctx, c: FsCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        FsCmd::ResetAttr { target, path } => {
-            let fs = open(ctx, &target).await?;
+        FsCmd::ResetAttr { path, .. } => {
             let a = fs.resolve(&path).await?;
             for k in [XATTR_OCLASS, XATTR_CHUNK] {
                 match fs.removexattr(a.oid, k.as_bytes()).await {
@@ -324,10 +334,8 @@ pub async fn fs(ctx: &Ctx, c: FsCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        FsCmd::Check { target } => {
-            let fs = open(ctx, &target).await?;
+        FsCmd::Check { .. } => {
             let n = fs.clean_orphans(false).await?;
-            let _ = fs.unmount().await;
             println!("freed {n} unlinked files that no live mount holds open");
             Ok(())
         }
