@@ -59,6 +59,26 @@ impl Default for MountOptions {
     }
 }
 
+/// Sets the kernel's readahead for the mount at `mountpoint` (its
+/// backing device's `read_ahead_kb`): the default 128 KiB cuts sequential
+/// reads into requests too small to keep the servers busy.
+///
+/// The device is found in `/proc/self/mountinfo`, not by `stat`: the
+/// serving process calls this before it serves, and a `stat` of its own
+/// mount would wait for itself.
+pub fn set_readahead(mountpoint: &Path, bytes: u64) -> std::io::Result<()> {
+    let canon = mountpoint.canonicalize()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let dev = info
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == canon))
+        .filter_map(|l| l.split(' ').nth(2))
+        .last()
+        .ok_or_else(|| std::io::Error::other(format!("{} is not mounted", mountpoint.display())))?;
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    std::fs::write(path, format!("{}\n", (bytes / 1024).max(4)))
+}
+
 /// The `fuser` configuration for a mount with `opts`.
 pub fn config(opts: &MountOptions, name: &str) -> fuser::Config {
     let mut c = fuser::Config::default();
@@ -480,7 +500,7 @@ impl Filesystem for ShoalFuse {
         reply: ReplyData,
     ) {
         self.run(|st| async move {
-            match async { st.fs.read(st.oid(ino)?, offset, size as u64).await }.await {
+            match async { st.fs.read_known_size(st.oid(ino)?, offset, size as u64).await }.await {
                 Ok(b) => reply.data(&b),
                 Err(e) => reply.error(errno(&e)),
             }

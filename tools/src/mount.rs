@@ -45,6 +45,9 @@ pub struct MountArgs {
     /// Threads reading the kernel's requests.
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// How far the kernel reads ahead of a sequential reader.
+    #[arg(long, default_value = "4MiB", value_parser = out::parse_size)]
+    readahead: u64,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +152,9 @@ pub async fn mount(ctx: &Ctx, a: MountArgs) -> anyhow::Result<()> {
     let fuse = ShoalFuse::new(fs.clone(), tokio::runtime::Handle::current(), opts);
     let mut session = fuser::Session::new(fuse, &a.mountpoint, &config)
         .with_context(|| format!("mount {} (is /dev/fuse there?)", a.mountpoint.display()))?;
+    if let Err(e) = shoal_client::fuse::set_readahead(&a.mountpoint, a.readahead) {
+        tracing::warn!("could not set the mount's readahead (sequential reads will be slower): {e}");
+    }
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id())).with_context(|| format!("write {}", p.display()))?;
     }
