@@ -73,7 +73,7 @@ pub fn set_readahead(mountpoint: &Path, bytes: u64) -> std::io::Result<()> {
         .lines()
         .filter(|l| l.split(' ').nth(4).is_some_and(|m| Path::new(m) == canon))
         .filter_map(|l| l.split(' ').nth(2))
-        .last()
+        .next_back()
         .ok_or_else(|| std::io::Error::other(format!("{} is not mounted", mountpoint.display())))?;
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     std::fs::write(path, format!("{}\n", (bytes / 1024).max(4)))
