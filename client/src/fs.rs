@@ -198,6 +198,26 @@ struct Record {
     chunk: Option<u64>,
 }
 
+impl Record {
+    /// What `stat` shows, given the size and the atime, mtime and ctime.
+    fn attr(&self, oid: Oid, size: u64, [atime, mtime, ctime]: [i64; 3]) -> Attr {
+        Attr {
+            oid,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            nlink: self.nlink,
+            size,
+            rdev: self.rdev,
+            atime,
+            mtime,
+            ctime,
+            crtime: self.crtime,
+        }
+    }
+}
+
 /// A directory entry as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Entry {
@@ -694,20 +714,7 @@ impl Fs {
             Kind::Symlink => rec.target.as_ref().map_or(0, |t| t.len() as u64),
             _ => 0,
         };
-        Ok(Attr {
-            oid,
-            kind: rec.kind,
-            perm: rec.perm,
-            uid: rec.uid,
-            gid: rec.gid,
-            nlink: rec.nlink,
-            size,
-            rdev: rec.rdev,
-            atime: un_ns(&v[1]),
-            mtime: un_ns(&v[2]),
-            ctime: un_ns(&v[3]),
-            crtime: rec.crtime,
-        })
+        Ok(rec.attr(oid, size, [un_ns(&v[1]), un_ns(&v[2]), un_ns(&v[3])]))
     }
 
     /// Changes attributes; returns the new ones. A size change truncates
@@ -837,20 +844,7 @@ impl Fs {
                 a?;
                 b?;
                 let size = rec.target.as_ref().map_or(if rec.kind == Kind::Dir { 4096 } else { 0 }, |t| t.len() as u64);
-                Ok(Err(Attr {
-                    oid,
-                    kind: rec.kind,
-                    perm: rec.perm,
-                    uid: rec.uid,
-                    gid: rec.gid,
-                    nlink: rec.nlink,
-                    size,
-                    rdev: rec.rdev,
-                    atime: now,
-                    mtime: now,
-                    ctime: now,
-                    crtime: now,
-                }))
+                Ok(Err(rec.attr(oid, size, [now; 3])))
             })
             .await;
         locks.release();

@@ -272,6 +272,11 @@ impl State {
     }
 }
 
+/// A new inode of `kind` for the caller of `req`, its mode after the umask.
+fn new_node(kind: Kind, mode: u32, umask: u32, req: &Request, rdev: u32) -> NewNode {
+    NewNode { kind, perm: mode & !umask & 0o7777, uid: req.uid(), gid: req.gid(), rdev, target: None }
+}
+
 fn name_of(n: &OsStr) -> Vec<u8> {
     n.as_bytes().to_vec()
 }
@@ -369,14 +374,7 @@ impl Filesystem for ShoalFuse {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let node = NewNode {
-            kind: Kind::Dir,
-            perm: mode & !umask & 0o7777,
-            uid: req.uid(),
-            gid: req.gid(),
-            rdev: 0,
-            target: None,
-        };
+        let node = new_node(Kind::Dir, mode, umask, req, 0);
         let name = name_of(name);
         self.run(|st| async move {
             let r = async { Ok(st.fs.create(st.oid(parent)?, &name, &node, true).await?.0) }.await;
@@ -714,14 +712,7 @@ impl Filesystem for ShoalFuse {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let node = NewNode {
-            kind: Kind::File,
-            perm: mode & !umask & 0o7777,
-            uid: req.uid(),
-            gid: req.gid(),
-            rdev: 0,
-            target: None,
-        };
+        let node = new_node(Kind::File, mode, umask, req, 0);
         let name = name_of(name);
         self.run(|st| async move {
             let r = async {

@@ -609,16 +609,7 @@ impl Object {
     }
 
     async fn update_value(&self, dkey: &[u8], akey: &[u8], kind: ValueKind, value: Bytes) -> Result<Epoch> {
-        let iods = [UpdateIod::new(akey, kind, &value)];
-        let data = [value];
-        self.with_layout(|st, layout| {
-            let (iods, data) = (&iods, &data);
-            async move {
-                let shards = self.value_shards(layout.dkey_shards(dkey));
-                self.blind_write(|epoch| self.update_all(&st, shards, dkey, epoch, iods, data)).await
-            }
-        })
-        .await
+        self.update_values(dkey, &[(akey, kind, value)]).await
     }
 
     /// Writes a single value (replaced whole). Returns the epoch. Not
