@@ -82,18 +82,6 @@ impl Array {
     /// Creates the array's metadata: the chunk size, aligned to whole
     /// stripes for EC classes. Not cancel safe.
     pub(crate) async fn create(obj: Object, chunk: u64, cell: Option<u64>) -> Result<Array> {
-        Array::create_with(obj, chunk, cell, Vec::new()).await
-    }
-
-    /// [`Array::create`], writing `extra` values under the metadata dkey
-    /// in the same request (the POSIX namespace keeps a file's inode
-    /// there).
-    pub(crate) async fn create_with(
-        obj: Object,
-        chunk: u64,
-        cell: Option<u64>,
-        mut extra: Vec<(&[u8], Bytes)>,
-    ) -> Result<Array> {
         if chunk == 0 || chunk > 1 << 30 {
             return Err(ShoalError::invalid(format!("chunk size {chunk} must be between 1 byte and 1GiB")));
         }
@@ -101,15 +89,17 @@ impl Array {
             Some(c) => obj.with_cell_size(c)?,
             None => obj,
         };
+        // The chunk size and the cell size in one request.
+        let mut meta = Vec::with_capacity(2);
         let chunk = match obj.ec_geometry() {
             Some((k, _, cell)) => {
-                extra.push((CELL, Bytes::copy_from_slice(&cell.to_le_bytes())));
+                meta.push((CELL, Bytes::copy_from_slice(&cell.to_le_bytes())));
                 chunk.div_ceil(k as u64 * cell) * (k as u64 * cell)
             }
             None => chunk,
         };
-        extra.push((CHUNK, Bytes::copy_from_slice(&chunk.to_le_bytes())));
-        obj.update_many(META, &extra).await?;
+        meta.push((CHUNK, Bytes::copy_from_slice(&chunk.to_le_bytes())));
+        obj.update_many(META, &meta).await?;
         Ok(Array { obj, chunk })
     }
 

@@ -89,7 +89,7 @@ impl StripeLock {
                 tokio::time::sleep(STRIPE_LOCK_LEASE / 3).await;
                 // A lost renewal costs at most a retry: the rewrite's
                 // conditions keep the data safe without the lock.
-                let _ = self.obj.rpc(&self.st, &self.leader, &self.req, vec![]).await;
+                let _ = self.renew().await;
             }
         };
         tokio::select! {
@@ -143,8 +143,8 @@ impl Object {
     /// numbers name independent locks), at the first shard in service of
     /// the dkey's group, as partial-stripe writes do. Other users: the
     /// POSIX namespace, which serialises changes of a directory across
-    /// mounts with it. The lease is not renewed: for work that ends well
-    /// within [`STRIPE_LOCK_LEASE`].
+    /// mounts with it. The lease lapses after [`STRIPE_LOCK_LEASE`] unless
+    /// the holder renews it ([`StripeLock::renew`]).
     pub(crate) async fn lock(&self, dkey: &[u8], stripes: Vec<u64>) -> Result<StripeLock> {
         self.with_layout(|st, layout| {
             let stripes = stripes.clone();

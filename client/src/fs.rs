@@ -506,7 +506,7 @@ impl Fs {
                     chunk: None,
                 };
                 let root = self.inner.cont.open_as(self.inner.root, ObjType::Multi)?;
-                write_record(&root, OBJ_DKEY, &rec, Some(now)).await?;
+                write_record(&root, OBJ_DKEY, &rec, now).await?;
                 self.inner.sb.update_single(SB_DKEY, b"magic", Bytes::from_static(MAGIC)).await?;
                 Ok(())
             })
@@ -838,7 +838,7 @@ impl Fs {
                 }
                 let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
                 let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
-                write_record(&obj, OBJ_DKEY, &rec, Some(now)).await?;
+                write_record(&obj, OBJ_DKEY, &rec, now).await?;
                 let entry = encode(&Entry { oid, kind: node.kind });
                 let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
                 a?;
@@ -903,8 +903,7 @@ impl Fs {
                 }
                 let now = now_ns();
                 rec.nlink += 1;
-                write_record(&obj, dkey, &rec, None).await?;
-                obj.update_single(dkey, CTIME, ns(now)).await?;
+                obj.update_many(dkey, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
                 let entry = encode(&Entry { oid, kind: rec.kind });
                 let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
                 a?;
@@ -1521,13 +1520,9 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-/// Writes an inode record, and all three times if `times` is given.
-async fn write_record(obj: &Object, dkey: &[u8], rec: &Record, times: Option<i64>) -> FsResult<()> {
-    let mut v: Vec<(&[u8], Bytes)> = vec![(REC, encode(rec))];
-    if let Some(t) = times {
-        v.extend([(ATIME, ns(t)), (MTIME, ns(t)), (CTIME, ns(t))]);
-    }
-    obj.update_many(dkey, &v).await?;
+/// Writes a new inode's record with all three times set to `now`.
+async fn write_record(obj: &Object, dkey: &[u8], rec: &Record, now: i64) -> FsResult<()> {
+    obj.update_many(dkey, &[(REC, encode(rec)), (ATIME, ns(now)), (MTIME, ns(now)), (CTIME, ns(now))]).await?;
     Ok(())
 }
 
