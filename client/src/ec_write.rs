@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
-use shoal_common::msg::{StripeLockReq, StripeUnlockReq, UpdateIod, ValueKind};
+use shoal_common::msg::{FileLockReply, FileLockReq, StripeLockReq, StripeUnlockReq, UpdateIod, ValueKind};
 use shoal_common::placement::Shard;
 use shoal_common::{Epoch, ErrorKind, Result, ShoalError};
 
@@ -138,6 +138,18 @@ impl Drop for StripeLock {
     }
 }
 
+/// The server that keeps the locks of a dkey: the first shard in service
+/// of its group (every client with this map picks the same one).
+fn lock_leader(layout: &shoal_common::placement::Layout, dkey: &[u8]) -> Result<Shard> {
+    let group = layout.dkey_shards(dkey);
+    group
+        .iter()
+        .find(|s| s.available)
+        .or(group.first())
+        .copied()
+        .ok_or_else(|| ShoalError::Internal("a layout group without shards".into()))
+}
+
 impl Object {
     /// Takes the server-kept lock on `stripes` of `dkey` (the stripe
     /// numbers name independent locks), at the first shard in service of
@@ -148,15 +160,20 @@ impl Object {
     pub(crate) async fn lock(&self, dkey: &[u8], stripes: Vec<u64>) -> Result<StripeLock> {
         self.with_layout(|st, layout| {
             let stripes = stripes.clone();
+            async move { StripeLock::take(self, &st, lock_leader(&layout, dkey)?, dkey, stripes).await }
+        })
+        .await
+    }
+
+    /// Sends a POSIX file-lock request for this object to the server that
+    /// keeps its locks: the same one as its stripe locks of `dkey`.
+    pub(crate) async fn file_lock(&self, dkey: &[u8], req: FileLockReq) -> Result<FileLockReply> {
+        self.with_layout(|st, layout| {
+            let mut req = req.clone();
             async move {
-                let group = layout.dkey_shards(dkey);
-                let leader = group
-                    .iter()
-                    .find(|s| s.available)
-                    .or(group.first())
-                    .copied()
-                    .ok_or_else(|| ShoalError::Internal("a layout group without shards".into()))?;
-                StripeLock::take(self, &st, leader, dkey, stripes).await
+                let leader = lock_leader(&layout, dkey)?;
+                (req.pool, req.rank, req.cont, req.oid) = (st.info.uuid, leader.rank, self.cont.info.uuid, self.oid());
+                self.rpc(&st, &leader, &req, vec![]).await.map(|(r, _)| r)
             }
         })
         .await

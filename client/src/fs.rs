@@ -52,6 +52,9 @@ use shoal_common::{ErrorKind, Oid, ShoalError, EPOCH_MAX};
 use crate::ec_write::{StripeLock, STRIPE_LOCK_LEASE};
 use crate::{Array, Container, Object, Pool};
 
+mod lock;
+pub use lock::{LockKind, FILE_LOCK_LEASE};
+
 /// Longest name of a directory entry, in bytes.
 pub const NAME_MAX: usize = 255;
 /// Longest symlink target, in bytes.
@@ -371,6 +374,8 @@ struct FsInner {
     /// Open arrays, so a write does not fetch the chunk size again.
     arrays: Mutex<std::collections::HashMap<Oid, Array>>,
     heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Owners that may hold file locks, per inode (see [`lock`]).
+    file_locks: Mutex<std::collections::HashMap<Oid, std::collections::HashSet<u64>>>,
 }
 
 impl Drop for FsInner {
@@ -451,6 +456,7 @@ impl Fs {
                 mount_id: rand::random(),
                 arrays: Mutex::default(),
                 heartbeat: Mutex::default(),
+                file_locks: Mutex::default(),
             }),
         };
         match fs.inner.sb.fetch_single(SB_DKEY, b"magic", EPOCH_MAX).await? {
@@ -470,10 +476,16 @@ impl Fs {
         fs.beat().await?;
         let weak = Arc::downgrade(&fs.inner);
         let h = tokio::spawn(async move {
+            let mut last_beat = tokio::time::Instant::now();
             loop {
-                tokio::time::sleep(HEARTBEAT).await;
+                tokio::time::sleep(FILE_LOCK_LEASE / 3).await;
                 let Some(inner) = weak.upgrade() else { return };
-                let _ = (Fs { inner }).beat().await;
+                let fs = Fs { inner };
+                fs.renew_file_locks().await;
+                if last_beat.elapsed() >= HEARTBEAT {
+                    last_beat = tokio::time::Instant::now();
+                    let _ = fs.beat().await;
+                }
             }
         });
         *fs.inner.heartbeat.lock().expect("heartbeat") = Some(h);

@@ -21,12 +21,12 @@ use bytes::Bytes;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
     LockOwner, OpenFlags, RenameFlags as FuseRenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use shoal_common::Oid;
 use tokio::runtime::Handle;
 
-use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, NewNode, RenameFlags, SetAttr, XattrMode};
+use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, LockKind, NewNode, RenameFlags, SetAttr, XattrMode};
 
 /// How a mount behaves.
 #[derive(Clone, Debug)]
@@ -145,6 +145,25 @@ impl ShoalFuse {
         let fut = f(self.st.clone());
         self.st.rt.spawn(fut);
     }
+}
+
+/// Whether process `pid` has a signal to take, or is gone: a blocked
+/// lock request then stops waiting (this FUSE layer does not pass on the
+/// kernel's interrupt requests, and without this a waiting process could
+/// not be stopped with Ctrl-C).
+fn signal_pending(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (field("SigPnd:") | field("ShdPnd:")) & !field("SigBlk:") & !field("SigIgn:") != 0
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -285,7 +304,13 @@ impl Filesystem for ShoalFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(self.st.opts.max_write);
         let _ = config.set_max_readahead(1 << 20);
-        let mut want = InitFlags::FUSE_ASYNC_READ | InitFlags::FUSE_BIG_WRITES | InitFlags::FUSE_PARALLEL_DIROPS;
+        // Record locks and flock go to the servers, so they hold across
+        // mounts.
+        let mut want = InitFlags::FUSE_ASYNC_READ
+            | InitFlags::FUSE_BIG_WRITES
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS;
         if self.st.opts.writeback_cache {
             want |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -537,21 +562,90 @@ impl Filesystem for ShoalFuse {
         });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // A close drops the record locks of the closing process (POSIX:
+        // of any descriptor of the file).
+        self.run(|st| async move {
+            match async { st.fs.unlock_owner(st.oid(ino)?, lock_owner.0).await }.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        self.run(|st| async move {
+            let write = typ == libc::F_WRLCK;
+            match async { st.fs.getlk(st.oid(ino)?, lock_owner.0, pid, start, end, write).await }.await {
+                Ok(Some(c)) => {
+                    reply.locked(c.start, c.end, if c.write { libc::F_WRLCK } else { libc::F_RDLCK }, c.pid)
+                }
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let kind = match typ {
+            libc::F_RDLCK => LockKind::Read,
+            libc::F_WRLCK => LockKind::Write,
+            libc::F_UNLCK => LockKind::Unlock,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        self.run(|st| async move {
+            let r = async {
+                let oid = st.oid(ino)?;
+                st.fs.setlk(oid, lock_owner.0, pid, start, end, kind, sleep, || signal_pending(pid)).await
+            }
+            .await;
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.run(|st| async move {
+            // The last close of a file that was flock()ed drops the lock.
+            if let (Some(owner), Ok(oid)) = (lock_owner, st.oid(ino)) {
+                if let Err(e) = st.fs.unlock_owner(oid, owner.0).await {
+                    tracing::warn!(%oid, error = %e, "could not release a flock at close; it lapses with the lease");
+                }
+            }
             st.closed(fh.0).await;
             reply.ok();
         });

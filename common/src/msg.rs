@@ -35,6 +35,8 @@ pub enum Opcode {
     Restore = 10,
     ObjList = 11,
     RestoreHave = 12,
+    /// Takes, tests, releases or renews POSIX file locks.
+    FileLock = 15,
     /// A Raft message between management service replicas.
     Raft = 13,
     /// The MS leader asks a server to host an MS replica, or to stop.
@@ -79,6 +81,7 @@ impl Opcode {
             Opcode::Restore => "restore",
             Opcode::ObjList => "obj_list",
             Opcode::RestoreHave => "restore_have",
+            Opcode::FileLock => "file_lock",
             Opcode::Raft => "raft",
             Opcode::MsHost => "ms_host",
             Opcode::SysJoin => "sys_join",
@@ -128,6 +131,7 @@ impl Opcode {
             12 => Opcode::RestoreHave,
             13 => Opcode::Raft,
             14 => Opcode::MsHost,
+            15 => Opcode::FileLock,
             20 => Opcode::SysJoin,
             21 => Opcode::SysHeartbeat,
             22 => Opcode::SysQuery,
@@ -667,6 +671,93 @@ impl Rpc for StripeLockReq {
         check_stripes(segments, &self.dkey, &self.stripes)?;
         if self.lease_ms == 0 || self.lease_ms > MAX_LOCK_LEASE_MS {
             return Err(ShoalError::invalid(format!("lock lease must be 1..={MAX_LOCK_LEASE_MS} ms")));
+        }
+        Ok(())
+    }
+}
+
+/// Longest a file-lock request may wait at the server for a conflicting
+/// lock to go, in milliseconds (a blocking lock is a series of such waits,
+/// so the client can give up when its caller is interrupted).
+pub const MAX_FILE_LOCK_WAIT_MS: u32 = 5_000;
+
+/// What a [`FileLockReq`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileLockOp {
+    /// Takes a shared lock on the range.
+    Read,
+    /// Takes an exclusive lock on the range.
+    Write,
+    /// Releases what the owner holds in the range (splitting its locks
+    /// that reach beyond it).
+    Unlock,
+    /// Takes nothing: reports a lock that would conflict with an exclusive
+    /// (`write`) or shared lock on the range.
+    Test { write: bool },
+    /// Takes nothing: only renews the session's lease.
+    Renew,
+}
+
+/// POSIX record locks (fcntl) and whole-file locks (flock) of one object,
+/// kept by the server of the first shard in service of its first dkey
+/// group, so every mount of a container sees them. Locks belong to an
+/// `owner` within a `session` (one mount); a session's locks lapse
+/// together unless it renews its lease. Ranges are inclusive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLockReq {
+    pub pool: PoolId,
+    pub rank: u32,
+    pub cont: ContId,
+    pub oid: Oid,
+    pub session: u128,
+    pub owner: u64,
+    /// The locking process, reported to others that test for the lock.
+    pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+    pub op: FileLockOp,
+    pub lease_ms: u32,
+    /// How long to wait for a conflicting lock to go before answering
+    /// with the conflict (0: answer at once).
+    pub wait_ms: u32,
+}
+
+/// A lock as a test reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLockInfo {
+    pub start: u64,
+    pub end: u64,
+    pub write: bool,
+    pub pid: u32,
+}
+
+/// The answer to a [`FileLockReq`]: the conflicting lock if the request
+/// was refused (or, for a test, would be), and how many locks the session
+/// still holds on the object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLockReply {
+    pub conflict: Option<FileLockInfo>,
+    pub held: u32,
+}
+
+impl Rpc for FileLockReq {
+    const OP: Opcode = Opcode::FileLock;
+    type Reply = FileLockReply;
+
+    addressed!();
+
+    fn validate(&self, segments: &[Bytes]) -> Result<()> {
+        if !segments.is_empty() {
+            return Err(ShoalError::invalid("a file lock request carries no data segments"));
+        }
+        if self.start > self.end {
+            return Err(ShoalError::invalid(format!("lock range {}..={} is empty", self.start, self.end)));
+        }
+        if self.lease_ms == 0 || self.lease_ms > MAX_LOCK_LEASE_MS {
+            return Err(ShoalError::invalid(format!("lock lease must be 1..={MAX_LOCK_LEASE_MS} ms")));
+        }
+        if self.wait_ms > MAX_FILE_LOCK_WAIT_MS {
+            return Err(ShoalError::invalid(format!("a lock request waits at most {MAX_FILE_LOCK_WAIT_MS} ms")));
         }
         Ok(())
     }

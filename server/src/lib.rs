@@ -12,6 +12,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod file_locks;
 pub mod locks;
 pub mod member;
 pub mod metrics;

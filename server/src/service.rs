@@ -42,6 +42,7 @@ use shoal_net::Handler;
 use tokio::sync::Semaphore;
 use tracing::{debug, Instrument};
 
+use crate::file_locks::FileLocks;
 use crate::locks::StripeLocks;
 use crate::ms::{Ms, OpId};
 use crate::store::{Mutation, TargetStore};
@@ -107,6 +108,7 @@ pub struct Service {
     /// This server's rank once it has joined.
     rank: RwLock<Option<u32>>,
     locks: StripeLocks,
+    file_locks: FileLocks,
     /// Why this server's clock cannot be trusted (the MS said so), if it
     /// cannot: updates and punches are refused, aggregation waits.
     clock_fault: RwLock<Option<String>>,
@@ -162,6 +164,7 @@ impl Service {
             heard: Default::default(),
             rank: RwLock::new(None),
             locks: StripeLocks::default(),
+            file_locks: FileLocks::default(),
             clock_fault: RwLock::new(None),
         }
     }
@@ -570,6 +573,10 @@ impl Service {
                 .await
             }
             Opcode::StripeLock => self.run::<StripeLockReq, _>(&frame, |s, r, _| s.stripe_lock(r)).await,
+            Opcode::FileLock => {
+                self.run::<shoal_common::msg::FileLockReq, _>(&frame, |s, r, _| async move { s.file_locks.apply(&r).await })
+                    .await
+            }
             Opcode::MarkStable => {
                 self.run::<StableReq, _>(&frame, |s, r, _| async move {
                     let store = s.store(r.target)?;

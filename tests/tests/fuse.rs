@@ -345,6 +345,101 @@ async fn two_mounts_see_each_others_changes_and_a_crashed_mount_unmounts_cleanly
     drop(ma);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flock_and_record_locks_hold_across_mounts_and_lapse_with_a_crashed_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = cluster(tmp.path()).await;
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let _ma = Mount::start(&cluster.ms(), "tank/c", &a, &[]);
+    let mut mb = Mount::start(&cluster.ms(), "tank/c", &b, &[]);
+    let env = [("A", a.as_path()), ("B", b.as_path())];
+    sh(
+        tmp.path(),
+        &env,
+        r#"
+        touch "$A/lk"
+        # flock on mount A keeps it from mount B until A lets go.
+        flock -x "$A/lk" -c 'sleep 3' &
+        sleep 1
+        if flock -n -x "$B/lk" true; then echo "B took a lock A holds"; exit 1; fi
+        if flock -n -s "$B/lk" true; then echo "B shared a lock A holds exclusively"; exit 1; fi
+        t0=$(date +%s%N)
+        flock -x "$B/lk" true
+        waited=$(( ($(date +%s%N) - t0) / 1000000 ))
+        test "$waited" -ge 1000 || { echo "B waited only ${waited} ms"; exit 1; }
+        wait
+        # Shared locks share across mounts.
+        flock -s "$A/lk" -c 'flock -n -s "$B/lk" true'
+        # Closing the last descriptor drops the flock.
+        flock -x "$A/lk" true && flock -n -x "$B/lk" true
+
+        # POSIX record locks: byte ranges, F_GETLK names the holder, close
+        # releases, and a waiting locker can be interrupted.
+        python3 - <<'PY'
+import fcntl, os, signal, struct, subprocess, sys, time
+A, B = os.environ["A"], os.environ["B"]
+fa = os.open(A + "/rec", os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.lockf(fa, fcntl.LOCK_EX, 100, 0)          # bytes 0..99 on mount A
+def on_b(code):
+    return subprocess.run([sys.executable, "-c", "import fcntl, os, struct\nfd = os.open(%r, os.O_RDWR)\n" % (B + "/rec") + code],
+                          capture_output=True, text=True)
+r = on_b("fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 50)")
+assert r.returncode != 0 and ("Resource temporarily unavailable" in r.stderr or "Permission denied" in r.stderr), r
+r = on_b("fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 10, 200)")
+assert r.returncode == 0, r.stderr                # another range is free
+r = on_b("print(struct.unpack('hhqqi', fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack('hhqqi', fcntl.F_RDLCK, 0, 50, 1, 0))))")
+assert r.returncode == 0, r.stderr
+typ, _, start, length, pid = eval(r.stdout)
+assert (typ, start, length, pid) == (fcntl.F_WRLCK, 0, 100, os.getpid()), r.stdout
+# A blocked locker on mount B: a signal ends its wait.
+p = subprocess.Popen([sys.executable, "-c", "import fcntl, os\nfd = os.open(%r, os.O_RDWR)\nfcntl.lockf(fd, fcntl.LOCK_EX, 10, 50)\nprint('locked')" % (B + "/rec")],
+                     stdout=subprocess.PIPE, text=True)
+time.sleep(1.5)
+assert p.poll() is None, "the locker did not wait"
+p.send_signal(signal.SIGTERM)
+p.wait(timeout=10)
+assert p.returncode == -signal.SIGTERM, p.returncode
+# Unlocking part of the range frees it for B, the rest stays.
+fcntl.lockf(fa, fcntl.LOCK_UN, 20, 40)
+assert on_b("fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 20, 40)").returncode == 0
+assert on_b("fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 39)").returncode != 0
+# A blocked locker gets the lock when A closes the file.
+p = subprocess.Popen([sys.executable, "-c", "import fcntl, os\nfd = os.open(%r, os.O_RDWR)\nfcntl.lockf(fd, fcntl.LOCK_EX, 0, 0)\nprint('locked', flush=True)" % (B + "/rec")],
+                     stdout=subprocess.PIPE, text=True)
+time.sleep(1.5)
+assert p.poll() is None, "the locker did not wait"
+os.close(fa)
+assert p.communicate(timeout=20)[0] == "locked\n"
+PY
+    "#,
+    );
+
+    // A mount that dies holding a lock: the lock lapses with its lease.
+    let _holder = KillOnDrop(Command::new("flock").arg("-x").arg(b.join("held")).args(["-c", "sleep 600"]).spawn().unwrap());
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while Command::new("flock").args(["-n", "-x"]).arg(a.join("held")).arg("true").status().unwrap().success() {
+        assert!(Instant::now() < give_up, "the flock on mount B never showed on mount A");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    mb.child.kill().unwrap();
+    mb.child.wait().unwrap();
+    let died = Instant::now();
+    let o = Command::new("flock").args(["-w", "90", "-x"]).arg(a.join("held")).arg("true").output().unwrap();
+    assert!(o.status.success(), "the dead mount's lock never lapsed: {}", String::from_utf8_lossy(&o.stderr));
+    let lapsed = died.elapsed();
+    assert!(lapsed < shoal_client::fs::FILE_LOCK_LEASE + Duration::from_secs(15), "took {lapsed:?}");
+}
+
+/// Kills a child process when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One file exercised like xfstests' fsx: random writes, reads, truncates,
 /// hole punches, zeroed and extended ranges, fsyncs and reopens, every read
 /// checked against a model of the bytes. Returns the number of operations.
