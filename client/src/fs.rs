@@ -74,6 +74,8 @@ const ORPHANS_SEQ: u128 = 4;
 const MAGIC: &[u8] = b"shoal-posix-1";
 const SB_DKEY: &[u8] = b"sb";
 const MOUNTS_DKEY: &[u8] = b"mounts";
+/// Akey of the superblock's dkey `sb`: the container's [`MountDefaults`].
+const MOUNT_DEFAULTS: &[u8] = b"mount-defaults";
 const OBJ_DKEY: &[u8] = b"\0";
 const REC: &[u8] = b"inode";
 const ATIME: &[u8] = b"atime";
@@ -96,6 +98,16 @@ const MOUNT_GONE: Duration = Duration::from_secs(300);
 pub const LARGE_FILE: u64 = 1 << 20;
 /// Entries looked up at once while listing a directory.
 const LIST_PARALLEL: usize = 64;
+
+/// Container-wide defaults of FUSE mounts, kept in the superblock (like
+/// DAOS's container attributes for dfuse): a mount's own options win.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountDefaults {
+    /// How long the kernel trusts attributes.
+    pub attr_timeout: Option<Duration>,
+    /// How long the kernel trusts names it looked up.
+    pub entry_timeout: Option<Duration>,
+}
 
 /// A failure of a namespace call, with the errno a POSIX program expects.
 #[derive(Debug, thiserror::Error)]
@@ -527,6 +539,21 @@ impl Fs {
         r
     }
 
+    /// The container's defaults for mounts (what a mount's own options do
+    /// not set).
+    pub async fn mount_defaults(&self) -> FsResult<MountDefaults> {
+        match self.inner.sb.fetch_single(SB_DKEY, MOUNT_DEFAULTS, EPOCH_MAX).await? {
+            Some(v) => decode(&v, "mount defaults", self.inner.root),
+            None => Ok(MountDefaults::default()),
+        }
+    }
+
+    /// Sets the container's defaults for mounts made from now on.
+    pub async fn set_mount_defaults(&self, d: &MountDefaults) -> FsResult<()> {
+        self.inner.sb.update_single(SB_DKEY, MOUNT_DEFAULTS, encode(d)).await?;
+        Ok(())
+    }
+
     /// Refreshes this mount's heartbeat.
     async fn beat(&self) -> FsResult<()> {
         let id = self.inner.mount_id.to_le_bytes();
@@ -793,7 +820,42 @@ impl Fs {
             }
         }
         let d = self.dir(dir)?;
-        let locks = self.lock(vec![(ENTRIES_LOCK, dir)]).await?;
+        // The new inode is written while the directory's lock is taken:
+        // nothing names it yet, so only the entry needs the lock.
+        let now = now_ns();
+        let prepare = async {
+            let parent = self.record(dir).await?;
+            if parent.kind != Kind::Dir {
+                return Err(posix(libc::ENOTDIR, "not a directory"));
+            }
+            let rec = new_record(&parent, dir, node, now)?;
+            let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
+            let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
+            write_record(&obj, OBJ_DKEY, &rec, now).await?;
+            Ok((obj, rec))
+        };
+        let (locks, prepared) = futures::join!(self.lock(vec![(ENTRIES_LOCK, dir)]), prepare);
+        // An inode no name will point at is removed (in the background).
+        let discard = |obj: Object| {
+            tokio::spawn(async move { obj.punch().await });
+        };
+        let locks = match locks {
+            Ok(l) => l,
+            Err(e) => {
+                if let Ok((obj, _)) = prepared {
+                    discard(obj);
+                }
+                return Err(e);
+            }
+        };
+        let (obj, rec) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                locks.release();
+                return Err(e);
+            }
+        };
+        let mut linking = false;
         let r: FsResult<_> = locks
             .hold(async {
                 let (existing, parent) = futures::join!(self.entry(&d, name), self.record(dir));
@@ -810,48 +872,10 @@ impl Fs {
                     }
                     return Ok(Ok(e.oid));
                 }
-                let now = now_ns();
-                let mut rec = Record {
-                    kind: node.kind,
-                    perm: node.perm & 0o7777,
-                    uid: node.uid,
-                    gid: node.gid,
-                    nlink: if node.kind == Kind::Dir { 2 } else { 1 },
-                    rdev: node.rdev,
-                    parent: (node.kind == Kind::Dir).then_some(dir),
-                    target: node.target.clone(),
-                    xattrs: BTreeMap::new(),
-                    crtime: now,
-                    data: None,
-                    class: None,
-                    chunk: None,
-                };
-                // BSD group semantics under a setgid directory.
-                if parent.perm & libc::S_ISGID != 0 {
-                    rec.gid = parent.gid;
-                    if node.kind == Kind::Dir {
-                        rec.perm |= libc::S_ISGID;
-                    }
-                }
-                match node.kind {
-                    Kind::File => {
-                        let hint = |k: &str| parent.xattrs.get(k.as_bytes());
-                        rec.class = hint(XATTR_OCLASS).map(|v| String::from_utf8_lossy(v).trim().to_string());
-                        rec.chunk = hint(XATTR_CHUNK).map(|v| parse_chunk(v)).transpose()?;
-                    }
-                    Kind::Dir => {
-                        for k in [XATTR_OCLASS, XATTR_CHUNK] {
-                            if let Some(v) = parent.xattrs.get(k.as_bytes()) {
-                                rec.xattrs.insert(k.as_bytes().to_vec(), v.clone());
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                let oid = self.inner.cont.alloc_oid(ObjType::Multi, Some(self.inner.meta_class)).await?;
-                let obj = self.inner.cont.open_as(oid, ObjType::Multi)?;
-                write_record(&obj, OBJ_DKEY, &rec, now).await?;
+                let oid = obj.oid();
                 let entry = encode(&Entry { oid, kind: node.kind });
+                // From here the entry may exist even if the update fails.
+                linking = true;
                 let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
                 a?;
                 b?;
@@ -860,12 +884,14 @@ impl Fs {
             })
             .await;
         locks.release();
+        if !linking {
+            discard(obj);
+        }
         match r? {
             Ok(existing) => Ok((self.getattr(existing).await?, false)),
             Err(created) => Ok((created, true)),
         }
     }
-
     /// The class and chunk size of a file's data, chosen at its first
     /// write (or size change) that reaches `end`: what its directory asked
     /// for; else the container's class; else, for a file that starts at
@@ -1536,6 +1562,49 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
 async fn write_record(obj: &Object, dkey: &[u8], rec: &Record, now: i64) -> FsResult<()> {
     obj.update_many(dkey, &[(REC, encode(rec)), (ATIME, ns(now)), (MTIME, ns(now)), (CTIME, ns(now))]).await?;
     Ok(())
+}
+
+/// The record of a new inode named in directory `dir` (whose record is
+/// `parent`).
+fn new_record(parent: &Record, dir: Oid, node: &NewNode, now: i64) -> FsResult<Record> {
+    let mut rec = Record {
+        kind: node.kind,
+        perm: node.perm & 0o7777,
+        uid: node.uid,
+        gid: node.gid,
+        nlink: if node.kind == Kind::Dir { 2 } else { 1 },
+        rdev: node.rdev,
+        parent: (node.kind == Kind::Dir).then_some(dir),
+        target: node.target.clone(),
+        xattrs: BTreeMap::new(),
+        crtime: now,
+        data: None,
+        class: None,
+        chunk: None,
+    };
+    // BSD group semantics under a setgid directory.
+    if parent.perm & libc::S_ISGID != 0 {
+        rec.gid = parent.gid;
+        if node.kind == Kind::Dir {
+            rec.perm |= libc::S_ISGID;
+        }
+    }
+    match node.kind {
+        Kind::File => {
+            let hint = |k: &str| parent.xattrs.get(k.as_bytes());
+            rec.class = hint(XATTR_OCLASS).map(|v| String::from_utf8_lossy(v).trim().to_string());
+            rec.chunk = hint(XATTR_CHUNK).map(|v| parse_chunk(v)).transpose()?;
+        }
+        Kind::Dir => {
+            for k in [XATTR_OCLASS, XATTR_CHUNK] {
+                if let Some(v) = parent.xattrs.get(k.as_bytes()) {
+                    rec.xattrs.insert(k.as_bytes().to_vec(), v.clone());
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(rec)
 }
 
 /// Stamps a directory's mtime and ctime (blind: the latest stamp wins).

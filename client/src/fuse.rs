@@ -588,9 +588,7 @@ impl Filesystem for ShoalFuse {
         self.run(|st| async move {
             let write = typ == libc::F_WRLCK;
             match async { st.fs.getlk(st.oid(ino)?, lock_owner.0, pid, start, end, write).await }.await {
-                Ok(Some(c)) => {
-                    reply.locked(c.start, c.end, if c.write { libc::F_WRLCK } else { libc::F_RDLCK }, c.pid)
-                }
+                Ok(Some(c)) => reply.locked(c.start, c.end, if c.write { libc::F_WRLCK } else { libc::F_RDLCK }, c.pid),
                 Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
                 Err(e) => reply.error(errno(&e)),
             }

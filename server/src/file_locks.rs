@@ -90,9 +90,11 @@ impl Table {
     /// The first lock of another owner that a lock on the range would
     /// conflict with.
     fn conflict(&self, key: (ContId, Oid), r: &FileLockReq, write: bool) -> Option<Range> {
-        self.files.get(&key)?.iter().copied().find(|x| {
-            (x.session, x.owner) != (r.session, r.owner) && x.overlaps(r.start, r.end) && (write || x.write)
-        })
+        self.files
+            .get(&key)?
+            .iter()
+            .copied()
+            .find(|x| (x.session, x.owner) != (r.session, r.owner) && x.overlaps(r.start, r.end) && (write || x.write))
     }
 
     /// Removes what the owner holds in the range, keeping the parts of its

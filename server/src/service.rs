@@ -574,8 +574,11 @@ impl Service {
             }
             Opcode::StripeLock => self.run::<StripeLockReq, _>(&frame, |s, r, _| s.stripe_lock(r)).await,
             Opcode::FileLock => {
-                self.run::<shoal_common::msg::FileLockReq, _>(&frame, |s, r, _| async move { s.file_locks.apply(&r).await })
-                    .await
+                self.run::<shoal_common::msg::FileLockReq, _>(
+                    &frame,
+                    |s, r, _| async move { s.file_locks.apply(&r).await },
+                )
+                .await
             }
             Opcode::MarkStable => {
                 self.run::<StableReq, _>(&frame, |s, r, _| async move {

@@ -107,28 +107,47 @@ async fn ordinary_tools_work_on_a_mounted_container() {
         &env,
         r#"
         echo hello > a.txt
-        cp a.txt b.txt && cmp a.txt b.txt
-        mv b.txt c.txt && test ! -e b.txt && test "$(cat c.txt)" = hello
-        ln c.txt hard && test "$(stat -c %h c.txt)" = 2 && test "$(stat -c %i c.txt)" = "$(stat -c %i hard)"
-        ln -s a.txt sym && test "$(readlink sym)" = a.txt && test "$(cat sym)" = hello
+        cp a.txt b.txt
+        cmp a.txt b.txt
+        mv b.txt c.txt
+        test ! -e b.txt
+        test "$(cat c.txt)" = hello
+        ln c.txt hard
+        test "$(stat -c %h c.txt)" = 2
+        test "$(stat -c %i c.txt)" = "$(stat -c %i hard)"
+        ln -s a.txt sym
+        test "$(readlink sym)" = a.txt
+        test "$(cat sym)" = hello
         ls -l > /dev/null
         touch -d '2001-02-03 04:05:06' a.txt
         test "$(stat -c %Y a.txt)" = "$(date -d '2001-02-03 04:05:06' +%s)"
-        chmod 640 a.txt && test "$(stat -c %a a.txt)" = 640
-        chown 1234:5678 a.txt && test "$(stat -c %u:%g a.txt)" = 1234:5678
-        mkdir -p x/y/z && echo deep > x/y/z/f && rm -r x && test ! -e x
-        truncate -s 1M big && test "$(stat -c %s big)" = 1048576
-        truncate -s 10 big && test "$(stat -c %s big)" = 10
-        fallocate -l 2M big2 && test "$(stat -c %s big2)" = 2097152
-        head -c 100000 /dev/urandom > holes && fallocate -p -o 4096 -l 8192 holes
+        chmod 640 a.txt
+        test "$(stat -c %a a.txt)" = 640
+        chown 1234:5678 a.txt
+        test "$(stat -c %u:%g a.txt)" = 1234:5678
+        mkdir -p x/y/z
+        echo deep > x/y/z/f
+        rm -r x
+        test ! -e x
+        truncate -s 1M big
+        test "$(stat -c %s big)" = 1048576
+        truncate -s 10 big
+        test "$(stat -c %s big)" = 10
+        fallocate -l 2M big2
+        test "$(stat -c %s big2)" = 2097152
+        head -c 100000 /dev/urandom > holes
+        fallocate -p -o 4096 -l 8192 holes
         test "$(stat -c %s holes)" = 100000
         test "$(dd if=holes bs=4096 skip=1 count=2 status=none | tr -d '\0' | wc -c)" = 0
         du -s . > /dev/null
         df . | grep -q shoal
         test "$(stat -f -c %l .)" = 255
-        mkfifo fifo && test -p fifo
-        setfattr -n user.note -v hi a.txt && test "$(getfattr --only-values -n user.note a.txt)" = hi
-        rm hard c.txt && test ! -e c.txt
+        mkfifo fifo
+        test -p fifo
+        setfattr -n user.note -v hi a.txt
+        test "$(getfattr --only-values -n user.note a.txt)" = hi
+        rm hard c.txt
+        test ! -e c.txt
     "#,
     );
 
@@ -140,7 +159,8 @@ async fn ordinary_tools_work_on_a_mounted_container() {
         tar -C /usr/include -cf - linux | tar -C "$M" -xf -
         diff -r /usr/include/linux "$M/linux"
         tar -C "$M" -cf "$T/out.tar" linux
-        mkdir "$T/back" && tar -C "$T/back" -xf "$T/out.tar"
+        mkdir "$T/back"
+        tar -C "$T/back" -xf "$T/out.tar"
         diff -r /usr/include/linux "$T/back/linux"
         rsync -a /usr/include/asm-generic "$M/"
         diff -r /usr/include/asm-generic "$M/asm-generic"
@@ -176,7 +196,8 @@ async fn ordinary_tools_work_on_a_mounted_container() {
         test "$(dd if=sparse bs=1M skip=5000 count=1 status=none | tr -d '\0' | wc -c)" = 0
         echo secret > open.txt
         exec 3< open.txt 4>> open.txt
-        rm open.txt && test ! -e open.txt
+        rm open.txt
+        test ! -e open.txt
         echo more >&4
         test "$(cat <&3)" = "$(printf 'secret\nmore')"
         exec 3<&- 4>&-
@@ -309,16 +330,33 @@ async fn two_mounts_see_each_others_changes_and_a_crashed_mount_unmounts_cleanly
     let tmp = tempfile::tempdir().unwrap();
     let cluster = cluster(tmp.path()).await;
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let ma = Mount::start(&cluster.ms(), "tank/c", &a, &["--attr-timeout", "0s", "--entry-timeout", "0s"]);
-    let mut mb = Mount::start(&cluster.ms(), "tank/c", &b, &["--attr-timeout", "0s", "--entry-timeout", "0s"]);
+    // No caching, as a container default (the checks below fail with the
+    // mount's own 1s default).
+    let shoal = |args: &[&str]| {
+        let o = Command::new(shoal_bin()).args(["--ms", &cluster.ms()]).args(args).output().unwrap();
+        assert!(o.status.success(), "shoal {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    shoal(&["fs", "set-prop", "tank/c", "--attr-timeout", "5s"]);
+    shoal(&["fs", "set-prop", "tank/c", "--reset", "--entry-timeout", "0s"]);
+    shoal(&["fs", "set-prop", "tank/c", "--attr-timeout", "0s"]);
+    let props = shoal(&["fs", "get-prop", "tank/c"]);
+    assert!(props.contains("attr-timeout:  0s") && props.contains("entry-timeout: 0s"), "{props}");
+    let ma = Mount::start(&cluster.ms(), "tank/c", &a, &[]);
+    let mut mb = Mount::start(&cluster.ms(), "tank/c", &b, &[]);
     let env = [("A", a.as_path()), ("B", b.as_path())];
     sh(
         tmp.path(),
         &env,
         r#"
-        echo one > "$A/f" && test "$(cat "$B/f")" = one
-        mv "$B/f" "$B/g" && test ! -e "$A/f" && test "$(cat "$A/g")" = one
-        mkdir "$A/d" && ln "$B/g" "$B/d/h" && test "$(stat -c %h "$A/g")" = 2
+        echo one > "$A/f"
+        test "$(cat "$B/f")" = one
+        mv "$B/f" "$B/g"
+        test ! -e "$A/f"
+        test "$(cat "$A/g")" = one
+        mkdir "$A/d"
+        ln "$B/g" "$B/d/h"
+        test "$(stat -c %h "$A/g")" = 2
         # Exclusive creates from both mounts: exactly one wins each name.
         for i in $(seq 20); do
             ( set -C; echo a > "$A/x$i" ) 2>/dev/null & ( set -C; echo b > "$B/x$i" ) 2>/dev/null & wait
@@ -371,7 +409,8 @@ async fn flock_and_record_locks_hold_across_mounts_and_lapse_with_a_crashed_moun
         # Shared locks share across mounts.
         flock -s "$A/lk" -c 'flock -n -s "$B/lk" true'
         # Closing the last descriptor drops the flock.
-        flock -x "$A/lk" true && flock -n -x "$B/lk" true
+        flock -x "$A/lk" true
+        flock -n -x "$B/lk" true
 
         # POSIX record locks: byte ranges, F_GETLK names the holder, close
         # releases, and a waiting locker can be interrupted.
@@ -415,7 +454,8 @@ PY
     );
 
     // A mount that dies holding a lock: the lock lapses with its lease.
-    let _holder = KillOnDrop(Command::new("flock").arg("-x").arg(b.join("held")).args(["-c", "sleep 600"]).spawn().unwrap());
+    let _holder =
+        KillOnDrop(Command::new("flock").arg("-x").arg(b.join("held")).args(["-c", "sleep 600"]).spawn().unwrap());
     let give_up = Instant::now() + Duration::from_secs(20);
     while Command::new("flock").args(["-n", "-x"]).arg(a.join("held")).arg("true").status().unwrap().success() {
         assert!(Instant::now() < give_up, "the flock on mount B never showed on mount A");

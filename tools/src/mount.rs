@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use shoal_client::fs::{Fs, XattrMode, XATTR_CHUNK, XATTR_OCLASS};
+use shoal_client::fs::{Fs, MountDefaults, XattrMode, XATTR_CHUNK, XATTR_OCLASS};
 use shoal_client::fuse::{MountOptions, ShoalFuse};
 
 use crate::{out, Ctx};
@@ -30,11 +30,13 @@ pub struct MountArgs {
     #[arg(long)]
     log_file: Option<PathBuf>,
     /// How long the kernel trusts attributes ("1s"; "0s": ask every time).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    attr_timeout: Duration,
-    /// How long the kernel trusts names it looked up.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    entry_timeout: Duration,
+    /// Default: the container's (`shoal fs set-prop`), else 1s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    attr_timeout: Option<Duration>,
+    /// How long the kernel trusts names it looked up. Default: the
+    /// container's, else 1s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    entry_timeout: Option<Duration>,
     /// Gather small writes in the kernel's page cache (they reach the
     /// servers at close, fsync or writeback).
     #[arg(long)]
@@ -89,6 +91,22 @@ pub enum FsCmd {
     ResetAttr { target: String, path: String },
     /// Frees what unmounted or dead clients left in the orphan list.
     Check { target: String },
+    /// Shows the container's defaults for mounts.
+    GetProp { target: String },
+    /// Sets the container's defaults for mounts made from now on (a
+    /// mount's own options win).
+    SetProp {
+        target: String,
+        /// How long the kernel trusts attributes ("5s"; "0s": ask every time).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        attr_timeout: Option<Duration>,
+        /// How long the kernel trusts names it looked up.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        entry_timeout: Option<Duration>,
+        /// Forget the defaults set before (what is given is set after).
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 fn split(target: &str) -> anyhow::Result<(&str, &str)> {
@@ -140,9 +158,10 @@ pub async fn mount(ctx: &Ctx, a: MountArgs) -> anyhow::Result<()> {
         Ok(n) => tracing::info!("freed {n} files that earlier mounts left unlinked"),
         Err(e) => tracing::warn!("could not clean the orphan list: {e}"),
     }
+    let defaults = fs.mount_defaults().await.context("read the container's mount defaults")?;
     let opts = MountOptions {
-        attr_timeout: a.attr_timeout,
-        entry_timeout: a.entry_timeout,
+        attr_timeout: a.attr_timeout.or(defaults.attr_timeout).unwrap_or(MountOptions::default().attr_timeout),
+        entry_timeout: a.entry_timeout.or(defaults.entry_timeout).unwrap_or(MountOptions::default().entry_timeout),
         writeback_cache: a.writeback_cache,
         allow_other: a.allow_other,
         threads: a.threads,
@@ -253,7 +272,9 @@ pub async fn fs(ctx: &Ctx, c: FsCmd) -> anyhow::Result<()> {
         FsCmd::GetAttr { target, .. }
         | FsCmd::SetAttr { target, .. }
         | FsCmd::ResetAttr { target, .. }
-        | FsCmd::Check { target } => target.clone(),
+        | FsCmd::Check { target }
+        | FsCmd::GetProp { target }
+        | FsCmd::SetProp { target, .. } => target.clone(),
     };
     let fs = open(ctx, &target).await?;
     let r = fs_cmd(ctx, &fs, c).await;
@@ -338,6 +359,25 @@ async fn fs_cmd(ctx: &Ctx, fs: &Fs, c: FsCmd) -> anyhow::Result<()> {
                     Err(e) => return Err(e.into()),
                 }
             }
+            Ok(())
+        }
+        FsCmd::GetProp { .. } => {
+            let d = fs.mount_defaults().await?;
+            let show = |v: Option<Duration>| {
+                v.map_or("(not set: 1s)".to_string(), |d| humantime::format_duration(d).to_string())
+            };
+            println!("attr-timeout:  {}", show(d.attr_timeout));
+            println!("entry-timeout: {}", show(d.entry_timeout));
+            Ok(())
+        }
+        FsCmd::SetProp { attr_timeout, entry_timeout, reset, .. } => {
+            if attr_timeout.is_none() && entry_timeout.is_none() && !reset {
+                bail!("give --attr-timeout, --entry-timeout or --reset");
+            }
+            let mut d = if reset { MountDefaults::default() } else { fs.mount_defaults().await? };
+            d.attr_timeout = attr_timeout.or(d.attr_timeout);
+            d.entry_timeout = entry_timeout.or(d.entry_timeout);
+            fs.set_mount_defaults(&d).await?;
             Ok(())
         }
         FsCmd::Check { .. } => {

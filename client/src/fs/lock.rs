@@ -91,7 +91,10 @@ impl Fs {
                 Some(c) if !wait => {
                     return Err(posix(
                         libc::EAGAIN,
-                        format!("bytes {}..={} of inode {ino} are locked by process {} (maybe on another mount)", c.start, c.end, c.pid),
+                        format!(
+                            "bytes {}..={} of inode {ino} are locked by process {} (maybe on another mount)",
+                            c.start, c.end, c.pid
+                        ),
                     ))
                 }
                 Some(_) if interrupted() => return Err(posix(libc::EINTR, "interrupted while waiting for a lock")),
