@@ -89,8 +89,9 @@ const RENAME_LOCK: u64 = 0;
 const ENTRIES_LOCK: u64 = 1;
 const INODE_LOCK: u64 = 2;
 const APPEND_LOCK: u64 = 3;
-/// How often a mount refreshes its heartbeat, and when a mount that has
-/// not is taken for gone.
+/// How often a mount refreshes its heartbeat, and how long another mount
+/// must see it stand still (on its own clock: clocks of clients are never
+/// compared) before it takes that mount for gone.
 const HEARTBEAT: Duration = Duration::from_secs(30);
 const MOUNT_GONE: Duration = Duration::from_secs(300);
 /// A file whose first write (or size) reaches this is erasure-coded when
@@ -385,14 +386,18 @@ struct FsInner {
     mount_id: u128,
     /// Open arrays, so a write does not fetch the chunk size again.
     arrays: Mutex<std::collections::HashMap<Oid, Array>>,
-    heartbeat: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The heartbeat task and the lock renewal task.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The heartbeat last seen of each other mount, and since when it has
+    /// stood still (this process's clock).
+    seen: Mutex<std::collections::HashMap<u128, (Bytes, tokio::time::Instant)>>,
     /// Owners that may hold file locks, per inode (see [`lock`]).
-    file_locks: Mutex<std::collections::HashMap<Oid, std::collections::HashSet<u64>>>,
+    file_locks: Mutex<std::collections::HashMap<Oid, lock::Owners>>,
 }
 
 impl Drop for FsInner {
     fn drop(&mut self) {
-        if let Some(h) = self.heartbeat.lock().expect("heartbeat").take() {
+        for h in self.tasks.lock().expect("tasks").drain(..) {
             h.abort();
         }
     }
@@ -467,8 +472,9 @@ impl Fs {
                 meta_class,
                 mount_id: rand::random(),
                 arrays: Mutex::default(),
-                heartbeat: Mutex::default(),
+                tasks: Mutex::default(),
                 file_locks: Mutex::default(),
+                seen: Mutex::default(),
             }),
         };
         match fs.inner.sb.fetch_single(SB_DKEY, b"magic", EPOCH_MAX).await? {
@@ -487,20 +493,33 @@ impl Fs {
         }
         fs.beat().await?;
         let weak = Arc::downgrade(&fs.inner);
-        let h = tokio::spawn(async move {
-            let mut last_beat = tokio::time::Instant::now();
+        let heartbeat = tokio::spawn(async move {
+            let mut beats = 0u64;
             loop {
-                tokio::time::sleep(FILE_LOCK_LEASE / 3).await;
+                tokio::time::sleep(HEARTBEAT).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let fs = Fs { inner };
-                fs.renew_file_locks().await;
-                if last_beat.elapsed() >= HEARTBEAT {
-                    last_beat = tokio::time::Instant::now();
-                    let _ = fs.beat().await;
+                let _ = fs.beat().await;
+                beats += 1;
+                // Watching other mounts' heartbeats (twice per MOUNT_GONE)
+                // is how a crashed mount's unlinked files get freed.
+                if beats.is_multiple_of(MOUNT_GONE.as_secs() / HEARTBEAT.as_secs() / 2) {
+                    if let Err(e) = fs.clean_orphans(false).await {
+                        tracing::debug!("orphan sweep: {e}");
+                    }
                 }
             }
         });
-        *fs.inner.heartbeat.lock().expect("heartbeat") = Some(h);
+        // Its own task, so a slow heartbeat or sweep never lets locks lapse.
+        let weak = Arc::downgrade(&fs.inner);
+        let renewal = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FILE_LOCK_LEASE / 3).await;
+                let Some(inner) = weak.upgrade() else { return };
+                (Fs { inner }).renew_file_locks().await;
+            }
+        });
+        fs.inner.tasks.lock().expect("tasks").extend([heartbeat, renewal]);
         Ok(fs)
     }
 
@@ -564,7 +583,7 @@ impl Fs {
     /// Ends this mount: its heartbeat is removed, so what it left in the
     /// orphan list is cleaned by the next mount.
     pub async fn unmount(&self) -> FsResult<()> {
-        if let Some(h) = self.inner.heartbeat.lock().expect("heartbeat").take() {
+        for h in self.inner.tasks.lock().expect("tasks").drain(..) {
             h.abort();
         }
         self.inner.sb.punch_akey(MOUNTS_DKEY, self.inner.mount_id.to_le_bytes()).await?;
@@ -834,7 +853,14 @@ impl Fs {
             write_record(&obj, OBJ_DKEY, &rec, now).await?;
             Ok((obj, rec))
         };
-        let (locks, prepared) = futures::join!(self.lock(vec![(ENTRIES_LOCK, dir)]), prepare);
+        let mut prepare = std::pin::pin!(prepare);
+        let mut lock = std::pin::pin!(self.lock(vec![(ENTRIES_LOCK, dir)]));
+        // Once the lock is held, the rest of the preparation runs inside
+        // `hold`, which renews the lock's lease.
+        let (locks, early) = tokio::select! {
+            l = &mut lock => (l, None),
+            p = &mut prepare => (lock.await, Some(p)),
+        };
         // An inode no name will point at is removed (in the background).
         let discard = |obj: Object| {
             tokio::spawn(async move { obj.punch().await });
@@ -842,22 +868,25 @@ impl Fs {
         let locks = match locks {
             Ok(l) => l,
             Err(e) => {
-                if let Ok((obj, _)) = prepared {
+                let p = match early {
+                    Some(p) => p,
+                    None => prepare.await,
+                };
+                if let Ok((obj, _)) = p {
                     discard(obj);
                 }
                 return Err(e);
             }
         };
-        let (obj, rec) = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                locks.release();
-                return Err(e);
-            }
-        };
+        let mut made = None;
         let mut linking = false;
         let r: FsResult<_> = locks
             .hold(async {
+                let (obj, rec) = match early {
+                    Some(p) => p?,
+                    None => (&mut prepare).await?,
+                };
+                made = Some(obj.clone());
                 let (existing, parent) = futures::join!(self.entry(&d, name), self.record(dir));
                 let parent = parent?;
                 if parent.kind != Kind::Dir {
@@ -876,7 +905,7 @@ impl Fs {
                 let entry = encode(&Entry { oid, kind: node.kind });
                 // From here the entry may exist even if the update fails.
                 linking = true;
-                let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now));
+                let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now_ns()));
                 a?;
                 b?;
                 let size = rec.target.as_ref().map_or(if rec.kind == Kind::Dir { 4096 } else { 0 }, |t| t.len() as u64);
@@ -884,7 +913,7 @@ impl Fs {
             })
             .await;
         locks.release();
-        if !linking {
+        if let Some(obj) = made.filter(|_| !linking) {
             discard(obj);
         }
         match r? {
@@ -1436,14 +1465,18 @@ impl Fs {
     }
 
     /// The pool's capacity as `statfs` shows it: the space of every target
-    /// that answers.
+    /// that answers, free space shared by several targets (one disk under
+    /// many targets or servers) counted once.
     pub async fn statfs(&self) -> FsResult<StatFs> {
         let pool = Pool { inner: self.inner.cont.inner.pool.clone() };
         let (mut used, mut free) = (0u64, 0u64);
+        let mut spaces = std::collections::HashSet::new();
         for (_, _, u) in pool.target_usage().await {
             if let Ok(u) = u {
                 used += u.data_bytes;
-                free += u.free_bytes;
+                if u.space_id == 0 || spaces.insert(u.space_id) {
+                    free += u.free_bytes;
+                }
             }
         }
         let bs = 4096u64;
@@ -1494,12 +1527,32 @@ impl Fs {
         Ok(())
     }
 
-    /// Frees the orphans of mounts that are gone (unmounted, or no
-    /// heartbeat for five minutes), and this mount's own if `mine`.
-    /// Returns how many were freed. Cancel safe.
+    /// Whether mount `m` is gone: unmounted (its heartbeat removed), or its
+    /// heartbeat has not changed for [`MOUNT_GONE`] while this mount
+    /// watched. The heartbeat's content is only compared with itself, never
+    /// with this client's clock, so clients whose clocks disagree never
+    /// take a live mount for dead. (A one-shot caller, like `shoal fs
+    /// check`, thus frees only the orphans of unmounted mounts; a live
+    /// mount's periodic sweep frees those of crashed ones.)
+    async fn mount_gone(&self, m: u128) -> FsResult<bool> {
+        let beat = self.inner.sb.fetch_single(MOUNTS_DKEY, m.to_le_bytes(), EPOCH_MAX).await?;
+        let Some(beat) = beat else { return Ok(true) };
+        let now = tokio::time::Instant::now();
+        let mut seen = self.inner.seen.lock().expect("seen");
+        match seen.get(&m) {
+            Some((b, since)) if *b == beat => Ok(now.duration_since(*since) >= MOUNT_GONE),
+            _ => {
+                seen.insert(m, (beat, now));
+                Ok(false)
+            }
+        }
+    }
+
+    /// Frees the orphans of mounts that are gone (see `mount_gone`), and
+    /// this mount's own if `mine`. Returns how many were freed. Cancel
+    /// safe.
     pub async fn clean_orphans(&self, mine: bool) -> FsResult<usize> {
         let keys = self.inner.orphans.list_dkeys().await?;
-        let now = now_ns();
         let mut freed = 0;
         for k in keys {
             let Ok(b) = <[u8; 16]>::try_from(k.as_slice()) else { continue };
@@ -1512,10 +1565,7 @@ impl Fs {
             let owner = owner.as_deref().and_then(|o| <[u8; 16]>::try_from(o).ok()).map(u128::from_le_bytes);
             let gone = match owner {
                 Some(o) if o == self.inner.mount_id => mine,
-                Some(o) => match self.inner.sb.fetch_single(MOUNTS_DKEY, o.to_le_bytes(), EPOCH_MAX).await? {
-                    Some(t) => now - un_ns(&Some(t)) > MOUNT_GONE.as_nanos() as i64,
-                    None => true,
-                },
+                Some(o) => self.mount_gone(o).await?,
                 None => true,
             };
             if gone {
@@ -1525,15 +1575,14 @@ impl Fs {
                 }
             }
         }
-        // Heartbeats of mounts long gone.
+        // Heartbeats of crashed mounts (their orphans were freed above, or
+        // are freed by the next sweep, which then finds no heartbeat).
         for m in self.inner.sb.list_akeys(MOUNTS_DKEY).await? {
-            if m == self.inner.mount_id.to_le_bytes() {
-                continue;
-            }
-            if let Some(t) = self.inner.sb.fetch_single(MOUNTS_DKEY, &m, EPOCH_MAX).await? {
-                if now - un_ns(&Some(t)) > 2 * MOUNT_GONE.as_nanos() as i64 {
-                    self.inner.sb.punch_akey(MOUNTS_DKEY, &m).await?;
-                }
+            let Ok(b) = <[u8; 16]>::try_from(m.as_slice()) else { continue };
+            let id = u128::from_le_bytes(b);
+            if id != self.inner.mount_id && self.mount_gone(id).await? {
+                self.inner.sb.punch_akey(MOUNTS_DKEY, &m).await?;
+                self.inner.seen.lock().expect("seen").remove(&id);
             }
         }
         Ok(freed)

@@ -147,15 +147,22 @@ impl ShoalFuse {
     }
 }
 
-/// Whether process `pid` has a signal to take, or is gone: a blocked
-/// lock request then stops waiting (this FUSE layer does not pass on the
+/// Whether thread `tid` has a signal to take, or is gone: a blocked lock
+/// request then stops waiting (this FUSE layer does not pass on the
 /// kernel's interrupt requests, and without this a waiting process could
-/// not be stopped with Ctrl-C).
-fn signal_pending(pid: u32) -> bool {
-    if pid == 0 {
+/// not be stopped with Ctrl-C). A thread that cannot be looked at (another
+/// user's under `hidepid`) is taken as not interrupted.
+fn signal_pending(tid: u32) -> bool {
+    if tid == 0 {
         return false;
     }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return true };
+    let status = match std::fs::read_to_string(format!("/proc/{tid}/status")) {
+        Ok(s) => s,
+        Err(e) => return e.kind() == std::io::ErrorKind::NotFound,
+    };
+    if status.lines().any(|l| l.starts_with("State:") && l.contains("zombie")) {
+        return true;
+    }
     let field = |name: &str| {
         status
             .lines()
@@ -597,7 +604,7 @@ impl Filesystem for ShoalFuse {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -614,10 +621,12 @@ impl Filesystem for ShoalFuse {
             libc::F_UNLCK => LockKind::Unlock,
             _ => return reply.error(Errno::EINVAL),
         };
+        // The waiting thread (the lock's `pid` is its process).
+        let tid = req.pid();
         self.run(|st| async move {
             let r = async {
                 let oid = st.oid(ino)?;
-                st.fs.setlk(oid, lock_owner.0, pid, start, end, kind, sleep, || signal_pending(pid)).await
+                st.fs.setlk(oid, lock_owner.0, pid, start, end, kind, sleep, || signal_pending(tid)).await
             }
             .await;
             match r {

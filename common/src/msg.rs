@@ -1004,6 +1004,9 @@ pub struct TargetQueryReply {
     pub data_bytes: u64,
     pub free_bytes: u64,
     pub poisoned: bool,
+    /// Names the file system holding the free bytes: targets with one
+    /// `space_id` (not 0) share them.
+    pub space_id: u64,
 }
 
 impl Rpc for TargetQueryReq {

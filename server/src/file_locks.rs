@@ -54,13 +54,11 @@ struct Table {
     sessions: HashMap<u128, Instant>,
     files: HashMap<(ContId, Oid), Vec<Range>>,
     ranges: usize,
+    /// Prune lapsed sessions when this many are known.
+    prune_sessions_at: usize,
 }
 
 impl Table {
-    fn alive(&self, session: u128, now: Instant) -> bool {
-        self.sessions.get(&session).is_some_and(|until| *until > now)
-    }
-
     /// Forgets the locks of lapsed sessions, on one file or on all.
     fn prune(&mut self, key: Option<(ContId, Oid)>, now: Instant) {
         let sessions = std::mem::take(&mut self.sessions);
@@ -169,11 +167,23 @@ impl FileLocks {
         let key = (r.cont, r.oid);
         let now = Instant::now();
         let mut t = self.table.lock().expect("file lock table");
-        if t.sessions.len() >= PRUNE_SESSIONS_AT {
+        if t.sessions.len() >= t.prune_sessions_at.max(PRUNE_SESSIONS_AT) {
             t.sessions.retain(|_, until| *until > now);
+            t.prune_sessions_at = 2 * t.sessions.len();
         }
-        // Every request renews its session: a holder that asks is alive.
-        t.sessions.insert(r.session, now + Duration::from_millis(r.lease_ms as u64));
+        // Every request renews its session: a holder that asks is alive. A
+        // test or renewal of a session that holds nothing starts none.
+        let lease = now + Duration::from_millis(r.lease_ms as u64);
+        match r.op {
+            FileLockOp::Renew | FileLockOp::Test { .. } => {
+                if let Some(until) = t.sessions.get_mut(&r.session) {
+                    *until = lease;
+                }
+            }
+            _ => {
+                t.sessions.insert(r.session, lease);
+            }
+        }
         t.prune(Some(key), now);
         let conflict = match r.op {
             FileLockOp::Renew => None,
@@ -225,7 +235,6 @@ impl FileLocks {
         };
         debug_assert!(conflict.is_none());
         let held = t.held(key, r.session);
-        debug_assert!(t.alive(r.session, now));
         drop(t);
         if matches!(r.op, FileLockOp::Unlock | FileLockOp::Read) {
             // An unlock, or a write lock turned into a read lock, may let

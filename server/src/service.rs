@@ -853,6 +853,7 @@ impl Service {
                 target: store.id(),
                 data_bytes: u.data_bytes,
                 free_bytes: u.free_bytes,
+                space_id: u.space_id,
                 poisoned: store.is_poisoned(),
             }
         })

@@ -182,9 +182,19 @@ async fn the_namespace_does_what_posix_says() {
     assert_eq!(class(pre.oid).await, "EC_2P1GX");
     assert_eq!(fs.getattr(pre.oid).await.unwrap().size, 8 << 20);
 
-    // statfs shows the pool's real space.
+    // statfs shows the pool's real space: the test's servers share one
+    // disk, whose free space counts once, not once per target.
     let st = fs.statfs().await.unwrap();
     assert!(st.blocks > 0 && st.blocks_free > 0 && st.blocks_free <= st.blocks);
+    // SAFETY: all-zero bytes are a valid statvfs; the path is NUL-terminated.
+    let disk_free = unsafe {
+        let mut v: libc::statvfs = std::mem::zeroed();
+        let path = std::ffi::CString::new(tmp.path().as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(libc::statvfs(path.as_ptr(), &mut v), 0);
+        v.f_bavail as u64 * v.f_frsize as u64
+    };
+    let pool_free = st.blocks_free * st.block_size as u64;
+    assert!(pool_free < disk_free + disk_free / 2, "the pool shows {pool_free} bytes free on a disk with {disk_free}");
 
     // A listing holds every entry once.
     let mut names: Vec<String> =
@@ -213,6 +223,20 @@ async fn an_unlinked_open_file_lives_until_reclaimed_also_after_its_mount_died()
     let other = Fs::mount(fs.container().clone()).await.unwrap();
     assert_eq!(other.clean_orphans(false).await.unwrap(), 0);
     assert_eq!(fs.getattr(f.oid).await.unwrap().size, 100_004);
+    // ...not even when the clocks disagree: the live mount's heartbeats
+    // carry times ten minutes old (its clock is behind), which must not
+    // make it look dead.
+    let rd_fac = fs.container().info().props.rd_fac;
+    let meta: shoal_common::oclass::ObjectClass = format!("RP_{}G1", rd_fac + 1).parse().unwrap();
+    let sb =
+        fs.container().object(shoal_common::oclass::make_oid(2, meta, shoal_common::oclass::ObjType::Multi)).unwrap();
+    let old =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64 - 600_000_000_000;
+    for m in sb.list_akeys(b"mounts").await.unwrap() {
+        sb.update_single(b"mounts", &m, Bytes::copy_from_slice(&old.to_le_bytes())).await.unwrap();
+    }
+    assert_eq!(other.clean_orphans(false).await.unwrap(), 0, "a live mount's orphan was freed");
+    assert_eq!(fs.read(f.oid, 0, 10).await.unwrap(), vec![5u8; 10]);
     // ...but once that mount is gone, the next cleaning frees it.
     fs.unmount().await.unwrap();
     assert_eq!(other.clean_orphans(false).await.unwrap(), 1);

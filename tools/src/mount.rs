@@ -158,7 +158,10 @@ pub async fn mount(ctx: &Ctx, a: MountArgs) -> anyhow::Result<()> {
         Ok(n) => tracing::info!("freed {n} files that earlier mounts left unlinked"),
         Err(e) => tracing::warn!("could not clean the orphan list: {e}"),
     }
-    let defaults = fs.mount_defaults().await.context("read the container's mount defaults")?;
+    let defaults = fs.mount_defaults().await.unwrap_or_else(|e| {
+        tracing::warn!("the container's mount defaults are unreadable ({e}); using the built-in ones");
+        Default::default()
+    });
     let opts = MountOptions {
         attr_timeout: a.attr_timeout.or(defaults.attr_timeout).unwrap_or(MountOptions::default().attr_timeout),
         entry_timeout: a.entry_timeout.or(defaults.entry_timeout).unwrap_or(MountOptions::default().entry_timeout),

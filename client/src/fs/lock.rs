@@ -2,20 +2,24 @@
 //! servers so that they hold across every mount of a container.
 //!
 //! Each inode's locks live at the server that keeps its stripe locks (see
-//! [`Object::file_lock`]). The mount is the lock session: it renews its
-//! lease at every server it holds locks at, a third of [`FILE_LOCK_LEASE`]
-//! apart, so the locks of a crashed mount lapse after the lease. A blocking
-//! lock is a series of bounded waits at the server, so a caller that is
-//! interrupted stops waiting.
+//! [`Object::file_lock`]). The mount is the lock session: its own task
+//! renews the lease at every server it holds locks at, a third of
+//! [`FILE_LOCK_LEASE`] apart, so the locks of a crashed mount lapse after
+//! the lease. A blocking lock is a series of bounded waits at the server,
+//! so a caller that is interrupted stops waiting.
+//!
+//! [`Object::file_lock`]: crate::Object
+
+use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
 use shoal_common::msg::{FileLockInfo, FileLockOp, FileLockReq, ANY_RANK};
-use shoal_common::{ContId, Oid, PoolId};
+use shoal_common::{ContId, ErrorKind, Oid, PoolId};
 
-use super::{posix, Fs, FsResult};
+use super::{posix, Fs, FsError, FsResult};
 
 /// Lease of a mount's file locks at the servers.
-pub const FILE_LOCK_LEASE: std::time::Duration = std::time::Duration::from_secs(30);
+pub const FILE_LOCK_LEASE: Duration = Duration::from_secs(30);
 /// How long one request waits at the server for a blocking lock.
 const WAIT_MS: u32 = 500;
 
@@ -28,6 +32,36 @@ pub enum LockKind {
     Write,
     /// Release (F_UNLCK, LOCK_UN).
     Unlock,
+}
+
+/// The lock owners of one inode that may hold locks, with the number of
+/// lock requests each has in flight.
+pub(super) type Owners = std::collections::HashMap<u64, u32>;
+
+/// Counts a lock request in flight for its owner until dropped.
+struct InFlight<'a> {
+    fs: &'a Fs,
+    ino: Oid,
+    owner: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(fs: &'a Fs, ino: Oid, owner: u64) -> InFlight<'a> {
+        *fs.inner.file_locks.lock().expect("file locks").entry(ino).or_default().entry(owner).or_default() += 1;
+        InFlight { fs, ino, owner }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut held = self.fs.inner.file_locks.lock().expect("file locks");
+        // The owner stays listed: it may hold what it asked for.
+        if let Some(n) = held.entry(self.ino).or_default().get_mut(&self.owner) {
+            *n = n.saturating_sub(1);
+        } else {
+            held.entry(self.ino).or_default().insert(self.owner, 0);
+        }
+    }
 }
 
 impl Fs {
@@ -51,8 +85,9 @@ impl Fs {
 
     /// Takes or releases a lock of `owner` on bytes `start..=end` of file
     /// `ino`. If another owner (on any mount) holds a conflicting lock:
-    /// with `wait`, waits until it goes, or fails with EINTR once
-    /// `interrupted()` says the caller gave up; without, fails with EAGAIN.
+    /// with `wait`, waits until it goes (also through failovers of the
+    /// server that keeps it), or fails with EINTR once `interrupted()` says
+    /// the caller gave up; without, fails with EAGAIN.
     #[allow(clippy::too_many_arguments)]
     pub async fn setlk(
         &self,
@@ -74,20 +109,36 @@ impl Fs {
         if op == FileLockOp::Unlock && !self.may_hold(ino, owner) {
             return Ok(());
         }
-        if op != FileLockOp::Unlock {
-            // Before the request, so a lock granted while this call is
-            // cancelled is still renewed (and released at close).
-            self.inner.file_locks.lock().expect("file locks").entry(ino).or_default().insert(owner);
-        }
+        // Listed (and renewed) before the request, so a lock granted while
+        // this call is cancelled is still renewed and released at close.
+        let in_flight = (op != FileLockOp::Unlock).then(|| InFlight::start(self, ino, owner));
+        let mut backoff = Duration::from_millis(50);
         loop {
             let req = self.lock_req(owner, pid, start, end, op, if wait { WAIT_MS } else { 0 });
-            let reply = obj.file_lock(dkey, req).await?;
+            let reply = match obj.file_lock(dkey, req).await {
+                Ok(r) => r,
+                // A failover, or a full lock table: a blocking lock keeps
+                // trying while its caller waits.
+                Err(e) if wait && matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::Busy | ErrorKind::Timeout) => {
+                    if interrupted() {
+                        return Err(posix(libc::EINTR, "interrupted while waiting for a lock"));
+                    }
+                    tracing::debug!(%ino, error = %e, "lock request failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             // The kernel's whole file ends at i64::MAX.
             if op == FileLockOp::Unlock && start == 0 && end >= i64::MAX as u64 {
                 self.forget_owner(ino, owner);
             }
             match reply.conflict {
-                None => return Ok(()),
+                None => {
+                    drop(in_flight);
+                    return Ok(());
+                }
                 Some(c) if !wait => {
                     return Err(posix(
                         libc::EAGAIN,
@@ -121,19 +172,45 @@ impl Fs {
 
     /// Releases every lock `owner` holds on `ino` (the kernel asks at each
     /// close for record locks, at the last close for flock). Costs nothing
-    /// if this mount never locked `ino` for `owner`.
+    /// if this mount never locked `ino` for `owner`. If the server cannot
+    /// be reached, the unlock is retried in the background for a lease's
+    /// time: the close does not wait, and the lock does not outlive it
+    /// by more than that.
     pub async fn unlock_owner(&self, ino: Oid, owner: u64) -> FsResult<()> {
-        self.setlk(ino, owner, 0, 0, u64::MAX, LockKind::Unlock, false, || false).await
+        let r = self.setlk(ino, owner, 0, 0, u64::MAX, LockKind::Unlock, false, || false).await;
+        if let Err(FsError::Store(e)) = &r {
+            tracing::warn!(%ino, error = %e, "could not release file locks at close; trying again in the background");
+            let fs = self.clone();
+            tokio::spawn(async move {
+                let give_up = tokio::time::Instant::now() + FILE_LOCK_LEASE;
+                while tokio::time::Instant::now() < give_up {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if fs.setlk(ino, owner, 0, 0, u64::MAX, LockKind::Unlock, false, || false).await.is_ok() {
+                        return;
+                    }
+                }
+                // Stop renewing for it; the server lets it lapse (unless
+                // this mount keeps other locks there).
+                fs.forget_owner(ino, owner);
+            });
+            return Ok(());
+        }
+        r
     }
 
     fn may_hold(&self, ino: Oid, owner: u64) -> bool {
-        self.inner.file_locks.lock().expect("file locks").get(&ino).is_some_and(|o| o.contains(&owner))
+        self.inner.file_locks.lock().expect("file locks").get(&ino).is_some_and(|o| o.contains_key(&owner))
     }
 
+    /// Forgets `owner` on `ino` after it released everything, unless a
+    /// lock request of it is still in flight (the server may grant it
+    /// after the unlock).
     fn forget_owner(&self, ino: Oid, owner: u64) {
         let mut held = self.inner.file_locks.lock().expect("file locks");
         if let Some(owners) = held.get_mut(&ino) {
-            owners.remove(&owner);
+            if owners.get(&owner).is_some_and(|n| *n == 0) {
+                owners.remove(&owner);
+            }
             if owners.is_empty() {
                 held.remove(&ino);
             }
@@ -141,18 +218,18 @@ impl Fs {
     }
 
     /// Renews this mount's lease at every server that keeps a lock of it.
+    /// Each renewal is bounded, so one slow server never holds up the
+    /// renewals at the others.
     pub(super) async fn renew_file_locks(&self) {
         let inodes: Vec<Oid> = self.inner.file_locks.lock().expect("file locks").keys().copied().collect();
         stream::iter(inodes)
-            .for_each_concurrent(16, |ino| async move {
+            .for_each_concurrent(64, |ino| async move {
                 let Ok((obj, dkey)) = self.node(ino) else { return };
                 let req = self.lock_req(0, 0, 0, 0, FileLockOp::Renew, 0);
-                match obj.file_lock(dkey, req).await {
-                    Ok(r) if r.held == 0 => {
-                        tracing::debug!(%ino, "no lock of this mount is left on the file (released, lapsed, or lost with a server restart)")
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(%ino, error = %e, "could not renew the file locks of this mount"),
+                match tokio::time::timeout(FILE_LOCK_LEASE / 3, obj.file_lock(dkey, req)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(%ino, error = %e, "could not renew the file locks of this mount"),
+                    Err(_) => tracing::warn!(%ino, "renewing the file locks of this mount timed out"),
                 }
             })
             .await;

@@ -54,6 +54,13 @@ pub trait Vfs: Send + Sync + 'static {
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// Free bytes of the file system holding `dir`.
     fn free_space(&self, dir: &Path) -> io::Result<u64>;
+    /// A number naming the file system that holds `dir`, the same for
+    /// every target on it, also across servers on one machine (0: not
+    /// known), so that free space shared by several targets is counted
+    /// once.
+    fn space_id(&self, _dir: &Path) -> u64 {
+        0
+    }
 }
 
 /// The real file system.
@@ -135,6 +142,19 @@ impl Vfs for RealFs {
             return Err(io::Error::last_os_error());
         }
         Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+
+    fn space_id(&self, dir: &Path) -> u64 {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::MetadataExt;
+        let Ok(md) = std::fs::metadata(dir) else { return 0 };
+        let machine = std::fs::read_to_string("/etc/machine-id")
+            .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/random/boot_id"))
+            .unwrap_or_default();
+        // Fixed keys: every server process computes the same number.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (machine.trim(), md.dev()).hash(&mut h);
+        h.finish().max(1)
     }
 }
 
@@ -294,6 +314,11 @@ impl DataFiles {
     /// Free bytes of the file system that holds the data files.
     pub fn free_space(&self) -> io::Result<u64> {
         self.vfs.free_space(&self.dir)
+    }
+
+    /// See [`Vfs::space_id`].
+    pub fn space_id(&self) -> u64 {
+        self.vfs.space_id(&self.dir)
     }
 
     pub fn dir(&self) -> &Path {

@@ -178,6 +178,8 @@ pub type ListPage = (Vec<Vec<u8>>, Option<Vec<u8>>);
 pub struct Usage {
     pub data_bytes: u64,
     pub free_bytes: u64,
+    /// The file system the free bytes are on (see [`Vfs::space_id`]).
+    pub space_id: u64,
 }
 
 /// One target's store. Cheap to share behind an `Arc`; reads run on the
@@ -372,7 +374,11 @@ impl TargetStore {
 
     /// Space used by data files and free on the file system.
     pub fn usage(&self) -> Usage {
-        Usage { data_bytes: self.files.total_bytes(), free_bytes: self.files.free_space().unwrap_or(0) }
+        Usage {
+            data_bytes: self.files.total_bytes(),
+            free_bytes: self.files.free_space().unwrap_or(0),
+            space_id: self.files.space_id(),
+        }
     }
 
     /// Stops the writer thread after it has finished every submitted job.
