@@ -173,6 +173,14 @@ fn signal_pending(tid: u32) -> bool {
     (field("SigPnd:") | field("ShdPnd:")) & !field("SigBlk:") & !field("SigIgn:") != 0
 }
 
+/// Answers a request that returns nothing.
+fn done(reply: ReplyEmpty, r: FsResult<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -422,10 +430,7 @@ impl Filesystem for ShoalFuse {
                 st.orphaned(gone).await
             }
             .await;
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            done(reply, r)
         });
     }
 
@@ -437,10 +442,7 @@ impl Filesystem for ShoalFuse {
                 st.orphaned(Some(gone)).await
             }
             .await;
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            done(reply, r)
         });
     }
 
@@ -485,10 +487,7 @@ impl Filesystem for ShoalFuse {
                 st.orphaned(gone).await
             }
             .await;
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            done(reply, r)
         });
     }
 
@@ -572,12 +571,7 @@ impl Filesystem for ShoalFuse {
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         // A close drops the record locks of the closing process (POSIX:
         // of any descriptor of the file).
-        self.run(|st| async move {
-            match async { st.fs.unlock_owner(st.oid(ino)?, lock_owner.0).await }.await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run(|st| async move { done(reply, async { st.fs.unlock_owner(st.oid(ino)?, lock_owner.0).await }.await) });
     }
 
     fn getlk(
@@ -629,10 +623,7 @@ impl Filesystem for ShoalFuse {
                 st.fs.setlk(oid, lock_owner.0, pid, start, end, kind, sleep, || signal_pending(tid)).await
             }
             .await;
-            match r {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
+            done(reply, r)
         });
     }
 
@@ -660,12 +651,7 @@ impl Filesystem for ShoalFuse {
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Every write was durable on all its shards when it was answered.
-        self.run(|st| async move {
-            match async { st.fs.fsync(st.oid(ino)?).await }.await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run(|st| async move { done(reply, async { st.fs.fsync(st.oid(ino)?).await }.await) });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -754,12 +740,9 @@ impl Filesystem for ShoalFuse {
             XattrMode::Any
         };
         let (name, value) = (name_of(name), value.to_vec());
-        self.run(|st| async move {
-            match async { st.fs.setxattr(st.oid(ino)?, &name, &value, mode).await }.await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run(
+            |st| async move { done(reply, async { st.fs.setxattr(st.oid(ino)?, &name, &value, mode).await }.await) },
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -790,12 +773,7 @@ impl Filesystem for ShoalFuse {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name_of(name);
-        self.run(|st| async move {
-            match async { st.fs.removexattr(st.oid(ino)?, &name).await }.await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run(|st| async move { done(reply, async { st.fs.removexattr(st.oid(ino)?, &name).await }.await) });
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
@@ -846,12 +824,9 @@ impl Filesystem for ShoalFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.run(|st| async move {
-            match async { st.fs.fallocate(st.oid(ino)?, mode, offset, length).await }.await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        self.run(
+            |st| async move { done(reply, async { st.fs.fallocate(st.oid(ino)?, mode, offset, length).await }.await) },
+        );
     }
 }
 
