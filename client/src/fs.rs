@@ -854,7 +854,13 @@ impl Fs {
             Ok((obj, rec))
         };
         let mut prepare = std::pin::pin!(prepare);
-        let mut lock = std::pin::pin!(self.lock(vec![(ENTRIES_LOCK, dir)]));
+        // A new directory raises its parent's link count: the parent's
+        // record is locked too.
+        let mut keys = vec![(ENTRIES_LOCK, dir)];
+        if node.kind == Kind::Dir {
+            keys.push((INODE_LOCK, dir));
+        }
+        let mut lock = std::pin::pin!(self.lock(keys));
         // Once the lock is held, the rest of the preparation runs inside
         // `hold`, which renews the lock's lease.
         let (locks, early) = tokio::select! {
@@ -903,6 +909,11 @@ impl Fs {
                 }
                 let oid = obj.oid();
                 let entry = encode(&Entry { oid, kind: node.kind });
+                if node.kind == Kind::Dir {
+                    // Counted before it is named: a crash between leaves the
+                    // count one high, never low.
+                    self.count_subdirs(dir, parent, 1).await?;
+                }
                 // From here the entry may exist even if the update fails.
                 linking = true;
                 let (a, b) = futures::join!(d.update_single(name, ENTRY, entry), touch_dir(&d, now_ns()));
@@ -1040,7 +1051,9 @@ impl Fs {
             if e.kind != Kind::Dir {
                 return Err(posix(libc::ENOTDIR, format!("{:?} is not a directory", String::from_utf8_lossy(name))));
             }
-            let locks = self.lock(vec![(ENTRIES_LOCK, dir), (ENTRIES_LOCK, e.oid), (INODE_LOCK, e.oid)]).await?;
+            let locks = self
+                .lock(vec![(ENTRIES_LOCK, dir), (ENTRIES_LOCK, e.oid), (INODE_LOCK, e.oid), (INODE_LOCK, dir)])
+                .await?;
             let r: FsResult<_> = locks
                 .hold(async {
                     if self.entry(&d, name).await? != Some(e) {
@@ -1059,6 +1072,7 @@ impl Fs {
                     // The name first (see `unlink`).
                     d.punch_dkey(name).await?;
                     touch_dir(&d, now).await?;
+                    self.count_subdirs(dir, self.record(dir).await?, -1).await?;
                     self.add_orphan(e.oid).await?;
                     child.update_many(OBJ_DKEY, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
                     Ok(true)
@@ -1142,6 +1156,27 @@ impl Fs {
                     keys.push((ENTRIES_LOCK, t.oid));
                 }
             }
+            // Subdirectories gained (+) and lost (-) by each directory: link
+            // counts are raised before the names change and lowered after.
+            let is_dir = |k: Kind| i64::from(k == Kind::Dir);
+            let (mut d_delta, mut nd_delta) = (-is_dir(src.kind), is_dir(src.kind));
+            match dst {
+                Some(t) if flags.exchange => {
+                    d_delta += is_dir(t.kind);
+                    nd_delta -= is_dir(t.kind);
+                }
+                Some(t) => nd_delta -= is_dir(t.kind),
+                None => {}
+            }
+            if dir == newdir {
+                (d_delta, nd_delta) = (d_delta + nd_delta, 0);
+            }
+            if d_delta != 0 {
+                keys.push((INODE_LOCK, dir));
+            }
+            if nd_delta != 0 {
+                keys.push((INODE_LOCK, newdir));
+            }
             // A file counts its second name while it has two (see below).
             let bump = src.kind != Kind::Dir && !flags.exchange;
             if bump {
@@ -1157,7 +1192,8 @@ impl Fs {
                     // Neither directory was removed meanwhile (a name written
                     // into a removed directory would be lost with it).
                     let (r1, r2) = futures::join!(self.record(dir), self.record(newdir));
-                    if r1?.nlink == 0 || r2?.nlink == 0 {
+                    let (r1, r2) = (r1?, r2?);
+                    if r1.nlink == 0 || r2.nlink == 0 {
                         return Err(posix(libc::ENOENT, "the directory was removed"));
                     }
                     for m in &moved {
@@ -1168,6 +1204,11 @@ impl Fs {
                     }
                     let now = now_ns();
                     let mut orphan = None;
+                    for (o, rec, delta) in [(dir, &r1, d_delta), (newdir, &r2, nd_delta)] {
+                        if delta > 0 {
+                            self.count_subdirs(o, rec.clone(), delta).await?;
+                        }
+                    }
                     match dst {
                         Some(t) if flags.exchange => {
                             nd.update_single(newname, ENTRY, encode(&src)).await?;
@@ -1201,6 +1242,11 @@ impl Fs {
                     touch_dir(&d, now).await?;
                     if dir != newdir {
                         touch_dir(&nd, now).await?;
+                    }
+                    for (o, delta) in [(dir, d_delta), (newdir, nd_delta)] {
+                        if delta < 0 {
+                            self.count_subdirs(o, self.record(o).await?, delta).await?;
+                        }
                     }
                     Ok(Some(orphan))
                 })
@@ -1654,6 +1700,20 @@ fn new_record(parent: &Record, dir: Oid, node: &NewNode, now: i64) -> FsResult<R
         _ => {}
     }
     Ok(rec)
+}
+
+impl Fs {
+    /// Adds `delta` subdirectories to directory `dir`'s link count
+    /// (2 + its subdirectories), given its record; the caller holds the
+    /// directory's inode lock. A removed directory keeps its 0.
+    async fn count_subdirs(&self, dir: Oid, mut rec: Record, delta: i64) -> FsResult<()> {
+        if delta == 0 || rec.nlink == 0 {
+            return Ok(());
+        }
+        rec.nlink = (i64::from(rec.nlink) + delta).clamp(2, i64::from(u32::MAX)) as u32;
+        self.dir(dir)?.update_single(OBJ_DKEY, REC, encode(&rec)).await?;
+        Ok(())
+    }
 }
 
 /// Stamps a directory's mtime and ctime (blind: the latest stamp wins).

@@ -144,6 +144,10 @@ async fn ordinary_tools_work_on_a_mounted_container() {
         test "$(stat -f -c %l .)" = 255
         mkfifo fifo
         test -p fifo
+        mkdir -p nl/a nl/b
+        test "$(stat -c %h nl)" = 4
+        rmdir nl/a
+        test "$(stat -c %h nl)" = 3
         setfattr -n user.note -v hi a.txt
         test "$(getfattr --only-values -n user.note a.txt)" = hi
         rm hard c.txt

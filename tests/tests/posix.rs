@@ -182,6 +182,38 @@ async fn the_namespace_does_what_posix_says() {
     assert_eq!(class(pre.oid).await, "EC_2P1GX");
     assert_eq!(fs.getattr(pre.oid).await.unwrap().size, 8 << 20);
 
+    // A directory's link count is 2 + its subdirectories, through mkdir,
+    // rmdir, rename across directories, replacement and exchange.
+    let nl = |o| {
+        let fs = &fs;
+        async move { fs.getattr(o).await.unwrap().nlink }
+    };
+    let p = fs.create(root, b"links", &dir(), true).await.unwrap().0.oid;
+    let q = fs.create(root, b"links2", &dir(), true).await.unwrap().0.oid;
+    let root_links = nl(root).await;
+    for n in [&b"s1"[..], b"s2", b"s3"] {
+        fs.create(p, n, &dir(), true).await.unwrap();
+    }
+    fs.create(p, b"f", &file(0o644), true).await.unwrap();
+    assert_eq!(nl(p).await, 5);
+    fs.rmdir(p, b"s3").await.unwrap();
+    assert_eq!(nl(p).await, 4);
+    fs.rename(p, b"s2", q, b"s2", RenameFlags::default()).await.unwrap();
+    assert_eq!((nl(p).await, nl(q).await), (3, 3));
+    // A directory replacing an empty one in another directory.
+    fs.create(q, b"s1", &dir(), true).await.unwrap();
+    fs.rename(p, b"s1", q, b"s1", RenameFlags::default()).await.unwrap();
+    assert_eq!((nl(p).await, nl(q).await), (2, 4));
+    // Exchanging a file and a directory moves a link count.
+    fs.create(p, b"g", &file(0o644), true).await.unwrap();
+    let xchg = RenameFlags { exchange: true, ..Default::default() };
+    fs.rename(p, b"g", q, b"s1", xchg).await.unwrap();
+    assert_eq!((nl(p).await, nl(q).await), (3, 3));
+    // Renames within one directory change nothing.
+    fs.rename(q, b"s2", q, b"s9", RenameFlags::default()).await.unwrap();
+    assert_eq!(nl(q).await, 3);
+    assert_eq!(nl(root).await, root_links);
+
     // statfs shows the pool's real space: the test's servers share one
     // disk, whose free space counts once, not once per target.
     let st = fs.statfs().await.unwrap();
@@ -200,7 +232,7 @@ async fn the_namespace_does_what_posix_says() {
     let mut names: Vec<String> =
         fs.readdir(root).await.unwrap().into_iter().map(|e| String::from_utf8(e.name).unwrap()).collect();
     names.sort();
-    let want = ["d", "fifo", "new", "sg", "sock", "sym"];
+    let want = ["d", "fifo", "links", "links2", "new", "sg", "sock", "sym"];
     assert_eq!(names.iter().filter(|n| n.len() < 255).cloned().collect::<Vec<_>>(), want);
     drop(cluster);
 }
