@@ -1072,9 +1072,9 @@ impl Fs {
                     // The name first (see `unlink`).
                     d.punch_dkey(name).await?;
                     touch_dir(&d, now).await?;
-                    self.count_subdirs(dir, self.record(dir).await?, -1).await?;
                     self.add_orphan(e.oid).await?;
                     child.update_many(OBJ_DKEY, &[(REC, encode(&rec)), (CTIME, ns(now))]).await?;
+                    self.count_subdirs(dir, self.record(dir).await?, -1).await?;
                     Ok(true)
                 })
                 .await;
@@ -1202,6 +1202,11 @@ impl Fs {
                             return Err(posix(libc::EINVAL, "cannot move a directory into itself or below it"));
                         }
                     }
+                    if let Some(t) = dst.filter(|t| !flags.exchange && t.kind == Kind::Dir) {
+                        if !self.is_empty(&self.dir(t.oid)?).await? {
+                            return Err(posix(libc::ENOTEMPTY, format!("{} is not empty", quote(newname))));
+                        }
+                    }
                     let now = now_ns();
                     let mut orphan = None;
                     for (o, rec, delta) in [(dir, &r1, d_delta), (newdir, &r2, nd_delta)] {
@@ -1219,9 +1224,6 @@ impl Fs {
                             }
                         }
                         Some(t) => {
-                            if t.kind == Kind::Dir && !self.is_empty(&self.dir(t.oid)?).await? {
-                                return Err(posix(libc::ENOTEMPTY, format!("{} is not empty", quote(newname))));
-                            }
                             self.move_name(bump, src, &d, name, &nd, newname, now).await?;
                             let mut rec = self.record(t.oid).await?;
                             rec.nlink = if t.kind == Kind::Dir { 0 } else { rec.nlink.saturating_sub(1) };
