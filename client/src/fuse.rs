@@ -113,7 +113,16 @@ struct State {
     /// at the last close).
     open: Mutex<HashMap<Oid, (u32, bool)>>,
     next_fh: AtomicU64,
+    /// Inodes known to have no `security.capability`, until when: the
+    /// kernel asks before every write (to clear file capabilities), and
+    /// without this each write would wait for an extra round trip.
+    no_caps: Mutex<HashMap<u64, std::time::Instant>>,
 }
+
+/// The attribute the kernel looks up before every write.
+const CAPS: &[u8] = b"security.capability";
+/// Most inodes `no_caps` remembers.
+const NO_CAPS_MAX: usize = 1 << 16;
 
 /// The FUSE file system of one mount.
 pub struct ShoalFuse {
@@ -133,6 +142,7 @@ impl ShoalFuse {
                 dirs: Mutex::default(),
                 open: Mutex::default(),
                 next_fh: AtomicU64::new(1),
+                no_caps: Mutex::default(),
             }),
         }
     }
@@ -740,17 +750,34 @@ impl Filesystem for ShoalFuse {
             XattrMode::Any
         };
         let (name, value) = (name_of(name), value.to_vec());
-        self.run(
-            |st| async move { done(reply, async { st.fs.setxattr(st.oid(ino)?, &name, &value, mode).await }.await) },
-        );
+        self.run(|st| async move {
+            let r = async { st.fs.setxattr(st.oid(ino)?, &name, &value, mode).await }.await;
+            st.no_caps.lock().expect("no_caps").remove(&ino.0);
+            done(reply, r)
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name_of(name);
+        let caps = name == CAPS;
+        if caps && self.st.no_caps.lock().expect("no_caps").get(&ino.0).is_some_and(|t| *t > std::time::Instant::now())
+        {
+            return reply.error(Errno::ENODATA);
+        }
         self.run(|st| async move {
             match async { st.fs.getxattr(st.oid(ino)?, &name).await }.await {
                 Ok(v) => xattr_reply(reply, &v, size),
-                Err(e) => reply.error(errno(&e)),
+                Err(e) => {
+                    // Trusted as long as attributes are.
+                    if caps && e.errno() == libc::ENODATA && !st.opts.attr_timeout.is_zero() {
+                        let mut no = st.no_caps.lock().expect("no_caps");
+                        if no.len() >= NO_CAPS_MAX {
+                            no.clear();
+                        }
+                        no.insert(ino.0, std::time::Instant::now() + st.opts.attr_timeout);
+                    }
+                    reply.error(errno(&e))
+                }
             }
         });
     }
@@ -773,6 +800,7 @@ impl Filesystem for ShoalFuse {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name_of(name);
+        self.st.no_caps.lock().expect("no_caps").remove(&ino.0);
         self.run(|st| async move { done(reply, async { st.fs.removexattr(st.oid(ino)?, &name).await }.await) });
     }
 

@@ -403,17 +403,7 @@ impl ClientBuilder {
             renewer: Mutex::new(None),
         };
         let (ms_wall, sent, back) = inner.hello().await?;
-        // The service read its clock somewhere between `sent` and `back`.
-        let (lo, hi) = (sent.min(back), sent.max(back));
-        let off = if ms_wall > hi {
-            Some((ms_wall - hi, "behind"))
-        } else if ms_wall < lo {
-            Some((lo - ms_wall, "ahead of"))
-        } else {
-            None
-        };
-        if let Some((d, how)) = off {
-            let d = Duration::from_nanos(d);
+        if let Some((d, how)) = shoal_common::hlc::clock_off(sent, back, ms_wall) {
             if d > self.max_clock_skew {
                 let why = format!(
                     "this client's clock is {d:.1?} {how} the management service's, more than the {:?} allowed; \

@@ -131,6 +131,22 @@ pub fn wall_ns() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// How far this host's clock is off a remote one, judged from one round
+/// trip: the remote read its clock (`remote_ns`) somewhere between this
+/// host's `sent_ns` and `got_ns`, so only what lies outside that window
+/// counts. `None` when the remote reading falls inside it; else the least
+/// offset and whether this clock is "behind" or "ahead of" the remote's.
+pub fn clock_off(sent_ns: u64, got_ns: u64, remote_ns: u64) -> Option<(std::time::Duration, &'static str)> {
+    let (lo, hi) = (sent_ns.min(got_ns), sent_ns.max(got_ns));
+    if remote_ns > hi {
+        Some((std::time::Duration::from_nanos(remote_ns - hi), "behind"))
+    } else if remote_ns < lo {
+        Some((std::time::Duration::from_nanos(lo - remote_ns), "ahead of"))
+    } else {
+        None
+    }
+}
+
 /// Converts an epoch to nanoseconds of wall-clock time (logical bits cleared).
 pub fn epoch_to_ns(e: Epoch) -> u64 {
     e & !LOGICAL_MASK

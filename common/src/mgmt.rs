@@ -149,8 +149,8 @@ pub struct HeartbeatReq {
     pub period_ms: u32,
     /// How many destroyed containers the sender already knows of.
     pub tombstones_seen: u64,
-    /// The sender's wall clock (ns since the Unix epoch): the MS refuses
-    /// the heartbeat of a server whose clock is too far off its own.
+    /// The sender's wall clock (ns since the Unix epoch) as it sent the
+    /// heartbeat (for logs; the server judges its clock from the reply's).
     pub wall_ns: u64,
     /// The sender's progress through its objects, per pool being rebuilt.
     pub rebuild: Vec<RebuildProgress>,
@@ -266,6 +266,10 @@ pub struct HeartbeatReply {
     /// The addresses of the MS replicas now (they change with
     /// `shoal system add-ms`/`remove-ms`).
     pub ms_replicas: Vec<String>,
+    /// The MS's wall clock as it answered, in nanoseconds since the Unix
+    /// epoch: the server judges its own clock against it, allowing for the
+    /// time the heartbeat took.
+    pub wall_ns: u64,
 }
 
 /// The MS addresses a caller goes round: the replicas the MS named last

@@ -41,6 +41,21 @@ async fn ask<R: shoal_common::msg::Rpc>(t: &TcpTransport, ms: &[String], req: &R
     ask_ms(t, ms, req, Duration::from_secs(5)).await
 }
 
+/// Why this server's clock is too far off the MS's, if it is: the MS read
+/// its clock (`ms_ns`) somewhere between this server's `sent_ns` and
+/// `got_ns`, so only an offset beyond the limit by more than that window
+/// counts (a slow or retried heartbeat is never taken for a wrong clock).
+fn clock_fault(rank: u32, sent_ns: u64, got_ns: u64, ms_ns: u64) -> Option<String> {
+    let (off, how) = shoal_common::hlc::clock_off(sent_ns, got_ns, ms_ns)?;
+    (off > crate::ms::SERVER_CLOCK_SKEW).then(|| {
+        format!(
+            "rank {rank}'s clock is at least {off:.1?} {how} the management service's (at most {:?}); \
+             it refuses writes until time sync (NTP, chrony) fixes it",
+            crate::ms::SERVER_CLOCK_SKEW
+        )
+    })
+}
+
 /// Joins and heartbeats until `stop` fires.
 ///
 /// The MS addresses come from `service` (see [`Service::ms_addrs`]) and
@@ -75,18 +90,23 @@ pub async fn run(id: Identity, period: Duration, service: Arc<Service>, stop: Ca
         service.set_rank(rank);
         info!(rank, "joined the system");
         loop {
+            let sent = shoal_common::hlc::wall_ns();
             let hb = HeartbeatReq {
                 rank,
                 uuid: id.uuid,
                 period_ms: period.as_millis().min(u32::MAX as u128) as u32,
                 tombstones_seen,
-                wall_ns: shoal_common::hlc::wall_ns(),
+                wall_ns: sent,
                 rebuild: service.rebuild_progress(),
             };
             match ask(&t, &service.ms_addrs(), &hb).await {
                 Ok(r) => {
                     service.learn_ms(&r.ms_replicas);
-                    service.set_clock_fault(None);
+                    let fault = clock_fault(rank, sent, shoal_common::hlc::wall_ns(), r.wall_ns);
+                    if let Some(m) = &fault {
+                        tracing::error!("{m}");
+                    }
+                    service.set_clock_fault(fault);
                     service.set_pool_versions(&r.pools);
                     service.set_down_in(&r.down_in);
                     service.set_rebuilding(&r.rebuilding);
@@ -111,10 +131,6 @@ pub async fn run(id: Identity, period: Duration, service: Arc<Service>, stop: Ca
                     }
                 }
                 Err(ShoalError::NotFound { .. }) => continue 'outer,
-                Err(ShoalError::InvalidArgument(m)) if m.contains("clock") => {
-                    tracing::error!("{m}");
-                    service.set_clock_fault(Some(m));
-                }
                 Err(e) => warn!("heartbeat failed: {e}"),
             }
             tokio::select! {
@@ -122,5 +138,35 @@ pub async fn run(id: Identity, period: Duration, service: Arc<Service>, stop: Ca
                 _ = tokio::time::sleep(period) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clock_fault;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_slow_heartbeat_is_not_a_wrong_clock() {
+        let t0 = 1_700_000_000 * S;
+        // The MS answered 19.8 s after the heartbeat left (queues,
+        // retries, a slow disk): the clocks agree.
+        assert_eq!(clock_fault(1, t0, t0 + 20 * S, t0 + 19_800_000_000), None);
+        assert_eq!(clock_fault(1, t0, t0 + S / 100, t0 + S / 200), None);
+        // Within the limit outside the window.
+        assert_eq!(clock_fault(1, t0, t0 + S / 100, t0 + 4 * S), None);
+    }
+
+    #[test]
+    fn a_clock_off_by_more_than_the_limit_is_a_fault() {
+        let t0 = 1_700_000_000 * S;
+        let behind = clock_fault(3, t0, t0 + S / 100, t0 + 20 * S).expect("20 s behind");
+        assert!(behind.contains("rank 3") && behind.contains("behind"), "{behind}");
+        let ahead = clock_fault(3, t0, t0 + S / 100, t0 - 20 * S).expect("20 s ahead");
+        assert!(ahead.contains("ahead of"), "{ahead}");
+        // A slow answer widens the window but not without bound: 20 s off
+        // with a 2 s round trip is still a fault.
+        assert!(clock_fault(3, t0, t0 + 2 * S, t0 + 25 * S).is_some());
     }
 }

@@ -41,8 +41,8 @@ use state::{Command, MsState, Outcome};
 /// periods, if longer) is reported unresponsive.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A server whose clock is further than this off the MS's is told so at
-/// every heartbeat, and refuses writes until its clock is fixed.
+/// A server whose clock is further than this off the MS's (beyond a
+/// heartbeat's round trip) refuses writes until its clock is fixed.
 pub const SERVER_CLOCK_SKEW: Duration = Duration::from_secs(5);
 
 /// Most destroyed containers one heartbeat reply names.
@@ -598,16 +598,9 @@ impl Ms {
                 }
             }
         }
-        let mine = shoal_common::hlc::wall_ns();
-        let off = Duration::from_nanos(mine.abs_diff(req.wall_ns));
-        if off > SERVER_CLOCK_SKEW {
-            let how = if req.wall_ns > mine { "ahead of" } else { "behind" };
-            return Err(ShoalError::invalid(format!(
-                "rank {}'s clock is {off:.1?} {how} the management service's (at most {SERVER_CLOCK_SKEW:?}); \
-                 it refuses writes until time sync (NTP, chrony) fixes it",
-                req.rank
-            )));
-        }
+        // The server judges its clock itself from the reply's `wall_ns`
+        // (a heartbeat that waited in queues or retries would otherwise
+        // look like a clock behind).
         self.read(|s| {
             let seen = (req.tombstones_seen as usize).min(s.tombstones.len());
             Ok(HeartbeatReply {
@@ -628,6 +621,7 @@ impl Ms {
                     .map(|p| p.uuid)
                     .collect(),
                 ms_replicas: self.replica_addrs(),
+                wall_ns: shoal_common::hlc::wall_ns(),
             })
         })
     }
