@@ -8,11 +8,9 @@ use std::time::Instant;
 use anyhow::{ensure, Context};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use shoal_common::mgmt::ContProps;
 use shoal_common::msg::{FetchIod, UpdateIod, ValueKind};
-use shoal_common::oclass::ObjectClass;
 use shoal_common::{ContId, Oid, EPOCH_MAX};
-use shoal_tools::local::{LocalCluster, LocalServer};
+use shoal_tools::local::LocalServer;
 use tokio::task::JoinSet;
 
 #[derive(Debug, Subcommand)]
@@ -20,9 +18,15 @@ pub enum BenchCmd {
     /// One local server: 4 KiB put/get rates and 1 MiB extent bandwidth,
     /// with dd's figures for the same disk.
     Store(StoreArgs),
-    /// A local multi-server cluster: 1 MiB array write/read bandwidth and
-    /// KV put/get rates per object class, with dd's figures beside them.
-    Cluster(ClusterArgs),
+    /// The benchmark matrix: classes x APIs x I/O sizes x offsets x
+    /// patterns x sharing x client processes (or the checkpoint workload)
+    /// on a local cluster or a running one, with bandwidth, IOPS, latency
+    /// percentiles, space and CPU per GiB, and the raw disk's figures.
+    #[command(alias = "cluster")]
+    Matrix(crate::bench_matrix::MatrixArgs),
+    /// One client process of a matrix cell (started by `bench matrix`).
+    #[command(hide = true)]
+    Worker(crate::bench_matrix::WorkerArgs),
     /// A local cluster loses a server under a foreground writer: time to
     /// detect, to exclusion and to full redundancy, rebuild throughput,
     /// and foreground bandwidth before, during and after rebuild.
@@ -35,31 +39,6 @@ pub enum BenchCmd {
     /// create/stat/unlink rates through the mount, through the native API
     /// and on the local disk, with the ratios.
     Fs(crate::bench_fs::FsArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct ClusterArgs {
-    /// Directory on the disk to measure (default: a temporary one under /var/tmp).
-    #[arg(long)]
-    dir: Option<PathBuf>,
-    /// Servers in the cluster.
-    #[arg(long, default_value_t = 6)]
-    servers: usize,
-    /// Targets per server.
-    #[arg(long, default_value_t = 2)]
-    targets: u32,
-    /// MiB written (and read) per class, as 1 MiB array writes.
-    #[arg(long, default_value_t = 128)]
-    mib: u64,
-    /// KV puts (and gets) per class, 4 KiB values.
-    #[arg(long, default_value_t = 5000)]
-    kv_ops: u64,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 16)]
-    concurrency: usize,
-    /// Classes to measure, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "S1,SX,RP_2G1,RP_3GX,EC_2P1G1,EC_4P2G1,EC_4P2GX")]
-    classes: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -81,10 +60,11 @@ pub struct StoreArgs {
     concurrency: usize,
 }
 
-pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
+pub async fn run(ctx: &crate::Ctx, cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Store(a) => store(a).await,
-        BenchCmd::Cluster(a) => cluster(a).await,
+        BenchCmd::Matrix(a) => crate::bench_matrix::run(ctx, a).await,
+        BenchCmd::Worker(a) => crate::bench_matrix::worker(a).await,
         BenchCmd::Rebuild(a) => crate::bench_rebuild::run(a).await,
         BenchCmd::Failover(a) => crate::bench_failover::run(a).await,
         BenchCmd::Fs(a) => crate::bench_fs::run(a).await,
@@ -238,124 +218,4 @@ pub(crate) fn bench_dir(dir: Option<PathBuf>) -> anyhow::Result<(PathBuf, Option
             Ok((t.path().to_path_buf(), Some(t)))
         }
     }
-}
-
-/// Per-class results of `bench cluster`.
-struct ClassRun {
-    class: ObjectClass,
-    write: f64,
-    read: f64,
-    put: f64,
-    get: f64,
-}
-
-async fn cluster(a: ClusterArgs) -> anyhow::Result<()> {
-    let classes: Vec<ObjectClass> =
-        a.classes.iter().map(|c| c.parse()).collect::<Result<_, _>>().map_err(|e| anyhow::anyhow!("--classes: {e}"))?;
-    let (base, _tmp) = bench_dir(a.dir)?;
-    let mut cluster = LocalCluster::start(&base.join("cluster"), a.servers, a.targets).await?;
-    let client = cluster.client().await?;
-    client.pool_create("bench", vec![], 0).await?;
-    let pool = client.pool_connect("bench").await?;
-    let mut runs = Vec::new();
-    for (i, class) in classes.iter().enumerate() {
-        let label = format!("c{i}");
-        pool.cont_create(&label, ContProps { oclass: Some(class.to_string()), ..ContProps::default() }).await?;
-        let cont = pool.cont_open(&label).await?;
-        let array = Arc::new(cont.array_create(None, None).await?);
-        let mib = Bytes::from(vec![0x5au8; 1 << 20]);
-        let write = {
-            let (array, mib) = (array.clone(), mib.clone());
-            drive(a.mib, a.concurrency.min(8), move |i| {
-                let (array, mib) = (array.clone(), mib.clone());
-                async move {
-                    array.write(i << 20, mib).await?;
-                    Ok(())
-                }
-            })
-            .await?
-        };
-        let read = {
-            let array = array.clone();
-            drive(a.mib, a.concurrency.min(8), move |i| {
-                let array = array.clone();
-                async move {
-                    let r = array.read(i << 20, 1 << 20).await?;
-                    ensure!(r.len() == 1 << 20, "short read");
-                    Ok(())
-                }
-            })
-            .await?
-        };
-        let kv = Arc::new(cont.kv_create(None).await?);
-        let val = Bytes::from(vec![0xabu8; 4096]);
-        let put = {
-            let (kv, val) = (kv.clone(), val.clone());
-            drive(a.kv_ops, a.concurrency, move |i| {
-                let (kv, val) = (kv.clone(), val.clone());
-                async move {
-                    kv.put(&i.to_be_bytes(), val).await?;
-                    Ok(())
-                }
-            })
-            .await?
-        };
-        let get = {
-            let kv = kv.clone();
-            drive(a.kv_ops, a.concurrency, move |i| {
-                let kv = kv.clone();
-                async move {
-                    ensure!(kv.get(&i.to_be_bytes()).await?.map(|v| v.len()) == Some(4096), "short get");
-                    Ok(())
-                }
-            })
-            .await?
-        };
-        runs.push(ClassRun {
-            class: *class,
-            write: a.mib as f64 / write,
-            read: a.mib as f64 / read,
-            put: a.kv_ops as f64 / put,
-            get: a.kv_ops as f64 / get,
-        });
-        // Containers are not reclaimed yet; punching keeps the disk bounded.
-        array.destroy().await?;
-    }
-    for s in cluster.servers.iter_mut() {
-        s.terminate()?;
-    }
-    let disk = dd_figures(&base, a.mib.min(1024), 2000)?;
-    println!(
-        "shoal bench cluster: {} servers x {} targets on loopback, {} MiB and {} KV ops per class, dir {}",
-        a.servers,
-        a.targets,
-        a.mib,
-        a.kv_ops,
-        base.display()
-    );
-    println!(
-        "{:<10} {:>14} {:>14} {:>14} {:>14} {:>10}",
-        "class", "write MiB/s", "read MiB/s", "KV put/s", "KV get/s", "space"
-    );
-    for r in &runs {
-        let space = match r.class.redundancy {
-            shoal_common::oclass::Redundancy::None => 1.0,
-            shoal_common::oclass::Redundancy::Replicas(n) => n as f64,
-            shoal_common::oclass::Redundancy::Ec { k, p } => (k + p) as f64 / k as f64,
-        };
-        println!(
-            "{:<10} {:>14.0} {:>14.0} {:>14.0} {:>14.0} {:>9.2}x",
-            r.class.to_string(),
-            r.write,
-            r.read,
-            r.put,
-            r.get,
-            space
-        );
-    }
-    println!(
-        "raw disk (dd): {:.0} MiB/s write (fdatasync), {:.0} MiB/s read (O_DIRECT), {:.0} synced 4 KiB writes/s",
-        disk.write_mib_s, disk.read_mib_s, disk.sync_4k_iops
-    );
-    Ok(())
 }

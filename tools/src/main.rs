@@ -2,12 +2,15 @@
 
 mod admin;
 mod bench;
+mod bench_chart;
 mod bench_failover;
 mod bench_fs;
+mod bench_matrix;
 mod bench_rebuild;
 mod data;
 mod demo;
 mod dev;
+mod disk_probe;
 mod mount;
 mod out;
 mod salvage;
@@ -142,7 +145,7 @@ async fn main() {
         Cmd::Kv(c) => data::kv(&ctx, c).await,
         Cmd::Array(c) => data::array(&ctx, c).await,
         Cmd::Demo(a) => demo::run(a).await,
-        Cmd::Bench(b) => bench::run(b).await,
+        Cmd::Bench(b) => bench::run(&ctx, b).await,
         Cmd::Mount(a) => mount::mount(&ctx, a).await,
         Cmd::Umount(a) => mount::umount(a),
         Cmd::Fs(c) => mount::fs(&ctx, c).await,
