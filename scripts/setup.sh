@@ -5,8 +5,9 @@ set -euo pipefail
 
 need=()
 # fuse3 (fusermount3), rsync, attr (setfattr) and python3 for the POSIX mount and its tests;
-# fio for the raw disk's figures in `shoal bench matrix`, and a font for its charts.
-for p in clang libclang-dev build-essential pkg-config ca-certificates curl fuse3 rsync attr python3 fio fonts-dejavu-core; do
+# fio for the raw disk's figures in `shoal bench matrix`, and a font for its charts;
+# libisal-dev: ISA-L, the erasure-code encoder.
+for p in clang libclang-dev build-essential pkg-config ca-certificates curl fuse3 rsync attr python3 fio fonts-dejavu-core libisal-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then

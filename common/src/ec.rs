@@ -175,6 +175,106 @@ impl Codec for RsCodec {
     }
 }
 
+/// The same code as [`RsCodec`] (bit for bit: its parity matrix is read
+/// off `RsCodec` by encoding unit vectors), encoded by ISA-L's
+/// `ec_encode_data`, which picks the CPU's fastest kernels (AVX2, AVX-512,
+/// GFNI) at run time. Reconstruction, rare and off the write path, is
+/// `RsCodec`'s.
+///
+/// # Examples
+///
+/// ```
+/// use shoal_common::ec::{Codec, IsalCodec, RsCodec};
+///
+/// let data = [&b"abcd"[..], &b"efgh"[..], &b"ijkl"[..], &b"mnop"[..]];
+/// let isal = IsalCodec::new(4, 2)?;
+/// assert_eq!(isal.encode(&data)?, RsCodec::new(4, 2)?.encode(&data)?);
+/// # Ok::<(), shoal_common::ShoalError>(())
+/// ```
+pub struct IsalCodec {
+    rs: RsCodec,
+    k: usize,
+    p: usize,
+    /// ISA-L's expanded tables for the parity rows, 32 * k * p bytes.
+    tables: Vec<u8>,
+}
+
+impl IsalCodec {
+    /// A codec for `k` data and `p` parity cells.
+    pub fn new(k: usize, p: usize) -> Result<IsalCodec> {
+        let rs = RsCodec::new(k, p)?;
+        // Column j of the parity matrix is the parity of the unit vector e_j.
+        let mut matrix = vec![0u8; p * k];
+        for j in 0..k {
+            let unit: Vec<[u8; 1]> = (0..k).map(|i| [u8::from(i == j)]).collect();
+            let cells: Vec<&[u8]> = unit.iter().map(|c| &c[..]).collect();
+            for (r, cell) in rs.encode(&cells)?.iter().enumerate() {
+                matrix[r * k + j] = cell[0];
+            }
+        }
+        let mut tables = vec![0u8; 32 * k * p];
+        let (ki, pi) = (c_int(k)?, c_int(p)?);
+        // SAFETY: `matrix` holds p rows of k coefficients and `tables` the
+        // 32 * k * p bytes ec_init_tables fills.
+        unsafe { erasure_isa_l_sys::ec_init_tables(ki, pi, matrix.as_mut_ptr(), tables.as_mut_ptr()) };
+        Ok(IsalCodec { rs, k, p, tables })
+    }
+}
+
+fn c_int(n: usize) -> Result<std::os::raw::c_int> {
+    std::os::raw::c_int::try_from(n).map_err(|_| ShoalError::invalid(format!("{n} cells are too many")))
+}
+
+impl Codec for IsalCodec {
+    fn data_cells(&self) -> usize {
+        self.k
+    }
+
+    fn parity_cells(&self) -> usize {
+        self.p
+    }
+
+    fn encode(&self, data: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+        if data.len() != self.k {
+            return Err(ShoalError::invalid(format!("EC encode: {} data cells, expected {}", data.len(), self.k)));
+        }
+        let len = data[0].len();
+        if data.iter().any(|d| d.len() != len) {
+            return Err(ShoalError::invalid("EC encode: data cells of different sizes"));
+        }
+        let mut parity = vec![vec![0u8; len]; self.p];
+        if len == 0 {
+            return Ok(parity);
+        }
+        // ISA-L takes mutable pointers but only reads the data cells.
+        let mut src: Vec<*mut u8> = data.iter().map(|d| d.as_ptr().cast_mut()).collect();
+        let mut dst: Vec<*mut u8> = parity.iter_mut().map(|c| c.as_mut_ptr()).collect();
+        let mut tables = self.tables.clone();
+        // SAFETY: k data pointers and p parity pointers, each to `len`
+        // bytes that live through the call; the tables were made for (k, p).
+        unsafe {
+            erasure_isa_l_sys::ec_encode_data(
+                c_int(len)?,
+                c_int(self.k)?,
+                c_int(self.p)?,
+                tables.as_mut_ptr(),
+                src.as_mut_ptr(),
+                dst.as_mut_ptr(),
+            )
+        };
+        Ok(parity)
+    }
+
+    fn reconstruct(&self, cells: &mut [Option<Vec<u8>>]) -> Result<()> {
+        self.rs.reconstruct(cells)
+    }
+}
+
+/// Environment variable that picks the encoder: `rs` for
+/// reed-solomon-erasure, anything else (or unset) for ISA-L. Both write the
+/// same parity; the choice is for measuring one against the other.
+pub const CODEC_VAR: &str = "SHOAL_EC_CODEC";
+
 /// The shared codec for a geometry, built once per process.
 ///
 /// # Examples
@@ -197,7 +297,10 @@ pub fn codec(k: u32, p: u32) -> Result<Arc<dyn Codec>> {
     if let Some(c) = map.get(&(k, p)) {
         return Ok(c.clone());
     }
-    let c: Arc<dyn Codec> = Arc::new(RsCodec::new(k as usize, p as usize)?);
+    let c: Arc<dyn Codec> = match std::env::var(CODEC_VAR).as_deref() {
+        Ok("rs") => Arc::new(RsCodec::new(k as usize, p as usize)?),
+        _ => Arc::new(IsalCodec::new(k as usize, p as usize)?),
+    };
     map.insert((k, p), c.clone());
     Ok(c)
 }
@@ -205,6 +308,25 @@ pub fn codec(k: u32, p: u32) -> Result<Arc<dyn Codec>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ISA-L and reed-solomon-erasure write the same parity for every code,
+    /// so data written by either decodes with the other.
+    #[test]
+    fn isal_parity_is_reed_solomon_parity_for_every_code() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for (k, p) in crate::oclass::EC_CODES {
+            let (k, p) = (k as usize, p as usize);
+            let (isal, rs) = (IsalCodec::new(k, p).unwrap(), RsCodec::new(k, p).unwrap());
+            for len in [1, 31, 4096, 65_537] {
+                let data: Vec<Vec<u8>> = (0..k).map(|_| (0..len).map(|_| rng.random()).collect()).collect();
+                let refs: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+                assert_eq!(isal.encode(&refs).unwrap(), rs.encode(&refs).unwrap(), "EC {k}+{p}, {len} bytes");
+            }
+        }
+        assert!(IsalCodec::new(4, 2).unwrap().encode(&[&[1u8][..], &[2u8][..]]).is_err());
+        assert!(IsalCodec::new(2, 1).unwrap().encode(&[&[1u8, 2][..], &[2u8][..]]).is_err());
+    }
 
     #[test]
     fn any_k_cells_rebuild_the_stripe() {

@@ -509,6 +509,24 @@ impl Target {
         procs_cpu(&self.server_pids())
     }
 
+    /// Waits (up to 10 s) until the local servers are quiet: background
+    /// work left by the previous cell (reclaiming punched objects, RocksDB
+    /// compactions) would otherwise count against the next one.
+    async fn settle(&self) {
+        if self.local.is_none() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let c0 = self.servers_cpu();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            // Less than 10% of one core over the interval.
+            if self.servers_cpu() - c0 < 0.025 {
+                break;
+            }
+        }
+    }
+
     async fn data_bytes(&self) -> u64 {
         self.pool.target_usage().await.into_iter().filter_map(|(_, _, r)| r.ok()).map(|u| u.data_bytes).sum()
     }
@@ -680,6 +698,7 @@ async fn matrix(a: &MatrixArgs, target: &Target, cont_label: &str) -> anyhow::Re
                 Handle::Object(x) => x.oid(),
             })
             .collect();
+        target.settle().await;
         let stored0 = target.data_bytes().await;
         let (w, r) = run_cell(target, &cont, cont_label, &cell, &pb).await?;
         let stored = target.data_bytes().await.saturating_sub(stored0);
