@@ -181,11 +181,11 @@ impl CellSpec {
         format!(
             "{} {} {} {} {} {} {}x{}",
             self.class,
-            api_name(self.api),
+            name(self.api),
             crate::out::size(self.size),
-            offsets_name(self.offsets),
-            pattern_name(self.pattern),
-            sharing_name(self.sharing),
+            name(self.offsets),
+            name(self.pattern),
+            name(self.sharing),
             self.procs,
             self.qd
         )
@@ -269,40 +269,9 @@ struct Report {
     rows: Vec<Row>,
 }
 
-fn api_name(a: Api) -> &'static str {
-    match a {
-        Api::Array => "array",
-        Api::Kv => "kv",
-        Api::Object => "object",
-    }
-}
-
-fn offsets_name(o: Offsets) -> &'static str {
-    match o {
-        Offsets::Aligned => "aligned",
-        Offsets::Unaligned => "unaligned",
-    }
-}
-
-fn pattern_name(p: Pattern) -> &'static str {
-    match p {
-        Pattern::Seq => "seq",
-        Pattern::Rand => "rand",
-    }
-}
-
-fn sharing_name(s: Sharing) -> &'static str {
-    match s {
-        Sharing::Private => "private",
-        Sharing::Shared => "shared",
-    }
-}
-
-fn workload_name(w: Workload) -> &'static str {
-    match w {
-        Workload::Matrix => "matrix",
-        Workload::Checkpoint => "checkpoint",
-    }
+/// An axis value's name as the command line spells it.
+fn name<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
 }
 
 /// Every class that fits a pool of `domains` servers (rd_fac 0).
@@ -747,13 +716,13 @@ fn merge(parts: &[PhaseResult], servers_cpu: f64) -> anyhow::Result<Merged> {
 fn row(cell: &CellSpec, class: &ObjectClass, op: &str, m: &Merged, target: &Target, stored: Option<u64>) -> Row {
     let gib = m.bytes as f64 / f64::from(1u32 << 30);
     Row {
-        workload: workload_name(cell.workload).into(),
+        workload: name(cell.workload),
         class: cell.class.clone(),
-        api: api_name(cell.api).into(),
+        api: name(cell.api),
         io_size: cell.size,
-        offsets: offsets_name(cell.offsets).into(),
-        pattern: pattern_name(cell.pattern).into(),
-        sharing: sharing_name(cell.sharing).into(),
+        offsets: name(cell.offsets),
+        pattern: name(cell.pattern),
+        sharing: name(cell.sharing),
         procs: cell.procs,
         qd: cell.qd,
         op: op.into(),
