@@ -247,6 +247,10 @@ pub struct Row {
     pub cpu_s_per_gib: f64,
     /// "client+servers" or "client".
     pub cpu_scope: String,
+    /// Busy CPU seconds of the whole machine per GiB moved (local clusters
+    /// only): also the kernel's writeback and network work, which no
+    /// process is charged for.
+    pub machine_cpu_s_per_gib: Option<f64>,
     /// Server failures the class survives.
     pub failures_tolerated: u8,
 }
@@ -478,6 +482,10 @@ impl Target {
         procs_cpu(&self.server_pids())
     }
 
+    fn cpu(&self) -> CpuSample {
+        CpuSample { servers: self.servers_cpu(), machine: self.local.as_ref().and_then(|_| machine_cpu()) }
+    }
+
     /// Waits (up to 10 s) until the local servers are quiet: background
     /// work left by the previous cell (reclaiming punched objects, RocksDB
     /// compactions) would otherwise count against the next one.
@@ -692,10 +700,40 @@ struct Merged {
     bytes: u64,
     secs: f64,
     cpu_s: f64,
+    /// Busy CPU seconds of the whole machine (local clusters only).
+    machine_cpu_s: Option<f64>,
     lat: hdrhistogram::Histogram<u64>,
 }
 
-fn merge(parts: &[PhaseResult], servers_cpu: f64) -> anyhow::Result<Merged> {
+/// CPU seconds at one moment: the local servers', and the whole machine's
+/// busy time (which also counts the kernel's writeback and network work
+/// done outside the processes).
+#[derive(Clone, Copy)]
+struct CpuSample {
+    servers: f64,
+    machine: Option<f64>,
+}
+
+impl std::ops::Sub for CpuSample {
+    type Output = CpuSample;
+    fn sub(self, o: CpuSample) -> CpuSample {
+        CpuSample { servers: self.servers - o.servers, machine: self.machine.zip(o.machine).map(|(a, b)| a - b) }
+    }
+}
+
+/// Busy CPU seconds of the machine since boot, from /proc/stat.
+fn machine_cpu() -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy = f.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum::<u64>();
+    Some(busy as f64 / hz)
+}
+
+fn merge(parts: &[PhaseResult], cpu: CpuSample) -> anyhow::Result<Merged> {
+    let servers_cpu = cpu.servers;
     let mut lat = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     for p in parts {
         for &l in &p.lat_us {
@@ -709,6 +747,7 @@ fn merge(parts: &[PhaseResult], servers_cpu: f64) -> anyhow::Result<Merged> {
         bytes: parts.iter().map(|p| p.bytes).sum(),
         secs: (end.saturating_sub(start) as f64 / 1e9).max(1e-6),
         cpu_s: parts.iter().map(|p| p.cpu_s).sum::<f64>() + servers_cpu,
+        machine_cpu_s: cpu.machine,
         lat,
     })
 }
@@ -738,6 +777,7 @@ fn row(cell: &CellSpec, class: &ObjectClass, op: &str, m: &Merged, target: &Targ
         stored_per_written: stored.filter(|&s| s > 0 && m.bytes > 0).map(|s| s as f64 / m.bytes as f64),
         cpu_s_per_gib: if gib > 0.0 { m.cpu_s / gib } else { 0.0 },
         cpu_scope: if target.local.is_some() { "client+servers" } else { "client" }.into(),
+        machine_cpu_s_per_gib: m.machine_cpu_s.filter(|_| gib > 0.0).map(|c| c / gib),
         failures_tolerated: class.tolerated_failures(),
     }
 }
@@ -753,12 +793,12 @@ async fn run_cell(
 ) -> anyhow::Result<(Merged, Merged)> {
     if cell.procs == 1 {
         let mut share = Share::open(cont, cell.clone(), 0).await?;
-        let s0 = target.servers_cpu();
+        let s0 = target.cpu();
         let w = share.phase(true).await?;
-        let s1 = target.servers_cpu();
+        let s1 = target.cpu();
         pb.inc(1);
         let r = share.phase(false).await?;
-        let s2 = target.servers_cpu();
+        let s2 = target.cpu();
         pb.inc(1);
         return Ok((merge(&[w], s1 - s0)?, merge(&[r], s2 - s1)?));
     }
@@ -790,7 +830,7 @@ async fn run_cell(
     }
     let mut phases = Vec::new();
     for _ in 0..2 {
-        let s0 = target.servers_cpu();
+        let s0 = target.cpu();
         for (_, stdin, _) in workers.iter_mut() {
             stdin.write_all(b"go\n").await?;
             stdin.flush().await?;
@@ -800,7 +840,7 @@ async fn run_cell(
             let l = next_line(lines).await?;
             parts.push(serde_json::from_str::<PhaseResult>(&l).with_context(|| format!("worker said: {l}"))?);
         }
-        phases.push(merge(&parts, target.servers_cpu() - s0)?);
+        phases.push(merge(&parts, target.cpu() - s0)?);
         pb.inc(1);
     }
     for (mut child, stdin, _) in workers {
@@ -909,6 +949,7 @@ fn text(r: &Report) -> String {
         "space",
         "stored",
         "CPU-s/GiB",
+        "machine",
         "survives",
     ]);
     for x in &r.rows {
@@ -930,6 +971,7 @@ fn text(r: &Report) -> String {
             format!("{:.2}x", x.space_factor),
             x.stored_per_written.map(|s| format!("{s:.2}x")).unwrap_or_else(|| "-".into()),
             format!("{:.2}", x.cpu_s_per_gib),
+            x.machine_cpu_s_per_gib.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into()),
             x.failures_tolerated.to_string(),
         ]);
     }
@@ -942,7 +984,7 @@ fn text(r: &Report) -> String {
         None => s.push_str("raw disk: not measured (--disk none)\n"),
     }
     s.push_str(&format!(
-        "CPU-s/GiB counts {}; space = bytes the class stores per byte, stored = growth of the data files per byte written\n",
+        "CPU-s/GiB counts {}; machine = busy CPU-s/GiB of the whole machine; space = bytes the class stores per byte, stored = growth of the data files per byte written\n",
         r.rows.first().map(|x| x.cpu_scope.as_str()).unwrap_or("client")
     ));
     s

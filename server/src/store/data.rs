@@ -18,6 +18,18 @@
 //! system by punching holes ([`DataFiles::free`]); a file that is no longer
 //! appended to and has no allocated blocks left is removed.
 //!
+//! Direct I/O: extents of [`RealFs::direct_min`] bytes or more (default
+//! [`DIRECT_MIN`]) start at a 4 KiB
+//! boundary of the file, and the real file system writes them with
+//! O_DIRECT (through an aligned buffer, padded with zeros to the next
+//! boundary), so they do not pass through the page cache: copying every
+//! replica into freshly allocated page-cache pages was half of all the CPU
+//! a replicated write cost (docs/performance.md). Smaller extents are
+//! written through the page cache; the two never share a page. The
+//! fdatasync before records point at the data is the same either way (it
+//! makes the file's allocation durable). Off by default for now:
+//! `SHOAL_DIRECT_IO=1` turns it on.
+//!
 //! All file access goes through a [`Vfs`], so tests can put a file layer
 //! under the store that loses unsynced writes as a power cut would.
 
@@ -25,6 +37,8 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
 
 /// One open data file.
 pub trait DataFile: Send + Sync {
@@ -40,6 +54,13 @@ pub trait DataFile: Send + Sync {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes the file system has allocated to the file.
     fn allocated(&self) -> io::Result<u64>;
+    /// From what size on aligned writes go around the page cache
+    /// (O_DIRECT), if they do: the appender then starts such extents on a
+    /// boundary, gathers them and writes them together, several at once,
+    /// before the sync.
+    fn direct_min(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The file operations the data files need.
@@ -63,9 +84,92 @@ pub trait Vfs: Send + Sync + 'static {
     }
 }
 
+/// Extents of at least this many bytes are written with O_DIRECT.
+pub const DIRECT_MIN: usize = 1 << 20;
+/// The alignment O_DIRECT needs (offsets, lengths and memory).
+pub const DIRECT_ALIGN: u64 = 4096;
+
 /// The real file system.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RealFs;
+#[derive(Debug, Clone, Copy)]
+pub struct RealFs {
+    /// Extents of at least this many bytes are written with O_DIRECT where
+    /// the file system allows (0: never).
+    pub direct_min: usize,
+}
+
+impl Default for RealFs {
+    /// Direct I/O is off unless `SHOAL_DIRECT_IO=1` (measured: it halves
+    /// the CPU of replicated writes but costs EC writes, see
+    /// docs/performance.md); then extents of [`DIRECT_MIN`] bytes or more
+    /// go direct, or of `SHOAL_DIRECT_MIN=BYTES` (at least 4096).
+    fn default() -> Self {
+        let min = std::env::var("SHOAL_DIRECT_MIN").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DIRECT_MIN);
+        let on = std::env::var("SHOAL_DIRECT_IO").as_deref() == Ok("1");
+        RealFs { direct_min: if on { min.max(DIRECT_ALIGN as usize) } else { 0 } }
+    }
+}
+
+/// A data file of the real file system: one descriptor through the page
+/// cache, and one with O_DIRECT for large aligned writes (none where the
+/// file system refuses O_DIRECT, as tmpfs does).
+pub struct RealFile {
+    file: std::fs::File,
+    direct: Option<std::fs::File>,
+    direct_min: usize,
+}
+
+thread_local! {
+    /// The writer thread's aligned buffer for O_DIRECT writes, kept between
+    /// writes so its pages are touched once.
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl DataFile for RealFile {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let Some(direct) =
+            self.direct.as_ref().filter(|_| buf.len() >= self.direct_min && offset.is_multiple_of(DIRECT_ALIGN))
+        else {
+            return DataFile::write_at(&self.file, buf, offset);
+        };
+        let align = DIRECT_ALIGN as usize;
+        let padded = buf.len().div_ceil(align) * align;
+        BOUNCE.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < padded + align {
+                *b = vec![0u8; padded + align];
+            }
+            let start = b.as_ptr().align_offset(align);
+            let out = &mut b[start..start + padded];
+            out[..buf.len()].copy_from_slice(buf);
+            out[buf.len()..].fill(0);
+            std::os::unix::fs::FileExt::write_all_at(direct, out, offset)
+        })
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        DataFile::read_at(&self.file, buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        DataFile::sync_data(&self.file)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        self.file.size()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.file.punch_hole(offset, len)
+    }
+
+    fn allocated(&self) -> io::Result<u64> {
+        self.file.allocated()
+    }
+
+    fn direct_min(&self) -> Option<usize> {
+        self.direct.as_ref().map(|_| self.direct_min)
+    }
+}
 
 impl DataFile for std::fs::File {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -118,7 +222,14 @@ impl Vfs for RealFs {
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn DataFile>> {
         let f = std::fs::OpenOptions::new().create(create).truncate(false).read(true).write(true).open(path)?;
-        Ok(Arc::new(f))
+        let direct = if self.direct_min > 0 {
+            use std::os::unix::fs::OpenOptionsExt;
+            // EINVAL: the file system does not do O_DIRECT; write through the cache.
+            std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
+        } else {
+            None
+        };
+        Ok(Arc::new(RealFile { file: f, direct, direct_min: self.direct_min }))
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
@@ -163,6 +274,61 @@ pub struct DataFiles {
     dir: PathBuf,
     readers: RwLock<HashMap<u32, Arc<dyn DataFile>>>,
     roll_bytes: u64,
+    /// Threads that write gathered direct extents, several at once.
+    pool: WritePool,
+}
+
+/// A large extent appended but not yet written: (file, offset, bytes).
+type PendingWrite = (Arc<dyn DataFile>, u64, Bytes);
+
+/// A few threads, each with its own aligned buffer, that write gathered
+/// direct extents in parallel so the disk sees several at once.
+struct WritePool {
+    jobs: crossbeam::channel::Sender<(PendingWrite, crossbeam::channel::Sender<io::Result<()>>)>,
+}
+
+/// Direct writes in flight at once per target.
+const DIRECT_DEPTH: usize = 4;
+
+impl WritePool {
+    fn new() -> WritePool {
+        let (jobs, rx) = crossbeam::channel::unbounded::<(PendingWrite, crossbeam::channel::Sender<io::Result<()>>)>();
+        for i in 0..DIRECT_DEPTH {
+            let rx = rx.clone();
+            // The threads end when the pool (the only sender) is dropped.
+            let spawned = std::thread::Builder::new().name(format!("shoal-dio-{i}")).spawn(move || {
+                for ((file, offset, data), done) in rx {
+                    let _ = done.send(file.write_at(&data, offset));
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a direct-write thread: {e}");
+            }
+        }
+        WritePool { jobs }
+    }
+
+    /// Writes every extent, several at once; the first error if any failed.
+    fn write_all(&self, writes: Vec<PendingWrite>) -> io::Result<()> {
+        if writes.len() == 1 {
+            let (file, offset, data) = &writes[0];
+            return file.write_at(data, *offset);
+        }
+        let (done, results) = crossbeam::channel::unbounded();
+        let n = writes.len();
+        for w in writes {
+            self.jobs.send((w, done.clone())).map_err(|_| io::Error::other("the direct-write threads are gone"))?;
+        }
+        drop(done);
+        let mut first = Ok(());
+        for _ in 0..n {
+            let r = results.recv().map_err(|_| io::Error::other("a direct-write thread died"))?;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
 }
 
 /// The append side, owned by the writer thread alone.
@@ -176,6 +342,9 @@ pub struct Appender {
     retired: Vec<Arc<dyn DataFile>>,
     /// A file was created since the directory was last synced.
     dir_dirty: bool,
+    /// Large extents appended to direct files, written at the next
+    /// [`DataFiles::write_pending`] or sync.
+    pending: Vec<PendingWrite>,
 }
 
 impl Appender {
@@ -202,7 +371,13 @@ impl DataFiles {
             .iter()
             .filter_map(|name| name.strip_suffix(".dat").and_then(|n| n.parse::<u32>().ok()))
             .max();
-        let files = DataFiles { vfs, dir: dir.to_path_buf(), readers: RwLock::new(HashMap::new()), roll_bytes };
+        let files = DataFiles {
+            vfs,
+            dir: dir.to_path_buf(),
+            readers: RwLock::new(HashMap::new()),
+            roll_bytes,
+            pool: WritePool::new(),
+        };
         let appender = files.open_appender(newest.unwrap_or(0))?;
         Ok((files, appender))
     }
@@ -214,14 +389,17 @@ impl DataFiles {
         self.readers.write().expect("lock").insert(no, file.clone());
         // Whether or not the file existed, its name is synced before any
         // record points into it (a retry after a failed sync must not skip it).
-        Ok(Appender { file_no: no, file, len, dirty: false, retired: Vec::new(), dir_dirty: true })
+        Ok(Appender { file_no: no, file, len, dirty: false, retired: Vec::new(), dir_dirty: true, pending: Vec::new() })
     }
 
     /// Appends `data` and returns (file, offset). Not yet durable: call
-    /// [`DataFiles::sync`] before pointing metadata at it.
-    pub fn append(&self, a: &mut Appender, data: &[u8]) -> io::Result<(u32, u64)> {
+    /// [`DataFiles::sync`] before pointing metadata at it. Large extents of
+    /// direct files are only gathered here and written by the sync (or
+    /// [`DataFiles::write_pending`]), several at once.
+    pub fn append(&self, a: &mut Appender, data: &Bytes) -> io::Result<(u32, u64)> {
         if a.len >= self.roll_bytes {
             let mut next = self.open_appender(a.file_no + 1)?;
+            next.pending = std::mem::take(&mut a.pending);
             next.retired = std::mem::take(&mut a.retired);
             if a.dirty {
                 next.retired.push(a.file.clone());
@@ -229,9 +407,19 @@ impl DataFiles {
             next.dir_dirty = true;
             *a = next;
         }
-        let offset = a.len;
-        a.file.write_at(data, offset)?;
-        a.len += data.len() as u64;
+        // Large extents start on a boundary O_DIRECT can write at.
+        let direct = a.file.direct_min().is_some_and(|min| data.len() >= min);
+        let offset = if direct { a.len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN } else { a.len };
+        if direct {
+            a.pending.push((a.file.clone(), offset, data.clone()));
+            // The direct write pads to the next boundary; what follows
+            // starts after the padding, so a later small extent (written
+            // at once, before this one) is never overwritten by it.
+            a.len = (offset + data.len() as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        } else {
+            a.file.write_at(data, offset)?;
+            a.len = offset + data.len() as u64;
+        }
         a.dirty = true;
         Ok((a.file_no, offset))
     }
@@ -239,6 +427,7 @@ impl DataFiles {
     /// Makes every append so far durable (fdatasync), and the names of
     /// files created since the last sync (fsync of the directory).
     pub fn sync(&self, a: &mut Appender) -> io::Result<()> {
+        self.write_pending(a)?;
         if a.dirty || !a.retired.is_empty() {
             #[cfg(feature = "failpoints")]
             fail::fail_point!("store::data_sync", |_| Err(io::Error::other("injected fdatasync failure")));
@@ -253,6 +442,16 @@ impl DataFiles {
             a.dir_dirty = false;
         }
         Ok(())
+    }
+
+    /// Writes the gathered large extents, several at once. A failure is a
+    /// failed write of those extents (nothing points at them yet), not a
+    /// failed sync.
+    pub fn write_pending(&self, a: &mut Appender) -> io::Result<()> {
+        if a.pending.is_empty() {
+            return Ok(());
+        }
+        self.pool.write_all(std::mem::take(&mut a.pending))
     }
 
     /// Reads `len` bytes at `offset` of file `no`.
@@ -323,5 +522,81 @@ impl DataFiles {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pages of `[offset, offset + len)` of `path` that are in the page cache.
+    fn cached_pages(path: &Path, offset: u64, len: u64) -> usize {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).unwrap();
+        let size = f.metadata().unwrap().len() as usize;
+        // SAFETY: a read-only shared mapping of a file we keep open, and a
+        // vector of one byte per page for mincore to fill.
+        unsafe {
+            let map = libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+            assert_ne!(map, libc::MAP_FAILED);
+            let pages = size.div_ceil(4096);
+            let mut vec = vec![0u8; pages];
+            assert_eq!(libc::mincore(map, size, vec.as_mut_ptr()), 0);
+            libc::munmap(map, size);
+            let (first, last) = ((offset / 4096) as usize, ((offset + len).div_ceil(4096)) as usize);
+            vec[first..last].iter().filter(|b| *b & 1 == 1).count()
+        }
+    }
+
+    #[test]
+    fn large_extents_are_aligned_written_around_the_page_cache_and_read_back() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dir = tmp.path().join("data");
+        let pattern = |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect() };
+        let extents =
+            [pattern(3, 100), pattern(5, (1 << 20) + 7), pattern(7, 200), pattern(11, DIRECT_MIN)].map(Bytes::from);
+        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN }), &dir, 1 << 30).unwrap();
+        let mut at = Vec::new();
+        for e in &extents {
+            at.push(files.append(&mut a, e).unwrap());
+        }
+        files.sync(&mut a).unwrap();
+        // Large extents start on 4 KiB boundaries; small ones follow on.
+        assert_eq!(at[0].1, 0);
+        assert_eq!(at[1].1, 4096);
+        // The small extent after a direct one starts after its padding.
+        assert_eq!(at[2].1, 4096 + (1 << 20) + 4096);
+        assert_eq!(at[3].1 % DIRECT_ALIGN, 0);
+        let path = file_name(&dir, 0);
+        // The direct writes left nothing in the page cache; the small
+        // extents went through it.
+        assert_eq!(cached_pages(&path, at[1].1, extents[1].len() as u64 - 7), 0, "a direct write was cached");
+        assert!(cached_pages(&path, 0, 100) > 0, "a small write went around the cache");
+        for ((no, off), e) in at.iter().zip(&extents) {
+            assert_eq!(&files.read(*no, *off, e.len() as u64).unwrap(), e);
+        }
+        // Reopened, appends go on after the last extent, aligned again.
+        drop((files, a));
+        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN }), &dir, 1 << 30).unwrap();
+        let more = Bytes::from(pattern(13, 3 << 20));
+        let (no, off) = files.append(&mut a, &more).unwrap();
+        files.sync(&mut a).unwrap();
+        assert!(off >= at[3].1 + DIRECT_MIN as u64 && off % DIRECT_ALIGN == 0);
+        assert_eq!(files.read(no, off, more.len() as u64).unwrap(), more);
+        for ((no, off), e) in at.iter().zip(&extents) {
+            assert_eq!(&files.read(*no, *off, e.len() as u64).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn without_direct_io_every_extent_goes_through_the_page_cache() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dir = tmp.path().join("data");
+        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: 0 }), &dir, 1 << 30).unwrap();
+        let big = Bytes::from(vec![0x5au8; 1 << 20]);
+        let (no, off) = files.append(&mut a, &big).unwrap();
+        files.sync(&mut a).unwrap();
+        assert!(cached_pages(&file_name(&dir, 0), off, big.len() as u64) > 0);
+        assert_eq!(files.read(no, off, big.len() as u64).unwrap(), big);
     }
 }

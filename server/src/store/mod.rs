@@ -104,7 +104,7 @@ impl Default for StoreOptions {
             reserve_bytes: 64 << 20,
             max_group: 128,
             file_roll_bytes: 1 << 30,
-            vfs: Arc::new(RealFs),
+            vfs: Arc::new(RealFs::default()),
         }
     }
 }
@@ -564,6 +564,20 @@ impl Writer {
         }
         let hw = self.shared.hw.load(Ordering::Acquire).max(gs.hw);
         batch.put_cf(self.db.cf_handle(CF_META).expect("cf"), HW_KEY, hw.to_be_bytes());
+        // Large extents gathered for direct writes go to disk first. If one
+        // fails, the group fails like a failed append: nothing points at
+        // those bytes, and the target stays usable.
+        if let Err(e) = self.files.write_pending(&mut self.appender) {
+            let err = if e.raw_os_error() == Some(libc::ENOSPC) {
+                ShoalError::NoSpace(format!("target {}: write to data file: {e}", self.id))
+            } else {
+                ShoalError::Io(format!("write to data file: {e}"))
+            };
+            for (reply, _) in accepted {
+                let _ = reply.send(Err(err.clone()));
+            }
+            return;
+        }
         let result = self.files.sync(&mut self.appender).map_err(|e| self.poison("data fdatasync", e)).and_then(|()| {
             let mut wo = WriteOptions::default();
             wo.set_sync(true);
