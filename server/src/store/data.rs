@@ -274,8 +274,9 @@ pub struct DataFiles {
     dir: PathBuf,
     readers: RwLock<HashMap<u32, Arc<dyn DataFile>>>,
     roll_bytes: u64,
-    /// Threads that write gathered direct extents, several at once.
-    pool: WritePool,
+    /// Threads that write gathered direct extents, several at once;
+    /// started by the first direct write (none while direct I/O is off).
+    pool: std::sync::OnceLock<WritePool>,
 }
 
 /// A large extent appended but not yet written: (file, offset, bytes).
@@ -376,7 +377,7 @@ impl DataFiles {
             dir: dir.to_path_buf(),
             readers: RwLock::new(HashMap::new()),
             roll_bytes,
-            pool: WritePool::new(),
+            pool: std::sync::OnceLock::new(),
         };
         let appender = files.open_appender(newest.unwrap_or(0))?;
         Ok((files, appender))
@@ -451,7 +452,7 @@ impl DataFiles {
         if a.pending.is_empty() {
             return Ok(());
         }
-        self.pool.write_all(std::mem::take(&mut a.pending))
+        self.pool.get_or_init(WritePool::new).write_all(std::mem::take(&mut a.pending))
     }
 
     /// Reads `len` bytes at `offset` of file `no`.
