@@ -280,7 +280,11 @@ impl Array {
     }
 
     async fn read_clamped(&self, offset: u64, len: u64) -> Result<Bytes> {
-        let size = self.size().await?;
+        self.read_upto(offset, len, self.size().await?).await
+    }
+
+    /// Reads up to `len` bytes at `offset`, stopping at `size`.
+    pub(crate) async fn read_upto(&self, offset: u64, len: u64, size: u64) -> Result<Bytes> {
         if offset >= size {
             return Ok(Bytes::new());
         }
@@ -298,8 +302,9 @@ impl Array {
             ))
         })?;
         buf.resize(len as usize, 0);
-        let n = self.read_into(offset, &mut buf).await?;
-        buf.truncate(n);
+        // Bytes past the size the stream sees (a writer's own unflushed
+        // tail, or a size lowered meanwhile) stay zeros.
+        self.read_into(offset, &mut buf).await?;
         Ok(Bytes::from(buf))
     }
 

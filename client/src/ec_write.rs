@@ -245,6 +245,7 @@ impl Object {
                 };
                 match w.send(s0, s1, epoch).await {
                     WriteOutcome::Done(missed) => {
+                        self.cont.pool.client.inner.count_rmw(partial.len());
                         if missed.is_empty() {
                             self.mark_stable(st, group, Some(dkey), epoch);
                         }

@@ -52,6 +52,7 @@ pub mod object;
 pub mod rp;
 pub mod server;
 pub mod system;
+pub mod writeback;
 
 pub use shoal_common::ec;
 pub use shoal_net as transport;
@@ -71,3 +72,4 @@ pub use kv::Kv;
 pub use object::Object;
 pub use server::ServerClient;
 pub use system::{Client, ClientBuilder, ClientStats, Container, Pool};
+pub use writeback::{ArrayWriter, WriteBack};

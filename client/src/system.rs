@@ -83,6 +83,7 @@ pub(crate) struct Inner {
     skew_refusal: Option<String>,
     checksum_errors: AtomicU64,
     conflict_retries: AtomicU64,
+    rmw_stripes: AtomicU64,
     /// This client's id for its clock-tag lease.
     owner: u128,
     /// Until when (on this host's monotonic clock) the tag is this client's.
@@ -193,6 +194,11 @@ impl Inner {
     pub fn count_conflict(&self) {
         self.conflict_retries.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts partial stripes written by read-modify-write.
+    pub fn count_rmw(&self, stripes: usize) {
+        self.rmw_stripes.fetch_add(stripes as u64, Ordering::Relaxed);
+    }
 }
 
 /// What a client has counted since it connected.
@@ -214,6 +220,9 @@ pub struct ClientStats {
     /// Writes sent again with a newer epoch because a target already held
     /// a version as new (clocks that disagree, or concurrent writers).
     pub conflict_retries: u64,
+    /// Partial stripes of erasure-coded objects written by
+    /// read-modify-write (read, merged and rewritten whole).
+    pub rmw_stripes: u64,
 }
 
 /// Builds a [`Client`].
@@ -391,6 +400,7 @@ impl ClientBuilder {
             skew_refusal: None,
             checksum_errors: AtomicU64::new(0),
             conflict_retries: AtomicU64::new(0),
+            rmw_stripes: AtomicU64::new(0),
             owner: {
                 use std::hash::{BuildHasher, Hasher};
                 let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -520,6 +530,7 @@ impl Client {
         ClientStats {
             checksum_errors: self.inner.checksum_errors.load(Ordering::Relaxed),
             conflict_retries: self.inner.conflict_retries.load(Ordering::Relaxed),
+            rmw_stripes: self.inner.rmw_stripes.load(Ordering::Relaxed),
         }
     }
 

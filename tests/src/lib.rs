@@ -19,3 +19,14 @@ pub async fn tank(
     let cont = pool.cont_open("c").await.expect("container open");
     (client, pool, cont)
 }
+
+/// The byte an earlier, aligned writer put at array offset `x` in the
+/// write-gathering tests: never zero, never [`byte_b`]`(x)`.
+pub fn byte_a(x: u64) -> u8 {
+    (x % 251) as u8 + 1
+}
+
+/// The byte the gathering writer (`shoal-gather-writer`) puts at `x`.
+pub fn byte_b(x: u64) -> u8 {
+    !byte_a(x)
+}

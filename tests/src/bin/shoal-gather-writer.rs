@@ -1,0 +1,54 @@
+//! A client process for the write-gathering crash tests: writes an array
+//! sequentially, in pieces of random sizes at unaligned offsets, through
+//! an [`shoal_client::ArrayWriter`], and says on stdout how far it got.
+//!
+//! `shoal-gather-writer MS POOL CONT OID START END FLUSH_AT SEED`
+//!
+//! Writes `[START, END)` with [`byte_b`]; once FLUSH_AT bytes are written
+//! it flushes and prints `flushed E` (every byte below `E` is then
+//! durable). After each write it prints `wrote E`. At the end it prints
+//! `done` and waits to be killed: the test kills it at some point.
+
+use std::io::Write;
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use shoal_client::{Client, WriteBack};
+use shoal_tests::byte_b;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(a.len() == 8, "usage: shoal-gather-writer MS POOL CONT OID START END FLUSH_AT SEED");
+    let num = |i: usize| a[i].parse::<u64>();
+    let (start, end, flush_at, seed) = (num(4)?, num(5)?, num(6)?, num(7)?);
+    let client = Client::connect(vec![a[0].clone()]).await?;
+    let cont = client.pool_connect(&a[1]).await?.cont_open(&a[2]).await?;
+    let array = cont.array_open(a[3].parse()?).await?;
+    // No age limit: only whole units and the explicit flush are sent.
+    let cfg = WriteBack { max_age: std::time::Duration::from_secs(3600), ..WriteBack::default() };
+    let w = array.writer(cfg);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = std::io::stdout();
+    let mut at = start;
+    let mut flushed = false;
+    while at < end {
+        let n = rng.random_range(1..=300_000u64).min(end - at);
+        let data: Vec<u8> = (at..at + n).map(byte_b).collect();
+        w.write(at, Bytes::from(data)).await?;
+        at += n;
+        writeln!(out, "wrote {at}")?;
+        if !flushed && at - start >= flush_at {
+            w.flush().await?;
+            flushed = true;
+            writeln!(out, "flushed {at}")?;
+        }
+        out.flush()?;
+    }
+    writeln!(out, "done")?;
+    out.flush()?;
+    // Keeps its buffer (and the process) until killed.
+    std::future::pending::<()>().await;
+    drop(w);
+    Ok(())
+}
