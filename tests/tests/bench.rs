@@ -23,6 +23,7 @@ const COLUMNS: &[&str] = &[
     "api",
     "io_size",
     "offsets",
+    "gather",
     "pattern",
     "sharing",
     "procs",
@@ -80,6 +81,8 @@ fn bench_matrix_covers_every_axis_and_writes_every_format() {
         "4KiB,40000",
         "--offsets",
         "aligned,unaligned",
+        "--gather",
+        "on,off",
         "--pattern",
         "seq,rand",
         "--sharing",
@@ -104,11 +107,11 @@ fn bench_matrix_covers_every_axis_and_writes_every_format() {
     assert_eq!(std::fs::read_to_string(out.join("matrix.txt")).unwrap(), table);
 
     // JSON: one write and one read row per cell. Per class: array 2 sizes x
-    // 2 offsets x 2 patterns x 2 sharings x 2 procs = 32 cells; kv and
-    // object have no unaligned cells, 16 each.
+    // 2 offsets x 2 gathers x 2 patterns x 2 sharings x 2 procs = 64 cells;
+    // kv and object have no unaligned or gathered cells, 16 each.
     let report: serde_json::Value = serde_json::from_slice(&read(&out.join("matrix.json"))).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 2 * (32 + 16 + 16) * 2, "rows");
+    assert_eq!(rows.len(), 2 * (64 + 16 + 16) * 2, "rows");
     let disk = &report["disk"];
     assert_eq!(disk["tool"], "probe");
     assert!(disk["write_mib_s"].as_f64().unwrap() > 0.0 && disk["sync_4k_iops"].as_f64().unwrap() > 0.0, "{disk}");
@@ -134,7 +137,7 @@ fn bench_matrix_covers_every_axis_and_writes_every_format() {
             .iter()
             .find(|x| {
                 x["op"] == "read"
-                    && ["class", "api", "io_size", "offsets", "pattern", "sharing", "procs"]
+                    && ["class", "api", "io_size", "offsets", "gather", "pattern", "sharing", "procs"]
                         .iter()
                         .all(|c| x[c] == r[c])
             })
@@ -208,7 +211,7 @@ fn bench_checkpoint_workload_prints_json_and_csv() {
     assert_eq!(lines.next().unwrap(), COLUMNS.join(","));
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 2, "{csv}");
-    assert!(rows[0].starts_with("matrix,EC_2P1G1,kv,65536,aligned,seq,private,1,2,write,"), "{csv}");
+    assert!(rows[0].starts_with("matrix,EC_2P1G1,kv,65536,aligned,-,seq,private,1,2,write,"), "{csv}");
 }
 
 #[test]

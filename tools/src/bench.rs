@@ -1,7 +1,6 @@
 //! `shoal bench`: benchmark programs that print numbers (never tests).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,6 +10,8 @@ use clap::{Args, Subcommand};
 use shoal_common::msg::{FetchIod, UpdateIod, ValueKind};
 use shoal_common::{ContId, Oid, EPOCH_MAX};
 use shoal_tools::local::LocalServer;
+
+use crate::bench_matrix::DiskTool;
 use tokio::task::JoinSet;
 
 #[derive(Debug, Subcommand)]
@@ -155,9 +156,12 @@ async fn store(a: StoreArgs) -> anyhow::Result<()> {
     };
     srv.terminate()?;
 
-    let disk = dd_figures(&base, a.mib.min(1024), 2000)?;
+    // The same disk measured as `bench matrix` does: fio, or without it
+    // Shoal's own O_DIRECT probe.
+    let disk = crate::bench_matrix::disk_figures(&base, DiskTool::Auto, (a.mib << 20).min(1 << 30))?;
     println!("shoal bench store: 1 server, {} targets, {} in flight, dir {}", a.targets, a.concurrency, base.display());
-    println!("{:<34} {:>14} {:>22}", "operation", "shoal", "raw disk (dd)");
+    let raw = format!("raw disk ({})", disk.tool);
+    println!("{:<34} {:>14} {:>22}", "operation", "shoal", raw);
     println!("{:<34} {:>12.0}/s {:>20.0}/s", "4 KiB put (durable)", a.puts as f64 / put, disk.sync_4k_iops);
     println!("{:<34} {:>12.0}/s {:>22}", "4 KiB get", a.puts as f64 / get, "-");
     println!(
@@ -168,41 +172,12 @@ async fn store(a: StoreArgs) -> anyhow::Result<()> {
     );
     println!("{:<34} {:>10.0} MiB/s {:>16.0} MiB/s", "1 MiB extent read", a.mib as f64 / read, disk.read_mib_s);
     println!(
-        "ratios: put {:.2}x of dd 4k dsync writes, write {:.2}x and read {:.2}x of dd bandwidth",
+        "ratios: put {:.2}x of 4 KiB write+fdatasync QD1, write {:.2}x and read {:.2}x of 1 MiB O_DIRECT QD16 bandwidth",
         (a.puts as f64 / put) / disk.sync_4k_iops,
         (a.mib as f64 / write) / disk.write_mib_s,
         (a.mib as f64 / read) / disk.read_mib_s
     );
     Ok(())
-}
-
-struct Disk {
-    sync_4k_iops: f64,
-    write_mib_s: f64,
-    read_mib_s: f64,
-}
-
-/// Runs dd on the same file system: synced 4 KiB writes, and 1 MiB
-/// sequential write (fdatasync at the end) and direct read.
-fn dd_figures(dir: &Path, mib: u64, small: u64) -> anyhow::Result<Disk> {
-    let f = dir.join("dd.tmp");
-    let of = format!("of={}", f.display());
-    let iff = format!("if={}", f.display());
-    let time = |args: &[&str]| -> anyhow::Result<f64> {
-        let t = Instant::now();
-        let out = Command::new("dd").args(args).output().context("run dd")?;
-        ensure!(out.status.success(), "dd failed: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(t.elapsed().as_secs_f64())
-    };
-    let small_s = time(&["if=/dev/zero", &of, "bs=4k", &format!("count={small}"), "oflag=dsync"])?;
-    let write_s = time(&["if=/dev/zero", &of, "bs=1M", &format!("count={mib}"), "conv=fdatasync"])?;
-    let read_s = time(&[&iff, "of=/dev/null", "bs=1M", "iflag=direct"])?;
-    std::fs::remove_file(&f).ok();
-    Ok(Disk {
-        sync_4k_iops: small as f64 / small_s,
-        write_mib_s: mib as f64 / write_s,
-        read_mib_s: mib as f64 / read_s,
-    })
 }
 
 /// The directory a benchmark's servers keep their data in: the one given,

@@ -61,6 +61,7 @@ fn charted(rows: &[Row]) -> Vec<&Row> {
             r.workload == f.workload
                 && r.api == f.api
                 && r.offsets == f.offsets
+                && r.gather == f.gather
                 && r.pattern == f.pattern
                 && r.sharing == f.sharing
                 && r.procs == f.procs
@@ -82,7 +83,11 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, rows: &[Row], title: &
     let what = picked
         .first()
         .map(|f| {
-            format!("{} {}, {} {} {}, {}x{} writers", f.workload, f.api, f.offsets, f.pattern, f.sharing, f.procs, f.qd)
+            let gather = if f.gather == "on" { " gathered" } else { "" };
+            format!(
+                "{} {}{gather}, {} {} {}, {}x{} writers",
+                f.workload, f.api, f.offsets, f.pattern, f.sharing, f.procs, f.qd
+            )
         })
         .unwrap_or_default();
     root.fill(&WHITE).map_err(chart_err)?;

@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use shoal_client::{Array, Container, Kv, Object};
+use shoal_client::{Array, ArrayWriter, Container, Kv, Object, WriteBack};
 use shoal_common::mgmt::ContProps;
 use shoal_common::oclass::{Groups, ObjType, ObjectClass, Redundancy, EC_CODES, MAX_REPLICAS, MIN_REPLICAS};
 use shoal_common::{Oid, EPOCH_MAX};
@@ -75,6 +75,11 @@ pub struct MatrixArgs {
     /// 4095 bytes). Array only.
     #[arg(long, value_delimiter = ',', value_enum, default_value = "aligned")]
     offsets: Vec<Offsets>,
+    /// Array writes through the client's write-gathering buffer
+    /// (`ArrayWriter`, flushed before the phase ends: on) or each straight
+    /// to the servers (off). Array only.
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "on")]
+    gather: Vec<Gather>,
     /// Access order of each writer: seq or rand.
     #[arg(long, value_delimiter = ',', value_enum, default_value = "seq")]
     pattern: Vec<Pattern>,
@@ -133,6 +138,13 @@ pub enum Offsets {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum Gather {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Pattern {
     Seq,
     Rand,
@@ -161,6 +173,7 @@ struct CellSpec {
     api: Api,
     size: u64,
     offsets: Offsets,
+    gather: Gather,
     pattern: Pattern,
     sharing: Sharing,
     procs: usize,
@@ -179,11 +192,12 @@ impl CellSpec {
 
     fn label(&self) -> String {
         format!(
-            "{} {} {} {} {} {} {}x{}",
+            "{} {} {} {} gather-{} {} {} {}x{}",
             self.class,
             name(self.api),
             crate::out::size(self.size),
             name(self.offsets),
+            name(self.gather),
             name(self.pattern),
             name(self.sharing),
             self.procs,
@@ -224,6 +238,9 @@ pub struct Row {
     pub api: String,
     pub io_size: u64,
     pub offsets: String,
+    /// Array writes gathered by the client's buffer: "on", "off", or "-"
+    /// for other APIs.
+    pub gather: String,
     pub pattern: String,
     pub sharing: String,
     pub procs: usize,
@@ -332,6 +349,8 @@ fn procs_cpu(pids: &[u32]) -> f64 {
 /// The objects a client process writes, one per writer.
 enum Handle {
     Array(Array),
+    /// An array written through the client's write-gathering buffer.
+    Gathered(ArrayWriter),
     Kv(Kv),
     Object(Object),
 }
@@ -361,6 +380,12 @@ impl Share {
                 Sharing::Private => *cell.objects.get(w).context("too few objects for the writers")?,
             };
             let h = Arc::new(match cell.api {
+                Api::Array if cell.gather == Gather::On => {
+                    // One write in flight per writer, as without the
+                    // buffer: --qd stays the number in flight.
+                    let cfg = WriteBack { max_in_flight: 1, ..WriteBack::default() };
+                    Handle::Gathered(cont.array_open(oid).await?.writer(cfg))
+                }
                 Api::Array => Handle::Array(cont.array_open(oid).await?),
                 Api::Kv => Handle::Kv(cont.kv_open(oid).await?),
                 Api::Object => Handle::Object(cont.object(oid)?),
@@ -404,6 +429,10 @@ impl Share {
                     io(&h, &cell, w, slot, write, &payload).await?;
                     lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 }
+                // Buffered bytes count once they are durable.
+                if let (true, Handle::Gathered(g)) = (write, &*h) {
+                    g.flush().await?;
+                }
                 anyhow::Ok((lane, lat))
             });
         }
@@ -426,19 +455,31 @@ impl Share {
 /// One I/O of writer `w` at `slot`; a read checks every byte.
 async fn io(h: &Handle, cell: &CellSpec, w: usize, slot: u64, write: bool, payload: &Bytes) -> anyhow::Result<()> {
     let size = cell.size;
+    let array_offset = || {
+        let base = match cell.sharing {
+            Sharing::Shared => w as u64 * cell.ops_per_writer * size,
+            Sharing::Private => 0,
+        };
+        let shift = if cell.offsets == Offsets::Unaligned { UNALIGNED_SHIFT } else { 0 };
+        base + slot * size + shift
+    };
     match h {
         Handle::Array(a) => {
-            let base = match cell.sharing {
-                Sharing::Shared => w as u64 * cell.ops_per_writer * size,
-                Sharing::Private => 0,
-            };
-            let shift = if cell.offsets == Offsets::Unaligned { UNALIGNED_SHIFT } else { 0 };
-            let off = base + slot * size + shift;
+            let off = array_offset();
             if write {
                 a.write(off, payload.clone()).await?;
             } else {
                 let got = a.read(off, size).await?;
                 ensure!(got == *payload, "array read at {off} returned other bytes than were written");
+            }
+        }
+        Handle::Gathered(g) => {
+            let off = array_offset();
+            if write {
+                g.write(off, payload.clone()).await?;
+            } else {
+                let got = g.read(off, size).await?;
+                ensure!(got == *payload, "gathered array read at {off} returned other bytes than were written");
             }
         }
         Handle::Kv(kv) => {
@@ -586,12 +627,13 @@ pub async fn run(ctx: &Ctx, a: MatrixArgs) -> anyhow::Result<()> {
 /// The cells the arguments ask for, without their objects.
 fn cells(a: &MatrixArgs, classes: &[ObjectClass]) -> Vec<CellSpec> {
     let mut out = Vec::new();
-    let cell = |class: &ObjectClass, api, size, offsets, pattern, sharing, procs| CellSpec {
+    let cell = |class: &ObjectClass, api, size, offsets, gather, pattern, sharing, procs| CellSpec {
         workload: a.workload,
         class: class.to_string(),
         api,
         size,
         offsets,
+        gather,
         pattern,
         sharing,
         procs,
@@ -604,7 +646,9 @@ fn cells(a: &MatrixArgs, classes: &[ObjectClass]) -> Vec<CellSpec> {
         if a.workload == Workload::Checkpoint {
             for &size in &a.sizes {
                 for &procs in &a.procs {
-                    out.push(cell(class, Api::Array, size, Offsets::Aligned, Pattern::Seq, Sharing::Private, procs));
+                    // Shards are large, aligned, whole-stripe writes.
+                    let (o, g, p, s) = (Offsets::Aligned, Gather::Off, Pattern::Seq, Sharing::Private);
+                    out.push(cell(class, Api::Array, size, o, g, p, s, procs));
                 }
             }
             continue;
@@ -616,10 +660,14 @@ fn cells(a: &MatrixArgs, classes: &[ObjectClass]) -> Vec<CellSpec> {
                     if api != Api::Array && offsets == Offsets::Unaligned {
                         continue;
                     }
-                    for &pattern in &a.pattern {
-                        for &sharing in &a.sharing {
-                            for &procs in &a.procs {
-                                out.push(cell(class, api, size, offsets, pattern, sharing, procs));
+                    // Gathering only means something for arrays.
+                    let gathers = if api == Api::Array { a.gather.clone() } else { vec![Gather::Off] };
+                    for gather in gathers {
+                        for &pattern in &a.pattern {
+                            for &sharing in &a.sharing {
+                                for &procs in &a.procs {
+                                    out.push(cell(class, api, size, offsets, gather, pattern, sharing, procs));
+                                }
                             }
                         }
                     }
@@ -671,6 +719,7 @@ async fn matrix(a: &MatrixArgs, target: &Target, cont_label: &str) -> anyhow::Re
             .iter()
             .map(|h| match h {
                 Handle::Array(x) => x.oid(),
+                Handle::Gathered(x) => x.array().oid(),
                 Handle::Kv(x) => x.oid(),
                 Handle::Object(x) => x.oid(),
             })
@@ -685,6 +734,7 @@ async fn matrix(a: &MatrixArgs, target: &Target, cont_label: &str) -> anyhow::Re
         for h in handles {
             match h {
                 Handle::Array(x) => x.destroy().await.map(|_| ())?,
+                Handle::Gathered(x) => x.array().destroy().await.map(|_| ())?,
                 Handle::Kv(x) => x.object().punch().await.map(|_| ())?,
                 Handle::Object(x) => x.punch().await.map(|_| ())?,
             }
@@ -760,6 +810,7 @@ fn row(cell: &CellSpec, class: &ObjectClass, op: &str, m: &Merged, target: &Targ
         api: name(cell.api),
         io_size: cell.size,
         offsets: name(cell.offsets),
+        gather: if cell.api == Api::Array { name(cell.gather) } else { "-".into() },
         pattern: name(cell.pattern),
         sharing: name(cell.sharing),
         procs: cell.procs,
@@ -890,7 +941,7 @@ pub async fn worker(a: WorkerArgs) -> anyhow::Result<()> {
 
 /// Raw disk figures: fio (1 MiB O_DIRECT QD16 write and read, 4 KiB
 /// write + fdatasync QD1) or, without fio, the same done here.
-fn disk_figures(dir: &Path, tool: DiskTool, bytes: u64) -> anyhow::Result<DiskFigures> {
+pub(crate) fn disk_figures(dir: &Path, tool: DiskTool, bytes: u64) -> anyhow::Result<DiskFigures> {
     let have_fio = std::process::Command::new("fio").arg("--version").output().is_ok_and(|o| o.status.success());
     match tool {
         DiskTool::Fio if !have_fio => bail!("--disk fio: fio is not installed (apt-get install fio)"),
@@ -937,6 +988,7 @@ fn text(r: &Report) -> String {
         "api",
         "size",
         "offsets",
+        "gather",
         "pattern",
         "sharing",
         "procs",
@@ -959,6 +1011,7 @@ fn text(r: &Report) -> String {
             x.api.clone(),
             crate::out::size(x.io_size),
             x.offsets.clone(),
+            x.gather.clone(),
             x.pattern.clone(),
             x.sharing.clone(),
             format!("{}x{}", x.procs, x.qd),
