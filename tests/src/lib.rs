@@ -30,3 +30,9 @@ pub fn byte_a(x: u64) -> u8 {
 pub fn byte_b(x: u64) -> u8 {
     !byte_a(x)
 }
+
+/// The byte a second pass of the gathering writer puts at `x`: neither
+/// [`byte_a`]`(x)` nor [`byte_b`]`(x)`.
+pub fn byte_c(x: u64) -> u8 {
+    byte_a(x) + 2
+}

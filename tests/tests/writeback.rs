@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use shoal_client::{Array, Container, WriteBack};
 use shoal_common::mgmt::ContProps;
-use shoal_tests::{byte_a, byte_b, pattern, TestCluster};
+use shoal_tests::{byte_a, byte_b, byte_c, pattern, TestCluster};
 
 const CLASS: &str = "EC_4P2G1";
 
@@ -130,11 +130,63 @@ async fn gathered_writes_read_back_and_skip_read_modify_write() {
     assert!(d.writer(WriteBack::default()).write(0, Bytes::new()).await.is_err(), "empty writes are refused");
 }
 
-/// Starts the gathering writer on `a` over `[start, end)`.
-fn spawn_writer(cluster: &TestCluster, a: &Array, start: u64, end: u64, flush_at: u64, seed: u64) -> Child {
+/// A write that fails in the background is reported by the next flush
+/// (and once by the next write), stays buffered, and lands with the flush
+/// after the server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_background_write_fails_the_flush_and_is_sent_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = TestCluster::start(tmp.path(), 3, 1).await.unwrap();
+    let props = ContProps { oclass: Some("S1".into()), ..Default::default() };
+    let (client, _pool, cont) = shoal_tests::tank(&cluster, props).await;
+    let members = client.system_query().await.unwrap().members;
+    // An array whose first chunk is not on server 0 (the MS's).
+    let (a, victim) = loop {
+        let a = cont.array_create(None, None).await.unwrap();
+        let rank = a.object().layout().unwrap().dkey_shards(&0u64.to_be_bytes())[0].rank;
+        let addr = &members.iter().find(|m| m.rank == rank).unwrap().addr;
+        let i = cluster.servers.iter().position(|s| s.addr == *addr).unwrap();
+        if i != 0 {
+            break (a, i);
+        }
+    };
+    let w = a.writer(WriteBack::default());
+    let data = Bytes::from(pattern(5, 1 << 20));
+    cluster.servers[victim].kill9();
+    // A whole chunk: sent at once, in the background, and it fails.
+    w.write(0, data.clone()).await.unwrap();
+    let e = w.flush().await.expect_err("a flush of bytes whose server is down");
+    assert_eq!(e.kind(), shoal_common::ErrorKind::Unreachable, "{e}");
+    assert!(w.dirty_bytes() >= 1 << 20, "the failed bytes stay buffered");
+    // Still readable through the writer.
+    assert_eq!(w.read(0, 1 << 20).await.unwrap(), data);
+    // The next write hears of it once and does not take its bytes.
+    assert!(w.write(5 << 20, Bytes::from_static(b"x")).await.is_err());
+    cluster.servers[victim].restart().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = w.flush().await {
+        assert!(Instant::now() < deadline, "the flush kept failing after the server came back: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.close().await.unwrap();
+    let fresh = cont.array_open(a.oid()).await.unwrap();
+    assert_eq!(fresh.size().await.unwrap(), 1 << 20, "the refused write was not taken");
+    assert_eq!(fresh.read(0, 1 << 20).await.unwrap(), data);
+}
+
+/// Starts the gathering writer on `a` over `[start, end)`, `passes` times.
+fn spawn_writer(
+    cluster: &TestCluster,
+    a: &Array,
+    start: u64,
+    end: u64,
+    flush_at: u64,
+    seed: u64,
+    passes: u64,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_shoal-gather-writer"))
         .args([cluster.ms(), "tank".into(), "c".into(), a.oid().to_string()])
-        .args([start, end, flush_at, seed].map(|n| n.to_string()))
+        .args([start, end, flush_at, seed, passes].map(|n| n.to_string()))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -160,29 +212,55 @@ fn follow(child: &mut Child, stop: impl Fn(Option<u64>, u64) -> bool) -> (Option
     panic!("the writer ended early: {:?}", child.wait());
 }
 
-/// Checks an array that held `byte_a` everywhere in `[0, len)` and was
-/// then written from `start` by the killed gathering writer: every byte is
-/// A or B, `[start, flushed)` is all B, and every whole unit past the
-/// flushed point (or past `start`) is all A or all B.
-fn check(got: &[u8], start: u64, flushed: Option<u64>, unit: u64) -> usize {
-    for (x, b) in got.iter().enumerate() {
-        let x = x as u64;
-        assert!(*b == byte_a(x) || *b == byte_b(x), "byte {x} is {b}: neither the old nor the new bytes");
-    }
+/// Checks an array that held `byte_a` in `[0, old)` and was then written
+/// from `start` by the killed gathering writer, whose last pass wrote
+/// `last(x)`: every byte is old (A, or zero past `old`), or from a pass (B
+/// or C); `[start, flushed)` is all `last`; and every whole unit past the
+/// flushed point (or past `start`) is entirely one of them, never torn.
+/// Returns how many whole units hold new bytes.
+fn check(got: &[u8], old: u64, start: u64, flushed: Option<u64>, unit: u64, last: fn(u64) -> u8) -> usize {
+    let kind = |x: u64, b: u8| -> u8 {
+        match b {
+            _ if x < old && b == byte_a(x) => 0,
+            0 if x >= old => 0,
+            _ if b == byte_b(x) => 1,
+            _ if b == byte_c(x) => 2,
+            _ => panic!("byte {x} is {b}: neither an old nor a new byte"),
+        }
+    };
     if let Some(f) = flushed {
+        assert!(got.len() as u64 >= f, "the array reads {} bytes; {f} were flushed", got.len());
         for x in start..f {
-            assert_eq!(got[x as usize], byte_b(x), "byte {x} was acknowledged by a flush and lost");
+            assert_eq!(got[x as usize], last(x), "byte {x} was acknowledged by a flush and lost");
         }
     }
     let from = flushed.unwrap_or(start).div_ceil(unit) * unit;
-    let mut b_units = 0;
+    let mut new_units = 0;
     for u in (from..got.len() as u64 / unit * unit).step_by(unit as usize) {
-        let cells = &got[u as usize..(u + unit) as usize];
-        let bs = cells.iter().enumerate().filter(|(i, b)| **b == byte_b(u + *i as u64)).count();
-        assert!(bs == 0 || bs == unit as usize, "unit at {u} is torn: {bs} of {unit} bytes new");
-        b_units += usize::from(bs > 0);
+        let kinds: Vec<u8> = (u..u + unit).map(|x| kind(x, got[x as usize])).collect();
+        assert!(kinds.iter().all(|k| *k == kinds[0]), "unit at {u} is torn: {:?}", {
+            let mut c = [0usize; 3];
+            kinds.iter().for_each(|k| c[*k as usize] += 1);
+            c
+        });
+        new_units += usize::from(kinds[0] > 0);
     }
-    b_units
+    new_units
+}
+
+/// Reads `a` until two reads a moment apart agree: writes the killed
+/// client had already sent may still be landing.
+async fn settled(a: &Array, len: u64) -> Bytes {
+    let mut prev = a.read(0, len).await.unwrap();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = a.read(0, len).await.unwrap();
+        if now == prev {
+            return now;
+        }
+        prev = now;
+    }
+    panic!("the array kept changing after its writer was killed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,30 +281,35 @@ async fn a_killed_client_loses_only_unflushed_bytes_and_tears_no_stripe() {
 
     // Killed before it ever flushed: whole stripes it sent are new, all
     // others old.
-    let mut child = spawn_writer(&cluster, &arrays[0], start, len - 5000, u64::MAX, 1);
+    let mut child = spawn_writer(&cluster, &arrays[0], start, len - 5000, u64::MAX, 1, 1);
     let (flushed, wrote) = follow(&mut child, |_, w| w >= 3 << 20);
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(flushed, None);
-    let got0 = arrays[0].read(0, len).await.unwrap();
-    let sent = check(&got0, start, None, unit);
+    let got0 = settled(&arrays[0], len).await;
+    let sent = check(&got0, len, start, None, unit, byte_b);
+    // At most 8 writes are in flight: of the 12 whole stripes in 3 MiB,
+    // the first had landed before `write` returned for the last.
     assert!(sent >= 1, "no whole stripe landed although {wrote} bytes were written");
 
-    // Killed as soon as a flush returned, while it writes on: every
-    // flushed byte is there.
-    let mut child = spawn_writer(&cluster, &arrays[1], start, len - 5000, 2 << 20, 2);
+    // Two passes (the second overwrites the first), past the old end, and
+    // killed as soon as a flush in the second pass returned: every flushed
+    // byte is the second pass's, and the size covers them.
+    let end = len + 300_000;
+    let mut child = spawn_writer(&cluster, &arrays[1], start, end, len - start + 100_000, 2, 2);
     let (flushed, _) = follow(&mut child, |f, _| f.is_some());
     child.kill().unwrap();
     child.wait().unwrap();
     let flushed = flushed.expect("the writer flushed");
-    let got1 = arrays[1].read(0, len).await.unwrap();
-    check(&got1, start, Some(flushed), unit);
+    assert!(flushed > len);
+    let got1 = settled(&arrays[1], end).await;
+    check(&got1, len, start, Some(flushed), unit, byte_c);
 
     // One server down: the stripes decode from parity to the same bytes
     // (a torn stripe would decode to garbage).
     cluster.servers[5].kill9();
     for (a, got) in arrays.iter().zip([&got0, &got1]) {
-        let again = cont.array_open(a.oid()).await.unwrap().read(0, len).await.unwrap();
+        let again = cont.array_open(a.oid()).await.unwrap().read(0, got.len() as u64).await.unwrap();
         assert!(again == *got, "a degraded read differs from the healthy one");
     }
 }

@@ -17,14 +17,15 @@ use tokio::task::JoinSet;
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
     /// One local server: 4 KiB put/get rates and 1 MiB extent bandwidth,
-    /// with dd's figures for the same disk.
+    /// with the raw disk's figures (fio, or Shoal's O_DIRECT probe).
     Store(StoreArgs),
     /// The benchmark matrix: classes x APIs x I/O sizes x offsets x
-    /// patterns x sharing x client processes (or the checkpoint workload)
+    /// gathering x patterns x sharing x client processes (or the
+    /// checkpoint workload)
     /// on a local cluster or a running one, with bandwidth, IOPS, latency
     /// percentiles, space and CPU per GiB, and the raw disk's figures.
     #[command(alias = "cluster")]
-    Matrix(crate::bench_matrix::MatrixArgs),
+    Matrix(Box<crate::bench_matrix::MatrixArgs>),
     /// One client process of a matrix cell (started by `bench matrix`).
     #[command(hide = true)]
     Worker(crate::bench_matrix::WorkerArgs),
@@ -64,7 +65,7 @@ pub struct StoreArgs {
 pub async fn run(ctx: &crate::Ctx, cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Store(a) => store(a).await,
-        BenchCmd::Matrix(a) => crate::bench_matrix::run(ctx, a).await,
+        BenchCmd::Matrix(a) => crate::bench_matrix::run(ctx, *a).await,
         BenchCmd::Worker(a) => crate::bench_matrix::worker(a).await,
         BenchCmd::Rebuild(a) => crate::bench_rebuild::run(a).await,
         BenchCmd::Failover(a) => crate::bench_failover::run(a).await,
