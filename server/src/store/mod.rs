@@ -498,7 +498,14 @@ impl Writer {
             let (obj, max_only, _) = job.m.shape();
             let mut staged = Vec::new();
             let mut new_maxes = Vec::new();
-            match self.prepare(&job.m, &mut staged, &mut free, &gs, &mut new_maxes) {
+            let pending = self.appender.pending_len();
+            let prepared = self.prepare(&job.m, &mut staged, &mut free, &gs, &mut new_maxes);
+            if prepared.is_err() {
+                // Its large extents are not written at all (nothing will
+                // point at them).
+                self.appender.truncate_pending(pending);
+            }
+            match prepared {
                 Ok(epoch) => {
                     for (cf, k, v) in staged {
                         batch.put_cf(self.db.cf_handle(cf).expect("cf"), k, v);
@@ -568,7 +575,7 @@ impl Writer {
         // fails, the group fails like a failed append: nothing points at
         // those bytes, and the target stays usable.
         if let Err(e) = self.files.write_pending(&mut self.appender) {
-            let err = if e.raw_os_error() == Some(libc::ENOSPC) {
+            let err = if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) {
                 ShoalError::NoSpace(format!("target {}: write to data file: {e}", self.id))
             } else {
                 ShoalError::Io(format!("write to data file: {e}"))
