@@ -233,3 +233,68 @@ fn bench_matrix_refuses_bad_arguments_clearly() {
     let left = Command::new("pgrep").args(["-f", &format!("shoal-server.*{dir}")]).output().unwrap();
     assert!(left.stdout.is_empty(), "servers left running: {}", String::from_utf8_lossy(&left.stdout));
 }
+
+/// `--api posix` writes files on a FUSE mount of a container of its own,
+/// with the cell's class, reads every byte back, and unmounts at the end.
+#[test]
+fn bench_matrix_posix_cells_run_through_a_mount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let args = [
+        "--json",
+        "bench",
+        "matrix",
+        "--dir",
+        dir,
+        "--servers",
+        "3",
+        "--targets",
+        "1",
+        "--classes",
+        "EC_2P1G1,RP_2G1",
+        "--api",
+        "posix",
+        "--sizes",
+        "64KiB",
+        "--offsets",
+        "aligned,unaligned",
+        "--sharing",
+        "private,shared",
+        "--procs",
+        "1,2",
+        "--bytes",
+        "1MiB",
+        "--qd",
+        "2",
+        "--disk",
+        "none",
+    ];
+    let report: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    // 2 classes x 2 offsets x 2 sharings x 2 procs, a write and a read row each.
+    assert_eq!(rows.len(), 2 * 2 * 2 * 2 * 2, "rows");
+    for r in rows {
+        assert_eq!(r["api"], "posix", "{r}");
+        assert_eq!(r["gather"], "-", "{r}");
+        let n = |c: &str| r[c].as_f64().unwrap_or_else(|| panic!("{c} in {r}"));
+        assert!(n("ops") >= 1.0 && n("bytes") == n("ops") * 65536.0 && n("mib_s") > 0.0, "{r}");
+        if r["op"] == "write" {
+            let read_row = rows
+                .iter()
+                .find(|x| x["op"] == "read" && ["class", "offsets", "sharing", "procs"].iter().all(|c| x[c] == r[c]))
+                .unwrap();
+            assert_eq!(read_row["bytes"], r["bytes"], "read back all of {r}");
+            // The files got the cell's class: 64 KiB writes to an RP_2G1
+            // file are stored twice, to an EC_2P1G1 one 1.5x or more.
+            if let Some(stored) = r["stored_per_written"].as_f64() {
+                let min = if r["class"] == "RP_2G1" { 1.5 } else { 1.3 };
+                assert!(stored >= min, "stored {stored} per byte in {r}");
+            }
+        }
+    }
+    // Unmounted, and nothing left running.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(dir), "a mount was left: {mounts}");
+    let left = Command::new("pgrep").args(["-f", &format!("shoal.*{dir}")]).output().unwrap();
+    assert!(left.stdout.is_empty(), "processes left running: {}", String::from_utf8_lossy(&left.stdout));
+}

@@ -65,7 +65,9 @@ pub struct MatrixArgs {
     #[arg(long, value_delimiter = ',', default_value = "S1,RP_3GX,EC_4P2G1")]
     classes: Vec<String>,
     /// APIs: array (byte ranges), kv (one value per key), object (dkeys
-    /// and akeys).
+    /// and akeys), posix (files on a FUSE mount of a container of its own,
+    /// served by a `shoal mount` process whose CPU counts with the
+    /// servers').
     #[arg(long, value_delimiter = ',', value_enum, default_value = "array")]
     api: Vec<Api>,
     /// I/O sizes (value sizes for kv and object).
@@ -127,6 +129,7 @@ pub enum Api {
     Array,
     Kv,
     Object,
+    Posix,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -183,6 +186,9 @@ struct CellSpec {
     duration_ms: u64,
     /// One object (shared) or one per writer, indexed by writer.
     objects: Vec<Oid>,
+    /// Posix cells: the cell's directory on the mount.
+    #[serde(default)]
+    dir: Option<PathBuf>,
 }
 
 impl CellSpec {
@@ -351,6 +357,8 @@ enum Handle {
     Array(Array),
     /// An array written through the client's write-gathering buffer.
     Gathered(ArrayWriter),
+    /// A file on the mount.
+    File(Arc<std::fs::File>),
     Kv(Kv),
     Object(Object),
 }
@@ -375,6 +383,22 @@ impl Share {
                 handles.push(h.clone());
                 continue;
             }
+            if cell.api == Api::Posix {
+                let dir = cell.dir.clone().context("a posix cell without its directory")?;
+                let name = if cell.sharing == Sharing::Shared { "shared".to_string() } else { format!("w{w}") };
+                let path = dir.join(name);
+                let f = tokio::task::spawn_blocking(move || {
+                    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)
+                })
+                .await?
+                .context("open a file on the mount")?;
+                let h = Arc::new(Handle::File(Arc::new(f)));
+                if cell.sharing == Sharing::Shared {
+                    shared = Some(h.clone());
+                }
+                handles.push(h);
+                continue;
+            }
             let oid = match cell.sharing {
                 Sharing::Shared => cell.objects[0],
                 Sharing::Private => *cell.objects.get(w).context("too few objects for the writers")?,
@@ -389,6 +413,7 @@ impl Share {
                 Api::Array => Handle::Array(cont.array_open(oid).await?),
                 Api::Kv => Handle::Kv(cont.kv_open(oid).await?),
                 Api::Object => Handle::Object(cont.object(oid)?),
+                Api::Posix => unreachable!("opened above"),
             });
             if cell.sharing == Sharing::Shared {
                 shared = Some(h.clone());
@@ -430,8 +455,13 @@ impl Share {
                     lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
                 }
                 // Buffered bytes count once they are durable.
-                if let (true, Handle::Gathered(g)) = (write, &*h) {
-                    g.flush().await?;
+                match (write, &*h) {
+                    (true, Handle::Gathered(g)) => g.flush().await?,
+                    (true, Handle::File(f)) => {
+                        let f = f.clone();
+                        tokio::task::spawn_blocking(move || f.sync_data()).await?.context("fsync on the mount")?
+                    }
+                    _ => {}
                 }
                 anyhow::Ok((lane, lat))
             });
@@ -473,6 +503,21 @@ async fn io(h: &Handle, cell: &CellSpec, w: usize, slot: u64, write: bool, paylo
                 ensure!(got == *payload, "array read at {off} returned other bytes than were written");
             }
         }
+        Handle::File(f) => {
+            use std::os::unix::fs::FileExt;
+            let (off, f, payload) = (array_offset(), f.clone(), payload.clone());
+            tokio::task::spawn_blocking(move || {
+                if write {
+                    f.write_all_at(&payload, off).with_context(|| format!("pwrite at {off} on the mount"))
+                } else {
+                    let mut got = vec![0u8; payload.len()];
+                    f.read_exact_at(&mut got, off).with_context(|| format!("pread at {off} on the mount"))?;
+                    ensure!(got == payload, "file read at {off} returned other bytes than were written");
+                    Ok(())
+                }
+            })
+            .await??;
+        }
         Handle::Gathered(g) => {
             let off = array_offset();
             if write {
@@ -512,11 +557,63 @@ struct Target {
     local: Option<LocalCluster>,
     servers: usize,
     targets: u32,
+    /// The mount posix cells write through.
+    mount: Option<Mount>,
+}
+
+/// A FUSE mount of the posix cells' container, served by a `shoal mount`
+/// process; unmounted when dropped.
+struct Mount {
+    path: PathBuf,
+    child: std::process::Child,
+}
+
+impl Mount {
+    async fn start(ms: &[String], target: &str, path: PathBuf) -> anyhow::Result<Mount> {
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        let log = path.with_extension("log");
+        let child = std::process::Command::new(std::env::current_exe().context("own executable")?)
+            .args(["--ms", &ms.join(","), "mount", target])
+            .arg(&path)
+            .arg("--foreground")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?)
+            .spawn()
+            .context("start shoal mount")?;
+        let mut m = Mount { path, child };
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while !crate::mount::is_mounted(&m.path) {
+            if m.child.try_wait()?.is_some() || Instant::now() > give_up {
+                bail!(
+                    "the mount for --api posix did not come up (is /dev/fuse there?): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = crate::mount::umount(crate::mount::UmountArgs::lazy(&self.path));
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Target {
+    /// The local servers, and the mount's serving process.
     fn server_pids(&self) -> Vec<u32> {
-        self.local.as_ref().map(|c| c.servers.iter().filter_map(|s| s.pid()).collect()).unwrap_or_default()
+        let mut pids: Vec<u32> =
+            self.local.as_ref().map(|c| c.servers.iter().filter_map(|s| s.pid()).collect()).unwrap_or_default();
+        pids.extend(self.mount.as_ref().map(|m| m.child.id()));
+        pids
     }
 
     fn servers_cpu(&self) -> f64 {
@@ -565,7 +662,7 @@ pub async fn run(ctx: &Ctx, a: MatrixArgs) -> anyhow::Result<()> {
             let info = p.info();
             let servers = info.map.targets.iter().map(|t| t.rank).collect::<BTreeSet<_>>().len();
             let targets = (info.map.targets.len() / servers.max(1)) as u32;
-            Target { client, pool: p, pool_label: pool.clone(), local: None, servers, targets }
+            Target { client, pool: p, pool_label: pool.clone(), local: None, servers, targets, mount: None }
         }
         None => {
             let cluster = LocalCluster::start(cluster_dir.path(), a.servers, a.targets).await?;
@@ -579,17 +676,34 @@ pub async fn run(ctx: &Ctx, a: MatrixArgs) -> anyhow::Result<()> {
                 local: Some(cluster),
                 servers: a.servers,
                 targets: a.targets,
+                mount: None,
             }
         }
     };
     let cont_label = format!("bench-{}-{}", std::process::id(), now_ns() % 1_000_000);
     target.pool.cont_create(&cont_label, ContProps::default()).await?;
-    let result = matrix(&a, &target, &cont_label).await;
-    // Clean up whatever happened: the container, and a local cluster.
-    if let Err(e) = target.pool.cont_destroy(&cont_label).await {
-        eprintln!("warning: could not destroy container {cont_label}: {e}");
-    }
     let mut target = target;
+    // Posix cells: files in a container of their own, mounted here.
+    let posix_label = format!("{cont_label}-posix");
+    let posix = a.workload == Workload::Matrix && a.api.contains(&Api::Posix);
+    let result = async {
+        if posix {
+            target.pool.cont_create(&posix_label, ContProps::default()).await?;
+            let mnt = cluster_dir.path().join("mnt");
+            let t = format!("{}/{posix_label}", target.pool_label);
+            target.mount = Some(Mount::start(&target.client.ms_addrs(), &t, mnt).await?);
+        }
+        matrix(&a, &target, &cont_label).await
+    }
+    .await;
+    // Clean up whatever happened: the mount, the containers, and a local
+    // cluster.
+    drop(target.mount.take());
+    for label in [Some(&cont_label), posix.then_some(&posix_label)].into_iter().flatten() {
+        if let Err(e) = target.pool.cont_destroy(label).await {
+            eprintln!("warning: could not destroy container {label}: {e}");
+        }
+    }
     if let Some(c) = target.local.as_mut() {
         for s in c.servers.iter_mut() {
             s.terminate().ok();
@@ -641,6 +755,7 @@ fn cells(a: &MatrixArgs, classes: &[ObjectClass]) -> Vec<CellSpec> {
         ops_per_writer: (a.bytes / size / (procs * a.qd) as u64).max(1),
         duration_ms: a.duration.as_millis() as u64,
         objects: Vec::new(),
+        dir: None,
     };
     for class in classes {
         if a.workload == Workload::Checkpoint {
@@ -656,8 +771,8 @@ fn cells(a: &MatrixArgs, classes: &[ObjectClass]) -> Vec<CellSpec> {
         for &api in &a.api {
             for &size in &a.sizes {
                 for &offsets in &a.offsets {
-                    // Offsets only mean something for arrays.
-                    if api != Api::Array && offsets == Offsets::Unaligned {
+                    // Offsets only mean something for arrays and files.
+                    if !matches!(api, Api::Array | Api::Posix) && offsets == Offsets::Unaligned {
                         continue;
                     }
                     // Gathering only means something for arrays.
@@ -706,13 +821,27 @@ async fn matrix(a: &MatrixArgs, target: &Target, cont_label: &str) -> anyhow::Re
     for mut cell in cells {
         pb.set_message(cell.label());
         let class: ObjectClass = cell.class.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let n = if cell.sharing == Sharing::Shared { 1 } else { cell.writers() };
+        let n = match (cell.api, cell.sharing) {
+            (Api::Posix, _) => 0,
+            (_, Sharing::Shared) => 1,
+            _ => cell.writers(),
+        };
+        if cell.api == Api::Posix {
+            // A directory per cell, whose files get the cell's class.
+            let dir =
+                target.mount.as_ref().context("no mount for a posix cell")?.path.join(format!("cell-{}", rows.len()));
+            let class_name = cell.class.clone();
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || make_cell_dir(&d, &class_name)).await??;
+            cell.dir = Some(dir);
+        }
         let mut handles = Vec::with_capacity(n);
         for _ in 0..n {
             handles.push(match cell.api {
                 Api::Array => Handle::Array(cont.array_create(Some(class), None).await?),
                 Api::Kv => Handle::Kv(cont.kv_create(Some(class)).await?),
                 Api::Object => Handle::Object(cont.object(cont.alloc_oid(ObjType::Multi, Some(class)).await?)?),
+                Api::Posix => unreachable!("no handles"),
             });
         }
         cell.objects = handles
@@ -722,6 +851,7 @@ async fn matrix(a: &MatrixArgs, target: &Target, cont_label: &str) -> anyhow::Re
                 Handle::Gathered(x) => x.array().oid(),
                 Handle::Kv(x) => x.oid(),
                 Handle::Object(x) => x.oid(),
+                Handle::File(_) => unreachable!("no file handles here"),
             })
             .collect();
         target.settle().await;
@@ -737,11 +867,31 @@ async fn matrix(a: &MatrixArgs, target: &Target, cont_label: &str) -> anyhow::Re
                 Handle::Gathered(x) => x.array().destroy().await.map(|_| ())?,
                 Handle::Kv(x) => x.object().punch().await.map(|_| ())?,
                 Handle::Object(x) => x.punch().await.map(|_| ())?,
+                Handle::File(_) => {}
             }
+        }
+        if let Some(d) = cell.dir.clone() {
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&d)).await?.context("remove a cell's files")?;
         }
     }
     pb.finish_and_clear();
     Ok(rows)
+}
+
+/// Makes a posix cell's directory on the mount; files created in it get
+/// object class `class` (the directory's `user.shoal.oclass`).
+fn make_cell_dir(dir: &Path, class: &str) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::create_dir(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(shoal_client::fs::XATTR_OCLASS)?;
+    // SAFETY: setxattr(2) with NUL-terminated strings and a buffer of the
+    // length given.
+    let r = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), class.as_ptr().cast(), class.len(), 0) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("set the class of {}", dir.display()));
+    }
+    Ok(())
 }
 
 /// A phase's figures from every process, with the servers' CPU time.
