@@ -50,6 +50,7 @@ use shoal_common::oclass::{make_oid, oid_type, ObjType, ObjectClass};
 use shoal_common::{ErrorKind, Oid, ShoalError, EPOCH_MAX};
 
 use crate::ec_write::{StripeLock, STRIPE_LOCK_LEASE};
+use crate::writeback::{ArrayWriter, WriteBack};
 use crate::{Array, Container, Object, Pool};
 
 mod lock;
@@ -386,6 +387,10 @@ struct FsInner {
     mount_id: u128,
     /// Open arrays, so a write does not fetch the chunk size again.
     arrays: Mutex<std::collections::HashMap<Oid, Array>>,
+    /// Write gathering, when turned on ([`Fs::gather_writes`]): its limits,
+    /// and the writer of each file written since it was last closed.
+    gather: std::sync::OnceLock<WriteBack>,
+    writers: Mutex<std::collections::HashMap<Oid, Arc<ArrayWriter>>>,
     /// The heartbeat task and the lock renewal task.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The heartbeat last seen of each other mount, and since when it has
@@ -472,6 +477,8 @@ impl Fs {
                 meta_class,
                 mount_id: rand::random(),
                 arrays: Mutex::default(),
+                gather: std::sync::OnceLock::new(),
+                writers: Mutex::default(),
                 tasks: Mutex::default(),
                 file_locks: Mutex::default(),
                 seen: Mutex::default(),
@@ -781,6 +788,8 @@ impl Fs {
         let (obj, dkey) = self.node(oid)?;
         let now = now_ns();
         if let Some(size) = set.size {
+            // Buffered writes land before the size changes under them.
+            self.flush_file(oid).await?;
             let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
             let r: FsResult<_> = locks
                 .hold(async {
@@ -1333,9 +1342,55 @@ impl Fs {
             .await
     }
 
+    /// Turns on write gathering for this handle (the FUSE mount does):
+    /// file writes go through an [`ArrayWriter`] per file, which sends
+    /// whole stripes as they fill, so unaligned and small writes pay no
+    /// read-modify-write. Buffered bytes are durable once
+    /// [`Fs::flush_file`] (close, fsync) returns; a size change or
+    /// fallocate flushes first; reads through this handle see them at
+    /// once, other clients after the flush (close-to-open consistency).
+    pub fn gather_writes(&self, cfg: WriteBack) {
+        let _ = self.inner.gather.set(cfg);
+    }
+
+    fn writer_of(&self, oid: Oid) -> Option<Arc<ArrayWriter>> {
+        self.inner.writers.lock().expect("writers").get(&oid).cloned()
+    }
+
+    /// Makes the buffered writes of file `oid` durable (with write
+    /// gathering on; otherwise every write is durable already). A failed
+    /// background write is reported here, as `close` and `fsync` report a
+    /// writeback error.
+    pub async fn flush_file(&self, oid: Oid) -> FsResult<()> {
+        match self.writer_of(oid) {
+            Some(w) => Ok(w.flush().await?),
+            None => Ok(()),
+        }
+    }
+
+    /// The last handle of file `oid` closed: flushes its buffered writes
+    /// and, if nothing else uses its writer, lets it go.
+    pub async fn close_file(&self, oid: Oid) -> FsResult<()> {
+        let Some(w) = self.writer_of(oid) else { return Ok(()) };
+        let r = w.flush().await;
+        let mut writers = self.inner.writers.lock().expect("writers");
+        // Ours and the table's: no write in progress holds it.
+        if r.is_ok() && Arc::strong_count(&w) == 2 && w.is_idle() {
+            writers.remove(&oid);
+        }
+        Ok(r?)
+    }
+
     /// Reads up to `len` bytes of file `oid` at `offset` (short at the end
     /// of the file).
     pub async fn read(&self, oid: Oid, offset: u64, len: u64) -> FsResult<Bytes> {
+        if let Some(w) = self.writer_of(oid) {
+            let size = self.size(oid).await?;
+            if offset >= size {
+                return Ok(Bytes::new());
+            }
+            return Ok(w.read_at(offset, len.min(size - offset)).await?);
+        }
         let Some(a) = self.data(oid).await? else {
             // No data written yet: the size alone (from truncate or
             // fallocate) reads as zeros.
@@ -1361,6 +1416,9 @@ impl Fs {
     /// given): no size request, so one round trip. Bytes past the end read
     /// as zeros.
     pub async fn read_known_size(&self, oid: Oid, offset: u64, len: u64) -> FsResult<Bytes> {
+        if let Some(w) = self.writer_of(oid) {
+            return Ok(w.read_at(offset, len).await?);
+        }
         match self.data(oid).await? {
             Some(a) => Ok(a.read_at(offset, len).await?),
             None => Ok(Bytes::from(vec![0u8; len as usize])),
@@ -1368,7 +1426,8 @@ impl Fs {
     }
 
     /// Writes `data` at `offset` of file `oid` and stamps its mtime and
-    /// ctime. Durable when it returns.
+    /// ctime. Durable when it returns, unless write gathering is on
+    /// ([`Fs::gather_writes`]): then durable by the next [`Fs::flush_file`].
     pub async fn write(&self, oid: Oid, offset: u64, data: Bytes) -> FsResult<u64> {
         let n = data.len() as u64;
         let end = offset.checked_add(n).ok_or_else(|| posix(libc::EFBIG, "a write past 2^64"))?;
@@ -1381,8 +1440,24 @@ impl Fs {
         ];
         let inode = self.node(oid)?.0;
         // The size only after the bytes: a failed write does not grow the
-        // file.
-        a.write(offset, data).await?;
+        // file. (Gathered, the bytes are buffered here and reach the
+        // servers by the next flush at the latest.)
+        match self.inner.gather.get() {
+            Some(cfg) => {
+                let w = self
+                    .inner
+                    .writers
+                    .lock()
+                    .expect("writers")
+                    .entry(oid)
+                    .or_insert_with(|| Arc::new(a.writer(*cfg)))
+                    .clone();
+                w.write(offset, data).await?;
+            }
+            None => {
+                a.write(offset, data).await?;
+            }
+        }
         inode.update_values(OBJ_DKEY, &stamp).await?;
         Ok(n)
     }
@@ -1418,6 +1493,8 @@ impl Fs {
         if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 && !keep {
             return Err(posix(libc::EINVAL, "FALLOC_FL_PUNCH_HOLE needs FALLOC_FL_KEEP_SIZE"));
         }
+        // Buffered writes land before the range is zeroed.
+        self.flush_file(oid).await?;
         if mode & zero != 0 {
             let size = self.size(oid).await?;
             let stop = if keep { end.min(size) } else { end };
@@ -1436,9 +1513,11 @@ impl Fs {
         Ok(())
     }
 
-    /// Makes what was written to file `oid` durable. Every write is durable
-    /// when it returns already, so this checks only that the file exists.
+    /// Makes what was written to file `oid` durable: flushes its gathered
+    /// writes (without gathering every write is durable when it returns
+    /// already) and checks that the file exists.
     pub async fn fsync(&self, oid: Oid) -> FsResult<()> {
+        self.flush_file(oid).await?;
         self.getattr(oid).await.map(|_| ())
     }
 
@@ -1558,6 +1637,11 @@ impl Fs {
     /// object if it has no names left, and drops it from the orphan list.
     pub async fn reclaim(&self, oid: Oid) -> FsResult<()> {
         let (obj, _) = self.node(oid)?;
+        // Nothing buffered may land in the array once it is punched.
+        let w = self.inner.writers.lock().expect("writers").remove(&oid);
+        if let Some(w) = w {
+            let _ = w.flush().await;
+        }
         match self.record(oid).await {
             Ok(rec) if rec.nlink == 0 => {
                 if let Some(d) = rec.data {

@@ -44,6 +44,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// Largest write the kernel sends at once.
     pub max_write: u32,
+    /// Gather file writes into whole stripes on the client
+    /// ([`Fs::gather_writes`]); durable at close and fsync.
+    pub gather: bool,
 }
 
 impl Default for MountOptions {
@@ -55,6 +58,7 @@ impl Default for MountOptions {
             allow_other: false,
             threads: 4,
             max_write: 1 << 20,
+            gather: true,
         }
     }
 }
@@ -132,6 +136,15 @@ pub struct ShoalFuse {
 impl ShoalFuse {
     /// Serves `fs`, running its calls on `rt`.
     pub fn new(fs: Fs, rt: Handle, opts: MountOptions) -> ShoalFuse {
+        if opts.gather {
+            // Small: a mount may have many files open; the age limit keeps
+            // what sits in the buffer short-lived.
+            fs.gather_writes(crate::WriteBack {
+                max_dirty: 16 << 20,
+                max_age: Duration::from_secs(1),
+                max_in_flight: 8,
+            });
+        }
         ShoalFuse {
             st: Arc::new(State {
                 fs,
@@ -297,17 +310,23 @@ impl State {
 
     async fn closed(&self, fh: u64) {
         let Some(f) = self.files.lock().expect("files").remove(&fh) else { return };
-        let free = {
+        let (last, free) = {
             let mut open = self.open.lock().expect("open");
             match open.get_mut(&f.oid) {
-                Some(o) if o.0 <= 1 => open.remove(&f.oid).is_some_and(|o| o.1),
+                Some(o) if o.0 <= 1 => (true, open.remove(&f.oid).is_some_and(|o| o.1)),
                 Some(o) => {
                     o.0 -= 1;
-                    false
+                    (false, false)
                 }
-                None => false,
+                None => (true, false),
             }
         };
+        if last {
+            // The close itself (FUSE flush) reported any error already.
+            if let Err(e) = self.fs.close_file(f.oid).await {
+                tracing::warn!("writing the buffered bytes of {} at its last close failed: {e}", f.oid);
+            }
+        }
         if free {
             if let Err(e) = self.fs.reclaim(f.oid).await {
                 tracing::warn!("freeing unlinked inode {} failed (`shoal fs check` frees it later): {e}", f.oid);
@@ -579,9 +598,21 @@ impl Filesystem for ShoalFuse {
     }
 
     fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        // A close drops the record locks of the closing process (POSIX:
-        // of any descriptor of the file).
-        self.run(|st| async move { done(reply, async { st.fs.unlock_owner(st.oid(ino)?, lock_owner.0).await }.await) });
+        // A close makes the file's gathered writes durable (and reports a
+        // failed one, as close(2) does) and drops the record locks of the
+        // closing process (POSIX: of any descriptor of the file).
+        self.run(|st| async move {
+            done(
+                reply,
+                async {
+                    let oid = st.oid(ino)?;
+                    let flushed = st.fs.flush_file(oid).await;
+                    st.fs.unlock_owner(oid, lock_owner.0).await?;
+                    flushed
+                }
+                .await,
+            )
+        });
     }
 
     fn getlk(

@@ -479,6 +479,23 @@ impl ArrayWriter {
     /// Reads up to `len` bytes at `offset` as this writer sees them: the
     /// servers' bytes under its own unflushed and in-flight writes.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_overlaid(offset, len, true).await
+    }
+
+    /// Reads exactly `len` bytes at `offset` as this writer sees them,
+    /// whatever the size (bytes never written read as zeros): for callers
+    /// that keep the size themselves, as a file system does.
+    pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        self.read_overlaid(offset, len, false).await
+    }
+
+    /// Whether nothing is buffered or in flight.
+    pub fn is_idle(&self) -> bool {
+        let st = self.inner.state();
+        st.dirty.is_empty() && st.flights.is_empty()
+    }
+
+    async fn read_overlaid(&self, offset: u64, len: u64, clamp: bool) -> Result<Bytes> {
         let want = offset..offset.saturating_add(len);
         // Taken before the servers are read: a flight that lands during
         // the read is then applied either way.
@@ -501,11 +518,13 @@ impl ArrayWriter {
         };
         // Wholly the writer's own bytes: no need to ask the servers (which
         // may be the ones down).
-        let base = if end >= want.end && covers(&overlay, &want) {
+        let base = if (end >= want.end || !clamp) && covers(&overlay, &want) {
             Bytes::from(vec![0u8; (want.end - want.start) as usize])
-        } else {
+        } else if clamp {
             let size = self.inner.array.size().await?.max(end);
             self.inner.array.read_upto(offset, len, size).await?
+        } else {
+            self.inner.array.read_at(offset, len).await?
         };
         if overlay.is_empty() || base.is_empty() {
             return Ok(base);

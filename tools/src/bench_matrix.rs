@@ -428,6 +428,17 @@ impl Share {
 
     /// Runs the write (or read) phase of this process's writers.
     async fn phase(&mut self, write: bool) -> anyhow::Result<PhaseResult> {
+        if !write {
+            // Files are read back from the servers, not from the kernel's
+            // page cache that the writes filled.
+            for h in &self.handles {
+                if let Handle::File(f) = &**h {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: posix_fadvise(2) on an open descriptor.
+                    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                }
+            }
+        }
         let cpu0 = self_cpu();
         let start_ns = now_ns();
         let deadline = Instant::now() + Duration::from_millis(self.cell.duration_ms);
