@@ -1373,9 +1373,15 @@ impl Fs {
     pub async fn close_file(&self, oid: Oid) -> FsResult<()> {
         let Some(w) = self.writer_of(oid) else { return Ok(()) };
         let r = w.flush().await;
+        if r.is_err() {
+            // Reported (by this close, or the FUSE flush before it): the
+            // bytes are dropped, as a local file system drops pages whose
+            // writeback failed, rather than retried forever.
+            w.discard().await;
+        }
         let mut writers = self.inner.writers.lock().expect("writers");
         // Ours and the table's: no write in progress holds it.
-        if r.is_ok() && Arc::strong_count(&w) == 2 && w.is_idle() {
+        if Arc::strong_count(&w) == 2 && w.is_idle() {
             writers.remove(&oid);
         }
         Ok(r?)
@@ -1640,7 +1646,9 @@ impl Fs {
         // Nothing buffered may land in the array once it is punched.
         let w = self.inner.writers.lock().expect("writers").remove(&oid);
         if let Some(w) = w {
-            let _ = w.flush().await;
+            // The file is gone: its buffered bytes are not written, and
+            // nothing in flight may land after the punch.
+            w.discard().await;
         }
         match self.record(oid).await {
             Ok(rec) if rec.nlink == 0 => {

@@ -45,7 +45,8 @@ pub struct MountOptions {
     /// Largest write the kernel sends at once.
     pub max_write: u32,
     /// Gather file writes into whole stripes on the client
-    /// ([`Fs::gather_writes`]); durable at close and fsync.
+    /// ([`Fs::gather_writes`]); durable at close and fsync. Off by default
+    /// (see docs/posix.md for what it does not handle yet).
     pub gather: bool,
 }
 
@@ -58,7 +59,7 @@ impl Default for MountOptions {
             allow_other: false,
             threads: 4,
             max_write: 1 << 20,
-            gather: true,
+            gather: false,
         }
     }
 }
@@ -321,7 +322,7 @@ impl State {
                 None => (true, false),
             }
         };
-        if last {
+        if last && !free {
             // The close itself (FUSE flush) reported any error already.
             if let Err(e) = self.fs.close_file(f.oid).await {
                 tracing::warn!("writing the buffered bytes of {} at its last close failed: {e}", f.oid);

@@ -331,10 +331,12 @@ impl Inner {
         // Also flights of older bytes started by others (the age keeper, a
         // concurrent flush), and failed bytes sent again meanwhile.
         self.wait_until(|st| !st.flights.values().any(|f| f.gen < start)).await;
-        let st = self.state();
+        let mut st = self.state();
         // Older bytes still buffered are failed writes put back.
         let failed: u64 = st.dirty.values().filter(|r| r.gen < start).map(|r| r.data.len() as u64).sum();
         if failed == 0 {
+            // What failed before is durable now: nothing left to report.
+            st.error = None;
             return Ok(());
         }
         // The cause as it was (ENOSPC stays ENOSPC for a file system).
@@ -487,6 +489,19 @@ impl ArrayWriter {
     /// that keep the size themselves, as a file system does.
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         self.read_overlaid(offset, len, false).await
+    }
+
+    /// Drops every buffered byte and waits until nothing is in flight
+    /// (for a file that is gone, or whose failed bytes were reported).
+    pub async fn discard(&self) {
+        {
+            let mut st = self.inner.state();
+            st.take_all();
+            st.error = None;
+        }
+        self.inner.wait_until(|st| st.flights.is_empty()).await;
+        // Failed flights put their bytes back meanwhile: drop those too.
+        self.inner.state().take_all();
     }
 
     /// Whether nothing is buffered or in flight.

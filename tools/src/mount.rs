@@ -50,11 +50,11 @@ pub struct MountArgs {
     /// How far the kernel reads ahead of a sequential reader.
     #[arg(long, default_value = "4MiB", value_parser = out::parse_size)]
     readahead: u64,
-    /// Send every write to the servers as it comes (durable when it
-    /// returns) instead of gathering writes into whole stripes until
-    /// close or fsync.
+    /// Gather each file's writes on the client into whole stripes, durable
+    /// at close or fsync (experimental: see docs/posix.md). Without it
+    /// every write is durable when it returns.
     #[arg(long)]
-    no_gather: bool,
+    gather: bool,
 }
 
 #[derive(Debug, Args)]
@@ -173,7 +173,7 @@ pub async fn mount(ctx: &Ctx, a: MountArgs) -> anyhow::Result<()> {
         writeback_cache: a.writeback_cache,
         allow_other: a.allow_other,
         threads: a.threads,
-        gather: !a.no_gather,
+        gather: a.gather,
         ..MountOptions::default()
     };
     let config = shoal_client::fuse::config(&opts, &a.target);
