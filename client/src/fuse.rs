@@ -692,7 +692,8 @@ impl Filesystem for ShoalFuse {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Every write was durable on all its shards when it was answered.
+        // Without --gather every write was durable on all its shards when it
+        // was answered; with it, this flushes the file's buffered writes.
         self.run(|st| async move { done(reply, async { st.fs.fsync(st.oid(ino)?).await }.await) });
     }
 
