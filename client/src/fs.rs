@@ -50,7 +50,7 @@ use shoal_common::oclass::{make_oid, oid_type, ObjType, ObjectClass};
 use shoal_common::{ErrorKind, Oid, ShoalError, EPOCH_MAX};
 
 use crate::ec_write::{StripeLock, STRIPE_LOCK_LEASE};
-use crate::writeback::{ArrayWriter, WriteBack};
+use crate::writeback::{ArrayWriter, LandedHook, WriteBack};
 use crate::{Array, Container, Object, Pool};
 
 mod lock;
@@ -69,6 +69,39 @@ const XATTR_TOTAL_MAX: usize = 256 << 10;
 pub const XATTR_OCLASS: &str = "user.shoal.oclass";
 pub const XATTR_CHUNK: &str = "user.shoal.chunk_size";
 
+/// With write gathering on ([`Fs::gather_writes`]), all the files of one
+/// handle together hold at most this many times one file's `max_dirty`
+/// buffered; past it a write waits for its own file's buffered bytes to be
+/// written.
+pub const DIRTY_FILES_MAX: u64 = 16;
+
+/// The landing hook of a gathering file writer: raises the file's size
+/// (kept in inode object `inode`) past the bytes that just landed.
+fn size_raiser(inode: Object) -> LandedHook {
+    Arc::new(move |end: u64| {
+        let inode = inode.clone();
+        Box::pin(async move {
+            inode
+                .update_values(OBJ_DKEY, &[(SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes()))])
+                .await
+                .map(|_| ())
+        })
+    })
+}
+
+/// A file of size `old` grows to `new`: bytes its array holds past `old`
+/// (a write that landed but whose client died before raising the size, or
+/// one that raced a truncate) must not reappear, so they are zeroed.
+async fn zero_past_end(a: &Array, old: u64, new: u64) -> FsResult<()> {
+    if new > old {
+        let stale = a.size().await?.min(new);
+        if stale > old {
+            a.punch(old, stale - old).await?;
+        }
+    }
+    Ok(())
+}
+
 const SB_SEQ: u128 = 2;
 const ROOT_SEQ: u128 = 3;
 const ORPHANS_SEQ: u128 = 4;
@@ -85,6 +118,13 @@ const CTIME: &[u8] = b"ctime";
 const SIZE: &[u8] = b"size";
 const ENTRY: &[u8] = b"e";
 const OWNER: &[u8] = b"owner";
+/// Akey prefix of an inode's open marks: `open.` and a mount's id, while
+/// that mount has the inode open.
+const OPEN_MARK: &[u8] = b"open.";
+
+fn open_mark(mount: u128) -> Vec<u8> {
+    [OPEN_MARK, &mount.to_le_bytes()[..]].concat()
+}
 /// Lock numbers (stripes of the inode dkey): the order they are taken in.
 const RENAME_LOCK: u64 = 0;
 const ENTRIES_LOCK: u64 = 1;
@@ -333,6 +373,8 @@ pub struct StatFs {
 /// A file's layout, for `shoal fs get-attr`.
 #[derive(Clone, Debug)]
 pub struct FileLayout {
+    /// The array object that holds the file's bytes.
+    pub array: Oid,
     pub class: ObjectClass,
     pub chunk_size: u64,
     /// The servers (ranks) that hold the file's shards.
@@ -398,6 +440,16 @@ struct FsInner {
     seen: Mutex<std::collections::HashMap<u128, (Bytes, tokio::time::Instant)>>,
     /// Owners that may hold file locks, per inode (see [`lock`]).
     file_locks: Mutex<std::collections::HashMap<Oid, lock::Owners>>,
+    /// Inodes open through this handle ([`Fs::open_file`]).
+    opens: Mutex<std::collections::HashMap<Oid, Open>>,
+}
+
+/// An inode open through one handle: how many times, and whether its open
+/// mark is on the servers (changed by one task at a time, under the
+/// async lock).
+struct Open {
+    count: u32,
+    marked: Arc<tokio::sync::Mutex<bool>>,
 }
 
 impl Drop for FsInner {
@@ -482,6 +534,7 @@ impl Fs {
                 tasks: Mutex::default(),
                 file_locks: Mutex::default(),
                 seen: Mutex::default(),
+                opens: Mutex::default(),
             }),
         };
         match fs.inner.sb.fetch_single(SB_DKEY, b"magic", EPOCH_MAX).await? {
@@ -679,9 +732,18 @@ impl Fs {
     }
 
     /// A file's size, as its inode keeps it.
+    /// The size of file `oid` as this handle sees it: the servers' size,
+    /// or the end of its own buffered writes if that is further.
     async fn size(&self, oid: Oid) -> FsResult<u64> {
         let v = self.node(oid)?.0.fetch_single(OBJ_DKEY, SIZE, EPOCH_MAX).await?;
-        Ok(v.as_deref().and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes))
+        let size = v.as_deref().and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
+        Ok(size.max(self.pending_end(oid)))
+    }
+
+    /// The end of the bytes buffered (or in flight) for file `oid` on this
+    /// handle: the servers' size is raised past them only as they land.
+    fn pending_end(&self, oid: Oid) -> u64 {
+        self.writer_of(oid).map_or(0, |w| w.pending_end())
     }
 
     async fn entry(&self, dir: &Object, name: &[u8]) -> FsResult<Option<Entry>> {
@@ -772,9 +834,12 @@ impl Fs {
             None => return Err(posix(libc::ENOENT, format!("inode {oid} does not exist (removed?)"))),
         };
         let size = match rec.kind {
-            Kind::File => {
-                v.get(4).and_then(|b| b.as_deref()).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
-            }
+            Kind::File => v
+                .get(4)
+                .and_then(|b| b.as_deref())
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+                .max(self.pending_end(oid)),
             Kind::Dir => 4096,
             Kind::Symlink => rec.target.as_ref().map_or(0, |t| t.len() as u64),
             _ => 0,
@@ -793,8 +858,10 @@ impl Fs {
             let locks = self.lock(vec![(INODE_LOCK, oid)]).await?;
             let r: FsResult<_> = locks
                 .hold(async {
-                    let rec = self.record(oid).await?;
+                    let (rec, old) = futures::join!(self.record(oid), self.size(oid));
+                    let (rec, old) = (rec?, old?);
                     if let Some(a) = self.data_of(oid, &rec).await? {
+                        zero_past_end(&a, old, size).await?;
                         a.set_size(size).await?;
                     }
                     obj.update_single(dkey, SIZE, Bytes::copy_from_slice(&size.to_le_bytes())).await?;
@@ -1353,6 +1420,11 @@ impl Fs {
         let _ = self.inner.gather.set(cfg);
     }
 
+    /// Bytes buffered by write gathering and not yet sent, over all files.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.inner.writers.lock().expect("writers").values().map(|w| w.dirty_bytes()).sum()
+    }
+
     fn writer_of(&self, oid: Oid) -> Option<Arc<ArrayWriter>> {
         self.inner.writers.lock().expect("writers").get(&oid).cloned()
     }
@@ -1435,37 +1507,54 @@ impl Fs {
     /// ctime. Durable when it returns, unless write gathering is on
     /// ([`Fs::gather_writes`]): then durable by the next [`Fs::flush_file`].
     pub async fn write(&self, oid: Oid, offset: u64, data: Bytes) -> FsResult<u64> {
+        self.write_as(oid, offset, data, self.inner.gather.get().copied()).await
+    }
+
+    async fn write_as(&self, oid: Oid, offset: u64, data: Bytes, gather: Option<WriteBack>) -> FsResult<u64> {
         let n = data.len() as u64;
         let end = offset.checked_add(n).ok_or_else(|| posix(libc::EFBIG, "a write past 2^64"))?;
         let a = self.data_for_write(oid, end).await?;
         let now = ns(now_ns());
-        let stamp = [
-            (MTIME, ValueKind::Single, now.clone()),
-            (CTIME, ValueKind::Single, now),
-            (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
-        ];
+        let mut stamp = vec![(MTIME, ValueKind::Single, now.clone()), (CTIME, ValueKind::Single, now)];
         let inode = self.node(oid)?.0;
         // The size only after the bytes: a failed write does not grow the
-        // file. (Gathered, the bytes are buffered here and reach the
-        // servers by the next flush at the latest.)
-        match self.inner.gather.get() {
+        // file, and no other client sees a size that covers bytes not yet
+        // on the servers. Gathered, the bytes are buffered here and each
+        // background write raises the size as it lands (by the next flush
+        // at the latest).
+        match gather {
             Some(cfg) => {
-                let w = self
-                    .inner
-                    .writers
-                    .lock()
-                    .expect("writers")
-                    .entry(oid)
-                    .or_insert_with(|| Arc::new(a.writer(*cfg)))
-                    .clone();
+                let w = self.inner.writers.lock().expect("writers").get(&oid).cloned();
+                let w = match w {
+                    Some(w) => w,
+                    None => {
+                        let hook = size_raiser(inode.clone());
+                        let w = Arc::new(a.writer_with_hook(cfg, Some(hook)));
+                        self.inner.writers.lock().expect("writers").entry(oid).or_insert(w).clone()
+                    }
+                };
                 w.write(offset, data).await?;
+                self.limit_dirty(&w).await;
             }
             None => {
                 a.write(offset, data).await?;
+                stamp.push((SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())));
             }
         }
         inode.update_values(OBJ_DKEY, &stamp).await?;
         Ok(n)
+    }
+
+    /// Keeps the bytes buffered by all of this handle's writers under
+    /// [`DIRTY_FILES_MAX`] times one file's limit: past it, the writer just
+    /// written to sends what it holds and waits until it is durable.
+    async fn limit_dirty(&self, w: &ArrayWriter) {
+        let max = self.inner.gather.get().map_or(0, |c| c.max_dirty.saturating_mul(DIRTY_FILES_MAX));
+        if self.dirty_bytes() > max {
+            // This write's bytes are taken already: a failure is kept by
+            // the writer and reported by its next write, fsync or close.
+            let _ = w.flush().await;
+        }
     }
 
     /// Appends `data` to file `oid` at its size, under the file's append
@@ -1475,8 +1564,10 @@ impl Fs {
         let locks = self.lock(vec![(APPEND_LOCK, oid)]).await?;
         let r: FsResult<_> = locks
             .hold(async {
+                // Not gathered: the next append, from any client, must find
+                // the size past these bytes.
                 let at = self.size(oid).await?;
-                self.write(oid, at, data).await?;
+                self.write_as(oid, at, data, None).await?;
                 Ok::<_, FsError>(at)
             })
             .await;
@@ -1509,6 +1600,10 @@ impl Fs {
             }
         } else if self.record(oid).await?.kind != Kind::File {
             return Err(posix(libc::ENODEV, "fallocate works on regular files"));
+        } else if !keep {
+            if let Some(a) = self.data(oid).await? {
+                zero_past_end(&a, self.size(oid).await?, end).await?;
+            }
         }
         let now = ns(now_ns());
         let mut stamp = vec![(MTIME, ValueKind::Single, now.clone()), (CTIME, ValueKind::Single, now)];
@@ -1629,7 +1724,93 @@ impl Fs {
         let mut ranks: Vec<u32> = layout.groups.iter().flatten().map(|s| s.rank).collect();
         ranks.sort_unstable();
         ranks.dedup();
-        Ok(Some(FileLayout { class: a.object().class(), chunk_size: a.chunk_size(), ranks }))
+        Ok(Some(FileLayout { array: a.oid(), class: a.object().class(), chunk_size: a.chunk_size(), ranks }))
+    }
+
+    /// Counts file `oid` open through this handle (a FUSE open or
+    /// create). While any mount has an inode open, removing its last name
+    /// does not free it ([`Fs::reclaim`] leaves it in the orphan list): the
+    /// first open through a handle marks the inode on the servers, the
+    /// last [`Fs::release_file`] removes the mark. If the mark cannot be
+    /// written the open still succeeds (logged): only another mount's
+    /// unlink could then free the file under it.
+    pub async fn open_file(&self, oid: Oid) {
+        let marked = {
+            let mut opens = self.inner.opens.lock().expect("opens");
+            let o = opens.entry(oid).or_insert_with(|| Open { count: 0, marked: Arc::default() });
+            o.count += 1;
+            o.marked.clone()
+        };
+        self.sync_open_mark(oid, &marked).await;
+    }
+
+    /// One open of file `oid` through this handle ended. After the last,
+    /// its open mark goes, and if the inode has no names left and no other
+    /// mount has it open, it is freed ([`Fs::reclaim`]).
+    pub async fn release_file(&self, oid: Oid) -> FsResult<()> {
+        let marked = {
+            let mut opens = self.inner.opens.lock().expect("opens");
+            let Some(o) = opens.get_mut(&oid) else { return Ok(()) };
+            o.count = o.count.saturating_sub(1);
+            if o.count > 0 {
+                return Ok(());
+            }
+            o.marked.clone()
+        };
+        self.sync_open_mark(oid, &marked).await;
+        if self.is_open(oid) {
+            return Ok(());
+        }
+        match self.record(oid).await {
+            Ok(rec) if rec.nlink == 0 => self.reclaim(oid).await.map(|_| ()),
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == libc::ENOENT => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn is_open(&self, oid: Oid) -> bool {
+        self.inner.opens.lock().expect("opens").get(&oid).is_some_and(|o| o.count > 0)
+    }
+
+    /// Brings inode `oid`'s open mark in line with its open count here,
+    /// one change at a time; forgets the inode once closed and unmarked.
+    async fn sync_open_mark(&self, oid: Oid, marked: &Arc<tokio::sync::Mutex<bool>>) {
+        let mut is = marked.lock().await;
+        let Ok((obj, dkey)) = self.node(oid) else { return };
+        let mark = open_mark(self.inner.mount_id);
+        loop {
+            let want = self.is_open(oid);
+            if *is == want {
+                break;
+            }
+            let r = if want {
+                obj.update_single(dkey, &mark, Bytes::from_static(b"1")).await.map(|_| ())
+            } else {
+                obj.punch_akey(dkey, &mark).await.map(|_| ())
+            };
+            if let Err(e) = r {
+                tracing::warn!(%oid, error = %e, open = want, "could not change this mount's open mark of an inode");
+                break;
+            }
+            *is = want;
+        }
+        let mut opens = self.inner.opens.lock().expect("opens");
+        if opens.get(&oid).is_some_and(|o| o.count == 0 && !*is && Arc::ptr_eq(&o.marked, marked)) {
+            opens.remove(&oid);
+        }
+    }
+
+    /// Whether another mount that is not gone has inode `oid` open.
+    async fn open_elsewhere(&self, obj: &Object) -> FsResult<bool> {
+        for k in obj.list_akeys(OBJ_DKEY).await? {
+            let Some(id) = k.strip_prefix(OPEN_MARK).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
+            let m = u128::from_le_bytes(id);
+            if m != self.inner.mount_id && !self.mount_gone(m).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Puts `oid` in the orphan list, owned by this mount.
@@ -1641,8 +1822,14 @@ impl Fs {
 
     /// Frees an orphaned inode once nobody has it open: destroys its
     /// object if it has no names left, and drops it from the orphan list.
-    pub async fn reclaim(&self, oid: Oid) -> FsResult<()> {
+    /// While it is open through this handle ([`Fs::open_file`]) or a live
+    /// mount's open mark is on it, it stays (in the orphan list, freed by
+    /// the last close or a later sweep). Returns whether it was freed.
+    pub async fn reclaim(&self, oid: Oid) -> FsResult<bool> {
         let (obj, _) = self.node(oid)?;
+        if self.is_open(oid) || self.open_elsewhere(&obj).await? {
+            return Ok(false);
+        }
         // Nothing buffered may land in the array once it is punched.
         let w = self.inner.writers.lock().expect("writers").remove(&oid);
         if let Some(w) = w {
@@ -1650,21 +1837,23 @@ impl Fs {
             // nothing in flight may land after the punch.
             w.discard().await;
         }
-        match self.record(oid).await {
+        let freed = match self.record(oid).await {
             Ok(rec) if rec.nlink == 0 => {
                 if let Some(d) = rec.data {
                     self.inner.cont.open_as(d, ObjType::Array)?.punch().await?;
                 }
                 obj.punch().await?;
+                true
             }
-            // Linked again, or gone already: nothing to free.
-            Ok(_) => {}
-            Err(e) if e.errno() == libc::ENOENT => {}
+            // Linked again: nothing to free.
+            Ok(_) => false,
+            // Gone already (freed by another mount).
+            Err(e) if e.errno() == libc::ENOENT => true,
             Err(e) => return Err(e),
-        }
+        };
         self.inner.arrays.lock().expect("arrays").remove(&oid);
         self.inner.orphans.punch_dkey(oid_key(oid)).await?;
-        Ok(())
+        Ok(freed)
     }
 
     /// Whether mount `m` is gone: unmounted (its heartbeat removed), or its
@@ -1710,7 +1899,8 @@ impl Fs {
             };
             if gone {
                 match self.reclaim(oid).await {
-                    Ok(()) => freed += 1,
+                    Ok(true) => freed += 1,
+                    Ok(false) => {}
                     Err(e) => tracing::warn!("orphan {oid} not freed yet: {e}"),
                 }
             }

@@ -45,8 +45,8 @@ pub struct MountOptions {
     /// Largest write the kernel sends at once.
     pub max_write: u32,
     /// Gather file writes into whole stripes on the client
-    /// ([`Fs::gather_writes`]); durable at close and fsync. Off by default
-    /// (see docs/posix.md for what it does not handle yet).
+    /// ([`Fs::gather_writes`]); durable at close and fsync (see
+    /// docs/posix.md). On by default.
     pub gather: bool,
 }
 
@@ -59,7 +59,7 @@ impl Default for MountOptions {
             allow_other: false,
             threads: 4,
             max_write: 1 << 20,
-            gather: false,
+            gather: true,
         }
     }
 }
@@ -105,6 +105,14 @@ pub fn config(opts: &MountOptions, name: &str) -> fuser::Config {
 struct OpenFile {
     oid: Oid,
     append: bool,
+    /// Opened for writing: only its close flushes buffered writes.
+    write: bool,
+    /// Lock owners that took record locks through this handle and have
+    /// not closed a descriptor of the file since. At the last close of the
+    /// handle only open-file-description locks (`F_OFD_SETLK`, owned by
+    /// the open file) can be left of them: the kernel does not release
+    /// those itself, so the release does.
+    lock_owners: Vec<u64>,
 }
 
 struct State {
@@ -114,9 +122,8 @@ struct State {
     inos: Mutex<HashMap<u64, Oid>>,
     files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
-    /// Open handles per inode, and whether its last name is gone (free it
-    /// at the last close).
-    open: Mutex<HashMap<Oid, (u32, bool)>>,
+    /// Open handles per inode (the last close flushes its buffered writes).
+    open: Mutex<HashMap<Oid, u32>>,
     next_fh: AtomicU64,
     /// Inodes known to have no `security.capability`, until when: the
     /// kernel asks before every write (to clear file capabilities), and
@@ -284,25 +291,23 @@ impl State {
         }
     }
 
-    fn opened(&self, oid: Oid, append: bool) -> u64 {
+    /// A new handle of file `oid`; while any is open (on any mount) the
+    /// file outlives its last name.
+    async fn opened(&self, oid: Oid, append: bool, flags: i32) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().expect("files").insert(fh, OpenFile { oid, append });
-        self.open.lock().expect("open").entry(oid).or_insert((0, false)).0 += 1;
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        self.files.lock().expect("files").insert(fh, OpenFile { oid, append, write, lock_owners: Vec::new() });
+        *self.open.lock().expect("open").entry(oid).or_insert(0) += 1;
+        self.fs.open_file(oid).await;
         fh
     }
 
-    /// An inode lost its last name: free it now, or at its last close.
-    /// Never fails: the name is gone already, and an inode not freed now
-    /// stays in the orphan list for `shoal fs check` or the next mount.
+    /// An inode lost its last name: free it now, or at its last close here
+    /// or on another mount that has it open. Never fails: the name is gone
+    /// already, and an inode not freed now stays in the orphan list for
+    /// `shoal fs check` or the next mount.
     async fn orphaned(&self, oid: Option<Oid>) -> FsResult<()> {
         let Some(oid) = oid else { return Ok(()) };
-        {
-            let mut open = self.open.lock().expect("open");
-            if let Some(o) = open.get_mut(&oid) {
-                o.1 = true;
-                return Ok(());
-            }
-        }
         if let Err(e) = self.fs.reclaim(oid).await {
             tracing::warn!("freeing unlinked inode {oid} failed (the next mount or `shoal fs check` frees it): {e}");
         }
@@ -311,27 +316,32 @@ impl State {
 
     async fn closed(&self, fh: u64) {
         let Some(f) = self.files.lock().expect("files").remove(&fh) else { return };
-        let (last, free) = {
+        let last = {
             let mut open = self.open.lock().expect("open");
             match open.get_mut(&f.oid) {
-                Some(o) if o.0 <= 1 => (true, open.remove(&f.oid).is_some_and(|o| o.1)),
-                Some(o) => {
-                    o.0 -= 1;
-                    (false, false)
+                Some(o) if *o <= 1 => {
+                    open.remove(&f.oid);
+                    true
                 }
-                None => (true, false),
+                Some(o) => {
+                    *o -= 1;
+                    false
+                }
+                None => true,
             }
         };
-        if last && !free {
+        if last {
             // The close itself (FUSE flush) reported any error already.
+            // Also for a file with no names left: another mount may have
+            // it open and read what this one wrote.
             if let Err(e) = self.fs.close_file(f.oid).await {
                 tracing::warn!("writing the buffered bytes of {} at its last close failed: {e}", f.oid);
             }
         }
-        if free {
-            if let Err(e) = self.fs.reclaim(f.oid).await {
-                tracing::warn!("freeing unlinked inode {} failed (`shoal fs check` frees it later): {e}", f.oid);
-            }
+        // Frees the inode if this was the last open anywhere and it has
+        // no names left.
+        if let Err(e) = self.fs.release_file(f.oid).await {
+            tracing::warn!("freeing unlinked inode {} failed (`shoal fs check` frees it later): {e}", f.oid);
         }
     }
 }
@@ -536,7 +546,7 @@ impl Filesystem for ShoalFuse {
                     // With the writeback cache the kernel places appends
                     // itself, and flushes pages through any handle.
                     let append = flags.0 & libc::O_APPEND != 0 && !st.opts.writeback_cache;
-                    let fh = st.opened(oid, append);
+                    let fh = st.opened(oid, append, flags.0).await;
                     // Appends go where the servers say the end is, which
                     // the kernel's cache may not know: no caching for them.
                     let f = if append { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
@@ -598,16 +608,26 @@ impl Filesystem for ShoalFuse {
         });
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
-        // A close makes the file's gathered writes durable (and reports a
-        // failed one, as close(2) does) and drops the record locks of the
-        // closing process (POSIX: of any descriptor of the file).
+    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        // A close of a descriptor open for writing makes the file's
+        // gathered writes durable (and reports a failed one, as close(2)
+        // does); every close drops the record locks of the closing process
+        // (POSIX: of any descriptor of the file).
         self.run(|st| async move {
             done(
                 reply,
                 async {
                     let oid = st.oid(ino)?;
-                    let flushed = st.fs.flush_file(oid).await;
+                    let write = {
+                        let mut files = st.files.lock().expect("files");
+                        // The closing process's record locks go below,
+                        // whichever handle they were taken through.
+                        for f in files.values_mut().filter(|f| f.oid == oid) {
+                            f.lock_owners.retain(|o| *o != lock_owner.0);
+                        }
+                        files.get(&fh.0).is_none_or(|f| f.write)
+                    };
+                    let flushed = if write { st.fs.flush_file(oid).await } else { Ok(()) };
                     st.fs.unlock_owner(oid, lock_owner.0).await?;
                     flushed
                 }
@@ -642,7 +662,7 @@ impl Filesystem for ShoalFuse {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
         end: u64,
@@ -659,6 +679,13 @@ impl Filesystem for ShoalFuse {
         };
         // The waiting thread (the lock's `pid` is its process).
         let tid = req.pid();
+        if kind != LockKind::Unlock {
+            if let Some(f) = self.st.files.lock().expect("files").get_mut(&fh.0) {
+                if !f.lock_owners.contains(&lock_owner.0) {
+                    f.lock_owners.push(lock_owner.0);
+                }
+            }
+        }
         self.run(|st| async move {
             let r = async {
                 let oid = st.oid(ino)?;
@@ -680,10 +707,18 @@ impl Filesystem for ShoalFuse {
         reply: ReplyEmpty,
     ) {
         self.run(|st| async move {
-            // The last close of a file that was flock()ed drops the lock.
-            if let (Some(owner), Ok(oid)) = (lock_owner, st.oid(ino)) {
-                if let Err(e) = st.fs.unlock_owner(oid, owner.0).await {
-                    tracing::warn!(%oid, error = %e, "could not release a flock at close; it lapses with the lease");
+            // The last close of a file that was flock()ed drops the lock,
+            // and that of an open file its OFD locks.
+            let mut owners =
+                st.files.lock().expect("files").get(&fh.0).map(|f| f.lock_owners.clone()).unwrap_or_default();
+            owners.extend(lock_owner.map(|o| o.0));
+            owners.sort_unstable();
+            owners.dedup();
+            if let Ok(oid) = st.oid(ino) {
+                for owner in owners {
+                    if let Err(e) = st.fs.unlock_owner(oid, owner).await {
+                        tracing::warn!(%oid, error = %e, "could not release a lock at close; it lapses with the lease");
+                    }
                 }
             }
             st.closed(fh.0).await;
@@ -692,8 +727,8 @@ impl Filesystem for ShoalFuse {
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Without --gather every write was durable on all its shards when it
-        // was answered; with it, this flushes the file's buffered writes.
+        // Flushes the file's buffered writes (with --no-gather every write
+        // was durable on all its shards when it was answered already).
         self.run(|st| async move { done(reply, async { st.fs.fsync(st.oid(ino)?).await }.await) });
     }
 
@@ -866,7 +901,7 @@ impl Filesystem for ShoalFuse {
             match r {
                 Ok(a) => {
                     let append = flags & libc::O_APPEND != 0 && !st.opts.writeback_cache;
-                    let fh = st.opened(a.oid, append);
+                    let fh = st.opened(a.oid, append, flags).await;
                     let f = if append { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
                     reply.created(&st.opts.entry_timeout, &st.attr(&a), Generation(0), FileHandle(fh), f);
                 }

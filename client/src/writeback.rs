@@ -70,6 +70,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use shoal_common::{Epoch, Result, ShoalError};
 use tokio::sync::{Notify, Semaphore};
 
@@ -93,6 +94,13 @@ impl Default for WriteBack {
         WriteBack { max_dirty: 64 << 20, max_age: Duration::from_secs(5), max_in_flight: 8 }
     }
 }
+
+/// Called after each background write lands, with the end of the bytes
+/// it wrote, before the write counts as durable: a file system raises the
+/// file's size there, so that the size never covers bytes not yet on the
+/// servers. An error fails the write like a failed send (its bytes stay
+/// buffered and are sent again).
+pub type LandedHook = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// A write sent to the servers and not yet acknowledged.
 struct Flight {
@@ -268,6 +276,7 @@ impl State {
 struct Inner {
     array: Array,
     unit: u64,
+    on_landed: Option<LandedHook>,
     cfg: WriteBack,
     state: Mutex<State>,
     /// Signalled whenever a flight ends.
@@ -366,7 +375,14 @@ impl Landing {
         // Earlier writes of the same bytes land first.
         inner.wait_until(|st| !st.flights.range(..id).any(|(_, f)| overlaps(&f.range(), &range))).await;
         let _permit = inner.sends.acquire().await.expect("the semaphore is never closed");
-        self.result = Some(inner.array.write(offset, data).await);
+        let end = range.end;
+        let mut r = inner.array.write(offset, data).await;
+        if let (Ok(_), Some(hook)) = (&r, &inner.on_landed) {
+            if let Err(e) = hook(end).await {
+                r = Err(e);
+            }
+        }
+        self.result = Some(r);
         // Dropping `self` ends the flight.
     }
 }
@@ -376,6 +392,12 @@ impl Array {
     /// stripes (see [`crate::writeback`]). Must be called within a tokio
     /// runtime (its age limit is kept by a background task).
     pub fn writer(&self, cfg: WriteBack) -> ArrayWriter {
+        self.writer_with_hook(cfg, None)
+    }
+
+    /// [`Array::writer`] with a hook run after each background write lands
+    /// (see [`LandedHook`]).
+    pub fn writer_with_hook(&self, cfg: WriteBack, on_landed: Option<LandedHook>) -> ArrayWriter {
         let unit = match self.object().ec_geometry() {
             Some((k, _, cell)) => k as u64 * cell,
             None => self.chunk_size(),
@@ -383,6 +405,7 @@ impl Array {
         let inner = Arc::new(Inner {
             array: self.clone(),
             unit,
+            on_landed,
             cfg,
             state: Mutex::new(State::default()),
             landed: Notify::new(),
@@ -560,6 +583,15 @@ impl ArrayWriter {
     /// Bytes buffered and not yet sent.
     pub fn dirty_bytes(&self) -> u64 {
         self.inner.state().dirty_bytes
+    }
+
+    /// The end of the furthest byte buffered or in flight (0 if none):
+    /// once flushed, the array is at least this long.
+    pub fn pending_end(&self) -> u64 {
+        let st = self.inner.state();
+        let dirty = st.dirty.iter().next_back().map_or(0, |(o, r)| o + r.data.len() as u64);
+        let flying = st.flights.values().map(|f| f.range().end).max().unwrap_or(0);
+        dirty.max(flying)
     }
 }
 

@@ -369,6 +369,37 @@ async fn two_mounts_see_each_others_changes_and_a_crashed_mount_unmounts_cleanly
     "#,
     );
 
+    // A file open on mount A outlives the removal of its last name through
+    // mount B: A reads and writes it until it closes it, then it is freed.
+    {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let client = cluster.client().await.unwrap();
+        let fs = Fs::mount(client.pool_connect("tank").await.unwrap().cont_open("c").await.unwrap()).await.unwrap();
+        std::fs::write(a.join("open"), vec![9u8; 3 << 20]).unwrap();
+        let ino = fs.resolve("/open").await.unwrap().oid;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(a.join("open")).unwrap();
+        std::fs::remove_file(b.join("open")).unwrap();
+        assert!(!a.join("open").exists());
+        assert_eq!(&fs.read(ino, 0, 8).await.expect("freed while open on another mount")[..], &[9u8; 8]);
+        let mut got = vec![0u8; 3 << 20];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got.iter().all(|c| *c == 9));
+        f.write_all_at(b"tail", 3 << 20).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(f.metadata().unwrap().nlink(), 0);
+        assert_eq!(&fs.read(ino, 3 << 20, 100).await.unwrap()[..], b"tail");
+        drop(f);
+        let give_up = Instant::now() + Duration::from_secs(20);
+        loop {
+            match fs.getattr(ino).await {
+                Err(e) if e.errno() == libc::ENOENT => break,
+                r => assert!(Instant::now() < give_up, "not freed after its last close: {r:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        fs.unmount().await.unwrap();
+    }
+
     // Kill the serving process: `shoal umount` leaves no hung mount.
     mb.child.kill().unwrap();
     mb.child.wait().unwrap();
@@ -453,6 +484,18 @@ time.sleep(1.5)
 assert p.poll() is None, "the locker did not wait"
 os.close(fa)
 assert p.communicate(timeout=20)[0] == "locked\n"
+# Open-file-description locks belong to the open file: they hold across
+# mounts while it is open, and its close releases them at once (not when
+# the mount's lease lapses).
+ofd = lambda t: struct.pack("hhqqixxxx", t, 0, 0, 0, 0)
+fo = os.open(A + "/ofd", os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.fcntl(fo, fcntl.F_OFD_SETLK, ofd(fcntl.F_WRLCK))
+lock_on_b = lambda: subprocess.run([sys.executable, "-c", "import fcntl, os\nfd = os.open(%r, os.O_RDWR)\nfcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)" % (B + "/ofd")],
+                                   capture_output=True, text=True)
+assert lock_on_b().returncode != 0, "B took a lock an open file on A holds"
+os.close(fo)
+r = lock_on_b()
+assert r.returncode == 0, "an OFD lock outlived its close: " + r.stderr
 PY
     "#,
     );
@@ -713,10 +756,10 @@ async fn many_files_in_one_directory_and_racing_renames_and_unlinks() {
     eprintln!("{files} files created, listed and stat'ed in {created:.0?}");
 }
 
-/// `shoal mount --gather`: fsx finds no mismatch, and a file written in
-/// unaligned pieces through the gathering mount reads back whole from
-/// another mount once it is closed (close-to-open), also after that mount
-/// truncates it.
+/// A gathering mount (the default) and one made with `--no-gather`: fsx
+/// finds no mismatch on either, and a file written in unaligned pieces
+/// through the gathering mount reads back whole from the other once it is
+/// closed (close-to-open), also after that mount truncates it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gathering_mount_reads_back_and_hands_over_at_close() {
     use std::io::{Read, Write};
@@ -726,11 +769,13 @@ async fn a_gathering_mount_reads_back_and_hands_over_at_close() {
     let tmp = tempfile::tempdir().unwrap();
     let cluster = cluster(tmp.path()).await;
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let _ma = Mount::start(&cluster.ms(), "tank/c", &a, &["--gather", "--attr-timeout", "0s"]);
-    let _mb = Mount::start(&cluster.ms(), "tank/c", &b, &["--attr-timeout", "0s", "--entry-timeout", "0s"]);
+    let _ma = Mount::start(&cluster.ms(), "tank/c", &a, &["--attr-timeout", "0s"]);
+    let _mb =
+        Mount::start(&cluster.ms(), "tank/c", &b, &["--no-gather", "--attr-timeout", "0s", "--entry-timeout", "0s"]);
     let seed: u64 = rand::random();
-    for i in 0..2u64 {
-        fsx(&a.join(format!("fsx{i}")), seed + i, 2_500).unwrap_or_else(|e| panic!("fsx (seed {seed}): {e}"));
+    for (i, m) in [&a, &b].into_iter().enumerate() {
+        let i = i as u64;
+        fsx(&m.join(format!("fsx{i}")), seed + i, 2_500).unwrap_or_else(|e| panic!("fsx (seed {seed}): {e}"));
     }
     // Unaligned pieces of random sizes, one after another and some
     // overwriting earlier ones.

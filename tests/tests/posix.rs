@@ -273,6 +273,31 @@ async fn an_unlinked_open_file_lives_until_reclaimed_also_after_its_mount_died()
     fs.unmount().await.unwrap();
     assert_eq!(other.clean_orphans(false).await.unwrap(), 1);
     errno(other.getattr(f.oid).await, libc::ENOENT);
+
+    // A file open through one handle ([`Fs::open_file`]) whose last name
+    // another removes: not freed by the remover, readable by the opener,
+    // freed by the opener's last release.
+    let third = Fs::mount(other.container().clone()).await.unwrap();
+    let g = other.create(root, b"held", &file(0o600), true).await.unwrap().0;
+    other.write(g.oid, 0, Bytes::from(vec![6u8; 5000])).await.unwrap();
+    other.open_file(g.oid).await;
+    other.open_file(g.oid).await;
+    assert_eq!(third.unlink(root, b"held").await.unwrap(), Some(g.oid));
+    assert!(!third.reclaim(g.oid).await.unwrap(), "freed while open through another handle");
+    assert_eq!(third.clean_orphans(true).await.unwrap(), 0);
+    other.release_file(g.oid).await.unwrap();
+    assert_eq!(&other.read(g.oid, 4990, 100).await.unwrap()[..], &[6u8; 10]);
+    other.release_file(g.oid).await.unwrap();
+    errno(third.getattr(g.oid).await, libc::ENOENT);
+    // Open through a handle that then ends without releasing it (its mark
+    // stays): freed once that handle's mount is gone.
+    let h = other.create(root, b"held2", &file(0o600), true).await.unwrap().0;
+    other.open_file(h.oid).await;
+    third.unlink(root, b"held2").await.unwrap();
+    assert!(!third.reclaim(h.oid).await.unwrap());
+    other.unmount().await.unwrap();
+    assert_eq!(third.clean_orphans(true).await.unwrap(), 1);
+    errno(third.getattr(h.oid).await, libc::ENOENT);
     drop(cluster);
 }
 
@@ -350,6 +375,106 @@ async fn two_mounts_racing_on_one_name_never_both_win_or_lose_a_file() {
     assert_eq!(all.len(), 20_000);
     for r in all.chunks(1000) {
         assert!(r.iter().all(|c| *c == r[0]), "an append was torn or overwritten");
+    }
+    drop(cluster);
+}
+
+/// Write gathering ([`Fs::gather_writes`]) seen from another handle: the
+/// size never covers bytes that are not on the servers yet, appends are
+/// placed at the true end whoever buffers what, growing a file never
+/// brings back bytes past its end, and all the files of a handle together
+/// hold a bounded number of bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gathering_handle_raises_the_size_only_as_its_bytes_land() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cluster, a) = setup(tmp.path(), 3).await;
+    let max_dirty = 256 << 10;
+    a.gather_writes(shoal_client::WriteBack {
+        max_dirty,
+        max_age: std::time::Duration::from_secs(600),
+        max_in_flight: 4,
+    });
+    let b = Fs::mount(a.container().clone()).await.unwrap();
+    let root = a.root();
+    let pattern = |off: u64, len: usize| -> Bytes { (off..off + len as u64).map(|i| (i % 251) as u8 + 1).collect() };
+
+    // A small write stays buffered: this handle sees it, the other does
+    // not, not even as a size.
+    let f = a.create(root, b"f", &file(0o644), true).await.unwrap().0;
+    a.write(f.oid, 0, pattern(0, 1000)).await.unwrap();
+    assert_eq!(a.getattr(f.oid).await.unwrap().size, 1000);
+    assert_eq!(&a.read(f.oid, 0, 4096).await.unwrap()[..], &pattern(0, 1000)[..]);
+    assert_eq!(b.getattr(f.oid).await.unwrap().size, 0, "the size covers bytes still in the other client's buffer");
+    assert!(b.read(f.oid, 0, 4096).await.unwrap().is_empty());
+
+    // Whole units are sent at once; the other handle's size follows them
+    // as they land, and every byte it covers is the writer's.
+    let unit = a.layout(f.oid).await.unwrap().expect("data").chunk_size;
+    let more = 2 * unit as usize;
+    a.write(f.oid, 1000, pattern(1000, more)).await.unwrap();
+    let landed = 2 * unit;
+    let t0 = std::time::Instant::now();
+    loop {
+        let size = b.getattr(f.oid).await.unwrap().size;
+        assert!(size <= landed, "size {size} covers buffered bytes (whole units end at {landed})");
+        let got = b.read(f.oid, 0, size).await.unwrap();
+        assert!(got[..] == pattern(0, got.len())[..], "the other handle reads bytes that were not written");
+        if size == landed {
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "whole units did not land");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.flush_file(f.oid).await.unwrap();
+    let end = 1000 + more as u64;
+    assert_eq!(b.getattr(f.oid).await.unwrap().size, end);
+    assert!(b.read(f.oid, 0, end).await.unwrap()[..] == pattern(0, end as usize)[..]);
+
+    // Appends from both handles, one of them gathering its other writes:
+    // each lands whole at the end, none overwrites another. (Bytes still
+    // buffered are another matter: an append elsewhere does not see them.)
+    let log = a.create(root, b"log", &file(0o644), true).await.unwrap().0;
+    a.write(log.oid, 0, Bytes::from(vec![b'w'; 100])).await.unwrap();
+    a.flush_file(log.oid).await.unwrap();
+    let rec = |c: u8| Bytes::from(vec![c; 1000]);
+    let wa = async {
+        for _ in 0..10 {
+            a.append(log.oid, rec(b'a')).await.unwrap();
+        }
+    };
+    let wb = async {
+        for _ in 0..10 {
+            b.append(log.oid, rec(b'b')).await.unwrap();
+        }
+    };
+    futures::join!(wa, wb);
+    a.flush_file(log.oid).await.unwrap();
+    let all = b.read(log.oid, 0, 1 << 20).await.unwrap();
+    assert_eq!(all.len(), 20_100);
+    assert!(all[..100].iter().all(|c| *c == b'w'));
+    for r in all[100..].chunks(1000) {
+        assert!(r.iter().all(|c| *c == r[0]), "an append was torn or overwritten");
+    }
+
+    // Bytes past a file's end (as a client that died between writing them
+    // and raising the size leaves them) read as zeros when it grows.
+    let g = b.create(root, b"g", &file(0o644), true).await.unwrap().0;
+    b.write(g.oid, 0, Bytes::from(vec![b'x'; 4096])).await.unwrap();
+    let arr = a.container().array_open(b.layout(g.oid).await.unwrap().unwrap().array).await.unwrap();
+    arr.write(1 << 20, Bytes::from(vec![b'S'; 4096])).await.unwrap();
+    assert_eq!(b.getattr(g.oid).await.unwrap().size, 4096);
+    b.setattr(g.oid, &SetAttr { size: Some(2 << 20), ..SetAttr::default() }).await.unwrap();
+    let grown = a.read(g.oid, 0, 2 << 20).await.unwrap();
+    assert_eq!(grown.len(), 2 << 20);
+    assert!(grown[..4096].iter().all(|c| *c == b'x'));
+    assert!(grown[4096..].iter().all(|c| *c == 0), "bytes past the old end came back");
+
+    // Many files each below its own limit: the handle's total stays bounded.
+    let cap = max_dirty * shoal_client::fs::DIRTY_FILES_MAX;
+    for i in 0..(2 * shoal_client::fs::DIRTY_FILES_MAX + 4) {
+        let h = a.create(root, format!("many{i}").as_bytes(), &file(0o644), true).await.unwrap().0;
+        a.write(h.oid, 1, Bytes::from(vec![7u8; max_dirty as usize - 4096])).await.unwrap();
+        assert!(a.dirty_bytes() <= cap + max_dirty, "{} bytes buffered, cap {cap}", a.dirty_bytes());
     }
     drop(cluster);
 }

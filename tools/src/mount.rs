@@ -50,10 +50,13 @@ pub struct MountArgs {
     /// How far the kernel reads ahead of a sequential reader.
     #[arg(long, default_value = "4MiB", value_parser = out::parse_size)]
     readahead: u64,
-    /// Gather each file's writes on the client into whole stripes, durable
-    /// at close or fsync (experimental: see docs/posix.md). Without it
-    /// every write is durable when it returns.
+    /// Do not gather each file's writes on the client into whole stripes
+    /// (durable at close or fsync; see docs/posix.md): every write is then
+    /// durable when it returns, and small or unaligned writes are slower.
     #[arg(long)]
+    no_gather: bool,
+    /// Gather writes (the default; kept for scripts that ask for it).
+    #[arg(long, hide = true, conflicts_with = "no_gather")]
     gather: bool,
 }
 
@@ -173,7 +176,7 @@ pub async fn mount(ctx: &Ctx, a: MountArgs) -> anyhow::Result<()> {
         writeback_cache: a.writeback_cache,
         allow_other: a.allow_other,
         threads: a.threads,
-        gather: a.gather,
+        gather: !a.no_gather,
         ..MountOptions::default()
     };
     let config = shoal_client::fuse::config(&opts, &a.target);
