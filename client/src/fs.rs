@@ -76,30 +76,20 @@ pub const XATTR_CHUNK: &str = "user.shoal.chunk_size";
 pub const DIRTY_FILES_MAX: u64 = 16;
 
 /// The landing hook of a gathering file writer: raises the file's size
-/// (kept in inode object `inode`) past the bytes that just landed.
-fn size_raiser(inode: Object) -> LandedHook {
+/// (kept in inode object `inode`) past the bytes that just landed in array
+/// `data`; not past the array's own size, which a truncate by another
+/// mount may have cut after they landed (the truncate then came last).
+fn size_raiser(inode: Object, data: Array) -> LandedHook {
     Arc::new(move |end: u64| {
-        let inode = inode.clone();
+        let (inode, data) = (inode.clone(), data.clone());
         Box::pin(async move {
+            let end = end.min(data.size().await?);
             inode
                 .update_values(OBJ_DKEY, &[(SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes()))])
                 .await
                 .map(|_| ())
         })
     })
-}
-
-/// A file of size `old` grows to `new`: bytes its array holds past `old`
-/// (a write that landed but whose client died before raising the size, or
-/// one that raced a truncate) must not reappear, so they are zeroed.
-async fn zero_past_end(a: &Array, old: u64, new: u64) -> FsResult<()> {
-    if new > old {
-        let stale = a.size().await?.min(new);
-        if stale > old {
-            a.punch(old, stale - old).await?;
-        }
-    }
-    Ok(())
 }
 
 const SB_SEQ: u128 = 2;
@@ -861,7 +851,7 @@ impl Fs {
                     let (rec, old) = futures::join!(self.record(oid), self.size(oid));
                     let (rec, old) = (rec?, old?);
                     if let Some(a) = self.data_of(oid, &rec).await? {
-                        zero_past_end(&a, old, size).await?;
+                        self.zero_past_end(&obj, &a, old, size).await?;
                         a.set_size(size).await?;
                     }
                     obj.update_single(dkey, SIZE, Bytes::copy_from_slice(&size.to_le_bytes())).await?;
@@ -1528,7 +1518,7 @@ impl Fs {
                 let w = match w {
                     Some(w) => w,
                     None => {
-                        let hook = size_raiser(inode.clone());
+                        let hook = size_raiser(inode.clone(), a.clone());
                         let w = Arc::new(a.writer_with_hook(cfg, Some(hook)));
                         self.inner.writers.lock().expect("writers").entry(oid).or_insert(w).clone()
                     }
@@ -1565,7 +1555,9 @@ impl Fs {
         let r: FsResult<_> = locks
             .hold(async {
                 // Not gathered: the next append, from any client, must find
-                // the size past these bytes.
+                // the size past these bytes; and what this handle buffered
+                // lands first, so the size never covers bytes only here.
+                self.flush_file(oid).await?;
                 let at = self.size(oid).await?;
                 self.write_as(oid, at, data, None).await?;
                 Ok::<_, FsError>(at)
@@ -1602,7 +1594,7 @@ impl Fs {
             return Err(posix(libc::ENODEV, "fallocate works on regular files"));
         } else if !keep {
             if let Some(a) = self.data(oid).await? {
-                zero_past_end(&a, self.size(oid).await?, end).await?;
+                self.zero_past_end(&inode, &a, self.size(oid).await?, end).await?;
             }
         }
         let now = ns(now_ns());
@@ -1734,14 +1726,39 @@ impl Fs {
     /// last [`Fs::release_file`] removes the mark. If the mark cannot be
     /// written the open still succeeds (logged): only another mount's
     /// unlink could then free the file under it.
-    pub async fn open_file(&self, oid: Oid) {
-        let marked = {
+    ///
+    /// The first open through this handle then checks that the inode still
+    /// has a name: one removed by another mount meanwhile may have been
+    /// freed before the mark landed, and the open fails with `ENOENT`.
+    /// `created`: the caller just made the inode (nothing to check).
+    pub async fn open_file(&self, oid: Oid, created: bool) -> FsResult<()> {
+        let (marked, first) = {
             let mut opens = self.inner.opens.lock().expect("opens");
             let o = opens.entry(oid).or_insert_with(|| Open { count: 0, marked: Arc::default() });
             o.count += 1;
-            o.marked.clone()
+            (o.marked.clone(), o.count == 1)
         };
         self.sync_open_mark(oid, &marked).await;
+        if created || !first {
+            return Ok(());
+        }
+        let gone = match self.record(oid).await {
+            Ok(rec) => rec.nlink == 0,
+            Err(e) if e.errno() == libc::ENOENT => true,
+            Err(_) => false,
+        };
+        if gone {
+            // Not freed by the release: the remover frees it (or has).
+            let marked = {
+                let mut opens = self.inner.opens.lock().expect("opens");
+                let Some(o) = opens.get_mut(&oid) else { return Err(posix(libc::ENOENT, "removed")) };
+                o.count = o.count.saturating_sub(1);
+                o.marked.clone()
+            };
+            self.sync_open_mark(oid, &marked).await;
+            return Err(posix(libc::ENOENT, format!("inode {oid} was removed (by another mount?)")));
+        }
+        Ok(())
     }
 
     /// One open of file `oid` through this handle ended. After the last,
@@ -1796,9 +1813,36 @@ impl Fs {
             *is = want;
         }
         let mut opens = self.inner.opens.lock().expect("opens");
-        if opens.get(&oid).is_some_and(|o| o.count == 0 && !*is && Arc::ptr_eq(&o.marked, marked)) {
+        // Only when no other task holds the flag (clones are made under the
+        // map's lock): one flag per inode, however tasks interleave.
+        if opens
+            .get(&oid)
+            .is_some_and(|o| o.count == 0 && !*is && Arc::ptr_eq(&o.marked, marked) && Arc::strong_count(marked) == 2)
+        {
             opens.remove(&oid);
         }
+    }
+
+    /// File `oid` (inode object `obj`, data `a`) of size `old` grows to
+    /// `new`: bytes its array holds past `old` (a write that landed but
+    /// whose client died before raising the size, or one that raced a
+    /// truncate) must not reappear, so they are zeroed; unless another live
+    /// mount has the file open, whose write may have landed and be about
+    /// to raise the size.
+    async fn zero_past_end(&self, obj: &Object, a: &Array, old: u64, new: u64) -> FsResult<()> {
+        if new > old {
+            let stale = a.size().await?.min(new);
+            if stale > old && !self.open_elsewhere(obj).await? {
+                a.punch(old, stale - old).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether inode `oid` carries another mount's open mark, live or not.
+    async fn marked_elsewhere(&self, oid: Oid) -> FsResult<bool> {
+        let mine = open_mark(self.inner.mount_id);
+        Ok(self.node(oid)?.0.list_akeys(OBJ_DKEY).await?.iter().any(|k| k.starts_with(OPEN_MARK) && *k != mine))
     }
 
     /// Whether another mount that is not gone has inode `oid` open.
@@ -1893,7 +1937,9 @@ impl Fs {
             let owner = self.inner.orphans.fetch_single(&k, OWNER, EPOCH_MAX).await?;
             let owner = owner.as_deref().and_then(|o| <[u8; 16]>::try_from(o).ok()).map(u128::from_le_bytes);
             let gone = match owner {
-                Some(o) if o == self.inner.mount_id => mine,
+                // Its own: at unmount, or when another mount had it open
+                // when it lost its name (that mount may be gone now).
+                Some(o) if o == self.inner.mount_id => mine || self.marked_elsewhere(oid).await?,
                 Some(o) => self.mount_gone(o).await?,
                 None => true,
             };

@@ -28,6 +28,11 @@ use tokio::runtime::Handle;
 
 use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, LockKind, NewNode, RenameFlags, SetAttr, XattrMode};
 
+/// The write gathering of a mount's files ([`MountOptions::gather`]):
+/// small, since a mount may have many files open, and short-lived.
+pub const MOUNT_WRITEBACK: crate::WriteBack =
+    crate::WriteBack { max_dirty: 16 << 20, max_age: Duration::from_secs(1), max_in_flight: 8 };
+
 /// How a mount behaves.
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -145,13 +150,7 @@ impl ShoalFuse {
     /// Serves `fs`, running its calls on `rt`.
     pub fn new(fs: Fs, rt: Handle, opts: MountOptions) -> ShoalFuse {
         if opts.gather {
-            // Small: a mount may have many files open; the age limit keeps
-            // what sits in the buffer short-lived.
-            fs.gather_writes(crate::WriteBack {
-                max_dirty: 16 << 20,
-                max_age: Duration::from_secs(1),
-                max_in_flight: 8,
-            });
+            fs.gather_writes(MOUNT_WRITEBACK);
         }
         ShoalFuse {
             st: Arc::new(State {
@@ -293,13 +292,13 @@ impl State {
 
     /// A new handle of file `oid`; while any is open (on any mount) the
     /// file outlives its last name.
-    async fn opened(&self, oid: Oid, append: bool, flags: i32) -> u64 {
+    async fn opened(&self, oid: Oid, append: bool, flags: i32, created: bool) -> FsResult<u64> {
+        self.fs.open_file(oid, created).await?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         self.files.lock().expect("files").insert(fh, OpenFile { oid, append, write, lock_owners: Vec::new() });
         *self.open.lock().expect("open").entry(oid).or_insert(0) += 1;
-        self.fs.open_file(oid).await;
-        fh
+        Ok(fh)
     }
 
     /// An inode lost its last name: free it now, or at its last close here
@@ -541,12 +540,11 @@ impl Filesystem for ShoalFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.run(|st| async move {
-            match st.oid(ino) {
-                Ok(oid) => {
-                    // With the writeback cache the kernel places appends
-                    // itself, and flushes pages through any handle.
-                    let append = flags.0 & libc::O_APPEND != 0 && !st.opts.writeback_cache;
-                    let fh = st.opened(oid, append, flags.0).await;
+            // With the writeback cache the kernel places appends itself, and
+            // flushes pages through any handle.
+            let append = flags.0 & libc::O_APPEND != 0 && !st.opts.writeback_cache;
+            match async { st.opened(st.oid(ino)?, append, flags.0, false).await }.await {
+                Ok(fh) => {
                     // Appends go where the servers say the end is, which
                     // the kernel's cache may not know: no caching for them.
                     let f = if append { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
@@ -895,13 +893,13 @@ impl Filesystem for ShoalFuse {
                 if !created && flags & libc::O_TRUNC != 0 {
                     a = st.fs.setattr(a.oid, &SetAttr { size: Some(0), ..SetAttr::default() }).await?;
                 }
-                Ok::<_, FsError>(a)
+                let append = flags & libc::O_APPEND != 0 && !st.opts.writeback_cache;
+                let fh = st.opened(a.oid, append, flags, created).await?;
+                Ok::<_, FsError>((a, fh, append))
             }
             .await;
             match r {
-                Ok(a) => {
-                    let append = flags & libc::O_APPEND != 0 && !st.opts.writeback_cache;
-                    let fh = st.opened(a.oid, append, flags).await;
+                Ok((a, fh, append)) => {
                     let f = if append { FopenFlags::FOPEN_DIRECT_IO } else { FopenFlags::empty() };
                     reply.created(&st.opts.entry_timeout, &st.attr(&a), Generation(0), FileHandle(fh), f);
                 }

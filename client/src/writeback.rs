@@ -266,6 +266,19 @@ impl State {
         if at < end {
             gaps.push(at..end);
         }
+        // Newer bytes over the failed ones stand in for them: a flush that
+        // waits for the failed bytes waits for those too.
+        let failed = f.offset..end;
+        for (s, r) in self.dirty.iter_mut() {
+            if overlaps(&(*s..*s + r.data.len() as u64), &failed) {
+                r.gen = r.gen.min(f.gen);
+            }
+        }
+        for (_, g) in self.flights.range_mut(id + 1..) {
+            if overlaps(&g.range(), &failed) {
+                g.gen = g.gen.min(f.gen);
+            }
+        }
         for g in gaps {
             let slice = &f.data[(g.start - f.offset) as usize..(g.end - f.offset) as usize];
             self.insert(g.start, slice, f.gen);
@@ -711,5 +724,17 @@ mod tests {
         // Put back, the bytes keep their age: a flush started since sees
         // them as its own and fails rather than call them durable.
         assert!(st.dirty.values().all(|r| r.gen == 0));
+        // So do newer bytes that cover failed ones (the later flight here):
+        // a flush that waits for the failed bytes waits for them too.
+        assert_eq!(st.flights[&1].gen, 0);
+
+        // Failed bytes wholly covered by newer buffered ones: nothing goes
+        // back, and the newer run takes their age.
+        let mut st = State::default();
+        let f = Flight { offset: 4, data: Bytes::from(vec![1u8; 4]), gen: 3 };
+        st.insert(0, &[9; 16], 7);
+        st.put_back(5, &f);
+        assert_eq!(runs(&st), vec![(0, vec![9; 16])]);
+        assert_eq!(st.dirty[&0].gen, 3);
     }
 }

@@ -280,8 +280,8 @@ async fn an_unlinked_open_file_lives_until_reclaimed_also_after_its_mount_died()
     let third = Fs::mount(other.container().clone()).await.unwrap();
     let g = other.create(root, b"held", &file(0o600), true).await.unwrap().0;
     other.write(g.oid, 0, Bytes::from(vec![6u8; 5000])).await.unwrap();
-    other.open_file(g.oid).await;
-    other.open_file(g.oid).await;
+    other.open_file(g.oid, false).await.unwrap();
+    other.open_file(g.oid, false).await.unwrap();
     assert_eq!(third.unlink(root, b"held").await.unwrap(), Some(g.oid));
     assert!(!third.reclaim(g.oid).await.unwrap(), "freed while open through another handle");
     assert_eq!(third.clean_orphans(true).await.unwrap(), 0);
@@ -289,10 +289,12 @@ async fn an_unlinked_open_file_lives_until_reclaimed_also_after_its_mount_died()
     assert_eq!(&other.read(g.oid, 4990, 100).await.unwrap()[..], &[6u8; 10]);
     other.release_file(g.oid).await.unwrap();
     errno(third.getattr(g.oid).await, libc::ENOENT);
+    // An open that comes after the name went (a stale handle) fails.
+    errno(third.open_file(g.oid, false).await, libc::ENOENT);
     // Open through a handle that then ends without releasing it (its mark
     // stays): freed once that handle's mount is gone.
     let h = other.create(root, b"held2", &file(0o600), true).await.unwrap().0;
-    other.open_file(h.oid).await;
+    other.open_file(h.oid, false).await.unwrap();
     third.unlink(root, b"held2").await.unwrap();
     assert!(!third.reclaim(h.oid).await.unwrap());
     other.unmount().await.unwrap();
@@ -455,6 +457,13 @@ async fn a_gathering_handle_raises_the_size_only_as_its_bytes_land() {
     for r in all[100..].chunks(1000) {
         assert!(r.iter().all(|c| *c == r[0]), "an append was torn or overwritten");
     }
+
+    // An append lands after what this handle buffered, which lands first:
+    // the other handle never sees the size cover bytes it cannot read.
+    let q = a.create(root, b"q", &file(0o644), true).await.unwrap().0;
+    a.write(q.oid, 0, Bytes::from(vec![b'q'; 100])).await.unwrap();
+    assert_eq!(a.append(q.oid, Bytes::from_static(b"x")).await.unwrap(), 100);
+    assert_eq!(&b.read(q.oid, 0, 1000).await.unwrap()[..], &[&[b'q'; 100][..], b"x"].concat()[..]);
 
     // Bytes past a file's end (as a client that died between writing them
     // and raising the size leaves them) read as zeros when it grows.

@@ -106,7 +106,9 @@ fn on_dir(dir: &Path, mib: u64, files: u64) -> anyhow::Result<Figures> {
     Ok(f)
 }
 
-/// The same work through the native namespace API, one call at a time.
+/// The same work through the native namespace API, one call at a time,
+/// gathering writes as the mount does (unless it was told not to) and
+/// flushing where the mount's caller closes or syncs.
 async fn native(fs: &Fs, mib: u64, files: u64) -> anyhow::Result<Figures> {
     let mut f = Figures::default();
     let node = |kind| NewNode { kind, perm: 0o644, uid: 0, gid: 0, rdev: 0, target: None };
@@ -116,6 +118,7 @@ async fn native(fs: &Fs, mib: u64, files: u64) -> anyhow::Result<Figures> {
     for i in 0..mib {
         fs.write(file.oid, i << 20, buf.clone()).await?;
     }
+    fs.close_file(file.oid).await?;
     f.write = rate(mib, t.elapsed());
     let t = Instant::now();
     for i in 0..mib {
@@ -133,6 +136,7 @@ async fn native(fs: &Fs, mib: u64, files: u64) -> anyhow::Result<Figures> {
     for i in 0..files {
         let a = fs.create(d.oid, format!("f{i}").as_bytes(), &node(Kind::File), true).await?.0;
         fs.write(a.oid, 0, small.clone()).await?;
+        fs.close_file(a.oid).await?;
     }
     f.create = rate(files, t.elapsed());
     let t = Instant::now();
@@ -164,6 +168,9 @@ pub async fn run(a: FsArgs) -> anyhow::Result<()> {
     let pool = client.pool_connect("bench").await?;
     pool.cont_create("fs", ContProps { rd_fac: a.rd_fac, ..Default::default() }).await?;
     let fs = Fs::mount(pool.cont_open("fs").await?).await?;
+    if !a.mount_flags.iter().any(|f| f == "--no-gather") {
+        fs.gather_writes(shoal_client::fuse::MOUNT_WRITEBACK);
+    }
 
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt)?;

@@ -106,8 +106,16 @@ impl Fs {
             LockKind::Write => FileLockOp::Write,
             LockKind::Unlock => FileLockOp::Unlock,
         };
-        if op == FileLockOp::Unlock && !self.may_hold(ino, owner) {
-            return Ok(());
+        if op == FileLockOp::Unlock {
+            if !self.may_hold(ino, owner) {
+                return Ok(());
+            }
+            // What was written under the lock reaches the servers before
+            // another mount can take it (as NFS flushes before an unlock).
+            // A failure stays with the file, for its fsync or close.
+            if let Err(e) = self.flush_file(ino).await {
+                tracing::warn!(%ino, error = %e, "buffered writes failed before an unlock");
+            }
         }
         // Listed (and renewed) before the request, so a lock granted while
         // this call is cancelled is still renewed and released at close.
