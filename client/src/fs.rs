@@ -430,6 +430,9 @@ struct FsInner {
     seen: Mutex<std::collections::HashMap<u128, (Bytes, tokio::time::Instant)>>,
     /// Owners that may hold file locks, per inode (see [`lock`]).
     file_locks: Mutex<std::collections::HashMap<Oid, lock::Owners>>,
+    /// The ranges this mount's owners hold, per inode, to take them again
+    /// after the keeping server restarts (see [`lock`]).
+    held_locks: Mutex<std::collections::HashMap<Oid, lock::HeldLocks>>,
     /// Inodes open through this handle ([`Fs::open_file`]).
     opens: Mutex<std::collections::HashMap<Oid, Open>>,
 }
@@ -523,6 +526,7 @@ impl Fs {
                 writers: Mutex::default(),
                 tasks: Mutex::default(),
                 file_locks: Mutex::default(),
+                held_locks: Mutex::default(),
                 seen: Mutex::default(),
                 opens: Mutex::default(),
             }),

@@ -696,6 +696,10 @@ pub enum FileLockOp {
     Test { write: bool },
     /// Takes nothing: only renews the session's lease.
     Renew,
+    /// Takes again a lock (exclusive if `write`) that the session held
+    /// before the server restarted: granted only during the server's grace
+    /// period after a restart, when new locks are refused.
+    Reclaim { write: bool },
 }
 
 /// POSIX record locks (fcntl) and whole-file locks (flock) of one object,

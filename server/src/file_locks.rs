@@ -10,8 +10,11 @@
 //! splits it. A session's locks lapse together when it stops renewing its
 //! lease, so a crashed mount cannot hold a file for ever.
 //!
-//! The table is in memory, like the stripe locks: a restart of the server
-//! frees every lock (the holders are not told; see docs/posix.md).
+//! The table is in memory, like the stripe locks. A server that restarts
+//! (its store held data) first keeps a grace period of [`FILE_LOCK_GRACE`]:
+//! new locks are refused as busy, and the sessions that held locks, which
+//! find their locks gone when they renew, take them again with
+//! [`FileLockOp::Reclaim`] (as NFS servers do after a reboot).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,6 +28,9 @@ use tokio::time::Instant;
 /// Most lock ranges one server keeps; beyond it requests for new locks are
 /// refused as busy, so the table's memory is bounded whatever clients do.
 pub const MAX_FILE_LOCKS: usize = 1 << 16;
+/// How long a restarted server takes only reclaims: the clients' lease
+/// (30 s), within which each renews at least twice.
+pub const FILE_LOCK_GRACE: Duration = Duration::from_secs(30);
 /// Drop the leases of lapsed sessions once this many are known.
 const PRUNE_SESSIONS_AT: usize = 1024;
 
@@ -135,9 +141,16 @@ enum Attempt {
 pub struct FileLocks {
     table: Mutex<Table>,
     changed: Notify,
+    /// Until when only reclaims are granted (after a restart).
+    grace_until: Option<Instant>,
 }
 
 impl FileLocks {
+    /// A table that takes only reclaims for `grace` (a restarted server's).
+    pub fn with_grace(grace: Duration) -> FileLocks {
+        FileLocks { grace_until: Some(Instant::now() + grace), ..FileLocks::default() }
+    }
+
     /// Carries out `r`, waiting up to its `wait_ms` while a conflicting
     /// lock is held.
     ///
@@ -185,6 +198,22 @@ impl FileLocks {
             }
         }
         t.prune(Some(key), now);
+        let in_grace = self.grace_until.is_some_and(|g| now < g);
+        let write = match r.op {
+            FileLockOp::Read | FileLockOp::Write if in_grace => {
+                let left = self.grace_until.map_or(0, |g| g.saturating_duration_since(now).as_secs() + 1);
+                return Err(ShoalError::Busy(format!(
+                    "this server restarted and gives its lock holders {left} s more to reclaim their locks; try again"
+                )));
+            }
+            FileLockOp::Reclaim { .. } if !in_grace => {
+                return Err(ShoalError::invalid(
+                    "too late to reclaim a lock: the server's grace period after its restart is over",
+                ));
+            }
+            FileLockOp::Reclaim { write } => write,
+            op => op == FileLockOp::Write,
+        };
         let conflict = match r.op {
             FileLockOp::Renew => None,
             FileLockOp::Test { write } => {
@@ -212,8 +241,7 @@ impl FileLocks {
                 }
                 None
             }
-            FileLockOp::Read | FileLockOp::Write => {
-                let write = r.op == FileLockOp::Write;
+            FileLockOp::Read | FileLockOp::Write | FileLockOp::Reclaim { .. } => {
                 if let Some(x) = t.conflict(key, r, write) {
                     let lapses = t.sessions.get(&x.session).copied().unwrap_or(now);
                     return Ok(Attempt::Conflict(x.info(), lapses));
@@ -340,6 +368,31 @@ mod tests {
         // Then stops: after its lease the lock is gone.
         tokio::time::sleep(Duration::from_millis(LEASE as u64 + 1)).await;
         assert!(granted(&t, req(2, 1, 0, 0, FileLockOp::Write)).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_server_takes_only_reclaims_during_its_grace() {
+        let t = FileLocks::with_grace(Duration::from_secs(30));
+        let r = t.apply(&req(2, 1, 0, 0, FileLockOp::Write)).await;
+        assert!(matches!(r, Err(ShoalError::Busy(_))), "a new lock during the grace period: {r:?}");
+        assert!(matches!(t.apply(&req(2, 1, 0, 0, FileLockOp::Read)).await, Err(ShoalError::Busy(_))));
+        // The holder takes its lock again; another's reclaim of an
+        // overlapping exclusive lock conflicts.
+        assert!(granted(&t, req(1, 1, 0, 99, FileLockOp::Reclaim { write: true })).await);
+        assert!(!granted(&t, req(3, 1, 50, 50, FileLockOp::Reclaim { write: false })).await);
+        assert!(granted(&t, req(3, 1, 100, 100, FileLockOp::Reclaim { write: false })).await);
+        // Tests, unlocks and renewals work as always.
+        let test = t.apply(&req(2, 1, 0, 10, FileLockOp::Test { write: false })).await.unwrap();
+        assert_eq!(test.conflict.map(|c| c.pid), Some(1));
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        t.apply(&req(1, 0, 0, 0, FileLockOp::Renew)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        // After the grace: no more reclaims, and new locks meet the
+        // reclaimed ones.
+        let r = t.apply(&req(3, 2, 200, 200, FileLockOp::Reclaim { write: true })).await;
+        assert!(matches!(r, Err(ShoalError::InvalidArgument(_))), "{r:?}");
+        assert!(!granted(&t, req(2, 1, 0, 0, FileLockOp::Write)).await);
+        assert!(granted(&t, req(2, 1, 150, 150, FileLockOp::Write)).await);
     }
 
     #[tokio::test(start_paused = true)]

@@ -138,6 +138,11 @@ impl Service {
         for s in &stores {
             hlc.observe(s.max_epoch());
         }
+        // A store that holds data: this is a restart, and clients may
+        // still believe in file locks the last run granted.
+        let restarted = stores.iter().any(|s| s.max_epoch() > 0);
+        let file_locks =
+            if restarted { FileLocks::with_grace(crate::file_locks::FILE_LOCK_GRACE) } else { FileLocks::default() };
         Service {
             stores,
             admission,
@@ -164,7 +169,7 @@ impl Service {
             heard: Default::default(),
             rank: RwLock::new(None),
             locks: StripeLocks::default(),
-            file_locks: FileLocks::default(),
+            file_locks,
             clock_fault: RwLock::new(None),
         }
     }

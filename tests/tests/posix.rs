@@ -487,3 +487,50 @@ async fn a_gathering_handle_raises_the_size_only_as_its_bytes_land() {
     }
     drop(cluster);
 }
+
+/// A server that restarts loses its lock table: the mount that held a lock
+/// takes it again during the server's grace period, and no other mount
+/// gets it in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_locks_survive_a_restart_of_every_server() {
+    use shoal_client::fs::LockKind;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut cluster, a) = setup(tmp.path(), 3).await;
+    let b = Fs::mount(a.container().clone()).await.unwrap();
+    let root = a.root();
+    let f = a.create(root, b"locked", &file(0o644), true).await.unwrap().0;
+    a.write(f.oid, 0, Bytes::from_static(b"data")).await.unwrap();
+    a.setlk(f.oid, 1, 4242, 0, 99, LockKind::Write, false, || false).await.unwrap();
+    a.setlk(f.oid, 1, 4242, 200, 299, LockKind::Read, false, || false).await.unwrap();
+    errno(b.setlk(f.oid, 7, 77, 50, 50, LockKind::Write, false, || false).await, libc::EAGAIN);
+
+    for s in cluster.servers.iter_mut() {
+        s.restart().await.unwrap();
+    }
+    // Until the holder has taken its locks again (its renewal every 10 s
+    // finds them gone), and after: never granted to the other mount.
+    let t0 = std::time::Instant::now();
+    let mut reclaimed = false;
+    while t0.elapsed() < std::time::Duration::from_secs(45) {
+        match b.setlk(f.oid, 7, 77, 50, 50, LockKind::Write, false, || false).await {
+            Ok(()) => panic!("another mount took a held lock after the server restarted ({:?} after)", t0.elapsed()),
+            Err(e) => assert!(
+                e.errno() == libc::EAGAIN || e.errno() == libc::EIO,
+                "unexpected error while the servers come back: {e}"
+            ),
+        }
+        if let Ok(Some(c)) = b.getlk(f.oid, 7, 77, 250, 250, true).await {
+            assert_eq!((c.pid, c.write), (4242, false));
+            reclaimed = b.getlk(f.oid, 7, 77, 10, 10, false).await.unwrap().is_some_and(|c| c.write);
+        }
+        if reclaimed && t0.elapsed() > std::time::Duration::from_secs(32) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(reclaimed, "the holder did not take its locks again");
+    // The holder lets go; the other mount gets it (the grace is over).
+    a.setlk(f.oid, 1, 4242, 0, u64::MAX, LockKind::Unlock, false, || false).await.unwrap();
+    b.setlk(f.oid, 7, 77, 50, 50, LockKind::Write, true, || false).await.unwrap();
+    drop(cluster);
+}

@@ -8,6 +8,12 @@
 //! the lease. A blocking lock is a series of bounded waits at the server,
 //! so a caller that is interrupted stops waiting.
 //!
+//! The mount also keeps the ranges its owners hold. A server that restarts
+//! has lost its table and takes only reclaims for a grace period; a
+//! renewal that finds the server holding none of this mount's locks on an
+//! inode (while no lock request of it is under way) takes them again
+//! with reclaims. A lock that cannot be reclaimed is reported as lost.
+//!
 //! [`Object::file_lock`]: crate::Object
 
 use std::time::Duration;
@@ -37,6 +43,79 @@ pub enum LockKind {
 /// The lock owners of one inode that may hold locks, with the number of
 /// lock requests each has in flight.
 pub(super) type Owners = std::collections::HashMap<u64, u32>;
+
+/// One range an owner holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    start: u64,
+    end: u64,
+    write: bool,
+    pid: u32,
+}
+
+/// What this mount holds on one inode, as the servers granted it.
+#[derive(Default)]
+pub(super) struct HeldLocks {
+    /// Lock requests under way (their outcome is not in `owners` yet).
+    busy: u32,
+    /// Changed whenever `owners` is.
+    version: u64,
+    owners: std::collections::HashMap<u64, Vec<Held>>,
+}
+
+impl HeldLocks {
+    /// Applies a granted request of `owner` as the server does: its ranges
+    /// in `start..=end` go, and a lock takes their place.
+    fn apply(&mut self, owner: u64, start: u64, end: u64, lock: Option<(bool, u32)>) {
+        let v = self.owners.entry(owner).or_default();
+        let mut kept = Vec::with_capacity(v.len() + 2);
+        for x in v.drain(..) {
+            if x.end < start || end < x.start {
+                kept.push(x);
+                continue;
+            }
+            if x.start < start {
+                kept.push(Held { end: start - 1, ..x });
+            }
+            if x.end > end {
+                kept.push(Held { start: end + 1, ..x });
+            }
+        }
+        if let Some((write, pid)) = lock {
+            kept.push(Held { start, end, write, pid });
+        }
+        *v = kept;
+        if v.is_empty() {
+            self.owners.remove(&owner);
+        }
+        self.version += 1;
+    }
+}
+
+/// Counts a request under way on an inode's [`HeldLocks`] until dropped.
+struct Busy<'a> {
+    fs: &'a Fs,
+    ino: Oid,
+}
+
+impl<'a> Busy<'a> {
+    fn start(fs: &'a Fs, ino: Oid) -> Busy<'a> {
+        fs.inner.held_locks.lock().expect("held locks").entry(ino).or_default().busy += 1;
+        Busy { fs, ino }
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut held = self.fs.inner.held_locks.lock().expect("held locks");
+        if let Some(h) = held.get_mut(&self.ino) {
+            h.busy = h.busy.saturating_sub(1);
+            if h.busy == 0 && h.owners.is_empty() {
+                held.remove(&self.ino);
+            }
+        }
+    }
+}
 
 /// Counts a lock request in flight for its owner until dropped.
 struct InFlight<'a> {
@@ -120,6 +199,7 @@ impl Fs {
         // Listed (and renewed) before the request, so a lock granted while
         // this call is cancelled is still renewed and released at close.
         let in_flight = (op != FileLockOp::Unlock).then(|| InFlight::start(self, ino, owner));
+        let _busy = Busy::start(self, ino);
         let mut backoff = Duration::from_millis(50);
         loop {
             let req = self.lock_req(owner, pid, start, end, op, if wait { WAIT_MS } else { 0 });
@@ -136,8 +216,24 @@ impl Fs {
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
+                // A restarted server's grace period, or a full table.
+                Err(e) if e.kind() == ErrorKind::Busy => return Err(posix(libc::EAGAIN, e.to_string())),
                 Err(e) => return Err(e.into()),
             };
+            if reply.conflict.is_none() {
+                let lock = match op {
+                    FileLockOp::Read => Some((false, pid)),
+                    FileLockOp::Write => Some((true, pid)),
+                    _ => None,
+                };
+                self.inner
+                    .held_locks
+                    .lock()
+                    .expect("held locks")
+                    .entry(ino)
+                    .or_default()
+                    .apply(owner, start, end, lock);
+            }
             // The kernel's whole file ends at i64::MAX.
             if op == FileLockOp::Unlock && start == 0 && end >= i64::MAX as u64 {
                 self.forget_owner(ino, owner);
@@ -225,6 +321,42 @@ impl Fs {
         }
     }
 
+    /// The version of what this mount holds on `ino`, if it holds
+    /// something and no request of it is under way.
+    fn quiet_version(&self, ino: Oid) -> Option<u64> {
+        let held = self.inner.held_locks.lock().expect("held locks");
+        held.get(&ino).filter(|h| h.busy == 0 && !h.owners.is_empty()).map(|h| h.version)
+    }
+
+    /// Takes again, with reclaims, every range this mount's owners hold on
+    /// `ino`; what cannot be taken again is reported lost and forgotten.
+    async fn reclaim_locks(&self, ino: Oid, obj: &crate::Object, dkey: &[u8]) {
+        let owners: Vec<(u64, Vec<Held>)> = {
+            let held = self.inner.held_locks.lock().expect("held locks");
+            held.get(&ino).map(|h| h.owners.iter().map(|(o, v)| (*o, v.clone())).collect()).unwrap_or_default()
+        };
+        tracing::warn!(%ino, owners = owners.len(), "the server keeping this mount's file locks lost them (restarted?); reclaiming");
+        for (owner, ranges) in owners {
+            for h in ranges {
+                let req = self.lock_req(owner, h.pid, h.start, h.end, FileLockOp::Reclaim { write: h.write }, 0);
+                let lost = match obj.file_lock(dkey, req).await {
+                    Ok(r) => r.conflict.map(|c| format!("process {} holds bytes {}..={}", c.pid, c.start, c.end)),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = lost {
+                    tracing::error!(%ino, owner, pid = h.pid, start = h.start, end = h.end, "a file lock was lost: {why}");
+                    self.inner
+                        .held_locks
+                        .lock()
+                        .expect("held locks")
+                        .entry(ino)
+                        .or_default()
+                        .apply(owner, h.start, h.end, None);
+                }
+            }
+        }
+    }
+
     /// Renews this mount's lease at every server that keeps a lock of it.
     /// Each renewal is bounded, so one slow server never holds up the
     /// renewals at the others.
@@ -233,9 +365,17 @@ impl Fs {
         stream::iter(inodes)
             .for_each_concurrent(64, |ino| async move {
                 let Ok((obj, dkey)) = self.node(ino) else { return };
+                let before = self.quiet_version(ino);
                 let req = self.lock_req(0, 0, 0, 0, FileLockOp::Renew, 0);
                 match tokio::time::timeout(FILE_LOCK_LEASE / 3, obj.file_lock(dkey, req)).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(reply)) => {
+                        // The server holds none of what this mount was
+                        // granted there, and nothing changed meanwhile: it
+                        // restarted (or the lease lapsed). Take it again.
+                        if reply.held == 0 && before.is_some() && self.quiet_version(ino) == before {
+                            self.reclaim_locks(ino, &obj, dkey).await;
+                        }
+                    }
                     Ok(Err(e)) => tracing::warn!(%ino, error = %e, "could not renew the file locks of this mount"),
                     Err(_) => tracing::warn!(%ino, "renewing the file locks of this mount timed out"),
                 }
