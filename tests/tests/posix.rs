@@ -503,6 +503,10 @@ async fn file_locks_survive_a_restart_of_every_server() {
     a.setlk(f.oid, 1, 4242, 0, 99, LockKind::Write, false, || false).await.unwrap();
     a.setlk(f.oid, 1, 4242, 200, 299, LockKind::Read, false, || false).await.unwrap();
     errno(b.setlk(f.oid, 7, 77, 50, 50, LockKind::Write, false, || false).await, libc::EAGAIN);
+    // Another process on the holder's mount waits for the lock all along
+    // (its retries must not keep the holder from reclaiming).
+    let a2 = a.clone();
+    let waiter = tokio::spawn(async move { a2.setlk(f.oid, 2, 5151, 0, 0, LockKind::Write, true, || false).await });
 
     for s in cluster.servers.iter_mut() {
         s.restart().await.unwrap();
@@ -515,7 +519,7 @@ async fn file_locks_survive_a_restart_of_every_server() {
         match b.setlk(f.oid, 7, 77, 50, 50, LockKind::Write, false, || false).await {
             Ok(()) => panic!("another mount took a held lock after the server restarted ({:?} after)", t0.elapsed()),
             Err(e) => assert!(
-                e.errno() == libc::EAGAIN || e.errno() == libc::EIO,
+                [libc::EAGAIN, libc::EIO, libc::ETIMEDOUT].contains(&e.errno()),
                 "unexpected error while the servers come back: {e}"
             ),
         }
@@ -529,8 +533,11 @@ async fn file_locks_survive_a_restart_of_every_server() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     assert!(reclaimed, "the holder did not take its locks again");
-    // The holder lets go; the other mount gets it (the grace is over).
+    assert!(!waiter.is_finished(), "a waiter got a lock its holder still holds: {:?}", waiter.await);
+    // The holder lets go: the waiter gets it, then the other mount.
     a.setlk(f.oid, 1, 4242, 0, u64::MAX, LockKind::Unlock, false, || false).await.unwrap();
+    waiter.await.unwrap().unwrap();
+    a.setlk(f.oid, 2, 5151, 0, u64::MAX, LockKind::Unlock, false, || false).await.unwrap();
     b.setlk(f.oid, 7, 77, 50, 50, LockKind::Write, true, || false).await.unwrap();
     drop(cluster);
 }

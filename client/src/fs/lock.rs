@@ -16,6 +16,7 @@
 //!
 //! [`Object::file_lock`]: crate::Object
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
@@ -56,10 +57,12 @@ struct Held {
 /// What this mount holds on one inode, as the servers granted it.
 #[derive(Default)]
 pub(super) struct HeldLocks {
-    /// Lock requests under way (their outcome is not in `owners` yet).
-    busy: u32,
-    /// Changed whenever `owners` is.
-    version: u64,
+    /// Each lock request holds it shared for one attempt (a bounded wait
+    /// at the server); a renewal holds it exclusively, so it never sees a
+    /// request's effect at the server before `owners` has it.
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// When the server last confirmed this mount's lease there.
+    renewed: Option<tokio::time::Instant>,
     owners: std::collections::HashMap<u64, Vec<Held>>,
 }
 
@@ -88,31 +91,34 @@ impl HeldLocks {
         if v.is_empty() {
             self.owners.remove(&owner);
         }
-        self.version += 1;
+    }
+
+    fn ranges(&self) -> u32 {
+        self.owners.values().map(|v| v.len() as u32).sum()
     }
 }
 
-/// Counts a request under way on an inode's [`HeldLocks`] until dropped.
-struct Busy<'a> {
+/// The gate of inode `ino`'s [`HeldLocks`] until dropped; then the entry
+/// goes if it holds nothing and nobody else uses it (only the map and
+/// this guard hold the gate: clones are made under the map's lock).
+struct Gate<'a> {
     fs: &'a Fs,
     ino: Oid,
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
-impl<'a> Busy<'a> {
-    fn start(fs: &'a Fs, ino: Oid) -> Busy<'a> {
-        fs.inner.held_locks.lock().expect("held locks").entry(ino).or_default().busy += 1;
-        Busy { fs, ino }
+impl<'a> Gate<'a> {
+    fn of(fs: &'a Fs, ino: Oid) -> Gate<'a> {
+        let gate = fs.inner.held_locks.lock().expect("held locks").entry(ino).or_default().gate.clone();
+        Gate { fs, ino, gate }
     }
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Gate<'_> {
     fn drop(&mut self) {
         let mut held = self.fs.inner.held_locks.lock().expect("held locks");
-        if let Some(h) = held.get_mut(&self.ino) {
-            h.busy = h.busy.saturating_sub(1);
-            if h.busy == 0 && h.owners.is_empty() {
-                held.remove(&self.ino);
-            }
+        if held.get(&self.ino).is_some_and(|h| h.owners.is_empty() && Arc::strong_count(&h.gate) == 2) {
+            held.remove(&self.ino);
         }
     }
 }
@@ -199,11 +205,29 @@ impl Fs {
         // Listed (and renewed) before the request, so a lock granted while
         // this call is cancelled is still renewed and released at close.
         let in_flight = (op != FileLockOp::Unlock).then(|| InFlight::start(self, ino, owner));
-        let _busy = Busy::start(self, ino);
+        let gate = Gate::of(self, ino);
         let mut backoff = Duration::from_millis(50);
         loop {
             let req = self.lock_req(owner, pid, start, end, op, if wait { WAIT_MS } else { 0 });
-            let reply = match obj.file_lock(dkey, req).await {
+            let attempt = async {
+                let _shared = gate.gate.read().await;
+                let r = obj.file_lock(dkey, req).await;
+                if let Ok(reply) = &r {
+                    if reply.conflict.is_none() {
+                        let lock = match op {
+                            FileLockOp::Read => Some((false, pid)),
+                            FileLockOp::Write => Some((true, pid)),
+                            _ => None,
+                        };
+                        let mut held = self.inner.held_locks.lock().expect("held locks");
+                        let h = held.entry(ino).or_default();
+                        h.apply(owner, start, end, lock);
+                        h.renewed = Some(tokio::time::Instant::now());
+                    }
+                }
+                r
+            };
+            let reply = match attempt.await {
                 Ok(r) => r,
                 // A failover, or a full lock table: a blocking lock keeps
                 // trying while its caller waits.
@@ -220,20 +244,6 @@ impl Fs {
                 Err(e) if e.kind() == ErrorKind::Busy => return Err(posix(libc::EAGAIN, e.to_string())),
                 Err(e) => return Err(e.into()),
             };
-            if reply.conflict.is_none() {
-                let lock = match op {
-                    FileLockOp::Read => Some((false, pid)),
-                    FileLockOp::Write => Some((true, pid)),
-                    _ => None,
-                };
-                self.inner
-                    .held_locks
-                    .lock()
-                    .expect("held locks")
-                    .entry(ino)
-                    .or_default()
-                    .apply(owner, start, end, lock);
-            }
             // The kernel's whole file ends at i64::MAX.
             if op == FileLockOp::Unlock && start == 0 && end >= i64::MAX as u64 {
                 self.forget_owner(ino, owner);
@@ -270,8 +280,13 @@ impl Fs {
         write: bool,
     ) -> FsResult<Option<FileLockInfo>> {
         let (obj, dkey) = self.node(ino)?;
-        let reply = obj.file_lock(dkey, self.lock_req(owner, pid, start, end, FileLockOp::Test { write }, 0)).await?;
-        Ok(reply.conflict)
+        let req = self.lock_req(owner, pid, start, end, FileLockOp::Test { write }, 0);
+        match obj.file_lock(dkey, req).await {
+            Ok(reply) => Ok(reply.conflict),
+            // A restarted server, before its holders reclaimed their locks.
+            Err(e) if e.kind() == ErrorKind::Busy => Err(posix(libc::EAGAIN, e.to_string())),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Releases every lock `owner` holds on `ino` (the kernel asks at each
@@ -294,7 +309,11 @@ impl Fs {
                     }
                 }
                 // Stop renewing for it; the server lets it lapse (unless
-                // this mount keeps other locks there).
+                // this mount keeps other locks there), and a restart of the
+                // server does not bring it back.
+                if let Some(h) = fs.inner.held_locks.lock().expect("held locks").get_mut(&ino) {
+                    h.apply(owner, 0, u64::MAX, None);
+                }
                 fs.forget_owner(ino, owner);
             });
             return Ok(());
@@ -321,40 +340,81 @@ impl Fs {
         }
     }
 
-    /// The version of what this mount holds on `ino`, if it holds
-    /// something and no request of it is under way.
-    fn quiet_version(&self, ino: Oid) -> Option<u64> {
-        let held = self.inner.held_locks.lock().expect("held locks");
-        held.get(&ino).filter(|h| h.busy == 0 && !h.owners.is_empty()).map(|h| h.version)
-    }
-
     /// Takes again, with reclaims, every range this mount's owners hold on
-    /// `ino`; what cannot be taken again is reported lost and forgotten.
+    /// `ino` (the caller holds the gate exclusively). A range the server
+    /// refuses (another holds it, or its grace period is over) is reported
+    /// lost and forgotten; one that fails otherwise stays, for the next
+    /// renewal to try again.
     async fn reclaim_locks(&self, ino: Oid, obj: &crate::Object, dkey: &[u8]) {
-        let owners: Vec<(u64, Vec<Held>)> = {
+        let ranges: Vec<(u64, Held)> = {
             let held = self.inner.held_locks.lock().expect("held locks");
-            held.get(&ino).map(|h| h.owners.iter().map(|(o, v)| (*o, v.clone())).collect()).unwrap_or_default()
+            held.get(&ino)
+                .map(|h| h.owners.iter().flat_map(|(o, v)| v.iter().map(|x| (*o, *x))).collect())
+                .unwrap_or_default()
         };
-        tracing::warn!(%ino, owners = owners.len(), "the server keeping this mount's file locks lost them (restarted?); reclaiming");
-        for (owner, ranges) in owners {
-            for h in ranges {
+        tracing::warn!(%ino, ranges = ranges.len(), "the server keeping this mount's file locks lost them (restarted?); reclaiming");
+        let outcomes: Vec<_> = stream::iter(ranges)
+            .map(|(owner, h)| async move {
                 let req = self.lock_req(owner, h.pid, h.start, h.end, FileLockOp::Reclaim { write: h.write }, 0);
-                let lost = match obj.file_lock(dkey, req).await {
-                    Ok(r) => r.conflict.map(|c| format!("process {} holds bytes {}..={}", c.pid, c.start, c.end)),
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(why) = lost {
-                    tracing::error!(%ino, owner, pid = h.pid, start = h.start, end = h.end, "a file lock was lost: {why}");
-                    self.inner
-                        .held_locks
-                        .lock()
-                        .expect("held locks")
-                        .entry(ino)
-                        .or_default()
-                        .apply(owner, h.start, h.end, None);
+                (owner, h, obj.file_lock(dkey, req).await)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut held = self.inner.held_locks.lock().expect("held locks");
+        let Some(entry) = held.get_mut(&ino) else { return };
+        for (owner, h, r) in outcomes {
+            let lost = match r {
+                Ok(r) => r.conflict.map(|c| format!("process {} holds bytes {}..={}", c.pid, c.start, c.end)),
+                Err(e) if e.kind() == ErrorKind::InvalidArgument => Some(e.to_string()),
+                Err(e) => {
+                    tracing::warn!(%ino, error = %e, "reclaiming a file lock failed; trying again at the next renewal");
+                    None
                 }
+            };
+            if let Some(why) = lost {
+                tracing::error!(%ino, owner, pid = h.pid, start = h.start, end = h.end, "a file lock was lost: {why}");
+                entry.apply(owner, h.start, h.end, None);
+            } else {
+                entry.renewed = Some(tokio::time::Instant::now());
             }
         }
+    }
+
+    /// Renews the lease of inode `ino`'s locks at its server; if the server
+    /// holds fewer of them than this mount was granted (it restarted), takes
+    /// them again, unless the lease ran out meanwhile (then another mount
+    /// may have had them: they are lost).
+    async fn renew_one(&self, ino: Oid) {
+        let Ok((obj, dkey)) = self.node(ino) else { return };
+        let gate = Gate::of(self, ino);
+        let _only = gate.gate.write().await;
+        let req = self.lock_req(0, 0, 0, 0, FileLockOp::Renew, 0);
+        let reply = match obj.file_lock(dkey, req).await {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!(%ino, error = %e, "could not renew the file locks of this mount"),
+        };
+        let now = tokio::time::Instant::now();
+        let (ranges, renewed) = {
+            let mut held = self.inner.held_locks.lock().expect("held locks");
+            let h = held.entry(ino).or_default();
+            let r = (h.ranges(), h.renewed);
+            if reply.held >= r.0 {
+                h.renewed = Some(now);
+            }
+            r
+        };
+        if reply.held >= ranges {
+            return;
+        }
+        if renewed.is_none_or(|t| now.duration_since(t) >= FILE_LOCK_LEASE) {
+            tracing::error!(%ino, "file locks of this mount were lost: its lease ran out before the server was reached again");
+            if let Some(h) = self.inner.held_locks.lock().expect("held locks").get_mut(&ino) {
+                h.owners.clear();
+            }
+            return;
+        }
+        self.reclaim_locks(ino, &obj, dkey).await;
     }
 
     /// Renews this mount's lease at every server that keeps a lock of it.
@@ -364,20 +424,8 @@ impl Fs {
         let inodes: Vec<Oid> = self.inner.file_locks.lock().expect("file locks").keys().copied().collect();
         stream::iter(inodes)
             .for_each_concurrent(64, |ino| async move {
-                let Ok((obj, dkey)) = self.node(ino) else { return };
-                let before = self.quiet_version(ino);
-                let req = self.lock_req(0, 0, 0, 0, FileLockOp::Renew, 0);
-                match tokio::time::timeout(FILE_LOCK_LEASE / 3, obj.file_lock(dkey, req)).await {
-                    Ok(Ok(reply)) => {
-                        // The server holds none of what this mount was
-                        // granted there, and nothing changed meanwhile: it
-                        // restarted (or the lease lapsed). Take it again.
-                        if reply.held == 0 && before.is_some() && self.quiet_version(ino) == before {
-                            self.reclaim_locks(ino, &obj, dkey).await;
-                        }
-                    }
-                    Ok(Err(e)) => tracing::warn!(%ino, error = %e, "could not renew the file locks of this mount"),
-                    Err(_) => tracing::warn!(%ino, "renewing the file locks of this mount timed out"),
+                if tokio::time::timeout(FILE_LOCK_LEASE / 3, self.renew_one(ino)).await.is_err() {
+                    tracing::warn!(%ino, "renewing the file locks of this mount timed out");
                 }
             })
             .await;
