@@ -242,6 +242,11 @@ impl State {
         Some((a, Bytes::from(run).slice((a - start) as usize..), gen))
     }
 
+    /// Whether any buffered run overlaps `r`.
+    fn overlaps_dirty(&self, r: Range<u64>) -> bool {
+        self.dirty.range(..r.end).next_back().is_some_and(|(s, run)| overlaps(&(*s..*s + run.data.len() as u64), &r))
+    }
+
     /// Takes every buffered run.
     fn take_all(&mut self) -> Vec<(u64, Bytes, u64)> {
         self.dirty_bytes = 0;
@@ -479,12 +484,20 @@ impl ArrayWriter {
             }
             let gen = st.next_gen;
             st.next_gen += 1;
-            let run = st.insert(offset, &data, gen);
-            let mut runs: Vec<(u64, Bytes, u64)> = st.take_whole_units(run, inner.unit).into_iter().collect();
-            if st.dirty_bytes > inner.cfg.max_dirty || st.dirty.len() > MAX_RUNS {
-                runs.extend(st.take_all());
+            let end = offset + data.len() as u64;
+            // Whole units over nothing buffered go out as they are, without
+            // a copy into the buffer.
+            if offset.is_multiple_of(inner.unit) && end.is_multiple_of(inner.unit) && !st.overlaps_dirty(offset..end) {
+                st.end = st.end.max(end);
+                inner.launch(&mut st, vec![(offset, data, gen)]);
+            } else {
+                let run = st.insert(offset, &data, gen);
+                let mut runs: Vec<(u64, Bytes, u64)> = st.take_whole_units(run, inner.unit).into_iter().collect();
+                if st.dirty_bytes > inner.cfg.max_dirty || st.dirty.len() > MAX_RUNS {
+                    runs.extend(st.take_all());
+                }
+                inner.launch(&mut st, runs);
             }
-            inner.launch(&mut st, runs);
         }
         let max = inner.cfg.max_in_flight.max(1);
         inner.wait_until(|st| st.flights.len() <= max).await;
@@ -694,6 +707,15 @@ mod tests {
             assert_eq!(flat, model);
             assert_eq!(st.dirty_bytes, st.dirty.values().map(|r| r.data.len() as u64).sum::<u64>());
         }
+    }
+
+    #[test]
+    fn overlaps_dirty_sees_any_run_in_the_range() {
+        let mut st = State::default();
+        st.insert(10, &[1; 10], 0);
+        st.insert(40, &[1; 10], 1);
+        assert!(!st.overlaps_dirty(0..10) && !st.overlaps_dirty(20..40) && !st.overlaps_dirty(50..60));
+        assert!(st.overlaps_dirty(19..20) && st.overlaps_dirty(0..100) && st.overlaps_dirty(45..46));
     }
 
     #[test]

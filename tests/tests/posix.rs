@@ -22,6 +22,23 @@ fn errno<T: std::fmt::Debug>(r: Result<T, FsError>, want: i32) {
     }
 }
 
+/// Ten 1000-byte appends of `a`s from handle `a` and of `b`s from `b`, at
+/// once.
+async fn append_from_both(a: &Fs, b: &Fs, oid: shoal_common::Oid) {
+    let rec = |c: u8| Bytes::from(vec![c; 1000]);
+    let wa = async {
+        for _ in 0..10 {
+            a.append(oid, rec(b'a')).await.unwrap();
+        }
+    };
+    let wb = async {
+        for _ in 0..10 {
+            b.append(oid, rec(b'b')).await.unwrap();
+        }
+    };
+    futures::join!(wa, wb);
+}
+
 async fn setup(tmp: &std::path::Path, servers: usize) -> (TestCluster, Fs) {
     let cluster = TestCluster::start(tmp, servers, 1).await.unwrap();
     let props = ContProps { rd_fac: 1, ..Default::default() };
@@ -361,18 +378,7 @@ async fn two_mounts_racing_on_one_name_never_both_win_or_lose_a_file() {
 
     // Appends from two mounts interleave whole.
     let log = a.create(root, b"log", &file(0o644), true).await.unwrap().0;
-    let rec = |c: u8| Bytes::from(vec![c; 1000]);
-    let wa = async {
-        for _ in 0..10 {
-            a.append(log.oid, rec(b'a')).await.unwrap();
-        }
-    };
-    let wb = async {
-        for _ in 0..10 {
-            b.append(log.oid, rec(b'b')).await.unwrap();
-        }
-    };
-    futures::join!(wa, wb);
+    append_from_both(&a, &b, log.oid).await;
     let all = a.read(log.oid, 0, 1 << 20).await.unwrap();
     assert_eq!(all.len(), 20_000);
     for r in all.chunks(1000) {
@@ -438,18 +444,7 @@ async fn a_gathering_handle_raises_the_size_only_as_its_bytes_land() {
     let log = a.create(root, b"log", &file(0o644), true).await.unwrap().0;
     a.write(log.oid, 0, Bytes::from(vec![b'w'; 100])).await.unwrap();
     a.flush_file(log.oid).await.unwrap();
-    let rec = |c: u8| Bytes::from(vec![c; 1000]);
-    let wa = async {
-        for _ in 0..10 {
-            a.append(log.oid, rec(b'a')).await.unwrap();
-        }
-    };
-    let wb = async {
-        for _ in 0..10 {
-            b.append(log.oid, rec(b'b')).await.unwrap();
-        }
-    };
-    futures::join!(wa, wb);
+    append_from_both(&a, &b, log.oid).await;
     a.flush_file(log.oid).await.unwrap();
     let all = b.read(log.oid, 0, 1 << 20).await.unwrap();
     assert_eq!(all.len(), 20_100);
