@@ -115,6 +115,11 @@ const OPEN_MARK: &[u8] = b"open.";
 fn open_mark(mount: u128) -> Vec<u8> {
     [OPEN_MARK, &mount.to_le_bytes()[..]].concat()
 }
+
+/// A file's size as its inode keeps it (absent: 0).
+fn size_value(v: Option<&[u8]>) -> u64 {
+    v.and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
+}
 /// Lock numbers (stripes of the inode dkey): the order they are taken in.
 const RENAME_LOCK: u64 = 0;
 const ENTRIES_LOCK: u64 = 1;
@@ -725,13 +730,11 @@ impl Fs {
         m.insert(oid, a);
     }
 
-    /// A file's size, as its inode keeps it.
     /// The size of file `oid` as this handle sees it: the servers' size,
     /// or the end of its own buffered writes if that is further.
     async fn size(&self, oid: Oid) -> FsResult<u64> {
         let v = self.node(oid)?.0.fetch_single(OBJ_DKEY, SIZE, EPOCH_MAX).await?;
-        let size = v.as_deref().and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
-        Ok(size.max(self.pending_end(oid)))
+        Ok(size_value(v.as_deref()).max(self.pending_end(oid)))
     }
 
     /// The end of the bytes buffered (or in flight) for file `oid` on this
@@ -828,12 +831,7 @@ impl Fs {
             None => return Err(posix(libc::ENOENT, format!("inode {oid} does not exist (removed?)"))),
         };
         let size = match rec.kind {
-            Kind::File => v
-                .get(4)
-                .and_then(|b| b.as_deref())
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_le_bytes)
-                .max(self.pending_end(oid)),
+            Kind::File => size_value(v.get(4).and_then(|b| b.as_deref())).max(self.pending_end(oid)),
             Kind::Dir => 4096,
             Kind::Symlink => rec.target.as_ref().map_or(0, |t| t.len() as u64),
             _ => 0,
@@ -1766,8 +1764,10 @@ impl Fs {
     }
 
     /// One open of file `oid` through this handle ended. After the last,
-    /// its open mark goes, and if the inode has no names left and no other
-    /// mount has it open, it is freed ([`Fs::reclaim`]).
+    /// its buffered writes are written ([`Fs::close_file`]; a failure is
+    /// logged, the FUSE flush reported it), its open mark goes, and if the
+    /// inode has no names left and no other mount has it open, it is freed
+    /// ([`Fs::reclaim`]).
     pub async fn release_file(&self, oid: Oid) -> FsResult<()> {
         let marked = {
             let mut opens = self.inner.opens.lock().expect("opens");
@@ -1778,6 +1778,11 @@ impl Fs {
             }
             o.marked.clone()
         };
+        // Also for a file with no names left: another mount may have it
+        // open and read what this one wrote.
+        if let Err(e) = self.close_file(oid).await {
+            tracing::warn!("writing the buffered bytes of {oid} at its last close failed: {e}");
+        }
         self.sync_open_mark(oid, &marked).await;
         if self.is_open(oid) {
             return Ok(());
@@ -1843,18 +1848,18 @@ impl Fs {
         Ok(())
     }
 
-    /// Whether inode `oid` carries another mount's open mark, live or not.
-    async fn marked_elsewhere(&self, oid: Oid) -> FsResult<bool> {
-        let mine = open_mark(self.inner.mount_id);
-        Ok(self.node(oid)?.0.list_akeys(OBJ_DKEY).await?.iter().any(|k| k.starts_with(OPEN_MARK) && *k != mine))
+    /// The other mounts whose open marks are on inode object `obj`, live
+    /// or not.
+    async fn marks_elsewhere(&self, obj: &Object) -> FsResult<Vec<u128>> {
+        let keys = obj.list_akeys(OBJ_DKEY).await?;
+        let ids = keys.iter().filter_map(|k| k.strip_prefix(OPEN_MARK).and_then(|b| <[u8; 16]>::try_from(b).ok()));
+        Ok(ids.map(u128::from_le_bytes).filter(|m| *m != self.inner.mount_id).collect())
     }
 
-    /// Whether another mount that is not gone has inode `oid` open.
+    /// Whether another mount that is not gone has inode object `obj` open.
     async fn open_elsewhere(&self, obj: &Object) -> FsResult<bool> {
-        for k in obj.list_akeys(OBJ_DKEY).await? {
-            let Some(id) = k.strip_prefix(OPEN_MARK).and_then(|b| <[u8; 16]>::try_from(b).ok()) else { continue };
-            let m = u128::from_le_bytes(id);
-            if m != self.inner.mount_id && !self.mount_gone(m).await? {
+        for m in self.marks_elsewhere(obj).await? {
+            if !self.mount_gone(m).await? {
                 return Ok(true);
             }
         }
@@ -1943,7 +1948,9 @@ impl Fs {
             let gone = match owner {
                 // Its own: at unmount, or when another mount had it open
                 // when it lost its name (that mount may be gone now).
-                Some(o) if o == self.inner.mount_id => mine || self.marked_elsewhere(oid).await?,
+                Some(o) if o == self.inner.mount_id => {
+                    mine || !self.marks_elsewhere(&self.node(oid)?.0).await?.is_empty()
+                }
                 Some(o) => self.mount_gone(o).await?,
                 None => true,
             };

@@ -127,8 +127,6 @@ struct State {
     inos: Mutex<HashMap<u64, Oid>>,
     files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
-    /// Open handles per inode (the last close flushes its buffered writes).
-    open: Mutex<HashMap<Oid, u32>>,
     next_fh: AtomicU64,
     /// Inodes known to have no `security.capability`, until when: the
     /// kernel asks before every write (to clear file capabilities), and
@@ -160,7 +158,6 @@ impl ShoalFuse {
                 inos: Mutex::default(),
                 files: Mutex::default(),
                 dirs: Mutex::default(),
-                open: Mutex::default(),
                 next_fh: AtomicU64::new(1),
                 no_caps: Mutex::default(),
             }),
@@ -297,7 +294,6 @@ impl State {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         self.files.lock().expect("files").insert(fh, OpenFile { oid, append, write, lock_owners: Vec::new() });
-        *self.open.lock().expect("open").entry(oid).or_insert(0) += 1;
         Ok(fh)
     }
 
@@ -315,32 +311,11 @@ impl State {
 
     async fn closed(&self, fh: u64) {
         let Some(f) = self.files.lock().expect("files").remove(&fh) else { return };
-        let last = {
-            let mut open = self.open.lock().expect("open");
-            match open.get_mut(&f.oid) {
-                Some(o) if *o <= 1 => {
-                    open.remove(&f.oid);
-                    true
-                }
-                Some(o) => {
-                    *o -= 1;
-                    false
-                }
-                None => true,
-            }
-        };
-        if last {
-            // The close itself (FUSE flush) reported any error already.
-            // Also for a file with no names left: another mount may have
-            // it open and read what this one wrote.
-            if let Err(e) = self.fs.close_file(f.oid).await {
-                tracing::warn!("writing the buffered bytes of {} at its last close failed: {e}", f.oid);
-            }
-        }
-        // Frees the inode if this was the last open anywhere and it has
-        // no names left.
+        // The last close here writes the buffered bytes (the FUSE flush
+        // reported any error already), and frees the inode if this was the
+        // last open anywhere and it has no names left.
         if let Err(e) = self.fs.release_file(f.oid).await {
-            tracing::warn!("freeing unlinked inode {} failed (`shoal fs check` frees it later): {e}", f.oid);
+            tracing::warn!("closing inode {} failed (`shoal fs check` frees it later if it has no name): {e}", f.oid);
         }
     }
 }
