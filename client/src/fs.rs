@@ -84,10 +84,16 @@ fn size_raiser(inode: Object, data: Array) -> LandedHook {
         let (inode, data) = (inode.clone(), data.clone());
         Box::pin(async move {
             let end = end.min(data.size().await?);
-            inode
-                .update_values(OBJ_DKEY, &[(SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes()))])
-                .await
-                .map(|_| ())
+            // The modification time of gathered writes too: stamped as
+            // they land rather than once per write (a write's own request
+            // to the inode cost as much as a small file's data).
+            let now = ns(now_ns());
+            let values = [
+                (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
+                (MTIME, ValueKind::Single, now.clone()),
+                (CTIME, ValueKind::Single, now),
+            ];
+            inode.update_values(OBJ_DKEY, &values).await.map(|_| ())
         })
     })
 }
@@ -428,6 +434,9 @@ struct FsInner {
     /// and the writer of each file written since it was last closed.
     gather: std::sync::OnceLock<WriteBack>,
     writers: Mutex<std::collections::HashMap<Oid, Arc<ArrayWriter>>>,
+    /// When each file with gathered writes was last written here: its
+    /// modification time as this handle shows it until they land.
+    written: Mutex<std::collections::HashMap<Oid, i64>>,
     /// The heartbeat task and the lock renewal task.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The heartbeat last seen of each other mount, and since when it has
@@ -529,6 +538,7 @@ impl Fs {
                 arrays: Mutex::default(),
                 gather: std::sync::OnceLock::new(),
                 writers: Mutex::default(),
+                written: Mutex::default(),
                 tasks: Mutex::default(),
                 file_locks: Mutex::default(),
                 held_locks: Mutex::default(),
@@ -830,19 +840,35 @@ impl Fs {
             Some(b) => decode(b, "inode record", oid)?,
             None => return Err(posix(libc::ENOENT, format!("inode {oid} does not exist (removed?)"))),
         };
+        let (mut mtime, mut ctime) = (un_ns(&v[2]), un_ns(&v[3]));
         let size = match rec.kind {
-            Kind::File => size_value(v.get(4).and_then(|b| b.as_deref())).max(self.pending_end(oid)),
+            Kind::File => {
+                let pending = self.pending_end(oid);
+                if pending > 0 {
+                    // Writes still buffered or in flight: their time, until
+                    // they land and stamp the inode.
+                    if let Some(&t) = self.inner.written.lock().expect("written").get(&oid) {
+                        (mtime, ctime) = (mtime.max(t), ctime.max(t));
+                    }
+                }
+                size_value(v.get(4).and_then(|b| b.as_deref())).max(pending)
+            }
             Kind::Dir => 4096,
             Kind::Symlink => rec.target.as_ref().map_or(0, |t| t.len() as u64),
             _ => 0,
         };
-        Ok(rec.attr(oid, size, [un_ns(&v[1]), un_ns(&v[2]), un_ns(&v[3])]))
+        Ok(rec.attr(oid, size, [un_ns(&v[1]), mtime, ctime]))
     }
 
     /// Changes attributes; returns the new ones. A size change truncates
     /// or extends a regular file.
     pub async fn setattr(&self, oid: Oid, set: &SetAttr) -> FsResult<Attr> {
         let (obj, dkey) = self.node(oid)?;
+        if set.atime.is_some() || set.mtime.is_some() {
+            // Buffered writes land (and stamp their time) before the times
+            // set here, which must stand (`touch -d`, `cp -p`, `tar x`).
+            self.flush_file(oid).await?;
+        }
         let now = now_ns();
         if let Some(size) = set.size {
             // Buffered writes land before the size changes under them.
@@ -1447,6 +1473,7 @@ impl Fs {
         // Ours and the table's: no write in progress holds it.
         if Arc::strong_count(&w) == 2 && w.is_idle() {
             writers.remove(&oid);
+            self.inner.written.lock().expect("written").remove(&oid);
         }
         Ok(r?)
     }
@@ -1506,14 +1533,13 @@ impl Fs {
         let n = data.len() as u64;
         let end = offset.checked_add(n).ok_or_else(|| posix(libc::EFBIG, "a write past 2^64"))?;
         let a = self.data_for_write(oid, end).await?;
-        let now = ns(now_ns());
-        let mut stamp = vec![(MTIME, ValueKind::Single, now.clone()), (CTIME, ValueKind::Single, now)];
+        let now = now_ns();
         let inode = self.node(oid)?.0;
         // The size only after the bytes: a failed write does not grow the
         // file, and no other client sees a size that covers bytes not yet
-        // on the servers. Gathered, the bytes are buffered here and each
-        // background write raises the size as it lands (by the next flush
-        // at the latest).
+        // on the servers. Gathered, the bytes are buffered here and the
+        // background writes raise the size and stamp the times as they
+        // land (by the next flush at the latest).
         match gather {
             Some(cfg) => {
                 let w = self.inner.writers.lock().expect("writers").get(&oid).cloned();
@@ -1525,15 +1551,20 @@ impl Fs {
                         self.inner.writers.lock().expect("writers").entry(oid).or_insert(w).clone()
                     }
                 };
+                self.inner.written.lock().expect("written").insert(oid, now);
                 w.write(offset, data).await?;
                 self.limit_dirty(&w).await;
             }
             None => {
                 a.write(offset, data).await?;
-                stamp.push((SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())));
+                let stamp = [
+                    (MTIME, ValueKind::Single, ns(now)),
+                    (CTIME, ValueKind::Single, ns(now)),
+                    (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
+                ];
+                inode.update_values(OBJ_DKEY, &stamp).await?;
             }
         }
-        inode.update_values(OBJ_DKEY, &stamp).await?;
         Ok(n)
     }
 
@@ -1885,6 +1916,7 @@ impl Fs {
         }
         // Nothing buffered may land in the array once it is punched.
         let w = self.inner.writers.lock().expect("writers").remove(&oid);
+        self.inner.written.lock().expect("written").remove(&oid);
         if let Some(w) = w {
             // The file is gone: its buffered bytes are not written, and
             // nothing in flight may land after the punch.

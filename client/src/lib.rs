@@ -72,4 +72,4 @@ pub use kv::Kv;
 pub use object::Object;
 pub use server::ServerClient;
 pub use system::{Client, ClientBuilder, ClientStats, Container, Pool};
-pub use writeback::{ArrayWriter, WriteBack};
+pub use writeback::{ArrayWriter, LandedHook, WriteBack};

@@ -95,11 +95,14 @@ impl Default for WriteBack {
     }
 }
 
-/// Called after each background write lands, with the end of the bytes
-/// it wrote, before the write counts as durable: a file system raises the
-/// file's size there, so that the size never covers bytes not yet on the
-/// servers. An error fails the write like a failed send (its bytes stay
-/// buffered and are sent again).
+/// Called after background writes land, before they count as durable: a
+/// file system raises the file's size there, so that the size never covers
+/// bytes not yet on the servers. Writes that land while a call runs share
+/// the next call: it gets the furthest end among them, so a call stands
+/// for every write that landed before it began (a hook that raises a size
+/// must clamp the end to what the array holds, as a truncate may have
+/// come between). An error fails the writes that waited on the call like
+/// failed sends (their bytes stay buffered and are sent again).
 pub type LandedHook = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// A write sent to the servers and not yet acknowledged.
@@ -295,6 +298,11 @@ struct Inner {
     array: Array,
     unit: u64,
     on_landed: Option<LandedHook>,
+    /// Landings waiting for the hook: how many so far, and the furthest
+    /// end among those no call has taken yet.
+    hook_queue: Mutex<(u64, u64)>,
+    /// Held while the hook runs: how many landings its calls covered.
+    hook_done: tokio::sync::Mutex<u64>,
     cfg: WriteBack,
     state: Mutex<State>,
     /// Signalled whenever a flight ends.
@@ -372,6 +380,39 @@ impl Inner {
         }))
     }
 
+    /// Runs the landing hook for a write that landed with `end`, or waits
+    /// for a call that began after it landed (group commit: a burst of
+    /// landings costs one or two calls, not one each).
+    async fn run_hook(&self, end: u64) -> Result<()> {
+        let Some(hook) = &self.on_landed else { return Ok(()) };
+        let ticket = {
+            let mut q = self.hook_queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.0 += 1;
+            q.1 = q.1.max(end);
+            q.0
+        };
+        let mut done = self.hook_done.lock().await;
+        if *done >= ticket {
+            return Ok(());
+        }
+        let (upto, end) = {
+            let mut q = self.hook_queue.lock().unwrap_or_else(|e| e.into_inner());
+            (q.0, std::mem::take(&mut q.1))
+        };
+        match hook(end).await {
+            Ok(()) => {
+                *done = upto;
+                Ok(())
+            }
+            Err(e) => {
+                // The next landing's call takes these ends again.
+                let mut q = self.hook_queue.lock().unwrap_or_else(|e| e.into_inner());
+                q.1 = q.1.max(end);
+                Err(e)
+            }
+        }
+    }
+
     /// Waits until `done` holds, re-checking whenever a flight lands.
     async fn wait_until(&self, done: impl Fn(&State) -> bool) {
         loop {
@@ -395,8 +436,8 @@ impl Landing {
         let _permit = inner.sends.acquire().await.expect("the semaphore is never closed");
         let end = range.end;
         let mut r = inner.array.write(offset, data).await;
-        if let (Ok(_), Some(hook)) = (&r, &inner.on_landed) {
-            if let Err(e) = hook(end).await {
+        if r.is_ok() {
+            if let Err(e) = inner.run_hook(end).await {
                 r = Err(e);
             }
         }
@@ -424,6 +465,8 @@ impl Array {
             array: self.clone(),
             unit,
             on_landed,
+            hook_queue: Mutex::new((0, 0)),
+            hook_done: tokio::sync::Mutex::new(0),
             cfg,
             state: Mutex::new(State::default()),
             landed: Notify::new(),

@@ -473,6 +473,26 @@ async fn a_gathering_handle_raises_the_size_only_as_its_bytes_land() {
     assert!(grown[..4096].iter().all(|c| *c == b'x'));
     assert!(grown[4096..].iter().all(|c| *c == 0), "bytes past the old end came back");
 
+    // Times: a buffered write shows its time on its own handle at once;
+    // the landing stamps it for everyone; times set after buffered writes
+    // (`touch -d`, `cp -p`) stand after those writes land.
+    let t = a.create(root, b"t", &file(0o644), true).await.unwrap().0;
+    let old = SetAttr { mtime: Some(1_000_000_000), atime: Some(1_000_000_000), ..SetAttr::default() };
+    a.setattr(t.oid, &old).await.unwrap();
+    let before = shoal_client::fs::now_ns();
+    a.write(t.oid, 0, Bytes::from_static(b"buffered")).await.unwrap();
+    assert!(a.getattr(t.oid).await.unwrap().mtime >= before, "the writer's handle shows the old mtime");
+    assert_eq!(b.getattr(t.oid).await.unwrap().mtime, 1_000_000_000, "a time for bytes not landed");
+    a.flush_file(t.oid).await.unwrap();
+    let landed = b.getattr(t.oid).await.unwrap();
+    assert!(landed.mtime >= before && landed.ctime >= before, "the landing did not stamp the times");
+    a.write(t.oid, 8, Bytes::from_static(b" more")).await.unwrap();
+    a.setattr(t.oid, &old).await.unwrap();
+    a.flush_file(t.oid).await.unwrap();
+    let set = b.getattr(t.oid).await.unwrap();
+    assert_eq!((set.mtime, set.size), (1_000_000_000, 13), "a write landing after utimens overwrote its time");
+    assert_eq!(a.getattr(t.oid).await.unwrap().mtime, 1_000_000_000);
+
     // Many files each below its own limit: the handle's total stays bounded.
     let cap = max_dirty * shoal_client::fs::DIRTY_FILES_MAX;
     for i in 0..(2 * shoal_client::fs::DIRTY_FILES_MAX + 4) {

@@ -174,6 +174,56 @@ async fn a_failed_background_write_fails_the_flush_and_is_sent_again() {
     assert_eq!(fresh.read(0, 1 << 20).await.unwrap(), data);
 }
 
+/// Writes that land together share one call of the landing hook (a file
+/// system raises the size there: one request to the inode per burst, not
+/// one per stripe), and the last call covers the furthest byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn landings_share_the_hook() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = TestCluster::start(tmp.path(), 6, 1).await.unwrap();
+    let (_client, cont) = ec_cont(&cluster).await;
+    let a = cont.array_create(None, None).await.unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let ends = Arc::new(Mutex::new(Vec::new()));
+    let hook: shoal_client::LandedHook = {
+        let (calls, ends) = (calls.clone(), ends.clone());
+        Arc::new(move |end: u64| {
+            let (calls, ends) = (calls.clone(), ends.clone());
+            Box::pin(async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                ends.lock().unwrap().push(end);
+                // Slow, as a request to a busy server is: the writes that
+                // land meanwhile wait for the next call.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(())
+            })
+        })
+    };
+    let cfg = WriteBack { max_in_flight: 8, ..WriteBack::default() };
+    let w = a.writer_with_hook(cfg, Some(hook));
+    let unit = w.unit();
+    // Eight whole stripes, one write each: eight flights at once.
+    let data = Bytes::from(pattern(3, 8 * unit as usize));
+    for i in 0..8 {
+        w.write(i * unit, data.slice((i * unit) as usize..((i + 1) * unit) as usize)).await.unwrap();
+    }
+    w.flush().await.unwrap();
+    let n = calls.load(Ordering::SeqCst);
+    let seen = ends.lock().unwrap().clone();
+    assert!((1..8).contains(&n), "{n} hook calls for 8 stripes landing together (ends {seen:?})");
+    assert_eq!(seen.iter().max(), Some(&(8 * unit)), "no call covered the furthest byte: {seen:?}");
+    // A later, lower write still gets its own call (after a truncate the
+    // hook must hear of it even though a larger end was covered before).
+    w.write(0, Bytes::from(pattern(4, unit as usize))).await.unwrap();
+    w.flush().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), n + 1);
+    assert_eq!(ends.lock().unwrap().last(), Some(&unit), "the lower write's call");
+    w.close().await.unwrap();
+    assert_eq!(a.read(unit, 7 * unit).await.unwrap(), data.slice(unit as usize..));
+}
+
 /// Starts the gathering writer on `a` over `[start, end)`, `passes` times.
 fn spawn_writer(
     cluster: &TestCluster,
