@@ -19,13 +19,17 @@
 //! appended to and has no allocated blocks left is removed.
 //!
 //! Direct I/O: extents of [`RealFs::direct_min`] bytes or more (default
-//! [`DIRECT_MIN`]) start at a 4 KiB
-//! boundary of the file, and the real file system writes them with
-//! O_DIRECT (through an aligned buffer, padded with zeros to the next
-//! boundary), so they do not pass through the page cache: copying every
-//! replica into freshly allocated page-cache pages was half of all the CPU
-//! a replicated write cost (docs/performance.md). Smaller extents are
-//! written through the page cache; the two never share a page. The
+//! [`DIRECT_MIN`]), and extents of whole 4 KiB blocks of
+//! [`RealFs::pack_min`] bytes or more (default [`DIRECT_PACK_MIN`]: EC
+//! cells), start at a 4 KiB boundary of the file, and the real file system
+//! writes them with O_DIRECT (through an aligned buffer, padded with zeros
+//! to the next boundary), so they do not pass through the page cache:
+//! copying every replica into freshly allocated page-cache pages was half
+//! of all the CPU a replicated write cost (docs/performance.md). Direct
+//! extents of one group that follow each other in the file go out as one
+//! write, so a group of 64 KiB cells is one large write, not many small
+//! synchronous ones. Other extents are written through the page cache; the
+//! two never share a page. The
 //! fdatasync before records point at the data is the same either way (it
 //! makes the file's allocation durable). On by default;
 //! `SHOAL_DIRECT_IO=0` turns it off.
@@ -54,12 +58,22 @@ pub trait DataFile: Send + Sync {
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes the file system has allocated to the file.
     fn allocated(&self) -> io::Result<u64>;
-    /// From what size on aligned writes go around the page cache
-    /// (O_DIRECT), if they do: the appender then starts such extents on a
-    /// boundary, gathers them and writes them together, several at once,
-    /// before the sync.
-    fn direct_min(&self) -> Option<usize> {
-        None
+    /// Whether an extent of `len` bytes goes around the page cache
+    /// (O_DIRECT): the appender then starts it on a boundary, gathers it
+    /// and writes it with the others of its group through
+    /// [`DataFile::write_parts_at`] before the sync.
+    fn goes_direct(&self, _len: usize) -> bool {
+        false
+    }
+    /// Writes `parts` one after another from `offset` (a direct file: one
+    /// write, padded to the alignment).
+    fn write_parts_at(&self, parts: &[Bytes], offset: u64) -> io::Result<()> {
+        let mut at = offset;
+        for p in parts {
+            self.write_at(p, at)?;
+            at += p.len() as u64;
+        }
+        Ok(())
     }
 }
 
@@ -86,6 +100,9 @@ pub trait Vfs: Send + Sync + 'static {
 
 /// Extents of at least this many bytes are written with O_DIRECT.
 pub const DIRECT_MIN: usize = 1 << 20;
+/// Extents of whole [`DIRECT_ALIGN`] blocks of at least this many bytes
+/// are written with O_DIRECT too, packed one after another.
+pub const DIRECT_PACK_MIN: usize = 16 << 10;
 /// The alignment O_DIRECT needs (offsets, lengths and memory).
 pub const DIRECT_ALIGN: u64 = 4096;
 
@@ -95,17 +112,27 @@ pub struct RealFs {
     /// Extents of at least this many bytes are written with O_DIRECT where
     /// the file system allows (0: never).
     pub direct_min: usize,
+    /// Extents of whole 4 KiB blocks of at least this many bytes go direct
+    /// too (0: none).
+    pub pack_min: usize,
 }
 
 impl Default for RealFs {
     /// Extents of [`DIRECT_MIN`] bytes or more go direct, or of
     /// `SHOAL_DIRECT_MIN=BYTES` (at least 4096); `SHOAL_DIRECT_IO=0` turns
-    /// direct I/O off (measured in docs/performance.md: it cuts the CPU of
+    /// direct I/O off; extents of whole blocks of [`DIRECT_PACK_MIN`]
+    /// bytes or more go direct too, or of `SHOAL_DIRECT_PACK=BYTES` (0:
+    /// none) (measured in docs/performance.md: it cuts the CPU of
     /// replicated writes to a third and doubles their bandwidth).
     fn default() -> Self {
         let min = std::env::var("SHOAL_DIRECT_MIN").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DIRECT_MIN);
         let on = std::env::var("SHOAL_DIRECT_IO").as_deref() != Ok("0");
-        RealFs { direct_min: if on { min.max(DIRECT_ALIGN as usize) } else { 0 } }
+        let pack =
+            std::env::var("SHOAL_DIRECT_PACK").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(DIRECT_PACK_MIN);
+        RealFs {
+            direct_min: if on { min.max(DIRECT_ALIGN as usize) } else { 0 },
+            pack_min: if on && pack > 0 { pack.max(DIRECT_ALIGN as usize) } else { 0 },
+        }
     }
 }
 
@@ -116,6 +143,7 @@ pub struct RealFile {
     file: std::fs::File,
     direct: Option<std::fs::File>,
     direct_min: usize,
+    pack_min: usize,
     /// The file system refused a direct write: none are tried again.
     direct_refused: std::sync::atomic::AtomicBool,
 }
@@ -132,29 +160,42 @@ thread_local! {
 
 impl DataFile for RealFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let Some(direct) =
-            self.direct.as_ref().filter(|_| buf.len() >= self.direct_min && offset.is_multiple_of(DIRECT_ALIGN))
-        else {
-            return DataFile::write_at(&self.file, buf, offset);
+        DataFile::write_at(&self.file, buf, offset)
+    }
+
+    fn write_parts_at(&self, parts: &[Bytes], offset: u64) -> io::Result<()> {
+        let Some(direct) = self.direct.as_ref().filter(|_| offset.is_multiple_of(DIRECT_ALIGN)) else {
+            return page_cache_parts(&self.file, parts, 0, offset);
         };
         if self.direct_refused.load(std::sync::atomic::Ordering::Relaxed) {
-            return DataFile::write_at(&self.file, buf, offset);
+            return page_cache_parts(&self.file, parts, 0, offset);
         }
         let align = DIRECT_ALIGN as usize;
+        let total: usize = parts.iter().map(|p| p.len()).sum();
         BOUNCE.with(|b| {
             let mut b = b.borrow_mut();
-            let cap = buf.len().next_multiple_of(align).min(BOUNCE_MAX);
+            let cap = total.next_multiple_of(align).min(BOUNCE_MAX);
             if b.len() < cap + align {
                 *b = vec![0u8; cap + align];
             }
             let start = b.as_ptr().align_offset(align);
-            // Through the bounce buffer a piece at a time; the last is
+            // Through the bounce buffer a piece of at most BOUNCE_MAX at a
+            // time, filled from the parts in order; the last piece is
             // padded with zeros to the alignment.
-            let mut done = 0;
-            while done < buf.len() {
-                let n = (buf.len() - done).min(BOUNCE_MAX);
+            let (mut done, mut part, mut in_part) = (0, 0, 0);
+            while done < total {
+                let n = (total - done).min(BOUNCE_MAX);
                 let out = &mut b[start..start + n.next_multiple_of(align)];
-                out[..n].copy_from_slice(&buf[done..done + n]);
+                let mut filled = 0;
+                while filled < n {
+                    let p = &parts[part];
+                    let k = (p.len() - in_part).min(n - filled);
+                    out[filled..filled + k].copy_from_slice(&p[in_part..in_part + k]);
+                    (filled, in_part) = (filled + k, in_part + k);
+                    if in_part == p.len() {
+                        (part, in_part) = (part + 1, 0);
+                    }
+                }
                 out[n..].fill(0);
                 match std::os::unix::fs::FileExt::write_all_at(direct, out, offset + done as u64) {
                     Ok(()) => done += n,
@@ -166,7 +207,7 @@ impl DataFile for RealFile {
                         if !self.direct_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
                             tracing::warn!("O_DIRECT writes refused ({e}); writing through the page cache");
                         }
-                        return DataFile::write_at(&self.file, &buf[done..], offset + done as u64);
+                        return page_cache_parts(&self.file, parts, done, offset);
                     }
                     Err(e) => return Err(e),
                 }
@@ -195,8 +236,10 @@ impl DataFile for RealFile {
         self.file.allocated()
     }
 
-    fn direct_min(&self) -> Option<usize> {
-        self.direct.as_ref().map(|_| self.direct_min)
+    fn goes_direct(&self, len: usize) -> bool {
+        self.direct.is_some()
+            && (len >= self.direct_min
+                || (self.pack_min > 0 && len >= self.pack_min && len.is_multiple_of(DIRECT_ALIGN as usize)))
     }
 }
 
@@ -262,6 +305,7 @@ impl Vfs for RealFs {
             file: f,
             direct,
             direct_min: self.direct_min,
+            pack_min: self.pack_min,
             direct_refused: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -313,27 +357,70 @@ pub struct DataFiles {
     pool: std::sync::OnceLock<WritePool>,
 }
 
-/// A large extent appended but not yet written: (file, offset, bytes).
+/// A direct extent appended but not yet written: (file, offset, bytes).
 type PendingWrite = (Arc<dyn DataFile>, u64, Bytes);
+
+/// Direct extents that follow each other in one file, written as one:
+/// (file, offset, the extents in order).
+type PendingRun = (Arc<dyn DataFile>, u64, Vec<Bytes>);
+
+/// Writes `parts` from byte `skip` of their concatenation on, through the
+/// page cache, at `offset + skip`.
+fn page_cache_parts(file: &std::fs::File, parts: &[Bytes], skip: usize, offset: u64) -> io::Result<()> {
+    let mut at = 0;
+    for p in parts {
+        let end = at + p.len();
+        if end > skip {
+            let from = skip.saturating_sub(at);
+            DataFile::write_at(file, &p[from..], offset + (at + from) as u64)?;
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+/// Joins pending direct extents that follow each other in the same file
+/// (each starts where the previous one's padding ends; packed extents
+/// have none) into runs, in order.
+fn runs_of(writes: Vec<PendingWrite>) -> Vec<PendingRun> {
+    let mut runs: Vec<PendingRun> = Vec::new();
+    for (file, offset, data) in writes {
+        if let Some((f, o, parts)) = runs.last_mut() {
+            let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+            // Only a run of whole blocks can take more (else the next
+            // extent would land on its padding); runs of a MiB or more are
+            // left as they are, so the disk still sees several at once.
+            if Arc::ptr_eq(f, &file) && len.is_multiple_of(DIRECT_ALIGN) && *o + len == offset && len < RUN_MAX {
+                parts.push(data);
+                continue;
+            }
+        }
+        runs.push((file, offset, vec![data]));
+    }
+    runs
+}
 
 /// A few threads, each with its own aligned buffer, that write gathered
 /// direct extents in parallel so the disk sees several at once.
 struct WritePool {
-    jobs: crossbeam::channel::Sender<(PendingWrite, crossbeam::channel::Sender<io::Result<()>>)>,
+    jobs: crossbeam::channel::Sender<(PendingRun, crossbeam::channel::Sender<io::Result<()>>)>,
 }
+
+/// A run of adjacent direct extents grows up to this size.
+const RUN_MAX: u64 = 1 << 20;
 
 /// Direct writes in flight at once per target.
 const DIRECT_DEPTH: usize = 4;
 
 impl WritePool {
     fn new() -> WritePool {
-        let (jobs, rx) = crossbeam::channel::unbounded::<(PendingWrite, crossbeam::channel::Sender<io::Result<()>>)>();
+        let (jobs, rx) = crossbeam::channel::unbounded::<(PendingRun, crossbeam::channel::Sender<io::Result<()>>)>();
         for i in 0..DIRECT_DEPTH {
             let rx = rx.clone();
             // The threads end when the pool (the only sender) is dropped.
             let spawned = std::thread::Builder::new().name(format!("shoal-dio-{i}")).spawn(move || {
-                for ((file, offset, data), done) in rx {
-                    let _ = done.send(file.write_at(&data, offset));
+                for ((file, offset, parts), done) in rx {
+                    let _ = done.send(file.write_parts_at(&parts, offset));
                 }
             });
             if let Err(e) = spawned {
@@ -343,11 +430,13 @@ impl WritePool {
         WritePool { jobs }
     }
 
-    /// Writes every extent, several at once; the first error if any failed.
+    /// Writes every extent, runs of adjacent ones as one write, several
+    /// at once; the first error if any failed.
     fn write_all(&self, writes: Vec<PendingWrite>) -> io::Result<()> {
+        let writes = runs_of(writes);
         if writes.len() == 1 {
-            let (file, offset, data) = &writes[0];
-            return file.write_at(data, *offset);
+            let (file, offset, parts) = &writes[0];
+            return file.write_parts_at(parts, *offset);
         }
         let (done, results) = crossbeam::channel::unbounded();
         let n = writes.len();
@@ -454,7 +543,7 @@ impl DataFiles {
             *a = next;
         }
         // Large extents start on a boundary O_DIRECT can write at.
-        let direct = a.file.direct_min().is_some_and(|min| data.len() >= min);
+        let direct = a.file.goes_direct(data.len());
         let offset = if direct { a.len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN } else { a.len };
         if direct {
             a.pending.push((a.file.clone(), offset, data.clone()));
@@ -613,7 +702,7 @@ mod tests {
         let pattern = |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect() };
         let extents =
             [pattern(3, 100), pattern(5, (1 << 20) + 7), pattern(7, 200), pattern(11, DIRECT_MIN)].map(Bytes::from);
-        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN }), &dir, 1 << 30).unwrap();
+        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN }), &dir, 1 << 30).unwrap();
         let mut at = Vec::new();
         for e in &extents {
             at.push(files.append(&mut a, e).unwrap());
@@ -635,7 +724,7 @@ mod tests {
         }
         // Reopened, appends go on after the last extent, aligned again.
         drop((files, a));
-        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN }), &dir, 1 << 30).unwrap();
+        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN }), &dir, 1 << 30).unwrap();
         let more = Bytes::from(pattern(13, 3 << 20));
         let (no, off) = files.append(&mut a, &more).unwrap();
         files.sync(&mut a).unwrap();
@@ -653,10 +742,73 @@ mod tests {
     }
 
     #[test]
+    fn cells_of_whole_blocks_are_packed_and_written_direct_as_one_run() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let dir = tmp.path().join("data");
+        let fs = Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN });
+        let (files, mut a) = DataFiles::open(fs, &dir, 1 << 30).unwrap();
+        let cell = |seed: u8, len: usize| Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(seed) ^ seed).collect::<Vec<u8>>());
+        // A small extent first (page cache), then 64 KiB cells, a 3 KiB
+        // one among them (page cache, after the cells' last block), and
+        // 20 KiB cells (whole blocks above the pack size).
+        let mut extents = vec![cell(1, 100)];
+        extents.extend((0..6).map(|i| cell(2 + i, 64 << 10)));
+        extents.push(cell(9, 3 << 10));
+        extents.extend((0..3).map(|i| cell(10 + i, 20 << 10)));
+        let mut at = Vec::new();
+        for e in &extents {
+            at.push(files.append(&mut a, e).unwrap().1);
+        }
+        assert_eq!(a.pending_len(), 9, "the cells wait for the group's write");
+        files.sync(&mut a).unwrap();
+        // Packed: each cell right after the previous one, from a boundary.
+        assert_eq!(at[1], 4096);
+        for i in 2..7 {
+            assert_eq!(at[i], at[i - 1] + (64 << 10), "cell {i} is not packed");
+        }
+        assert_eq!(at[9], at[8] + (20 << 10));
+        assert!(at[8] % DIRECT_ALIGN == 0 && at[8] >= at[7] + (3 << 10));
+        let path = file_name(&dir, 0);
+        assert_eq!(cached_pages(&path, at[1], 6 * (64 << 10)), 0, "a packed cell went through the page cache");
+        assert_eq!(cached_pages(&path, at[8], 3 * (20 << 10)), 0, "a packed cell went through the page cache");
+        for (off, e) in at.iter().zip(&extents) {
+            assert_eq!(&files.read(0, *off, e.len() as u64).unwrap(), e);
+        }
+        // Off: cells go through the page cache.
+        let fs = Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: 0 });
+        let (files, mut a) = DataFiles::open(fs, &dir, 1 << 30).unwrap();
+        let off = files.append(&mut a, &extents[1]).unwrap().1;
+        assert_eq!(a.pending_len(), 0);
+        files.sync(&mut a).unwrap();
+        assert!(cached_pages(&path, off, 64 << 10) > 0);
+    }
+
+    #[test]
+    fn adjacent_direct_extents_join_into_runs_of_up_to_a_mib() {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let fs = RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN };
+        let (f, g) = (fs.open(&tmp.path().join("f"), true).unwrap(), fs.open(&tmp.path().join("g"), true).unwrap());
+        let b = |n: usize| Bytes::from(vec![1u8; n]);
+        let k64 = 64 << 10;
+        let mut writes: Vec<PendingWrite> = (0..20).map(|i| (f.clone(), i * k64 as u64, b(k64))).collect();
+        // A gap, another file, and a run after an extent that is not
+        // whole blocks (padded: the next one starts after the padding).
+        writes.push((f.clone(), 40 * k64 as u64, b(k64)));
+        writes.push((g.clone(), 41 * k64 as u64, b(k64)));
+        writes.push((g.clone(), 42 * k64 as u64, b(5000)));
+        writes.push((g.clone(), 42 * k64 as u64 + 5000, b(k64)));
+        let runs: Vec<(u64, usize)> = runs_of(writes).iter().map(|(_, o, p)| (*o, p.len())).collect();
+        assert_eq!(
+            runs,
+            vec![(0, 16), (16 * k64 as u64, 4), (40 * k64 as u64, 1), (41 * k64 as u64, 2), (42 * k64 as u64 + 5000, 1)]
+        );
+    }
+
+    #[test]
     fn without_direct_io_every_extent_goes_through_the_page_cache() {
         let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
         let dir = tmp.path().join("data");
-        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: 0 }), &dir, 1 << 30).unwrap();
+        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: 0, pack_min: 0 }), &dir, 1 << 30).unwrap();
         let big = Bytes::from(vec![0x5au8; 1 << 20]);
         let (no, off) = files.append(&mut a, &big).unwrap();
         files.sync(&mut a).unwrap();
