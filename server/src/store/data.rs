@@ -702,7 +702,9 @@ mod tests {
         let pattern = |seed: u8, len: usize| -> Vec<u8> { (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect() };
         let extents =
             [pattern(3, 100), pattern(5, (1 << 20) + 7), pattern(7, 200), pattern(11, DIRECT_MIN)].map(Bytes::from);
-        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN }), &dir, 1 << 30).unwrap();
+        let (files, mut a) =
+            DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN }), &dir, 1 << 30)
+                .unwrap();
         let mut at = Vec::new();
         for e in &extents {
             at.push(files.append(&mut a, e).unwrap());
@@ -724,7 +726,9 @@ mod tests {
         }
         // Reopened, appends go on after the last extent, aligned again.
         drop((files, a));
-        let (files, mut a) = DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN }), &dir, 1 << 30).unwrap();
+        let (files, mut a) =
+            DataFiles::open(Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN }), &dir, 1 << 30)
+                .unwrap();
         let more = Bytes::from(pattern(13, 3 << 20));
         let (no, off) = files.append(&mut a, &more).unwrap();
         files.sync(&mut a).unwrap();
@@ -747,7 +751,9 @@ mod tests {
         let dir = tmp.path().join("data");
         let fs = Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: DIRECT_PACK_MIN });
         let (files, mut a) = DataFiles::open(fs, &dir, 1 << 30).unwrap();
-        let cell = |seed: u8, len: usize| Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(seed) ^ seed).collect::<Vec<u8>>());
+        let cell = |seed: u8, len: usize| {
+            Bytes::from((0..len).map(|i| (i as u8).wrapping_mul(seed) ^ seed).collect::<Vec<u8>>())
+        };
         // A small extent first (page cache), then 64 KiB cells, a 3 KiB
         // one among them (page cache, after the cells' last block), and
         // 20 KiB cells (whole blocks above the pack size).
@@ -800,7 +806,13 @@ mod tests {
         let runs: Vec<(u64, usize)> = runs_of(writes).iter().map(|(_, o, p)| (*o, p.len())).collect();
         assert_eq!(
             runs,
-            vec![(0, 16), (16 * k64 as u64, 4), (40 * k64 as u64, 1), (41 * k64 as u64, 2), (42 * k64 as u64 + 5000, 1)]
+            vec![
+                (0, 16),
+                (16 * k64 as u64, 4),
+                (40 * k64 as u64, 1),
+                (41 * k64 as u64, 2),
+                (42 * k64 as u64 + 5000, 1)
+            ]
         );
     }
 
