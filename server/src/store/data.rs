@@ -50,6 +50,15 @@ pub trait DataFile: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Reads exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Reads exactly `len` bytes at `offset`. With `whole` (the caller
+    /// wants all of an extent, not part of it), a direct file reads an
+    /// extent it wrote direct around the page cache; a part is read
+    /// through the cache, so the next part of the same extent is there.
+    fn read_bytes(&self, offset: u64, len: usize, _whole: bool) -> io::Result<Bytes> {
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        Ok(Bytes::from(buf))
+    }
     /// Makes the file's data durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     /// The file's length.
@@ -220,6 +229,64 @@ impl DataFile for RealFile {
         DataFile::read_at(&self.file, buf, offset)
     }
 
+    fn read_bytes(&self, offset: u64, len: usize, whole: bool) -> io::Result<Bytes> {
+        let buffered = || {
+            let mut buf = vec![0u8; len];
+            DataFile::read_at(&self.file, &mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        };
+        // Only what was written direct (its start is aligned): the rest
+        // may be in the page cache, where a read costs no disk I/O.
+        let Some(direct) =
+            self.direct.as_ref().filter(|_| whole && self.goes_direct(len) && offset.is_multiple_of(DIRECT_ALIGN))
+        else {
+            return buffered();
+        };
+        if self.direct_refused.load(std::sync::atomic::Ordering::Relaxed) {
+            return buffered();
+        }
+        let align = DIRECT_ALIGN as usize;
+        let want = len.next_multiple_of(align);
+        let mut v: Vec<u8> = Vec::with_capacity(want + align);
+        let start = v.as_ptr().align_offset(align);
+        let mut got = 0;
+        while got < len {
+            let spare = &mut v.spare_capacity_mut()[start + got..start + want];
+            // SAFETY: `spare` is writable memory of `spare.len()` bytes
+            // owned by `v`; pread writes at most that many and reports how
+            // many it wrote.
+            let n = unsafe {
+                libc::pread(
+                    std::os::fd::AsRawFd::as_raw_fd(direct),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                    (offset + got as u64) as libc::off_t,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Opened for direct I/O but refused: the page cache.
+                    Some(libc::EINVAL) => return buffered(),
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "data file ends inside an extent"));
+            }
+            got += n as usize;
+        }
+        // SAFETY: pread initialised the first `start + got` bytes past the
+        // (never read) alignment gap, which is within the capacity; the
+        // gap is initialised now too.
+        unsafe {
+            std::ptr::write_bytes(v.as_mut_ptr(), 0, start);
+            v.set_len(start + got);
+        }
+        Ok(Bytes::from(v).slice(start..start + len))
+    }
+
     fn sync_data(&self) -> io::Result<()> {
         DataFile::sync_data(&self.file)
     }
@@ -297,7 +364,7 @@ impl Vfs for RealFs {
         let direct = if self.direct_min > 0 {
             use std::os::unix::fs::OpenOptionsExt;
             // EINVAL: the file system does not do O_DIRECT; write through the cache.
-            std::fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
+            std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).ok()
         } else {
             None
         };
@@ -602,14 +669,13 @@ impl DataFiles {
     }
 
     /// Reads `len` bytes at `offset` of file `no`.
-    pub fn read(&self, no: u32, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    /// Reads `len` bytes at `offset` of file `no`; `whole`: see
+    /// [`DataFile::read_bytes`].
+    pub fn read(&self, no: u32, offset: u64, len: u64, whole: bool) -> io::Result<Bytes> {
         if len > shoal_common::limits::MAX_SEGMENT as u64 {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("record claims {len} bytes")));
         }
-        let file = self.reader(no)?;
-        let mut buf = vec![0u8; len as usize];
-        file.read_at(&mut buf, offset)?;
-        Ok(buf)
+        self.reader(no)?.read_bytes(offset, len as usize, whole)
     }
 
     fn reader(&self, no: u32) -> io::Result<Arc<dyn DataFile>> {
@@ -722,7 +788,7 @@ mod tests {
         assert_eq!(cached_pages(&path, at[1].1, extents[1].len() as u64 - 7), 0, "a direct write was cached");
         assert!(cached_pages(&path, 0, 100) > 0, "a small write went around the cache");
         for ((no, off), e) in at.iter().zip(&extents) {
-            assert_eq!(&files.read(*no, *off, e.len() as u64).unwrap(), e);
+            assert_eq!(&files.read(*no, *off, e.len() as u64, true).unwrap(), e);
         }
         // Reopened, appends go on after the last extent, aligned again.
         drop((files, a));
@@ -733,15 +799,15 @@ mod tests {
         let (no, off) = files.append(&mut a, &more).unwrap();
         files.sync(&mut a).unwrap();
         assert!(off >= at[3].1 + DIRECT_MIN as u64 && off % DIRECT_ALIGN == 0);
-        assert_eq!(files.read(no, off, more.len() as u64).unwrap(), more);
+        assert_eq!(files.read(no, off, more.len() as u64, true).unwrap(), more);
         // Larger than the bounce buffer: written a piece at a time.
         let huge = Bytes::from(pattern(17, (2 * BOUNCE_MAX) + (1 << 20) + 5));
         let (hno, hoff) = files.append(&mut a, &huge).unwrap();
         files.sync(&mut a).unwrap();
         assert_eq!(cached_pages(&file_name(&dir, hno), hoff, huge.len() as u64 - 5), 0, "a direct write was cached");
-        assert_eq!(files.read(hno, hoff, huge.len() as u64).unwrap(), huge);
+        assert_eq!(files.read(hno, hoff, huge.len() as u64, true).unwrap(), huge);
         for ((no, off), e) in at.iter().zip(&extents) {
-            assert_eq!(&files.read(*no, *off, e.len() as u64).unwrap(), e);
+            assert_eq!(&files.read(*no, *off, e.len() as u64, true).unwrap(), e);
         }
     }
 
@@ -778,8 +844,14 @@ mod tests {
         assert_eq!(cached_pages(&path, at[1], 6 * (64 << 10)), 0, "a packed cell went through the page cache");
         assert_eq!(cached_pages(&path, at[8], 3 * (20 << 10)), 0, "a packed cell went through the page cache");
         for (off, e) in at.iter().zip(&extents) {
-            assert_eq!(&files.read(0, *off, e.len() as u64).unwrap(), e);
+            assert_eq!(&files.read(0, *off, e.len() as u64, true).unwrap(), e);
         }
+        // Read whole, around the page cache too (the small ones through
+        // it); read for a part of it, through the cache.
+        assert_eq!(cached_pages(&path, at[1], 6 * (64 << 10)), 0, "a packed cell was read through the page cache");
+        assert!(cached_pages(&path, at[7], 3 << 10) > 0);
+        assert_eq!(files.read(0, at[2], 64 << 10, false).unwrap(), extents[2]);
+        assert!(cached_pages(&path, at[2], 64 << 10) > 0, "a part's read skipped the page cache");
         // Off: cells go through the page cache.
         let fs = Arc::new(RealFs { direct_min: DIRECT_MIN, pack_min: 0 });
         let (files, mut a) = DataFiles::open(fs, &dir, 1 << 30).unwrap();
@@ -825,6 +897,6 @@ mod tests {
         let (no, off) = files.append(&mut a, &big).unwrap();
         files.sync(&mut a).unwrap();
         assert!(cached_pages(&file_name(&dir, 0), off, big.len() as u64) > 0);
-        assert_eq!(files.read(no, off, big.len() as u64).unwrap(), big);
+        assert_eq!(files.read(no, off, big.len() as u64, true).unwrap(), big);
     }
 }

@@ -142,7 +142,7 @@ impl TargetStore {
             };
             let rec = Record::decode(v)?;
             let item = RestoreItem { akey: akey.to_vec(), kind, epoch, crc: rec.crc, rec_size: rec.rec_size };
-            let data = if with_data(&item) { view.read_value(&rec, "rebuild source")? } else { Bytes::new() };
+            let data = if with_data(&item) { view.read_value(&rec, "rebuild source", true)? } else { Bytes::new() };
             out.push(StoredVersion { item, data });
             it.next();
         }
