@@ -743,8 +743,10 @@ impl Fs {
     /// The size of file `oid` as this handle sees it: the servers' size,
     /// or the end of its own buffered writes if that is further.
     async fn size(&self, oid: Oid) -> FsResult<u64> {
+        // Before the inode (see `getattr`).
+        let pending = self.pending_end(oid);
         let v = self.node(oid)?.0.fetch_single(OBJ_DKEY, SIZE, EPOCH_MAX).await?;
-        Ok(size_value(v.as_deref()).max(self.pending_end(oid)))
+        Ok(size_value(v.as_deref()).max(pending))
     }
 
     /// The end of the bytes buffered (or in flight) for file `oid` on this
@@ -835,6 +837,10 @@ impl Fs {
     /// The attributes of inode `oid`: one request.
     pub async fn getattr(&self, oid: Oid) -> FsResult<Attr> {
         let (obj, dkey) = self.node(oid)?;
+        // Before the inode: a write that lands in between has raised the
+        // size and stamped the time there by the time it stops pending.
+        let pending = self.pending_end(oid);
+        let written = self.inner.written.lock().expect("written").get(&oid).copied().filter(|_| pending > 0);
         let v = obj.fetch_many(dkey, &[REC, ATIME, MTIME, CTIME, SIZE]).await?;
         let rec: Record = match &v[0] {
             Some(b) => decode(b, "inode record", oid)?,
@@ -843,13 +849,10 @@ impl Fs {
         let (mut mtime, mut ctime) = (un_ns(&v[2]), un_ns(&v[3]));
         let size = match rec.kind {
             Kind::File => {
-                let pending = self.pending_end(oid);
-                if pending > 0 {
-                    // Writes still buffered or in flight: their time, until
-                    // they land and stamp the inode.
-                    if let Some(&t) = self.inner.written.lock().expect("written").get(&oid) {
-                        (mtime, ctime) = (mtime.max(t), ctime.max(t));
-                    }
+                // Writes still buffered or in flight: their time, until
+                // they land and stamp the inode.
+                if let Some(t) = written {
+                    (mtime, ctime) = (mtime.max(t), ctime.max(t));
                 }
                 size_value(v.get(4).and_then(|b| b.as_deref())).max(pending)
             }

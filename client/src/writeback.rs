@@ -101,8 +101,9 @@ impl Default for WriteBack {
 /// the next call: it gets the furthest end among them, so a call stands
 /// for every write that landed before it began (a hook that raises a size
 /// must clamp the end to what the array holds, as a truncate may have
-/// come between). An error fails the writes that waited on the call like
-/// failed sends (their bytes stay buffered and are sent again).
+/// come between). An error fails the write whose call it was like a failed
+/// send (its bytes stay buffered and are sent again); the others that
+/// waited on the call make a call of their own.
 pub type LandedHook = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<()>> + Send + Sync>;
 
 /// A write sent to the servers and not yet acknowledged.
@@ -311,6 +312,21 @@ struct Inner {
     sends: Semaphore,
 }
 
+/// Puts a hook call's ends back in the queue unless the call succeeded.
+struct Requeue<'a> {
+    queue: &'a Mutex<(u64, u64)>,
+    end: Option<u64>,
+}
+
+impl Drop for Requeue<'_> {
+    fn drop(&mut self) {
+        if let Some(end) = self.end {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.1 = q.1.max(end);
+        }
+    }
+}
+
 /// Ends a flight however its task ends (a panic included): removes it,
 /// puts its bytes back if it did not land, and wakes the waiters.
 struct Landing {
@@ -399,18 +415,13 @@ impl Inner {
             let mut q = self.hook_queue.lock().unwrap_or_else(|e| e.into_inner());
             (q.0, std::mem::take(&mut q.1))
         };
-        match hook(end).await {
-            Ok(()) => {
-                *done = upto;
-                Ok(())
-            }
-            Err(e) => {
-                // The next landing's call takes these ends again.
-                let mut q = self.hook_queue.lock().unwrap_or_else(|e| e.into_inner());
-                q.1 = q.1.max(end);
-                Err(e)
-            }
-        }
+        // Unless the call succeeds (it fails, panics or is dropped), the
+        // next landing's call takes these ends again.
+        let mut requeue = Requeue { queue: &self.hook_queue, end: Some(end) };
+        hook(end).await?;
+        requeue.end = None;
+        *done = upto;
+        Ok(())
     }
 
     /// Waits until `done` holds, re-checking whenever a flight lands.

@@ -267,8 +267,14 @@ impl DataFile for RealFile {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    // Opened for direct I/O but refused: the page cache.
-                    Some(libc::EINVAL) => return buffered(),
+                    // Opened for direct I/O but refused: the page cache,
+                    // from here on.
+                    Some(libc::EINVAL) => {
+                        if got == 0 {
+                            self.direct_refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        return buffered();
+                    }
                     _ => return Err(e),
                 }
             }
