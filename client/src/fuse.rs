@@ -241,21 +241,29 @@ fn file_type(k: Kind) -> FileType {
 
 impl State {
     fn ino(&self, oid: Oid) -> u64 {
-        if oid == self.fs.root() {
+        let root = self.fs.root();
+        if oid == root {
             return 1;
         }
-        self.inos.lock().expect("inos").insert(oid.lo, oid);
+        // Every inode of a container has the root's class and type, so
+        // its number is its OID's low half and nothing need be kept per
+        // inode (the table would grow with every file the mount sees);
+        // any other OID is remembered.
+        if oid.hi != root.hi {
+            self.inos.lock().expect("inos").insert(oid.lo, oid);
+        }
         oid.lo
     }
 
     fn oid(&self, ino: INodeNo) -> FsResult<Oid> {
+        let root = self.fs.root();
         if ino.0 == 1 {
-            return Ok(self.fs.root());
+            return Ok(root);
         }
-        self.inos.lock().expect("inos").get(&ino.0).copied().ok_or_else(|| FsError::Posix {
-            errno: libc::ESTALE,
-            msg: format!("inode {} is not known to this mount", ino.0),
-        })
+        if let Some(oid) = self.inos.lock().expect("inos").get(&ino.0) {
+            return Ok(*oid);
+        }
+        Ok(Oid { hi: root.hi, lo: ino.0 })
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
