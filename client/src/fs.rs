@@ -87,15 +87,19 @@ fn size_raiser(inode: Object, data: Array) -> LandedHook {
             // The modification time of gathered writes too: stamped as
             // they land rather than once per write (a write's own request
             // to the inode cost as much as a small file's data).
-            let now = ns(now_ns());
-            let values = [
-                (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
-                (MTIME, ValueKind::Single, now.clone()),
-                (CTIME, ValueKind::Single, now),
-            ];
-            inode.update_values(OBJ_DKEY, &values).await.map(|_| ())
+            inode.update_values(OBJ_DKEY, &written_values(end, now_ns())).await.map(|_| ())
         })
     })
+}
+
+/// What a write stamps on its inode once its bytes are on the servers: the
+/// size raised to `end` (never lowered), and mtime and ctime.
+fn written_values(end: u64, now: i64) -> [(&'static [u8], ValueKind, Bytes); 3] {
+    [
+        (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
+        (MTIME, ValueKind::Single, ns(now)),
+        (CTIME, ValueKind::Single, ns(now)),
+    ]
 }
 
 const SB_SEQ: u128 = 2;
@@ -1560,12 +1564,7 @@ impl Fs {
             }
             None => {
                 a.write(offset, data).await?;
-                let stamp = [
-                    (MTIME, ValueKind::Single, ns(now)),
-                    (CTIME, ValueKind::Single, ns(now)),
-                    (SIZE, ValueKind::MaxU64, Bytes::copy_from_slice(&end.to_le_bytes())),
-                ];
-                inode.update_values(OBJ_DKEY, &stamp).await?;
+                inode.update_values(OBJ_DKEY, &written_values(end, now)).await?;
             }
         }
         Ok(n)

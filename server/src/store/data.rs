@@ -55,9 +55,7 @@ pub trait DataFile: Send + Sync {
     /// extent it wrote direct around the page cache; a part is read
     /// through the cache, so the next part of the same extent is there.
     fn read_bytes(&self, offset: u64, len: usize, _whole: bool) -> io::Result<Bytes> {
-        let mut buf = vec![0u8; len];
-        self.read_at(&mut buf, offset)?;
-        Ok(Bytes::from(buf))
+        read_vec(self, offset, len)
     }
     /// Makes the file's data durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
@@ -77,12 +75,7 @@ pub trait DataFile: Send + Sync {
     /// Writes `parts` one after another from `offset` (a direct file: one
     /// write, padded to the alignment).
     fn write_parts_at(&self, parts: &[Bytes], offset: u64) -> io::Result<()> {
-        let mut at = offset;
-        for p in parts {
-            self.write_at(p, at)?;
-            at += p.len() as u64;
-        }
-        Ok(())
+        write_parts_from(self, parts, 0, offset)
     }
 }
 
@@ -174,10 +167,10 @@ impl DataFile for RealFile {
 
     fn write_parts_at(&self, parts: &[Bytes], offset: u64) -> io::Result<()> {
         let Some(direct) = self.direct.as_ref().filter(|_| offset.is_multiple_of(DIRECT_ALIGN)) else {
-            return page_cache_parts(&self.file, parts, 0, offset);
+            return write_parts_from(&self.file, parts, 0, offset);
         };
         if self.direct_refused.load(std::sync::atomic::Ordering::Relaxed) {
-            return page_cache_parts(&self.file, parts, 0, offset);
+            return write_parts_from(&self.file, parts, 0, offset);
         }
         let align = DIRECT_ALIGN as usize;
         let total: usize = parts.iter().map(|p| p.len()).sum();
@@ -216,7 +209,7 @@ impl DataFile for RealFile {
                         if !self.direct_refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
                             tracing::warn!("O_DIRECT writes refused ({e}); writing through the page cache");
                         }
-                        return page_cache_parts(&self.file, parts, done, offset);
+                        return write_parts_from(&self.file, parts, done, offset);
                     }
                     Err(e) => return Err(e),
                 }
@@ -230,11 +223,7 @@ impl DataFile for RealFile {
     }
 
     fn read_bytes(&self, offset: u64, len: usize, whole: bool) -> io::Result<Bytes> {
-        let buffered = || {
-            let mut buf = vec![0u8; len];
-            DataFile::read_at(&self.file, &mut buf, offset)?;
-            Ok(Bytes::from(buf))
-        };
+        let buffered = || read_vec(&self.file, offset, len);
         // Only what was written direct (its start is aligned): the rest
         // may be in the page cache, where a read costs no disk I/O.
         let Some(direct) =
@@ -437,15 +426,22 @@ type PendingWrite = (Arc<dyn DataFile>, u64, Bytes);
 /// (file, offset, the extents in order).
 type PendingRun = (Arc<dyn DataFile>, u64, Vec<Bytes>);
 
-/// Writes `parts` from byte `skip` of their concatenation on, through the
-/// page cache, at `offset + skip`.
-fn page_cache_parts(file: &std::fs::File, parts: &[Bytes], skip: usize, offset: u64) -> io::Result<()> {
+/// Reads exactly `len` bytes at `offset` into a new buffer.
+fn read_vec(file: &(impl DataFile + ?Sized), offset: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = vec![0u8; len];
+    file.read_at(&mut buf, offset)?;
+    Ok(Bytes::from(buf))
+}
+
+/// Writes `parts`, one after another from `offset`, from byte `skip` of
+/// their concatenation on (at `offset + skip`), one `write_at` per part.
+fn write_parts_from(file: &(impl DataFile + ?Sized), parts: &[Bytes], skip: usize, offset: u64) -> io::Result<()> {
     let mut at = 0;
     for p in parts {
         let end = at + p.len();
         if end > skip {
             let from = skip.saturating_sub(at);
-            DataFile::write_at(file, &p[from..], offset + (at + from) as u64)?;
+            file.write_at(&p[from..], offset + (at + from) as u64)?;
         }
         at = end;
     }

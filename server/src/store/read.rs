@@ -23,6 +23,12 @@ fn nothing(floor: Epoch) -> Fetched {
     }
 }
 
+/// Whether the piece `[from, to)` of a record stored from `rec_start` is
+/// all of the record.
+fn whole(from: u64, to: u64, rec_start: u64, rec: &Record) -> bool {
+    from == rec_start && to == rec_start + rec.len
+}
+
 /// Continues a crc32c over `n` zero bytes.
 fn crc_zeros(mut crc: u32, mut n: u64) -> u32 {
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -209,9 +215,10 @@ impl<'a> View<'a> {
                 // One extent answers the whole range (an aligned read of
                 // what one write stored): its bytes as they are, no copy.
                 let (rec, rec_start, _) = winners.record(piece);
-                let data = self.read_value(rec, "array extent", from == rec_start && to == rec_start + rec.len)?;
+                let all = whole(from, to, rec_start, rec);
+                let data = self.read_value(rec, "array extent", all)?;
                 let slice = data.slice((from - rec_start) as usize..(to - rec_start) as usize);
-                let crc = if slice.len() as u64 == rec.len { rec.crc } else { crc32c::crc32c(&slice) };
+                let crc = if all { rec.crc } else { crc32c::crc32c(&slice) };
                 let covered = (to - from) / rec_size as u64;
                 return Ok((Fetched::Array { covered, epoch: winners.epoch(piece) }, slice, crc));
             }
@@ -229,15 +236,14 @@ impl<'a> View<'a> {
             let data = match &cached {
                 Some((cid, d)) if *cid == id => d.clone(),
                 _ => {
-                    let whole = from == rec_start && to == rec_start + rec.len;
-                    let d = self.read_value(rec, "array extent", whole)?;
+                    let d = self.read_value(rec, "array extent", whole(from, to, rec_start, rec))?;
                     cached = Some((id, d.clone()));
                     d
                 }
             };
             let slice = &data[(from - rec_start) as usize..(to - rec_start) as usize];
             buf[(from - s) as usize..(to - s) as usize].copy_from_slice(slice);
-            crc = if from == rec_start && to == rec_start + rec.len {
+            crc = if whole(from, to, rec_start, rec) {
                 // The whole stored extent: its checksum as the writer sent it.
                 crc32c::crc32c_combine(crc, rec.crc, slice.len())
             } else {
